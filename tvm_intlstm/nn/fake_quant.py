@@ -1,0 +1,48 @@
+"""Float-domain simulation for calibration and QAT: fake quantization with straight-through
+gradients, and the PWL tables evaluated in float (same knots, slopes and bases as the integer tables,
+so QAT trains against the functions that are deployed)."""
+from __future__ import annotations
+
+import torch
+
+from ..quant.pwl import table_to_float
+
+
+def fake_quant(x: torch.Tensor, scale, lo: int, hi: int) -> torch.Tensor:
+    """round(x / scale) clamped to [lo, hi], times scale; clipped straight-through gradient.
+
+    `scale` may be a float or a tensor broadcasting against x (per channel)."""
+    s = scale if isinstance(scale, torch.Tensor) else torch.tensor(float(scale), dtype=x.dtype)
+    xc = torch.maximum(torch.minimum(x, hi * s), lo * s)
+    return xc + (torch.round(xc / s) * s - xc).detach()
+
+
+def fake_quant_weight_per_row(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Symmetric per-output-row int8 weight fake quantization (spec 4)."""
+    s = w.detach().abs().amax(dim=1, keepdim=True) / qmax
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    return fake_quant(w, s, -qmax, qmax)
+
+
+def fake_quant_weight_per_tensor(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    s = w.detach().abs().max() / qmax
+    s = s if float(s) > 0 else torch.ones_like(s)
+    return fake_quant(w, s, -qmax, qmax)
+
+
+class FloatPWL:
+    """A PWL table evaluated in float with autograd (the gradient is the piece's slope)."""
+
+    def __init__(self, table):
+        k, v, a = table_to_float(table)
+        self.k = torch.tensor(k, dtype=torch.float32)
+        self.v = torch.tensor(v, dtype=torch.float32)
+        self.a = torch.tensor(a, dtype=torch.float32)
+        self.n = len(v)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.k
+        xc = torch.maximum(torch.minimum(x, k[-1]), k[0])
+        idx = torch.searchsorted(k[1:self.n].contiguous(), xc.detach().contiguous(), right=True)
+        y = self.v[idx] + self.a[idx] * (xc - k[idx])
+        return y

@@ -1,0 +1,159 @@
+"""Integer-only modules of a converted (deployable) model.
+
+Each holds integer buffers only (plus the float scales of its outputs as metadata for
+dequantization) and calls one `torch.ops.intlstm.*` op per integer operation, so `torch.export`
+sees exactly the operators the compiler lowers. The numpy reference runs the same modules
+through tvm_intlstm/reference/model.py.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import intops  # noqa: F401  (registers torch.ops.intlstm)
+
+OPS = torch.ops.intlstm
+
+
+class IntModule(nn.Module):
+    """Base class: integer module with `out_scale` metadata (float, for dequantization only)."""
+
+    out_scale: float = 1.0
+
+
+class IntInput(IntModule):
+    """Model boundary: float32 features -> int8 (spec 1)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = float(scale)
+        self.out_scale = self.scale
+
+    def forward(self, x):
+        if not torch.is_tensor(x) or x.dtype != torch.float32:
+            raise TypeError(
+                f"this model input takes float32 features, got {getattr(x, 'dtype', type(x))}; "
+                "convert with x.float()")
+        return OPS.quantize_input(x, self.scale)
+
+
+class IntEmbedding(IntModule):
+    def __init__(self, table: torch.Tensor, scale: float):
+        super().__init__()
+        self.register_buffer("table", table.to(torch.int8))
+        self.out_scale = float(scale)
+
+    def forward(self, ids):
+        if ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"embedding input must be int64/int32 token ids, got {ids.dtype}")
+        return OPS.embedding(ids, self.table)
+
+
+class IntLinear(IntModule):
+    """Hidden linear (int8 out, per-row multipliers) or final linear (int32 logits)."""
+
+    def __init__(self, w, b, m=None, s=None, out_scale: float = 1.0):
+        super().__init__()
+        self.register_buffer("w", w.to(torch.int8))
+        self.register_buffer("b", b.to(torch.int32))
+        self.final = m is None
+        if not self.final:
+            self.register_buffer("m", m.to(torch.int32))
+            self.register_buffer("s", s.to(torch.int32))
+        self.out_scale = float(out_scale)
+
+    def forward(self, x):
+        if self.final:
+            return OPS.linear_i32(x, self.w, self.b)
+        return OPS.linear_requant(x, self.w, self.b, self.m, self.s, 8)
+
+
+class IntLSTM(IntModule):
+    """Stacked (optionally bidirectional) integer LSTM with nn.LSTM's call convention and outputs:
+    (out int8, (h_n int8 [L*D, B, H], c_n int16 [L*D, B, H])). h_n rows have their layer's scale."""
+
+    PARAMS = ("w_x", "w_h", "bias", "mx", "sx", "mh", "sh", "sig", "tanh", "tanh_c")
+
+    def __init__(self, layers: list, batch_first: bool, bidirectional: bool):
+        """layers: per layer a list (one per direction) of dicts with PARAMS tensors and ints
+        mo, so, cell_frac; plus per layer 'scale' (s_h)."""
+        super().__init__()
+        self.batch_first = batch_first
+        self.bidirectional = bidirectional
+        self.num_layers = len(layers)
+        self.scalars = []  # per (layer, dir): (mo, so, cell_frac)
+        self.layer_scales = []
+        self.cell_fracs = []
+        for li, dirs in enumerate(layers):
+            for d, p in enumerate(dirs):
+                for k in self.PARAMS:
+                    self.register_buffer(f"l{li}_d{d}_{k}", p[k])
+                self.scalars.append((int(p["mo"]), int(p["so"]), int(p["cell_frac"])))
+            self.layer_scales.append(float(dirs[0]["scale"]))
+            self.cell_fracs.append(int(dirs[0]["cell_frac"]))
+        self.out_scale = self.layer_scales[-1]
+
+    def direction_params(self, li: int, d: int) -> dict:
+        ndir = 2 if self.bidirectional else 1
+        mo, so, cf = self.scalars[li * ndir + d]
+        p = {k: getattr(self, f"l{li}_d{d}_{k}") for k in self.PARAMS}
+        p.update(mo=mo, so=so, cell_frac=cf)
+        return p
+
+    def forward(self, x):
+        if x.dtype != torch.int8:
+            raise TypeError(f"quantized LSTM input must be int8, got {x.dtype}")
+        if x.dim() != 3:
+            raise ValueError(f"LSTM input must be 3-D ({'[B, T, I]' if self.batch_first else '[T, B, I]'}), "
+                             f"got shape {tuple(x.shape)}")
+        h = x.transpose(0, 1) if self.batch_first else x
+        hs, cs = [], []
+        for li in range(self.num_layers):
+            outs = []
+            for d in range(2 if self.bidirectional else 1):
+                p = self.direction_params(li, d)
+                y, hT, cT = OPS.lstm_direction(
+                    h, p["w_x"], p["w_h"], p["bias"], p["mx"], p["sx"], p["mh"], p["sh"],
+                    p["sig"], p["tanh"], p["tanh_c"], p["mo"], p["so"], p["cell_frac"], d == 1)
+                outs.append(y)
+                hs.append(hT)
+                cs.append(cT)
+            h = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+        out = h.transpose(0, 1) if self.batch_first else h
+        return out, (torch.stack(hs, 0), torch.stack(cs, 0))
+
+
+class IntLayerNorm(IntModule):
+    def __init__(self, gamma, beta, ml: int, sl: int, out_scale: float):
+        super().__init__()
+        self.register_buffer("gamma", gamma.to(torch.int16))
+        self.register_buffer("beta", beta.to(torch.int64))
+        self.ml, self.sl = int(ml), int(sl)
+        self.out_scale = float(out_scale)
+
+    def forward(self, x):
+        return OPS.layer_norm(x, self.gamma, self.beta, self.ml, self.sl)
+
+
+class IntAdd(IntModule):
+    def __init__(self, ma: int, mb: int, s: int, out_scale: float):
+        super().__init__()
+        self.ma, self.mb, self.s = int(ma), int(mb), int(s)
+        self.out_scale = float(out_scale)
+
+    def forward(self, a, b):
+        return OPS.residual_add(a, b, self.ma, self.mb, self.s)
+
+
+class IntCat(IntModule):
+    """Concatenation of int8 tensors; inputs at another scale are rescaled first (spec 2)."""
+
+    def __init__(self, dim: int, rescales: list, out_scale: float):
+        super().__init__()
+        self.dim = int(dim)
+        self.rescales = [None if r is None else (int(r[0]), int(r[1])) for r in rescales]
+        self.out_scale = float(out_scale)
+
+    def forward(self, *xs):
+        parts = [x if r is None else OPS.rescale(x, r[0], r[1]) for x, r in zip(xs, self.rescales)]
+        return torch.cat(parts, dim=self.dim)

@@ -1,0 +1,254 @@
+"""PyTorch integer simulation of docs/integer_spec.md, registered as `torch.ops.intlstm.*` custom ops.
+
+These ops are what an eval-mode quantized model runs, and what `torch.export` keeps as single nodes
+for the compiler's importer (tvm_intlstm/frontend maps each op name to TIR kernels). They must agree
+bit for bit with tvm_intlstm/reference/ops.py; tests/test_intops.py checks it.
+
+Tensors are int8/int16/int32 at the op boundary; inside, arithmetic is int64. The int8 matrix
+products go through float64 BLAS: every product is an integer below 2^14 in magnitude and every
+partial sum below K * 2^14 <= 2^30, all exactly representable in float64 (53-bit mantissa), so the
+result is the exact integer sum, just faster than torch's int64 matmul.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..reference.ops import PWL_FRAC
+
+_MAX_K = 2**16
+
+
+def int_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Exact int64 result of x[..., K] @ w[O, K]^T for int8-range operands (see module docstring)."""
+    if x.shape[-1] > _MAX_K:
+        raise ValueError(f"inner dimension {x.shape[-1]} exceeds 2^16 (spec 5 bound)")
+    return torch.matmul(x.to(torch.float64), w.to(torch.float64).t()).to(torch.int64)
+
+
+def sat(v: torch.Tensor, bits: int) -> torch.Tensor:
+    return v.clamp(-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+
+
+def rshift_round(v: torch.Tensor, n) -> torch.Tensor:
+    """(v + 2^(n-1)) >> n with ties toward +inf; n an int or an int tensor (per channel)."""
+    v = v.to(torch.int64)
+    if isinstance(n, int):
+        return v if n == 0 else (v + (1 << (n - 1))) >> n
+    n = n.to(torch.int64)
+    half = torch.where(n > 0, torch.ones_like(n) << (n - 1).clamp(min=0), torch.zeros_like(n))
+    return (v + half) >> n
+
+
+_DT = {8: torch.int8, 16: torch.int16, 32: torch.int32}
+
+
+def requantize(acc: torch.Tensor, M, s, bits: int) -> torch.Tensor:
+    """requantize_N (spec 2)."""
+    M = M.to(torch.int64) if isinstance(M, torch.Tensor) else int(M)
+    return sat(rshift_round(acc.to(torch.int64) * M, s), bits).to(_DT[bits])
+
+
+def pwl(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """PWL activation (spec 7); table packed int32 [3, n+1] (knots; bases; slopes)."""
+    t = table.to(torch.int64)
+    n = t.shape[1] - 1
+    k, v, a = t[0], t[1, :n], t[2, :n]
+    xc = torch.maximum(torch.minimum(x.to(torch.int64), k[n]), k[0])
+    idx = torch.searchsorted(k[1:n].contiguous(), xc, right=True)  # #{j>=1 : xc >= k_j}
+    return sat(v[idx] + rshift_round(a[idx] * (xc - k[idx]), PWL_FRAC), 16).to(torch.int16)
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops: one node each through torch.export
+
+
+@torch.library.custom_op("intlstm::quantize_input", mutates_args=())
+def quantize_input(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Boundary quantization (spec 1): sat_8(floor(float32(x / s) + 0.5f))."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"float inputs must be float32, got {x.dtype}")
+    q = torch.floor(x / torch.tensor(scale, dtype=torch.float32) + torch.tensor(0.5, dtype=torch.float32))
+    return q.clamp(-128, 127).to(torch.int8)
+
+
+@quantize_input.register_fake
+def _(x, scale):
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device)
+
+
+@torch.library.custom_op("intlstm::embedding", mutates_args=())
+def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    V = table.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
+        raise IndexError(f"token id out of range [0, {V}): min {int(ids.min())}, max {int(ids.max())}")
+    return table[ids.to(torch.int64)].clone()
+
+
+@embedding.register_fake
+def _(ids, table):
+    return table.new_empty((*ids.shape, table.shape[1]))
+
+
+@torch.library.custom_op("intlstm::linear_i32", mutates_args=())
+def linear_i32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Final linear layer (spec 5): int32 logits, not requantized."""
+    return (int_matmul(x, w) + b.to(torch.int64)).to(torch.int32)
+
+
+@linear_i32.register_fake
+def _(x, w, b):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int32)
+
+
+@torch.library.custom_op("intlstm::linear_requant", mutates_args=())
+def linear_requant(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
+                   out_bits: int) -> torch.Tensor:
+    """Hidden linear layer (spec 5): requantize_N(W x + b) with per-row multipliers."""
+    return requantize(int_matmul(x, w) + b.to(torch.int64), m, s, out_bits)
+
+
+@linear_requant.register_fake
+def _(x, w, b, m, s, out_bits):
+    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=_DT[out_bits])
+
+
+@torch.library.custom_op("intlstm::lstm_direction", mutates_args=())
+def lstm_direction(x: torch.Tensor, w_x: torch.Tensor, w_h: torch.Tensor, bias: torch.Tensor,
+                   mx: torch.Tensor, sx: torch.Tensor, mh: torch.Tensor, sh: torch.Tensor,
+                   sig: torch.Tensor, tanh: torch.Tensor, tanh_c: torch.Tensor,
+                   mo: int, so: int, cell_frac: int, reverse: bool,
+                   h0: Optional[torch.Tensor] = None, c0: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One LSTM direction (spec 8). x int8 [T, B, I] time-major -> (y int8 [T,B,H], h_T int8, c_T int16)."""
+    T, B, _ = x.shape
+    H = w_h.shape[1]
+    gx = requantize(int_matmul(x, w_x) + bias.to(torch.int64), mx, sx, 16)  # all steps at once
+    h = torch.zeros((B, H), dtype=torch.int8) if h0 is None else h0.to(torch.int8)
+    c = torch.zeros((B, H), dtype=torch.int16) if c0 is None else c0.to(torch.int16)
+    y = torch.empty((T, B, H), dtype=torch.int8)
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    for t in steps:
+        gh = requantize(int_matmul(h, w_h), mh, sh, 16)
+        z = sat(gx[t].to(torch.int64) + gh.to(torch.int64), 16)
+        i = pwl(z[:, 0:H], sig).to(torch.int64)
+        f = pwl(z[:, H:2 * H], sig).to(torch.int64)
+        g = pwl(z[:, 2 * H:3 * H], tanh).to(torch.int64)
+        o = pwl(z[:, 3 * H:4 * H], sig).to(torch.int64)
+        c = sat(rshift_round(f * c.to(torch.int64), 15) + rshift_round(i * g, 30 - cell_frac), 16).to(torch.int16)
+        tc = pwl(c, tanh_c).to(torch.int64)
+        h = requantize(o * tc, mo, so, 8)
+        y[t] = h
+    return y, h.clone(), c.clone()
+
+
+@lstm_direction.register_fake
+def _(x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c, mo, so, cell_frac, reverse, h0=None, c0=None):
+    T, B, _ = x.shape
+    H = w_h.shape[1]
+    return (x.new_empty((T, B, H), dtype=torch.int8), x.new_empty((B, H), dtype=torch.int8),
+            x.new_empty((B, H), dtype=torch.int16))
+
+
+@torch.library.custom_op("intlstm::residual_add", mutates_args=())
+def residual_add(a: torch.Tensor, b: torch.Tensor, ma: int, mb: int, s: int) -> torch.Tensor:
+    """8-bit residual add (spec 9)."""
+    v = a.to(torch.int64) * ma + b.to(torch.int64) * mb
+    return sat(rshift_round(v, s), 8).to(torch.int8)
+
+
+@residual_add.register_fake
+def _(a, b, ma, mb, s):
+    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.int8, device=a.device)
+
+
+@torch.library.custom_op("intlstm::rescale", mutates_args=())
+def rescale(x: torch.Tensor, m: int, s: int) -> torch.Tensor:
+    """int8 -> int8 at another scale (spec 2, rescale_8)."""
+    return requantize(x.to(torch.int64), m, s, 8)
+
+
+@rescale.register_fake
+def _(x, m, s):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+def isqrt(v: torch.Tensor) -> torch.Tensor:
+    """floor(sqrt(v)) for 0 <= v < 2^62: the 31-round binary digit-by-digit method (spec 10)."""
+    v = v.to(torch.int64).clone()
+    res = torch.zeros_like(v)
+    for k in range(30, -1, -1):
+        bit = 1 << (2 * k)
+        take = v >= res + bit
+        v = torch.where(take, v - (res + bit), v)
+        res = torch.where(take, (res >> 1) + bit, res >> 1)
+    return res
+
+
+@torch.library.custom_op("intlstm::layer_norm", mutates_args=())
+def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, ml: int, sl: int) -> torch.Tensor:
+    """Integer layer norm over the last axis (spec 10)."""
+    xi = x.to(torch.int64)
+    D = xi.shape[-1]
+    S = xi.sum(dim=-1, keepdim=True)
+    d = D * xi - S
+    V = (d * d).sum(dim=-1, keepdim=True)
+    r = torch.clamp(isqrt(torch.div(V, D, rounding_mode="floor")), min=1)
+    n = torch.div(2 * d * (1 << 12) + r, 2 * r, rounding_mode="floor")
+    acc = n * gamma.to(torch.int64) + beta.to(torch.int64)
+    return sat(rshift_round(acc * ml, sl), 8).to(torch.int8)
+
+
+@layer_norm.register_fake
+def _(x, gamma, beta, ml, sl):
+    return torch.empty_like(x, dtype=torch.int8)
+
+
+@torch.library.custom_op("intlstm::softmax", mutates_args=())
+def softmax(z: torch.Tensor, mz: int, sz: int, exp_table: torch.Tensor) -> torch.Tensor:
+    """Integer softmax over the last axis (spec 11): int32 scores -> int16 Q0.15."""
+    zi = z.to(torch.int64)
+    m = zi.amax(dim=-1, keepdim=True)
+    d = torch.clamp(zi - m, min=-(2**31))
+    d16 = requantize(d, mz, sz, 16)
+    e = pwl(d16, exp_table).to(torch.int64)
+    E = e.sum(dim=-1, keepdim=True)
+    p = torch.clamp(torch.div(e * (1 << 15) + torch.div(E, 2, rounding_mode="floor"), E, rounding_mode="floor"),
+                    max=32767)
+    return p.to(torch.int16)
+
+
+@softmax.register_fake
+def _(z, mz, sz, exp_table):
+    return torch.empty_like(z, dtype=torch.int16)
+
+
+@torch.library.custom_op("intlstm::attention_context", mutates_args=())
+def attention_context(p: torch.Tensor, v: torch.Tensor, mc: int, sc: int) -> torch.Tensor:
+    """ctx = requantize_8(sum_k p_k v_kd) (spec 11). p int16 [..., K], v int8 [..., K, D]."""
+    acc = torch.matmul(p.to(torch.float64), v.to(torch.float64)).to(torch.int64)  # exact: |acc| < 2^38
+    return requantize(acc, mc, sc, 8)
+
+
+@attention_context.register_fake
+def _(p, v, mc, sc):
+    return p.new_empty((*p.shape[:-1], v.shape[-1]), dtype=torch.int8)
+
+
+def pack_table(t) -> torch.Tensor:
+    """PWLTable -> int32 [3, n+1] (knots; bases padded; slopes padded): the form kernels take."""
+    n = t.pieces
+    out = torch.zeros((3, n + 1), dtype=torch.int32)
+    out[0] = torch.as_tensor(t.knots.astype("int32"))
+    out[1, :n] = torch.as_tensor(t.base.astype("int32"))
+    out[2, :n] = torch.as_tensor(t.slope.astype("int32"))
+    return out
+
+
+def unpack_table(packed, in_frac: int, name: str = ""):
+    import numpy as np
+    from ..reference.ops import PWLTable
+    a = np.asarray(packed, dtype=np.int64)
+    n = a.shape[1] - 1
+    return PWLTable(a[0].astype(np.int16), a[1, :n].astype(np.int32), a[2, :n].astype(np.int32), int(in_frac), name)

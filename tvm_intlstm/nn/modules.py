@@ -1,0 +1,412 @@
+"""Quantization-aware modules: each wraps a float layer and runs in one of two modes.
+
+- "observe": the float layer's own arithmetic, recording activation ranges (PTQ calibration).
+- "qat": fake quantization with straight-through gradients and the PWL tables in float, so
+  training sees the deployed numerics.
+
+`to_int(in_scales)` turns a module into its integer counterpart (tvm_intlstm/nn/intmodules.py) using
+docs/integer_spec.md; the graph-level driver (tvm_intlstm/quant/graph.py) supplies input scales.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..quant import fixed_point as fp
+from ..quant.config import QuantConfig
+from ..quant.pwl import fit_pwl
+from ..reference.ops import GATE_FRAC
+from . import intmodules as im
+from .fake_quant import FloatPWL, fake_quant, fake_quant_weight_per_row, fake_quant_weight_per_tensor
+from .intops import pack_table
+
+
+class RangeObserver(nn.Module):
+    """Running max of |x| (symmetric ranges)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("max_abs", torch.tensor(0.0))
+        self.register_buffer("seen", torch.tensor(0, dtype=torch.int64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor):
+        if x.numel():
+            self.max_abs.copy_(torch.maximum(self.max_abs, x.detach().abs().max().float()))
+        self.seen += 1
+
+    def scale(self, qmax: int = 127) -> float:
+        if int(self.seen) == 0:
+            raise RuntimeError("activation range was never observed: run calibration data through the "
+                               "model (tvm_intlstm.quantize(model, calib_data)) before converting")
+        m = float(self.max_abs)
+        return (m if m > 0 else 1.0) / qmax
+
+
+class QuantModule(nn.Module):
+    mode = "observe"
+
+    def __init__(self, config: QuantConfig):
+        super().__init__()
+        self.config = config
+
+    def forward(self, *args):
+        if self.mode == "observe":
+            return self.forward_observe(*args)
+        return self.forward_fake(*args)
+
+
+def _weight_scales_per_row(w: torch.Tensor) -> torch.Tensor:
+    s = w.detach().abs().amax(dim=1).double() / 127
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _quant_weight(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    s = scales.reshape(-1, *([1] * (w.dim() - 1)))
+    return torch.clamp(torch.round(w.detach().double() / s), -127, 127).to(torch.int8)
+
+
+def _quant_bias(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    q = torch.round(b.detach().double() / scales)
+    if q.abs().max() > 2**30:
+        raise ValueError("a bias is too large for its int32 scale (|b| / (s_in s_w) > 2^30); "
+                         "check the layer's weights and calibration ranges")
+    return q.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class QuantInput(QuantModule):
+    """Quantizes a float model input to int8 (the model boundary)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.obs = RangeObserver()
+
+    def forward_observe(self, x):
+        self.obs.update(x)
+        return x
+
+    def forward_fake(self, x):
+        return fake_quant(x, self.obs.scale(), -128, 127)
+
+    def out_scale(self):
+        return self.obs.scale()
+
+    def to_int(self, in_scales):
+        return im.IntInput(self.obs.scale())
+
+
+class QuantEmbedding(QuantModule):
+    def __init__(self, emb: nn.Embedding, config):
+        super().__init__(config)
+        for opt in ("max_norm",):
+            if getattr(emb, opt) is not None:
+                raise NotImplementedError(f"nn.Embedding({opt}=...) is not supported")
+        self.emb = emb
+
+    def forward_observe(self, ids):
+        return self.emb(ids)
+
+    def forward_fake(self, ids):
+        return nn.functional.embedding(ids, fake_quant_weight_per_tensor(self.emb.weight))
+
+    def out_scale(self):
+        m = float(self.emb.weight.detach().abs().max())
+        return (m if m > 0 else 1.0) / 127
+
+    def to_int(self, in_scales):
+        s = self.out_scale()
+        table = torch.clamp(torch.round(self.emb.weight.detach().double() / s), -127, 127).to(torch.int8)
+        return im.IntEmbedding(table, s)
+
+
+class QuantLinear(QuantModule):
+    """Hidden linear (int8 output, per-row weights) or final linear (int32 logits, per-tensor weights)."""
+
+    def __init__(self, lin: nn.Linear, config, final: bool):
+        super().__init__(config)
+        self.lin = lin
+        self.final = final
+        self.obs = RangeObserver()
+
+    def forward_observe(self, x):
+        y = self.lin(x)
+        if not self.final:
+            self.obs.update(y)
+        return y
+
+    def forward_fake(self, x):
+        w = self.lin.weight
+        wq = fake_quant_weight_per_tensor(w) if self.final else fake_quant_weight_per_row(w)
+        y = nn.functional.linear(x, wq, self.lin.bias)
+        if self.final:
+            return y
+        return fake_quant(y, self.obs.scale(), -128, 127)
+
+    def out_scale(self, in_scale=None):
+        if self.final:
+            w = self.lin.weight.detach()
+            sw = float(w.abs().max()) / 127 or 1.0
+            return in_scale * sw
+        return self.obs.scale()
+
+    def to_int(self, in_scales):
+        (s_x,) = in_scales
+        w = self.lin.weight.detach()
+        out_f = w.shape[0]
+        if self.final:
+            sw = float(w.abs().max()) / 127 or 1.0
+            sws = torch.full((out_f,), sw, dtype=torch.float64)
+        else:
+            sws = _weight_scales_per_row(w)
+        wq = _quant_weight(w, sws)
+        b = self.lin.bias if self.lin.bias is not None else torch.zeros(out_f)
+        bq = _quant_bias(b, s_x * sws)
+        if self.final:
+            return im.IntLinear(wq, bq, out_scale=s_x * float(sws[0]))
+        s_y = self.obs.scale()
+        M, S = fp.quantize_multiplier_array((s_x * sws / s_y).numpy())
+        return im.IntLinear(wq, bq, torch.from_numpy(M), torch.from_numpy(S), out_scale=s_y)
+
+
+class QuantLSTM(QuantModule):
+    """nn.LSTM (stacked, bidirectional, batch_first, with or without bias) under quantization."""
+
+    def __init__(self, lstm: nn.LSTM, config):
+        super().__init__(config)
+        if getattr(lstm, "proj_size", 0):
+            raise NotImplementedError("nn.LSTM(proj_size>0) is not supported: use proj_size=0 and an nn.Linear")
+        self.lstm = lstm
+        L = lstm.num_layers
+        self.h_obs = nn.ModuleList(RangeObserver() for _ in range(L))
+        self.c_obs = nn.ModuleList(RangeObserver() for _ in range(L))
+
+    # helpers ---------------------------------------------------------------------------
+    @property
+    def ndir(self):
+        return 2 if self.lstm.bidirectional else 1
+
+    def _w(self, li, d):
+        sfx = f"_l{li}" + ("_reverse" if d == 1 else "")
+        m = self.lstm
+        w_ih, w_hh = getattr(m, "weight_ih" + sfx), getattr(m, "weight_hh" + sfx)
+        if m.bias:
+            b = getattr(m, "bias_ih" + sfx) + getattr(m, "bias_hh" + sfx)
+        else:
+            b = torch.zeros(w_ih.shape[0], dtype=w_ih.dtype)
+        return w_ih, w_hh, b
+
+    def cell_frac(self, li: int) -> int:
+        if self.config.cell_frac is not None:
+            return self.config.cell_frac
+        o = self.c_obs[li]
+        if int(o.seen) == 0:
+            raise RuntimeError("cell-state range was never observed: calibrate first")
+        return fp.power_of_two_frac(float(o.max_abs), 16, 0, 15)
+
+    def tables(self, li: int):
+        n, meth = self.config.pwl_pieces, self.config.pwl_method
+        return (fit_pwl("sigmoid", n, GATE_FRAC, meth), fit_pwl("tanh", n, GATE_FRAC, meth),
+                fit_pwl("tanh", n, self.cell_frac(li), meth))
+
+    def _check_args(self, x, hx):
+        if hx is not None:
+            raise NotImplementedError("initial LSTM states (hx) are not supported yet: the quantized LSTM "
+                                      "starts from zero state")
+        if x.dim() != 3:
+            raise ValueError(f"nn.LSTM input must be 3-D (batched), got shape {tuple(x.shape)}")
+
+    # observe: exact float LSTM, unrolled to record the cell state of every step ------------------
+    def forward_observe(self, x, hx=None):
+        self._check_args(x, hx)
+        m = self.lstm
+        h_in = x.transpose(0, 1) if m.batch_first else x
+        hs, cs = [], []
+        for li in range(m.num_layers):
+            outs = []
+            for d in range(self.ndir):
+                w_ih, w_hh, b = self._w(li, d)
+                T, B, _ = h_in.shape
+                H = w_hh.shape[1]
+                gx = h_in @ w_ih.t() + b
+                h = h_in.new_zeros(B, H)
+                c = h_in.new_zeros(B, H)
+                ys = [None] * T
+                for t in (range(T - 1, -1, -1) if d else range(T)):
+                    z = gx[t] + h @ w_hh.t()
+                    i, f, g, o = z.chunk(4, dim=1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    self.c_obs[li].update(c)
+                    ys[t] = h
+                y = torch.stack(ys, 0)
+                self.h_obs[li].update(y)
+                outs.append(y)
+                hs.append(h)
+                cs.append(c)
+            h_in = torch.cat(outs, -1)
+            if m.dropout and self.training and li < m.num_layers - 1:
+                h_in = nn.functional.dropout(h_in, m.dropout, True)
+        out = h_in.transpose(0, 1) if m.batch_first else h_in
+        return out, (torch.stack(hs), torch.stack(cs))
+
+    # qat: fake-quantized arithmetic of spec section 8 ---------------------------------------
+    def forward_fake(self, x, hx=None):
+        self._check_args(x, hx)
+        m = self.lstm
+        h_in = x.transpose(0, 1) if m.batch_first else x
+        g_s = 2.0**-GATE_FRAC
+        q15 = 2.0**-15
+        hs, cs = [], []
+        for li in range(m.num_layers):
+            s_h = self.h_obs[li].scale()
+            cf = self.cell_frac(li)
+            c_s = 2.0**-cf
+            sig_t, tanh_t, tanhc_t = (FloatPWL(t) for t in self.tables(li))
+            outs = []
+            for d in range(self.ndir):
+                w_ih, w_hh, b = self._w(li, d)
+                wx, wh = fake_quant_weight_per_row(w_ih), fake_quant_weight_per_row(w_hh)
+                T, B, _ = h_in.shape
+                H = w_hh.shape[1]
+                gx = fake_quant(h_in @ wx.t() + b, g_s, -32768, 32767)
+                h = h_in.new_zeros(B, H)
+                c = h_in.new_zeros(B, H)
+                ys = [None] * T
+                for t in (range(T - 1, -1, -1) if d else range(T)):
+                    gh = fake_quant(h @ wh.t(), g_s, -32768, 32767)
+                    z = torch.clamp(gx[t] + gh, -8.0, 8.0 - g_s)
+                    zi, zf, zg, zo = z.chunk(4, dim=1)
+                    i = fake_quant(sig_t(zi), q15, -32768, 32767)
+                    f = fake_quant(sig_t(zf), q15, -32768, 32767)
+                    g = fake_quant(tanh_t(zg), q15, -32768, 32767)
+                    o = fake_quant(sig_t(zo), q15, -32768, 32767)
+                    c = fake_quant(f * c + i * g, c_s, -32768, 32767)
+                    h = fake_quant(o * fake_quant(tanhc_t(c), q15, -32768, 32767), s_h, -128, 127)
+                    ys[t] = h
+                outs.append(torch.stack(ys, 0))
+                hs.append(h)
+                cs.append(c)
+            h_in = torch.cat(outs, -1)
+            if m.dropout and self.training and li < m.num_layers - 1:
+                # dropout keeps values on the int8 grid only up to the 1/(1-p) factor: requantize
+                h_in = fake_quant(nn.functional.dropout(h_in, m.dropout, True), s_h, -128, 127)
+        out = h_in.transpose(0, 1) if m.batch_first else h_in
+        return out, (torch.stack(hs), torch.stack(cs))
+
+    def layer_scales(self):
+        return [self.h_obs[li].scale() for li in range(self.lstm.num_layers)]
+
+    def to_int(self, in_scales):
+        (s_x,) = in_scales
+        m = self.lstm
+        layers = []
+        for li in range(m.num_layers):
+            s_h = self.h_obs[li].scale()
+            cf = self.cell_frac(li)
+            sig, tanh, tanh_c = self.tables(li)
+            dirs = []
+            for d in range(self.ndir):
+                w_ih, w_hh, b = self._w(li, d)
+                swx, swh = _weight_scales_per_row(w_ih), _weight_scales_per_row(w_hh)
+                mx, sx = fp.quantize_multiplier_array((s_x * swx / 2.0**-GATE_FRAC).numpy())
+                mh, sh = fp.quantize_multiplier_array((s_h * swh / 2.0**-GATE_FRAC).numpy())
+                mo, so = fp.quantize_multiplier(2.0**-30 / s_h)
+                dirs.append(dict(
+                    w_x=_quant_weight(w_ih, swx), w_h=_quant_weight(w_hh, swh),
+                    bias=_quant_bias(b, s_x * swx),
+                    mx=torch.from_numpy(mx), sx=torch.from_numpy(sx),
+                    mh=torch.from_numpy(mh), sh=torch.from_numpy(sh),
+                    sig=pack_table(sig), tanh=pack_table(tanh), tanh_c=pack_table(tanh_c),
+                    mo=mo, so=so, cell_frac=cf, scale=s_h))
+            layers.append(dirs)
+            s_x = s_h
+        return im.IntLSTM(layers, m.batch_first, m.bidirectional)
+
+
+class QuantLayerNorm(QuantModule):
+    def __init__(self, ln: nn.LayerNorm, config):
+        super().__init__(config)
+        if len(ln.normalized_shape) != 1:
+            raise NotImplementedError("nn.LayerNorm is supported over the last dimension only")
+        if ln.normalized_shape[0] > 4096:
+            raise NotImplementedError("integer layer norm supports at most 4096 features")
+        self.ln = ln
+        self.obs = RangeObserver()
+
+    def forward_observe(self, x):
+        y = self.ln(x)
+        self.obs.update(y)
+        return y
+
+    def forward_fake(self, x):
+        return fake_quant(self.ln(x), self.obs.scale(), -128, 127)
+
+    def out_scale(self):
+        return self.obs.scale()
+
+    def to_int(self, in_scales):
+        D = self.ln.normalized_shape[0]
+        g = self.ln.weight.detach().double() if self.ln.weight is not None else torch.ones(D, dtype=torch.float64)
+        bta = (self.ln.bias.detach().double() if getattr(self.ln, "bias", None) is not None
+               else torch.zeros(D, dtype=torch.float64))
+        s_g = float(g.abs().max()) / 32767 or 1.0
+        gq = torch.clamp(torch.round(g / s_g), -32767, 32767).to(torch.int16)
+        acc_scale = s_g * 2.0**-12
+        bq = torch.round(bta / acc_scale).to(torch.int64)
+        s_y = self.obs.scale()
+        ml, sl = fp.quantize_multiplier15(acc_scale / s_y)
+        return im.IntLayerNorm(gq, bq, ml, sl, s_y)
+
+
+class QuantAdd(QuantModule):
+    """Residual add of two int8 activations (spec 9)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.obs = RangeObserver()
+
+    def forward_observe(self, a, b):
+        y = a + b
+        self.obs.update(y)
+        return y
+
+    def forward_fake(self, a, b):
+        return fake_quant(a + b, self.obs.scale(), -128, 127)
+
+    def out_scale(self):
+        return self.obs.scale()
+
+    def to_int(self, in_scales):
+        s_a, s_b = in_scales
+        s_y = self.obs.scale()
+        ma, mb, s = fp.quantize_multiplier_pair(s_a / s_y, s_b / s_y)
+        return im.IntAdd(ma, mb, s, s_y)
+
+
+class QuantCat(QuantModule):
+    """Concatenation; inputs sharing one scale concatenate exactly, others are rescaled."""
+
+    def __init__(self, dim: int, config):
+        super().__init__(config)
+        self.dim = dim
+        self.obs = RangeObserver()
+
+    def forward_observe(self, *xs):
+        y = torch.cat(xs, self.dim)
+        self.obs.update(y)
+        return y
+
+    def forward_fake(self, *xs):
+        return fake_quant(torch.cat(xs, self.dim), self.obs.scale(), -128, 127)
+
+    def to_int(self, in_scales):
+        if all(math.isclose(s, in_scales[0], rel_tol=0, abs_tol=0) for s in in_scales):
+            return im.IntCat(self.dim, [None] * len(in_scales), in_scales[0])
+        s_y = self.obs.scale()
+        return im.IntCat(self.dim, [fp.quantize_multiplier(s / s_y) for s in in_scales], s_y)

@@ -1,0 +1,111 @@
+"""Public quantization API: quantize (PTQ), prepare_qat (QAT), convert."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+from torch import nn
+
+from . import graph
+from .config import QuantConfig
+
+
+def _as_args(batch):
+    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+
+
+def _check_float_model(model: nn.Module):
+    if isinstance(model, (graph.QuantizedModel, QATModel)):
+        raise TypeError("this model is already quantized/prepared; pass the float model")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+
+
+class QATModel(nn.Module):
+    """A model prepared for quantization-aware training.
+
+    train(): fake-quantized forward with straight-through gradients (the first
+    `config.qat_observe_batches` batches run in float to record ranges when no calibration data was
+    given). eval(): the exact integer forward of the converted model (cached until the parameters
+    change), so what is evaluated is what is deployed. `convert()` freezes it into a QuantizedModel.
+    """
+
+    def __init__(self, prepared, config: QuantConfig, observed_batches: int):
+        super().__init__()
+        self.prepared = prepared
+        self.config = config
+        self._observed = observed_batches
+        self._cache = None
+        graph.set_mode(prepared, "qat" if observed_batches >= config.qat_observe_batches else "observe")
+
+    def forward(self, *args):
+        if self.training:
+            if self._observed < self.config.qat_observe_batches:
+                out = self.prepared(*args)
+                self._observed += 1
+                if self._observed >= self.config.qat_observe_batches:
+                    graph.set_mode(self.prepared, "qat")
+                return out
+            self._cache = None
+            return self.prepared(*args)
+        return self.convert()(*args)
+
+    def _version(self):
+        return tuple(p._version for p in self.prepared.parameters())
+
+    def convert(self) -> graph.QuantizedModel:
+        if self._observed == 0:
+            raise RuntimeError("no activation ranges yet: train (or calibrate) before evaluating a QAT model")
+        v = self._version()
+        if self._cache is None or self._cache[0] != v:
+            self._cache = (v, graph.convert(self.prepared))
+        return self._cache[1]
+
+
+@torch.no_grad()
+def _calibrate(prepared, calib_data: Iterable) -> int:
+    graph.set_mode(prepared, "observe")
+    prepared.eval()
+    n = 0
+    for batch in calib_data:
+        prepared(*_as_args(batch))
+        n += 1
+    if n == 0:
+        raise ValueError("calib_data is empty: give at least one batch of representative inputs")
+    return n
+
+
+def quantize(model: nn.Module, calib_data: Iterable, config: Optional[QuantConfig] = None) -> graph.QuantizedModel:
+    """Post-training quantization: trace `model`, record activation ranges on `calib_data` (an
+    iterable of input batches: tensors, or tuples of tensors for multi-input models), and return the
+    integer-only QuantizedModel. A QATModel is converted directly (its trained parameters and ranges)."""
+    if isinstance(model, QATModel):
+        return model.convert()
+    _check_float_model(model)
+    config = config or QuantConfig()
+    prepared = graph.prepare(model, config)
+    _calibrate(prepared, calib_data)
+    return graph.convert(prepared)
+
+
+def prepare_qat(model: nn.Module, config: Optional[QuantConfig] = None,
+                calib_data: Optional[Iterable] = None) -> QATModel:
+    """Prepare a float model for quantization-aware training (see QATModel)."""
+    _check_float_model(model)
+    config = config or QuantConfig()
+    prepared = graph.prepare(model, config)
+    observed = 0
+    if calib_data is not None:
+        _calibrate(prepared, calib_data)
+        observed = config.qat_observe_batches
+    qat = QATModel(prepared, config, observed)
+    qat.train(model.training)
+    return qat
+
+
+def convert(model) -> graph.QuantizedModel:
+    if isinstance(model, QATModel):
+        return model.convert()
+    if isinstance(model, graph.QuantizedModel):
+        return model
+    raise TypeError(f"convert takes a QATModel, got {type(model).__name__}")

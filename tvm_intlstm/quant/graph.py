@@ -1,0 +1,329 @@
+"""Model graph handling: trace a float model with torch.fx, swap supported layers for
+quantization-aware modules (prepare), and turn a prepared model into an integer-only model (convert).
+
+Supported layers: nn.Embedding, nn.LSTM, nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity.
+Supported glue: residual `+`, torch.cat, tuple indexing, and layout ops (transpose, permute,
+reshape/view, flatten, contiguous, squeeze/unsqueeze, tensor indexing).
+A Linear whose result reaches a model output is the final layer (int32 logits).
+"""
+from __future__ import annotations
+
+import copy
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..nn import intmodules as im
+from ..nn import modules as qm
+from .config import QuantConfig
+
+SUPPORTED_LAYERS = (nn.Embedding, nn.LSTM, nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
+LAYOUT_FUNCS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.squeeze,
+                torch.unsqueeze, operator.getitem}
+LAYOUT_METHODS = {"transpose", "permute", "reshape", "view", "flatten", "contiguous", "squeeze",
+                  "unsqueeze", "__getitem__"}
+ADD_FUNCS = {operator.add, torch.add, operator.iadd}
+CAT_FUNCS = {torch.cat, torch.concat}
+
+
+class UnsupportedModelError(ValueError):
+    """The float model uses a layer or an operation tvm_intlstm cannot quantize."""
+
+
+def _supported_list() -> str:
+    return ("nn.Embedding, nn.LSTM (any num_layers, bidirectional, batch_first, bias; no proj_size), "
+            "nn.Linear, nn.LayerNorm (last dim), nn.Dropout, residual '+', torch.cat and layout ops")
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        if isinstance(m, SUPPORTED_LAYERS):
+            return True
+        # any other torch.nn layer with its own parameters or computation is a leaf (rejected later)
+        if type(m).__module__.startswith("torch.nn") and not isinstance(
+                m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    if isinstance(model, fx.GraphModule):
+        return model
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # data-dependent control flow, unsupported Python in forward, ...
+        raise UnsupportedModelError(
+            f"could not trace {type(model).__name__}.forward with torch.fx ({type(e).__name__}: {e}). "
+            "Models must have a static forward made of supported layers: " + _supported_list()) from e
+    return fx.GraphModule(model, graph, type(model).__name__)
+
+
+def _is_final(node: fx.Node) -> bool:
+    """Does this node's value reach a graph output through layout-only ops?"""
+    todo, seen = list(node.users), set()
+    while todo:
+        u = todo.pop()
+        if u in seen:
+            continue
+        seen.add(u)
+        if u.op == "output":
+            return True
+        if (u.op == "call_function" and u.target in LAYOUT_FUNCS) or (
+                u.op == "call_method" and u.target in LAYOUT_METHODS):
+            todo.extend(u.users)
+    return False
+
+
+def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
+    """Trace `model` and swap its layers for quantization-aware modules (observe mode)."""
+    model = copy.deepcopy(model)
+    gm = trace(model)
+    g = gm.graph
+    counter = 0
+
+    def add_module(prefix, mod):
+        nonlocal counter
+        counter += 1
+        name = f"{prefix}_{counter}"
+        gm.add_submodule(name, mod)
+        return name
+
+    for node in list(g.nodes):
+        if node.op == "placeholder":
+            users = list(node.users)
+            if users and all(u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Embedding)
+                             for u in users):
+                node.meta["til_kind"] = "ids"
+                continue
+            if not users:
+                continue
+            name = add_module("quant_input", qm.QuantInput(config))
+            with g.inserting_after(node):
+                q = g.call_module(name, (node,))
+            node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.LSTM):
+                if len(node.args) + len(node.kwargs) > 1:
+                    raise UnsupportedModelError(
+                        f"layer '{node.target}' (nn.LSTM) is called with initial states; only zero initial "
+                        "states are supported")
+                new = qm.QuantLSTM(mod, config)
+            elif isinstance(mod, nn.Linear):
+                new = qm.QuantLinear(mod, config, final=_is_final(node))
+            elif isinstance(mod, nn.Embedding):
+                new = qm.QuantEmbedding(mod, config)
+            elif isinstance(mod, nn.LayerNorm):
+                new = qm.QuantLayerNorm(mod, config)
+            elif isinstance(mod, (nn.Dropout, nn.Identity)):
+                new = nn.Identity()
+            elif isinstance(mod, qm.QuantModule):
+                continue
+            else:
+                raise UnsupportedModelError(
+                    f"unsupported layer '{node.target}' ({type(mod).__module__}.{type(mod).__name__}). "
+                    f"Supported: {_supported_list()}")
+            _set_submodule(gm, node.target, new)
+        elif node.op == "call_function":
+            if node.target in ADD_FUNCS:
+                if len(node.args) != 2 or not all(isinstance(a, fx.Node) for a in node.args):
+                    raise UnsupportedModelError(
+                        f"'{node.name}': only the sum of two tensors (a residual connection) is supported")
+                name = add_module("residual_add", qm.QuantAdd(config))
+                with g.inserting_before(node):
+                    new_node = g.call_module(name, tuple(node.args))
+                node.replace_all_uses_with(new_node)
+                g.erase_node(node)
+            elif node.target in CAT_FUNCS:
+                tensors = node.args[0]
+                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+                name = add_module("cat", qm.QuantCat(dim, config))
+                with g.inserting_before(node):
+                    new_node = g.call_module(name, tuple(tensors))
+                node.replace_all_uses_with(new_node)
+                g.erase_node(node)
+            elif node.target in LAYOUT_FUNCS:
+                continue
+            elif node.target is nn.functional.dropout:
+                node.replace_all_uses_with(node.args[0])
+                g.erase_node(node)
+            else:
+                raise UnsupportedModelError(
+                    f"unsupported operation {getattr(node.target, '__name__', node.target)} at '{node.name}'. "
+                    f"Supported: {_supported_list()}")
+        elif node.op == "call_method":
+            if node.target not in LAYOUT_METHODS:
+                raise UnsupportedModelError(
+                    f"unsupported tensor method .{node.target}() at '{node.name}'. Supported: {_supported_list()}")
+        elif node.op == "get_attr":
+            raise UnsupportedModelError(
+                f"the model reads parameter/buffer '{node.target}' directly in forward; only layers are supported")
+    g.lint()
+    gm.recompile()
+    return gm
+
+
+def _set_submodule(gm: nn.Module, target: str, new: nn.Module):
+    *path, last = target.split(".")
+    parent = gm
+    for p in path:
+        parent = getattr(parent, p)
+    setattr(parent, last, new)
+
+
+def set_mode(gm: nn.Module, mode: str):
+    for m in gm.modules():
+        if isinstance(m, qm.QuantModule):
+            m.mode = mode
+
+
+# --------------------------------------------------------------------------------------------
+# convert: integer module per layer, scales propagated along the graph
+
+
+@dataclass
+class QInfo:
+    """What an integer value is: 'act' int8 (scale), 'logits' int32 (scale), 'cell' int16 (frac),
+    'ids', 'stack' (per-row infos of h_n/c_n), or 'tuple'."""
+
+    kind: str
+    scale: Any = None
+    items: list = field(default_factory=list)
+
+
+def _info_of_int(mod: nn.Module) -> QInfo:
+    if isinstance(mod, im.IntLSTM):
+        ndir = 2 if mod.bidirectional else 1
+        h_rows = [QInfo("act", s) for s in mod.layer_scales for _ in range(ndir)]
+        c_rows = [QInfo("cell", f) for f in mod.cell_fracs for _ in range(ndir)]
+        return QInfo("tuple", items=[QInfo("act", mod.out_scale),
+                                     QInfo("tuple", items=[QInfo("stack", items=h_rows),
+                                                           QInfo("stack", items=c_rows)])])
+    if isinstance(mod, im.IntLinear) and mod.final:
+        return QInfo("logits", mod.out_scale)
+    return QInfo("act", mod.out_scale)
+
+
+def _getitem_info(src: QInfo, idx) -> QInfo:
+    if src.kind == "tuple":
+        return src.items[idx]
+    if src.kind == "stack":
+        rows = list(range(len(src.items)))
+        first = idx[0] if isinstance(idx, tuple) else idx
+        sel = rows[first] if isinstance(first, (int, slice)) else None
+        if sel is None:
+            raise UnsupportedModelError("h_n/c_n of an LSTM may only be indexed along the layer axis with an "
+                                        "int or a slice")
+        sel = sel if isinstance(sel, list) else [sel]
+        infos = [src.items[i] for i in sel]
+        if any(i.kind != infos[0].kind or i.scale != infos[0].scale for i in infos):
+            raise UnsupportedModelError("selected rows of h_n/c_n come from layers with different scales; "
+                                        "use one layer's rows (e.g. h_n[-1])")
+        return infos[0]
+    return src  # tensor indexing keeps the scale
+
+
+def convert(prepared: fx.GraphModule) -> "QuantizedModel":
+    """Integer-only model from a calibrated/trained prepared model."""
+    gm = copy.deepcopy(prepared)
+    info: dict[fx.Node, QInfo] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            info[node] = QInfo("ids") if node.meta.get("til_kind") == "ids" else QInfo("float")
+        elif node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, nn.Identity):
+                info[node] = info[node.args[0]]
+                continue
+            ins = [info[a] for a in node.args if isinstance(a, fx.Node)]
+            for a, i in zip(node.args, ins):
+                if isinstance(mod, qm.QuantInput):
+                    continue
+                if isinstance(mod, qm.QuantEmbedding):
+                    if i.kind != "ids":
+                        raise UnsupportedModelError(f"'{node.target}' (nn.Embedding) must take a model input of "
+                                                    "token ids directly")
+                    continue
+                if i.kind != "act":
+                    raise UnsupportedModelError(
+                        f"'{node.target}' consumes a {i.kind} value from '{a}'; integer layers take int8 "
+                        "activations (a final linear layer's int32 logits and LSTM cell states cannot feed "
+                        "other layers)")
+            new = mod.to_int([i.scale for i in ins])
+            _set_submodule(gm, node.target, new)
+            info[node] = _info_of_int(new)
+        elif node.op in ("call_function", "call_method"):
+            src = info[node.args[0]]
+            if node.target in (operator.getitem, "__getitem__"):
+                info[node] = _getitem_info(src, node.args[1])
+            else:
+                if src.kind in ("tuple", "stack") and node.target not in ("contiguous",):
+                    raise UnsupportedModelError(f"layout op {node.target} on a tuple/stack value at '{node.name}'")
+                info[node] = src
+        elif node.op == "output":
+            outs = node.args[0]
+            info[node] = _tree_map(outs, lambda n: info[n])
+    gm.recompile()
+    out_info = info[next(n for n in gm.graph.nodes if n.op == "output")]
+    in_kinds = [info[n].kind for n in gm.graph.nodes if n.op == "placeholder"]
+    return QuantizedModel(gm, out_info, in_kinds)
+
+
+def _tree_map(x, f):
+    if isinstance(x, (tuple, list)):
+        return type(x)(_tree_map(v, f) for v in x)
+    if isinstance(x, dict):
+        return {k: _tree_map(v, f) for k, v in x.items()}
+    if isinstance(x, fx.Node):
+        return f(x)
+    return x
+
+
+class QuantizedModel(nn.Module):
+    """An integer-only model: forward takes float32 features or int64 token ids and returns integer
+    tensors (int8 activations, int32 logits). `output_info`/`output_scales` describe the outputs;
+    `dequantize(outputs)` turns them into floats (the optional output boundary)."""
+
+    def __init__(self, gm: fx.GraphModule, output_info, input_kinds):
+        super().__init__()
+        self.gm = gm
+        self.output_info = output_info
+        self.input_kinds = input_kinds
+        self.eval()
+
+    def forward(self, *args):
+        if len(args) != len(self.input_kinds):
+            raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(args)}")
+        with torch.no_grad():
+            return self.gm(*args)
+
+    @property
+    def output_scales(self):
+        return _tree_map_info(self.output_info, lambda i: i.scale)
+
+    def dequantize(self, outputs):
+        def deq(val, inf):
+            if isinstance(inf, (tuple, list)):
+                return type(inf)(deq(v, i) for v, i in zip(val, inf))
+            if inf.kind == "tuple":
+                return tuple(deq(v, i) for v, i in zip(val, inf.items))
+            if inf.kind in ("act", "logits"):
+                return val.to(torch.float32) * float(inf.scale)
+            if inf.kind == "cell":
+                return val.to(torch.float32) * 2.0**-inf.scale
+            if inf.kind == "stack":
+                return torch.stack([deq(v, i) for v, i in zip(val, inf.items)])
+            return val
+        return deq(outputs, self.output_info)
+
+
+def _tree_map_info(inf, f):
+    if isinstance(inf, (tuple, list)):
+        return type(inf)(_tree_map_info(v, f) for v in inf)
+    if inf.kind in ("tuple", "stack"):
+        return tuple(_tree_map_info(v, f) for v in inf.items)
+    return f(inf)

@@ -1,0 +1,264 @@
+"""numpy reference of docs/integer_spec.md: the oracle every other implementation is tested against.
+
+Rules: integer dtypes only (int64 intermediates, exact), no float past the input boundary
+(`quantize_input` is the one place a float is read). Each function cites its spec section.
+Speed is not a goal; clarity and exactness are.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INT8 = (-128, 127)
+INT16 = (-32768, 32767)
+INT32 = (-(2**31), 2**31 - 1)
+PWL_FRAC = 14
+GATE_FRAC = 12  # gate domain Q3.12
+LN_FRAC = 12
+SOFTMAX_IN_FRAC = 10
+
+
+def _i64(x) -> np.ndarray:
+    a = np.asarray(x)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"reference ops take integer arrays, got dtype {a.dtype}")
+    return a.astype(np.int64)
+
+
+def sat(v, bits: int) -> np.ndarray:
+    """sat_N (spec 0): clamp to the signed `bits` range."""
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return np.clip(_i64(v), lo, hi)
+
+
+def rshift_round(v, n) -> np.ndarray:
+    """(v + 2^(n-1)) >> n, ties toward +inf (spec 0). `n` may be an array (per channel)."""
+    v = _i64(v)
+    n = _i64(n)
+    if np.any(n < 0) or np.any(n > 62):
+        raise ValueError("shift out of range [0, 62]")
+    half = np.where(n > 0, np.left_shift(np.int64(1), np.maximum(n - 1, 0)), 0)
+    return np.right_shift(v + half, n)
+
+
+def _cast(v, bits):
+    return v.astype({8: np.int8, 16: np.int16, 32: np.int32, 64: np.int64}[bits])
+
+
+def requantize(acc, M, s, bits: int) -> np.ndarray:
+    """requantize_N (spec 2): sat_N(rshift_round(int64(acc) * M, s)). M, s broadcast (per channel)."""
+    acc = _i64(acc)
+    if np.any(acc < INT32[0]) or np.any(acc > INT32[1]):
+        raise OverflowError("requantize input is not int32")
+    return _cast(sat(rshift_round(acc * _i64(M), s), bits), bits)
+
+
+def add_sat16(a, b) -> np.ndarray:
+    """add_sat_16 (spec 3)."""
+    return sat(_i64(a) + _i64(b), 16).astype(np.int16)
+
+
+def quantize_input(x, scale) -> np.ndarray:
+    """Boundary quantization (spec 1): sat_8(floor(float32(x / s) + 0.5f)), float32 throughout."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise TypeError(f"float inputs must be float32, got {x.dtype}")
+    if np.isnan(x).any():
+        raise ValueError("input contains NaN")
+    with np.errstate(over="ignore", invalid="ignore"):
+        q = np.floor(x / np.float32(scale) + np.float32(0.5))
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def dequantize(q, scale) -> np.ndarray:
+    return np.asarray(q).astype(np.float32) * np.float32(scale)
+
+
+def linear_acc(x, W, b=None) -> np.ndarray:
+    """int32 accumulator of a linear layer (spec 5): sum_k W[o,k] x[...,k] + b[o]."""
+    acc = _i64(x) @ _i64(W).T
+    if b is not None:
+        acc = acc + _i64(b)
+    if np.any(acc < INT32[0]) or np.any(acc > INT32[1]):
+        raise OverflowError("linear accumulator overflows int32 (spec 5 bound violated)")
+    return acc.astype(np.int32)
+
+
+def linear(x, W, b=None, M=None, s=None) -> np.ndarray:
+    """Hidden linear (int8 out, per-row M/s) or final linear (M is None: int32 logits)."""
+    acc = linear_acc(x, W, b)
+    if M is None:
+        return acc
+    return requantize(acc, M, s, 8)
+
+
+def embedding(ids, table) -> np.ndarray:
+    """Embedding lookup (spec 6); out-of-range ids raise IndexError."""
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token ids must be integers, got {ids.dtype}")
+    V = table.shape[0]
+    if ids.size and (ids.min() < 0 or ids.max() >= V):
+        raise IndexError(f"token id out of range [0, {V}): min {ids.min()}, max {ids.max()}")
+    return np.asarray(table, dtype=np.int8)[ids]
+
+
+@dataclass(frozen=True)
+class PWLTable:
+    """Integer PWL table (spec 7). knots: int16 [n+1]; base, slope: int32 [n]; in_frac: input scale 2^-in_frac."""
+
+    knots: np.ndarray
+    base: np.ndarray
+    slope: np.ndarray
+    in_frac: int
+    name: str = ""
+
+    @property
+    def pieces(self) -> int:
+        return int(len(self.base))
+
+
+def validate_table(t: PWLTable) -> None:
+    k, v, a = _i64(t.knots), _i64(t.base), _i64(t.slope)
+    n = len(v)
+    if not (2 <= n <= 64) and n != 1:
+        raise ValueError(f"PWL table must have 1..64 pieces, got {n}")
+    if len(k) != n + 1 or len(a) != n:
+        raise ValueError("PWL table arrays have inconsistent lengths")
+    if np.any(np.diff(k) <= 0) or k.min() < INT16[0] or k.max() > INT16[1]:
+        raise ValueError("PWL knots must be strictly increasing int16 values")
+    if np.any(np.abs(a) * np.diff(k) + 2**13 > INT32[1]) or np.any(np.abs(v) > 2**20):
+        raise ValueError("PWL table violates the int32 bounds of spec section 7")
+    if not 0 <= t.in_frac <= 15:
+        raise ValueError("PWL in_frac must be in 0..15")
+
+
+def pwl(x, t: PWLTable) -> np.ndarray:
+    """PWL activation (spec 7): int16 in (scale 2^-in_frac), int16 Q0.15 out."""
+    k, v, a = _i64(t.knots), _i64(t.base), _i64(t.slope)
+    n = len(v)
+    xc = np.clip(_i64(x), k[0], k[n])
+    idx = np.zeros(xc.shape, dtype=np.int64)
+    for j in range(1, n):
+        idx += (xc >= k[j])
+    prod = a[idx] * (xc - k[idx])
+    assert np.all(np.abs(prod) + 2**13 <= INT32[1]), "PWL product exceeds int32"
+    return sat(v[idx] + rshift_round(prod, PWL_FRAC), 16).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class LSTMDirectionParams:
+    """Integer parameters of one LSTM direction (spec 8)."""
+
+    w_x: np.ndarray   # int8 [4H, I]
+    w_h: np.ndarray   # int8 [4H, H]
+    bias: np.ndarray  # int32 [4H]
+    mx: np.ndarray    # int32 [4H]
+    sx: np.ndarray    # int32 [4H]
+    mh: np.ndarray    # int32 [4H]
+    sh: np.ndarray    # int32 [4H]
+    mo: int
+    so: int
+    cell_frac: int
+    sig: PWLTable
+    tanh: PWLTable
+    tanh_c: PWLTable
+
+    @property
+    def hidden(self) -> int:
+        return int(self.w_h.shape[1])
+
+
+def lstm_gates_x(x, p: LSTMDirectionParams) -> np.ndarray:
+    """gx for all steps at once: requantize_16(W_x x + b) -> int16 [..., 4H]."""
+    return requantize(linear_acc(x, p.w_x, p.bias), p.mx, p.sx, 16)
+
+
+def lstm_cell(gx_t, h, c, p: LSTMDirectionParams):
+    """One LSTM step (spec 8) given the precomputed input gates gx_t [B, 4H]. Returns (h int8, c int16)."""
+    H = p.hidden
+    gh = requantize(linear_acc(h, p.w_h), p.mh, p.sh, 16)
+    z = add_sat16(gx_t, gh)
+    i = _i64(pwl(z[:, 0:H], p.sig))
+    f = _i64(pwl(z[:, H:2 * H], p.sig))
+    g = _i64(pwl(z[:, 2 * H:3 * H], p.tanh))
+    o = _i64(pwl(z[:, 3 * H:4 * H], p.sig))
+    c_new = sat(rshift_round(f * _i64(c), 15) + rshift_round(i * g, 30 - p.cell_frac), 16).astype(np.int16)
+    tc = _i64(pwl(c_new, p.tanh_c))
+    h_new = requantize(o * tc, p.mo, p.so, 8)
+    return h_new, c_new
+
+
+def lstm_direction(x, p: LSTMDirectionParams, reverse: bool = False, h0=None, c0=None):
+    """One LSTM direction over a sequence. x: int8 [T, B, I] (time major).
+
+    Returns (y int8 [T, B, H], h_T int8 [B, H], c_T int16 [B, H])."""
+    x = np.asarray(x)
+    if x.dtype != np.int8:
+        raise TypeError(f"LSTM input must be int8, got {x.dtype}")
+    T, B, _ = x.shape
+    H = p.hidden
+    h = np.zeros((B, H), np.int8) if h0 is None else np.asarray(h0, np.int8)
+    c = np.zeros((B, H), np.int16) if c0 is None else np.asarray(c0, np.int16)
+    gx = lstm_gates_x(x, p)
+    y = np.zeros((T, B, H), np.int8)
+    steps = range(T - 1, -1, -1) if reverse else range(T)
+    for t in steps:
+        h, c = lstm_cell(gx[t], h, c, p)
+        y[t] = h
+    return y, h, c
+
+
+def residual_add(a, b, Ma: int, Mb: int, s: int) -> np.ndarray:
+    """8-bit residual add (spec 9)."""
+    return sat(rshift_round(_i64(a) * Ma + _i64(b) * Mb, s), 8).astype(np.int8)
+
+
+def isqrt(v) -> np.ndarray:
+    """Exact floor(sqrt(v)) for 0 <= v < 2^62, element-wise: the binary digit-by-digit method
+    (31 fixed rounds; the same loop the TIR kernels use)."""
+    v = _i64(v).copy()
+    if np.any(v < 0) or np.any(v >= 2**62):
+        raise ValueError("isqrt takes 0 <= v < 2^62")
+    res = np.zeros_like(v)
+    for k in range(30, -1, -1):
+        bit = np.int64(1) << np.int64(2 * k)
+        take = v >= res + bit
+        v = np.where(take, v - (res + bit), v)
+        res = np.where(take, (res >> 1) + bit, res >> 1)
+    return res
+
+
+def layer_norm(x, gamma, beta, Ml: int, sl: int) -> np.ndarray:
+    """Integer layer norm over the last axis (spec 10). x int8, gamma int16, beta int64."""
+    x = _i64(x)
+    D = x.shape[-1]
+    if D > 4096:
+        raise ValueError("integer layer norm supports D <= 4096")
+    S = x.sum(axis=-1, keepdims=True)
+    d = D * x - S
+    V = (d * d).sum(axis=-1, keepdims=True)
+    r = np.maximum(1, isqrt(V // D))
+    n = (2 * d * (1 << LN_FRAC) + r) // (2 * r)
+    acc = n * _i64(gamma) + _i64(beta)
+    return sat(rshift_round(acc * np.int64(Ml), sl), 8).astype(np.int8)
+
+
+def softmax(z, Mz: int, sz: int, exp_table: PWLTable) -> np.ndarray:
+    """Integer softmax over the last axis (spec 11): int32 scores -> int16 Q0.15 probabilities."""
+    z = _i64(z)
+    m = z.max(axis=-1, keepdims=True)
+    d = np.maximum(z - m, INT32[0])
+    d16 = requantize(d, Mz, sz, 16)
+    e = _i64(pwl(d16, exp_table))
+    E = e.sum(axis=-1, keepdims=True)
+    assert np.all(E > 0)
+    p = np.minimum((e * (1 << 15) + E // 2) // E, 32767)
+    return p.astype(np.int16)
+
+
+def attention_context(p, v, Mc: int, sc: int) -> np.ndarray:
+    """Context = requantize_8(sum_k p_k v_k) (spec 11). p int16 [..., K], v int8 [..., K, D]."""
+    acc = np.einsum("...k,...kd->...d", _i64(p), _i64(v))
+    return requantize(acc, Mc, sc, 8)
