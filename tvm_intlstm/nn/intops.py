@@ -227,7 +227,7 @@ def _(z, mz, sz, exp_table):
 @torch.library.custom_op("intlstm::attention_context", mutates_args=())
 def attention_context(p: torch.Tensor, v: torch.Tensor, mc: int, sc: int) -> torch.Tensor:
     """ctx = requantize_8(sum_k p_k v_kd) (spec 11). p int16 [..., K], v int8 [..., K, D]."""
-    acc = torch.matmul(p.to(torch.float64), v.to(torch.float64)).to(torch.int64)  # exact: |acc| < 2^38
+    acc = torch.matmul(p.to(torch.float64).unsqueeze(-2), v.to(torch.float64)).squeeze(-2).to(torch.int64)  # exact: < 2^38
     return requantize(acc, mc, sc, 8)
 
 

@@ -231,11 +231,12 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
     """Integer-only model from a calibrated/trained prepared model."""
     gm = copy.deepcopy(prepared)
     info: dict[fx.Node, QInfo] = {}
+    used: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             info[node] = QInfo("ids") if node.meta.get("til_kind") == "ids" else QInfo("float")
         elif node.op == "call_module":
-            mod = gm.get_submodule(node.target)
+            mod = prepared.get_submodule(node.target)  # the prepared module (gm's copy gets replaced)
             if isinstance(mod, nn.Identity):
                 info[node] = info[node.args[0]]
                 continue
@@ -254,7 +255,13 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
                         "activations (a final linear layer's int32 logits and LSTM cell states cannot feed "
                         "other layers)")
             new = mod.to_int([i.scale for i in ins])
-            _set_submodule(gm, node.target, new)
+            k = used[node.target] = used.get(node.target, 0) + 1
+            if k > 1:  # a layer called twice may see different input scales: one integer module per call
+                name = node.target.replace(".", "_") + f"_call{k}"
+                gm.add_submodule(name, new)
+                node.target = name
+            else:
+                _set_submodule(gm, node.target, new)
             info[node] = _info_of_int(new)
         elif node.op in ("call_function", "call_method"):
             src = info[node.args[0]]

@@ -36,7 +36,10 @@ def _target(func: str, in_frac: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _piece_fit(y: np.ndarray, a: int, b: int, lo: int, stride: int = 1):
-    """Minimax-ish line over integer inputs [a, b]: (value at a, slope per LSB, max error in LSB)."""
+    """Minimax-ish line over integer inputs [a, b]: (value at a, slope per LSB, max error in LSB).
+
+    The line stays inside the function's output range at both ends (a sigmoid gate never goes
+    negative), which costs a little error on the flat outer pieces."""
     ya, yb = y[a - lo], y[b - lo]
     m = (yb - ya) / max(b - a, 1)
     xs = np.arange(a, b + 1, stride)
@@ -44,7 +47,14 @@ def _piece_fit(y: np.ndarray, a: int, b: int, lo: int, stride: int = 1):
         xs = np.append(xs, b)
     r = y[xs - lo] - (ya + m * (xs - a))
     off = 0.5 * (r.max() + r.min())
-    return ya + off, m, 0.5 * (r.max() - r.min())
+    ymin, ymax = (0.0, 32767.0) if y.min() >= 0 else (-32767.0, 32767.0)
+    lo_end = min(ya, yb) + off
+    hi_end = max(ya, yb) + off
+    if lo_end < ymin:
+        off += ymin - lo_end
+    elif hi_end > ymax:
+        off -= hi_end - ymax
+    return ya + off, m, float(np.max(np.abs(r - off)))
 
 
 def _greedy(y, lo, hi, eps, max_pieces, stride):
