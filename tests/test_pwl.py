@@ -12,8 +12,8 @@ from tvm_intlstm.reference import ops
 ALL_INT16 = np.arange(-32768, 32768, dtype=np.int64).astype(np.int16)
 
 # measured maxima for the adaptive tables (docs/pwl.md); the test keeps a 1.5x margin
-ADAPTIVE_MAX_ERR = {("sigmoid", 8): 0.0057, ("sigmoid", 16): 0.0014, ("sigmoid", 32): 0.00036,
-                    ("tanh", 8): 0.0129, ("tanh", 16): 0.0031, ("tanh", 32): 0.00077}
+ADAPTIVE_MAX_ERR = {("sigmoid", 8): 0.0066, ("sigmoid", 16): 0.0015, ("sigmoid", 32): 0.00036,
+                    ("tanh", 8): 0.0148, ("tanh", 16): 0.0033, ("tanh", 32): 0.00077}
 
 
 @pytest.mark.parametrize("func", ["sigmoid", "tanh"])
