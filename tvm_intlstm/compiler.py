@@ -1,0 +1,169 @@
+"""tvm_intlstm.compile: quantized PyTorch model -> integer-only TVM module (CompiledModule)."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+import tvm
+from tvm import relax
+
+from .frontend.importer import import_quantized
+from .passes import integer_pipeline
+from .quant.graph import QuantizedModel
+
+
+def _log(msg, verbose):
+    if verbose:
+        print(f"[tvm_intlstm] {msg}", flush=True)
+
+
+def _target(spec):
+    from .target import parse_target
+    return parse_target(spec)
+
+
+class CompiledModule:
+    """A compiled integer-only model. Call it on numpy arrays or torch tensors (float32 features or
+    int64 token ids, as the quantized model takes); it returns numpy integer arrays (int32 logits
+    from a final linear layer). Thread-safe: calls are serialized by a lock (one Relax VM)."""
+
+    def __init__(self, executable, target, input_kinds, output_info, ir_module=None, vocab_sizes=None):
+        self.executable = executable
+        self.target = target
+        self.input_kinds = list(input_kinds)
+        self.output_info = output_info
+        self.ir_module = ir_module
+        self.vocab_sizes = vocab_sizes or {}
+        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._lock = threading.Lock()
+
+    @property
+    def output_scales(self):
+        from .quant.graph import _tree_map_info
+        return _tree_map_info(self.output_info, lambda i: i.scale)
+
+    def _prepare(self, i, x):
+        if torch.is_tensor(x):
+            x = x.detach().cpu().numpy()
+        x = np.ascontiguousarray(x)
+        kind = self.input_kinds[i]
+        if kind == "ids":
+            if x.dtype not in (np.int64, np.int32):
+                raise TypeError(f"input {i} takes int64 token ids, got {x.dtype}")
+            x = x.astype(np.int64)
+            V = self.vocab_sizes.get(i)
+            if V is not None and x.size and (x.min() < 0 or x.max() >= V):
+                raise IndexError(f"input {i}: token id out of range [0, {V}): min {x.min()}, max {x.max()}")
+        else:
+            if x.dtype != np.float32:
+                raise TypeError(f"input {i} takes float32 features, got {x.dtype}")
+            if np.isnan(x).any():
+                raise ValueError(f"input {i} contains NaN")
+        return tvm.runtime.tensor(x)
+
+    def __call__(self, *inputs):
+        if len(inputs) != len(self.input_kinds):
+            raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(inputs)}")
+        args = [self._prepare(i, x) for i, x in enumerate(inputs)]
+        with self._lock:
+            out = self._vm["main"](*args)
+        return _to_numpy(out)
+
+    def export_library(self, path: str | os.PathLike) -> str:
+        from .target import export_library
+        path = os.fspath(path)
+        export_library(self.executable, path, self.target)
+        _write_meta(path, self)
+        return path
+
+
+def _to_numpy(out):
+    if isinstance(out, tvm.runtime.Tensor):
+        return out.numpy()
+    if hasattr(out, "__len__") and not hasattr(out, "numpy"):
+        return tuple(_to_numpy(o) for o in out)
+    return out.numpy()
+
+
+def _write_meta(path, cm):
+    import json
+    from dataclasses import asdict
+    meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": str(cm.target),
+            "output_info": _info_to_json(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()}}
+    with open(path + ".json", "w") as f:
+        json.dump(meta, f, indent=1)
+
+
+def _info_to_json(inf):
+    if isinstance(inf, (tuple, list)):
+        return {"list": [_info_to_json(i) for i in inf]}
+    return {"kind": inf.kind, "scale": inf.scale, "items": [_info_to_json(i) for i in inf.items]}
+
+
+def _info_from_json(d):
+    from .quant.graph import QInfo
+    if "list" in d:
+        return tuple(_info_from_json(i) for i in d["list"])
+    return QInfo(d["kind"], d["scale"], [_info_from_json(i) for i in d["items"]])
+
+
+def load(path: str | os.PathLike) -> CompiledModule:
+    """Load an exported module (and its .json metadata). The .so is native code: load only files from
+    a trusted source."""
+    import json
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no compiled module at {path}")
+    meta_path = path + ".json"
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"{path} has no metadata file {meta_path}: export it with CompiledModule.export_library")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format") != "tvm_intlstm-1":
+        raise ValueError(f"{meta_path} is not a tvm_intlstm module description")
+    try:
+        lib = tvm.runtime.load_module(path)
+        ex = relax.VMExecutable(lib) if hasattr(relax, "VMExecutable") else lib
+    except Exception as e:  # noqa: BLE001
+        raise ValueError(f"{path} is not a loadable TVM module ({e})") from e
+    return CompiledModule(ex, meta["target"], meta["input_kinds"], _info_from_json(meta["output_info"]),
+                          vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()})
+
+
+def compile(model, target="llvm", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True) -> CompiledModule:  # noqa: A001
+    """Compile a quantized model (tvm_intlstm.quantize / prepare_qat result) to an integer-only module."""
+    from .quant.api import QATModel
+    if isinstance(model, QATModel):
+        model = model.convert()
+    if not isinstance(model, QuantizedModel):
+        raise TypeError(f"compile takes a quantized model (tvm_intlstm.quantize(...) or prepare_qat), got "
+                        f"{type(model).__name__}; a float model must be quantized first")
+    if example_inputs is None:
+        raise ValueError("compile needs example_inputs (a tuple of inputs of the right dtype and rank)")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    tgt = _target(target)
+    t0 = time.perf_counter()
+    _log("importing (torch.export -> Relax)", verbose)
+    mod = import_quantized(model, example_inputs)
+    _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
+    with tgt:
+        mod = integer_pipeline(tgt)(mod)
+    lowered = mod
+    _log("building", verbose)
+    ex = tvm.compile(mod, target=tgt)
+    _log(f"done in {time.perf_counter() - t0:.1f} s", verbose)
+    vocab = {}
+    from .nn.intmodules import IntEmbedding
+    for node in model.gm.graph.nodes:
+        if node.op == "call_module" and isinstance(model.gm.get_submodule(node.target), IntEmbedding):
+            src = node.args[0]
+            if src.op == "placeholder":
+                idx = [n for n in model.gm.graph.nodes if n.op == "placeholder"].index(src)
+                vocab[idx] = int(model.gm.get_submodule(node.target).table.shape[0])
+    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab)

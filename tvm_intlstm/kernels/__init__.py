@@ -1,0 +1,103 @@
+"""TIR kernels for the integer operators of docs/integer_spec.md.
+
+Every generator returns a `tvm.tirx.PrimFunc` (plain tirx loop nests, hand-scheduled) in
+destination-passing style: inputs first, outputs last, as `relax.call_tir` expects. Feature sizes
+are static Python ints; leading dims (rows, batch, time) are symbolic `T.int64()` vars bound by
+`T.match_buffer`, so one build serves every batch size and sequence length. Scalar constants
+(scales, per-tensor multipliers and shifts, the cell format) are baked into the function;
+per-channel arrays and PWL tables are buffers. Outputs must not alias inputs (`tirx.noalias`).
+
+    generator (static args)                         buffers (N, T, B, ... symbolic)
+    quantize_input(K, scale)                        x f32[N,K] -> q i8[N,K]
+    embedding(V, D, id_dtype="int64")               ids[N], table i8[V,D] -> i8[N,D]
+    linear_i32(K, O, bias=True)                     x i8[N,K], W i8[O,K], b i32[O] -> i32[N,O]
+    linear_requant(K, O, out_dtype, bias=True)      x, W, b, M i32[O], s i32[O] -> i8/i16[N,O]
+    lstm_recurrent(H, mo=, so=, cell_frac=, sig_pieces=16, tanh_pieces=16, tanh_c_pieces=16,
+                   reverse=False, init_state=False)
+                                                    gx i16[T,B,4H], w_h i8[4H,H], mh, sh i32[4H],
+                                                    sig, tanh, tanh_c i32[3,n+1], (h0 i8[B,H],
+                                                    c0 i16[B,H]) -> y i8[T,B,H], h_T i8[B,H],
+                                                    c_T i16[B,H]
+    rescale_8(D, M, s)                              x i8[N,D] -> i8[N,D]
+    residual_add(D, Ma, Mb, s)                      a, b i8[N,D] -> i8[N,D]
+    pwl_activation(pieces)                          x i16[N], table i32[3,n+1] -> i16[N]
+    layer_norm(D, Ml, sl)                           x i8[N,D], gamma i16[D], beta i64[D] -> i8[N,D]
+    softmax(pieces, Mz, sz, length=None)            z i32[R,K], exp_table -> p i16[R,K]
+    attention_context(D, Mc, sc)                    p i16[B,Q,K], v i8[B,K,D] -> i8[B,Q,D]
+
+PWL tables are packed int32 [3, n+1] by `pack_pwl(table)`. The generators of the products
+(linear_*, lstm_recurrent) take `target=` (or `isa=`) and pick a micro-kernel: "avx2" (x86 with
+AVX2: vpmaddwd, exact int16 x int16 pair sums), "neon_dotprod" (aarch64 with dotprod: sdot), or
+"generic" (plain TIR that LLVM vectorizes for any target). `build_kernel(func, target)` compiles
+one PrimFunc and returns a callable; `bench_kernels` measures the LSTM against PyTorch FP32.
+"""
+from __future__ import annotations
+
+import tvm
+
+from ._common import as_target, resolve_isa
+from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
+from .linear import linear_i32, linear_requant
+from .lstm import lstm_recurrent, pack_pwl
+from .norm import attention_context, layer_norm, softmax
+
+
+def host_target() -> tvm.target.Target:
+    """An LLVM target for this machine's CPU (e.g. znver3), as JSON-dict Target."""
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+
+    return tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+
+
+class Kernel:
+    """A compiled PrimFunc: call it with tvm tensors (inputs then outputs, all pre-allocated)."""
+
+    def __init__(self, executable, name: str, target):
+        self.executable = executable
+        self.name = name
+        self.target = target
+        self._f = None  # looked up on first call: a cross-compiled kernel can still be inspected
+
+    def __call__(self, *args):
+        if self._f is None:
+            self._f = self.executable[self.name]
+        return self._f(*args)
+
+    @property
+    def module(self):
+        return self.executable.mod
+
+    def time_us(self, *args, number: int = 10, repeat: int = 5, reduce=None) -> float:
+        """Median (or `reduce`) microseconds per call over `repeat` runs of `number` calls."""
+        import numpy as np  # pylint: disable=import-outside-toplevel
+
+        ev = self.module.time_evaluator(self.name, tvm.cpu(), number=number, repeat=repeat)
+        res = ev(*args).results
+        return float((reduce or np.median)(res) * 1e6)
+
+
+def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
+    """Compile one kernel PrimFunc for `target` (a Target, dict, JSON string, kind name or classic
+    'llvm -mcpu=...' string). Refuses an AVX2 kernel on a target without AVX2 and any target that
+    enables fast-math (the float boundary of spec 1 must stay IEEE)."""
+    tgt = as_target(target)
+    for key in ("fast-math", "fast-math-reassoc", "fast-math-contract", "fast-math-arcp",
+                "fast-math-nnan", "fast-math-ninf", "fast-math-nsz"):
+        if bool(tgt.attrs.get(key, False)):
+            raise ValueError(f"target enables {key}; integer_spec section 1 needs IEEE float32")
+    isa = str(func.attrs["intlstm.isa"]) if func.attrs and "intlstm.isa" in func.attrs else "generic"
+    if isa != "generic" and resolve_isa(tgt) != isa:
+        raise ValueError(f"kernel was generated for isa={isa!r} but target {tgt} does not provide it")
+    name = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else "main"
+    mod = tvm.IRModule({name: func})
+    ex = tvm.compile(mod, target=tgt)
+    return Kernel(ex, name, tgt)
+
+
+__all__ = [
+    "build_kernel", "host_target", "resolve_isa", "as_target", "Kernel",
+    "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
+    "linear_i32", "linear_requant",
+    "lstm_recurrent", "pack_pwl",
+    "layer_norm", "softmax", "attention_context",
+]

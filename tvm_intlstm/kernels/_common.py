@@ -1,0 +1,91 @@
+"""Shared plumbing of the kernel generators: argument checks, vector splits, ISA selection."""
+from __future__ import annotations
+
+import tvm
+
+INT32_MAX = 2**31 - 1
+
+# ISAs with a dedicated micro-kernel. "generic" is plain TIR that LLVM vectorizes for any target.
+ISAS = ("generic", "avx2", "neon_dotprod")
+
+
+def check_multiplier(M) -> int:
+    M = int(M)
+    if not 0 <= M <= INT32_MAX:
+        raise ValueError(f"fixed-point multiplier must be in [0, 2^31 - 1], got {M}")
+    return M
+
+
+def check_shift(s, lo: int = 0, hi: int = 62) -> int:
+    s = int(s)
+    if not lo <= s <= hi:
+        raise ValueError(f"shift must be in [{lo}, {hi}], got {s}")
+    return s
+
+
+def vec_split(n: int, width: int) -> tuple[int, int]:
+    """(outer, inner) with outer * inner == n and inner the largest divisor of n <= width."""
+    n = int(n)
+    if n <= 0:
+        raise ValueError(f"feature size must be positive, got {n}")
+    for v in range(min(width, n), 0, -1):
+        if n % v == 0:
+            return n // v, v
+    return n, 1
+
+
+def resolve_isa(target=None, isa: str | None = None) -> str:
+    """Pick the micro-kernel ISA: explicit `isa`, else from `target` (AVX2 x86 -> 'avx2'), else
+    'generic'. `target` may be a tvm.target.Target, a JSON-like dict or a target string."""
+    if isa is not None:
+        if isa not in ISAS:
+            raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
+        return isa
+    if target is None:
+        return "generic"
+    tgt = as_target(target)
+    if tgt.kind.name != "llvm":
+        return "generic"
+    triple = str(tgt.attrs.get("mtriple", "") or "")
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+
+    def has(feature):
+        try:
+            return bool(codegen.llvm_cpu_has_features(feature, tgt))
+        except Exception:  # pylint: disable=broad-except
+            return False
+
+    if triple.startswith("aarch64") or triple.startswith("arm64"):
+        return "neon_dotprod" if has("dotprod") else "generic"
+    if triple and not (triple.startswith("x86_64") or triple.startswith("i686")):
+        return "generic"
+    return "avx2" if has("avx2") else "generic"
+
+
+def as_target(target) -> tvm.target.Target:
+    """tvm.target.Target from a Target, a dict, or a string (JSON, a kind name, or the classic
+    'llvm -mcpu=znver3 -mtriple=... -mattr=+a,+b' form that TVM 0.27 no longer parses)."""
+    if isinstance(target, tvm.target.Target):
+        return target
+    if isinstance(target, dict):
+        return tvm.target.Target(target)
+    if not isinstance(target, str):
+        raise TypeError(f"target must be a Target, dict or str, got {type(target)}")
+    s = target.strip()
+    if s.startswith("{"):
+        return tvm.target.Target(s)
+    parts = s.split()
+    if len(parts) == 1:
+        return tvm.target.Target(parts[0])
+    cfg: dict = {"kind": parts[0]}
+    for p in parts[1:]:
+        if not p.startswith("-") or "=" not in p:
+            raise ValueError(f"cannot parse target option {p!r} in {target!r}")
+        key, val = p.lstrip("-").split("=", 1)
+        cfg[key] = val.split(",") if key in ("mattr", "keys", "libs") else val
+    return tvm.target.Target(cfg)
+
+
+def finish(func, name: str, isa: str = "generic"):
+    """Attach the symbol name and the ISA the body was written for."""
+    return func.with_attr("global_symbol", name).with_attr("intlstm.isa", isa)

@@ -1,0 +1,105 @@
+"""TIR expression builders for the integer operations of docs/integer_spec.md.
+
+Every kernel builds its arithmetic from these helpers, so each spec operation is written once
+in TIR. They take and return `PrimExpr` (scalar or vector: scalars broadcast against vectors)
+and are called from inside TVMScript bodies (the parser evaluates Python calls at parse time).
+
+Conventions:
+- `rshift_round(v, n)` and `requantize` work in the dtype of `v` (int32 or int64) exactly as the
+  spec states; the caller is responsible for choosing the width the spec asks for.
+- Static (Python int) shifts and multipliers are folded into immediates.
+
+The PWL evaluation (spec 7) is not a single expression here: an expression with n - 1 compare
+terms, inlined into its uses, made TVM's CompactBufferAllocation pass take minutes (it
+substitutes bound values into index expressions). The kernels count the piece index in a small
+stack buffer instead (`for q in T.unroll(1, n): IDX[v] += XC[v] >= knot[q]`), which LLVM keeps
+in registers.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.ir import Expr as PrimExpr
+
+PWL_FRAC = 14
+GATE_FRAC = 12
+
+_RANGES = {
+    8: (-(2**7), 2**7 - 1),
+    16: (-(2**15), 2**15 - 1),
+    32: (-(2**31), 2**31 - 1),
+}
+
+
+def full_dtype(e) -> str:
+    """dtype string of a PrimExpr, with lanes ('int32', 'int32x8'); TVM 0.27 keeps it in `.ty`."""
+    return str(e.ty.dtype)
+
+
+def dtype_of(e) -> str:
+    """Element dtype string of a PrimExpr (vector dtypes like 'int32x8' give 'int32')."""
+    return full_dtype(e).split("x")[0]
+
+
+def lanes_of(e) -> int:
+    d = full_dtype(e)
+    return int(d.split("x")[1]) if "x" in d else 1
+
+
+def const(value: int, like) -> PrimExpr:
+    """An integer constant with the element dtype of `like` (broadcast happens on use)."""
+    return tirx.const(int(value), dtype_of(like))
+
+
+def cast(dtype: str, e) -> PrimExpr:
+    """Cast keeping the lane count: cast('int64', int32x8 expr) -> int64x8."""
+    n = lanes_of(e)
+    target = dtype if n == 1 else f"{dtype}x{n}"
+    if full_dtype(e) == target:
+        return e
+    return tirx.Cast(target, e)
+
+
+def clamp(v, lo: int, hi: int) -> PrimExpr:
+    return tirx.max(tirx.min(v, const(hi, v)), const(lo, v))
+
+
+def sat(v, bits: int) -> PrimExpr:
+    """sat_N (spec 0), in the dtype of `v` (no narrowing)."""
+    lo, hi = _RANGES[bits]
+    return clamp(v, lo, hi)
+
+
+def sat_cast(v, bits: int) -> PrimExpr:
+    """sat_N then narrow to intN."""
+    return cast(f"int{bits}", sat(v, bits))
+
+
+def rshift_round(v, n) -> PrimExpr:
+    """(v + 2^(n-1)) >> n, ties toward +inf; v for n = 0 (spec 0). Computed in v's dtype.
+
+    `n` is a Python int (folded) or a PrimExpr (per-channel shifts, 0 <= n <= 62)."""
+    if isinstance(n, int):
+        if n == 0:
+            return v
+        return (v + const(1 << (n - 1), v)) >> const(n, v)
+    n = cast(dtype_of(v), n)
+    one = const(1, v)
+    # (1 << n) >> 1 is 2^(n-1) for n >= 1 and 0 for n = 0: branch-free
+    return (v + ((one << n) >> one)) >> n
+
+
+def requantize(acc, M, s, bits: int) -> PrimExpr:
+    """requantize_N (spec 2): sat_N(rshift_round(int64(acc) * M, s)), returned as intN.
+
+    acc: int32 expression; M, s: int32 expressions or Python ints (1 <= s <= 62)."""
+    a64 = cast("int64", acc)
+    if isinstance(M, int):
+        prod = a64 * tirx.const(M, "int64")
+    else:
+        prod = a64 * cast("int64", M)
+    return sat_cast(rshift_round(prod, s), bits)
+
+
+def add_sat16(a, b) -> PrimExpr:
+    """add_sat_16 (spec 3): int32 sum, saturated, int16 result."""
+    return sat_cast(cast("int32", a) + cast("int32", b), 16)

@@ -1,0 +1,160 @@
+"""Latency of the integer LSTM kernels against PyTorch FP32 nn.LSTM, one thread.
+
+    python -m tvm_intlstm.kernels.bench_kernels [--hidden 512 --input 256 --steps 64 --batch 1]
+
+Measures, for one LSTM direction: the batched input projection (linear_requant to int16 over all
+T*B rows) plus the fused recurrent kernel, each the median of several runs, after checking the
+result bit for bit against the numpy reference; and torch.nn.LSTM(I, H) in FP32 on the same input
+sizes with torch.set_num_threads(1). The machine is shared: the figures are medians, and the
+script prints the load average so that a noisy run can be recognised.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TVM_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import time  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def make_params(H: int, I: int, pieces: int = 16, cell_frac: int = 11, seed: int = 0):
+    """A random but realistic integer LSTM direction (spec 8) with fitted PWL tables."""
+    from ..quant.fixed_point import quantize_multiplier, quantize_multiplier_array
+    from ..quant.pwl import fit_pwl
+    from ..reference import ops
+
+    rng = np.random.default_rng(seed)
+    G = 4 * H
+    mx, sx = quantize_multiplier_array(rng.uniform(0.01, 0.1, G))
+    mh, sh = quantize_multiplier_array(rng.uniform(0.01, 0.1, G))
+    mo, so = quantize_multiplier(127 / 2**30)
+    return ops.LSTMDirectionParams(
+        w_x=rng.integers(-127, 128, (G, I)).astype(np.int8),
+        w_h=rng.integers(-127, 128, (G, H)).astype(np.int8),
+        bias=rng.integers(-2**16, 2**16, G).astype(np.int32),
+        mx=mx, sx=sx, mh=mh, sh=sh, mo=int(mo), so=int(so), cell_frac=cell_frac,
+        sig=fit_pwl("sigmoid", pieces, 12), tanh=fit_pwl("tanh", pieces, 12),
+        tanh_c=fit_pwl("tanh", pieces, cell_frac))
+
+
+def _time_us(fn, runs: int, inner: int) -> tuple[float, float]:
+    """(median, min) microseconds per call over `runs` runs of `inner` calls."""
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - t0) / inner)
+    return float(np.median(times) * 1e6), float(np.min(times) * 1e6)
+
+
+def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, check=True,
+          verbose=True):
+    import tvm
+    import torch
+
+    from . import build_kernel, host_target, linear_requant, lstm_recurrent, pack_pwl, resolve_isa
+    from ..reference import ops
+
+    tgt = target if target is not None else host_target()
+    p = make_params(H, I)
+    G = 4 * H
+    t0 = time.perf_counter()
+    isa = resolve_isa(tgt, isa)
+    gx_k = build_kernel(linear_requant(I, G, "int16", isa=isa), tgt)
+    rec_k = build_kernel(lstm_recurrent(
+        H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
+        tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, isa=isa), tgt)
+    build_s = time.perf_counter() - t0
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(-128, 128, (T, B, I)).astype(np.int8)
+    nd = tvm.runtime.tensor
+    x2 = nd(x.reshape(T * B, I))
+    wx, b, mx, sx = nd(p.w_x), nd(p.bias), nd(p.mx), nd(p.sx)
+    gx = nd(np.zeros((T * B, G), np.int16))
+    gx3 = gx._create_view((T, B, G))  # same memory: the recurrent kernel reads what gx wrote
+    wh, mh, sh = nd(p.w_h), nd(p.mh), nd(p.sh)
+    tabs = [nd(pack_pwl(t)) for t in (p.sig, p.tanh, p.tanh_c)]
+    y = nd(np.zeros((T, B, H), np.int8))
+    hT = nd(np.zeros((B, H), np.int8))
+    cT = nd(np.zeros((B, H), np.int16))
+
+    def run_gx():
+        gx_k(x2, wx, b, mx, sx, gx)
+
+    def run_rec():
+        rec_k(gx3, wh, mh, sh, *tabs, y, hT, cT)
+
+    run_gx()
+    run_rec()
+    exact = None
+    if check:
+        y_ref, h_ref, c_ref = ops.lstm_direction(x, p)
+        exact = bool((y.numpy() == y_ref).all() and (hT.numpy() == h_ref).all()
+                     and (cT.numpy() == c_ref).all())
+        if not exact:
+            raise AssertionError("TVM kernels disagree with the numpy reference")
+
+    def run_both():
+        run_gx()
+        run_rec()
+
+    torch.set_num_threads(1)
+    lstm = torch.nn.LSTM(I, H).eval()
+    xf = torch.randn(T, B, I)
+
+    def run_torch():
+        with torch.no_grad():
+            lstm(xf)
+
+    run_torch()
+    # interleave the measurements so that a change of machine load hits all of them alike
+    acc = {"gx": [], "rec": [], "total": [], "torch": []}
+    for _ in range(runs):
+        for key, fn in (("gx", run_gx), ("rec", run_rec), ("total", run_both),
+                        ("torch", run_torch)):
+            acc[key].append(_time_us(fn, 1, inner))
+    med = {k: float(np.median([v[0] for v in vals])) for k, vals in acc.items()}
+    best = {k: float(np.min([v[1] for v in vals])) for k, vals in acc.items()}
+
+    res = dict(H=H, I=I, T=T, B=B, gx_us=med["gx"], recurrent_us=med["rec"],
+               total_us=med["total"], per_step_us=med["rec"] / T, torch_fp32_us=med["torch"],
+               min_us=best, build_s=build_s, exact=exact, isa=isa,
+               load=os.getloadavg())
+    if verbose:
+        print(f"LSTM {I}->{H}, T={T}, B={B}, one thread, target {tgt}, isa {res['isa']}")
+        print(f"  bit-exact vs reference: {exact}; build {build_s:.1f} s")
+        print(f"  {'':40s} {'median':>9s} {'min':>9s}  (us per call, {runs} runs)")
+        rows = [("gx = linear_requant int16 " + f"({T * B}x{I}x{G})", "gx"),
+                (f"recurrent kernel ({T} steps)", "rec"),
+                ("TVM integer total (gx + recurrent)", "total"),
+                ("PyTorch FP32 nn.LSTM", "torch")]
+        for label, key in rows:
+            print(f"  {label:40s} {med[key]:9.1f} {best[key]:9.1f}")
+        print(f"  recurrent per step: {med['rec'] / T:.1f} us (min {best['rec'] / T:.1f})")
+        print(f"  PyTorch FP32 / TVM integer: {med['torch'] / med['total']:.2f}x (median), "
+              f"{best['torch'] / best['total']:.2f}x (min); load average "
+              f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (shared machine)")
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--input", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--target", default=None, help="default: this machine's CPU")
+    ap.add_argument("--isa", default=None, choices=["generic", "avx2", "neon_dotprod"],
+                    help="micro-kernel (default: from the target)")
+    a = ap.parse_args(argv)
+    bench(a.hidden, a.input, a.steps, a.batch, runs=a.runs, target=a.target, isa=a.isa)
+
+
+if __name__ == "__main__":
+    main()

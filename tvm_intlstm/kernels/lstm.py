@@ -1,0 +1,224 @@
+"""The fused recurrent LSTM direction (spec 8) with the time loop inside the kernel.
+
+The input projection gx = requantize_16(W_x x_t + b, Mx, sx) does not depend on h, so it is
+computed for all T*B rows at once by `linear_requant(I, 4H, "int16")` before this kernel; this
+kernel runs the recurrence:
+
+    for each step t (0..T-1, or T-1..0 with reverse=True; y[t] is written at t):
+        gh    = requantize_16(W_h h, Mh, sh)                 (int8 x int8 -> int32, per row)
+        z     = add_sat_16(gx[t], gh)
+        i,f,o = pwl(sig, z_i / z_f / z_o),  g = pwl(tanh, z_g)
+        c     = sat_16(rshift_round(f c, 15) + rshift_round(i g, 30 - F_c))
+        h     = requantize_8(o * pwl(tanh_c, c), Mo, so)
+
+Baked constants: Mo, so and F_c (cell_frac). They are per-layer compile-time constants like the
+shapes; baking them turns the cell shifts into immediates, keeps the kernel signature all-tensor
+(relax.call_tir takes tensors) and costs nothing since each layer's kernel is specialized on its
+sizes and table sizes anyway. Per-row constants (Mh, sh) and the PWL tables are buffers, so QAT
+can change them without a rebuild.
+
+PWL tables are packed int32 [3, n+1] (`pack_pwl`): row 0 the knots k_0..k_n, row 1 the bases
+v_0..v_{n-1} (+ one padding 0), row 2 the slopes a_0..a_{n-1} (+ one padding 0).
+
+Schedule: no parallelism inside the time loop (fork/join per step costs more than it gains on
+two cores, DESIGN.md). Per step the gate product is the shared `_gemm` micro-kernel (dot form on
+W_h's natural layout, 8 rows per tile; vpmaddwd on AVX2, after sign-extending h into an int16
+scratch; sdot on aarch64 with dotprod; plain vectorizable TIR otherwise), with the requantize and
+gate add fused as its epilogue into an int16 gate scratch z [B, 4H]; then the cell block runs
+vectorized over j (PWL piece index by counting knots, gathers for base/slope/knot). The state
+lives in the h_T / c_T output buffers.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import tirx
+from tvm.script import tirx as T
+
+from ._common import check_multiplier, check_shift, finish, resolve_isa, vec_split
+from ._gemm import KC, ROW_TILE, gemm_macro, padded_k, x16_source
+from ._tir import PWL_FRAC, add_sat16, requantize, rshift_round, sat
+
+
+def pack_pwl(table) -> np.ndarray:
+    """A `reference.ops.PWLTable` (or (knots, base, slope)) -> int32 [3, n+1] kernel table."""
+    if hasattr(table, "knots"):
+        knots, base, slope = table.knots, table.base, table.slope
+    else:
+        knots, base, slope = table
+    knots = np.asarray(knots, dtype=np.int64)
+    base = np.asarray(base, dtype=np.int64)
+    slope = np.asarray(slope, dtype=np.int64)
+    n = len(base)
+    if len(knots) != n + 1 or len(slope) != n:
+        raise ValueError("PWL table arrays have inconsistent lengths")
+    out = np.zeros((3, n + 1), dtype=np.int32)
+    out[0] = knots
+    out[1, :n] = base
+    out[2, :n] = slope
+    return out
+
+
+def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces: int = 16,
+                   tanh_pieces: int = 16, tanh_c_pieces: int = 16, reverse: bool = False,
+                   init_state: bool = False, target=None, isa: str | None = None):
+    """PrimFunc of one LSTM direction's recurrence (spec 8). With G = 4 * hidden:
+
+    Parameters (destination passing; T, B symbolic int64):
+        gx    int16 [T, B, G]       input gates, requantize_16(W_x x + b, Mx, sx)
+        w_h   int8  [G, H]
+        mh    int32 [G], sh int32 [G]
+        sig   int32 [3, sig_pieces + 1]      (gate sigmoid, in_frac 12)
+        tanh  int32 [3, tanh_pieces + 1]     (gate tanh, in_frac 12)
+        tanh_c int32 [3, tanh_c_pieces + 1]  (cell tanh, in_frac = cell_frac)
+        h0    int8  [B, H], c0 int16 [B, H]  (only with init_state=True; else zeros)
+        y     int8  [T, B, H]   (out)
+        h_T   int8  [B, H]      (out)
+        c_T   int16 [B, H]      (out)
+    """
+    H = int(hidden)
+    if H <= 0:
+        raise ValueError(f"hidden size must be positive, got {H}")
+    G = 4 * H
+    mo = check_multiplier(mo)
+    so = check_shift(so, 1, 62)
+    F = check_shift(cell_frac, 0, 15)
+    n_sig, n_tanh, n_tc = (int(sig_pieces), int(tanh_pieces), int(tanh_c_pieces))
+    for n in (n_sig, n_tanh, n_tc):
+        if not 1 <= n <= 64:
+            raise ValueError(f"PWL piece counts must be in 1..64, got {n}")
+    isa = resolve_isa(target, isa)
+    HP = padded_k(H)
+    gemm = gemm_macro(H, G, isa)
+    wide = x16_source(isa)
+    JO, JV = vec_split(H, 8)
+    ig_shift = 30 - F
+
+    def gate_store(Z, GX, MH, SH, tt):
+        return lambda n, o, acc: tirx.BufferStore(
+            Z, add_sat16(GX[tt, n, o], requantize(acc, MH[o], SH[o], 16)), [n, o])
+
+    def pwl_finish(XC, IDX, TBL, g, jv):
+        """spec 7 once the clamped input XC and the piece index IDX are known."""
+        idx = IDX[g, jv]
+        return sat(TBL[1, idx] + rshift_round(TBL[2, idx] * (XC[g, jv] - TBL[0, idx]), PWL_FRAC), 16)
+
+    @T.macro
+    def step(tt, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT):
+        if wide:
+            for b, jo in T.grid(B, JO):
+                for jv in T.vectorized(JV):
+                    H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, tt))
+        else:
+            gemm(HT, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, tt))
+        for b, jo in T.grid(B, JO):
+            # sigmoid of the i, f, o gates (rows 0, 1, 3 of z): ACT[0], ACT[1], ACT[2]
+            for g in T.unroll(3):
+                for jv in T.vectorized(JV):
+                    XC[g, jv] = T.max(T.min(T.Cast("int32", Z[b, (g + g // 2) * H + jo * JV + jv]),
+                                            SIG[0, n_sig]), SIG[0, 0])
+                    IDX[g, jv] = 0
+            for q in T.unroll(1, n_sig):
+                for g in T.unroll(3):
+                    for jv in T.vectorized(JV):
+                        IDX[g, jv] = IDX[g, jv] + T.Cast("int32", XC[g, jv] >= SIG[0, q])
+            for g in T.unroll(3):
+                for jv in T.vectorized(JV):
+                    ACT[g, jv] = pwl_finish(XC, IDX, SIG, g, jv)
+            # tanh of the g gate (rows 2): ACT[3]
+            for jv in T.vectorized(JV):
+                XC[0, jv] = T.max(T.min(T.Cast("int32", Z[b, 2 * H + jo * JV + jv]),
+                                        TANH[0, n_tanh]), TANH[0, 0])
+                IDX[0, jv] = 0
+            for q in T.unroll(1, n_tanh):
+                for jv in T.vectorized(JV):
+                    IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANH[0, q])
+            for jv in T.vectorized(JV):
+                ACT[3, jv] = pwl_finish(XC, IDX, TANH, 0, jv)
+            # cell update, written to the state after its tanh input is taken
+            for jv in T.vectorized(JV):
+                XC[1, jv] = sat(rshift_round(ACT[1, jv] * T.Cast("int32", CT[b, jo * JV + jv]), 15)
+                                + rshift_round(ACT[0, jv] * ACT[3, jv], ig_shift), 16)
+                CT[b, jo * JV + jv] = T.Cast("int16", XC[1, jv])
+                XC[0, jv] = T.max(T.min(XC[1, jv], TANHC[0, n_tc]), TANHC[0, 0])
+                IDX[0, jv] = 0
+            for q in T.unroll(1, n_tc):
+                for jv in T.vectorized(JV):
+                    IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANHC[0, q])
+            for jv in T.vectorized(JV):
+                HT[b, jo * JV + jv] = requantize(ACT[2, jv] * pwl_finish(XC, IDX, TANHC, 0, jv),
+                                                 mo, so, 8)
+                Y[tt, b, jo * JV + jv] = HT[b, jo * JV + jv]
+
+    @T.macro
+    def run(TT, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT):
+        Z = T.alloc_buffer((B, G), "int16")
+        ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
+        RED = T.alloc_buffer((ROW_TILE,), "int32")
+        XC = T.alloc_buffer((3, JV), "int32")
+        IDX = T.alloc_buffer((3, JV), "int32")
+        ACT = T.alloc_buffer((4, JV), "int32")
+        if wide:
+            H16 = T.alloc_buffer((B, HP), "int16")
+            for b, kc in T.grid(B, HP // KC):
+                for kv in T.vectorized(KC):
+                    H16[b, kc * KC + kv] = T.int16(0)
+        else:
+            H16 = HT  # unused: the micro-kernel reads the int8 state directly
+        for t in range(TT):
+            if reverse:
+                step(TT - 1 - t, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
+            else:
+                step(t, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
+
+    if init_state:
+        @T.prim_func
+        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
+                           sig_h: T.handle, tanh_h: T.handle, tanhc_h: T.handle,
+                           h0_h: T.handle, c0_h: T.handle,
+                           y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            TT = T.int64()
+            B = T.int64()
+            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
+            WH = T.match_buffer(wh_h, (G, H), "int8")
+            MH = T.match_buffer(mh_h, (G,), "int32")
+            SH = T.match_buffer(sh_h, (G,), "int32")
+            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
+            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
+            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
+            H0 = T.match_buffer(h0_h, (B, H), "int8")
+            C0 = T.match_buffer(c0_h, (B, H), "int16")
+            Y = T.match_buffer(y_h, (TT, B, H), "int8")
+            HT = T.match_buffer(hT_h, (B, H), "int8")
+            CT = T.match_buffer(cT_h, (B, H), "int16")
+            for b, jo in T.grid(B, JO):
+                for jv in T.vectorized(JV):
+                    HT[b, jo * JV + jv] = H0[b, jo * JV + jv]
+                    CT[b, jo * JV + jv] = C0[b, jo * JV + jv]
+            run(TT, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT)
+    else:
+        @T.prim_func
+        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
+                           sig_h: T.handle, tanh_h: T.handle, tanhc_h: T.handle,
+                           y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            TT = T.int64()
+            B = T.int64()
+            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
+            WH = T.match_buffer(wh_h, (G, H), "int8")
+            MH = T.match_buffer(mh_h, (G,), "int32")
+            SH = T.match_buffer(sh_h, (G,), "int32")
+            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
+            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
+            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
+            Y = T.match_buffer(y_h, (TT, B, H), "int8")
+            HT = T.match_buffer(hT_h, (B, H), "int8")
+            CT = T.match_buffer(cT_h, (B, H), "int16")
+            for b, jo in T.grid(B, JO):
+                for jv in T.vectorized(JV):
+                    HT[b, jo * JV + jv] = T.int8(0)
+                    CT[b, jo * JV + jv] = T.int16(0)
+            run(TT, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT)
+
+    return finish(lstm_recurrent, "lstm_recurrent", isa)

@@ -1,0 +1,177 @@
+"""Integer layer norm (spec 10), softmax and attention context (spec 11).
+
+Row reductions are written as serial loops over one-element stack accumulators, which LLVM
+promotes to registers and vectorizes (sums, max); element-wise parts use `T.vectorized` where
+the extent is static. The integer square root is the fixed 31-round binary digit-by-digit loop of
+the reference (`reference.ops.isqrt`).
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from ._common import check_multiplier, check_shift, finish, vec_split
+from ._tir import PWL_FRAC, requantize, rshift_round, sat, sat_cast
+
+LN_FRAC = 12
+
+
+def layer_norm(features: int, Ml: int, sl: int):
+    """x int8 [N, D], gamma int16 [D], beta int64 [D] -> int8 [N, D] (spec 10, int64 arithmetic).
+
+    (Ml, sl) is the 15-bit multiplier of spec 10 (2^14 <= Ml < 2^15, 1 <= sl <= 62), baked in."""
+    D = int(features)
+    if not 1 <= D <= 4096:
+        raise ValueError(f"integer layer norm supports 1 <= D <= 4096, got {D}")
+    Ml = check_multiplier(Ml)
+    if Ml >= 2**15:
+        raise ValueError(f"layer norm multiplier must be below 2^15 (spec 10), got {Ml}")
+    sl = check_shift(sl, 1, 62)
+
+    @T.prim_func
+    def layer_norm(x_h: T.handle, g_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        X = T.match_buffer(x_h, (N, D), "int8")
+        GAM = T.match_buffer(g_h, (D,), "int16")
+        BET = T.match_buffer(b_h, (D,), "int64")
+        Y = T.match_buffer(y_h, (N, D), "int8")
+        S = T.alloc_buffer((1,), "int64")
+        V = T.alloc_buffer((1,), "int64")
+        ISQ = T.alloc_buffer((2,), "int64")   # [remaining value, result]
+        for n in range(N):
+            S[0] = T.int64(0)
+            for k in range(D):
+                S[0] = S[0] + T.Cast("int64", X[n, k])
+            V[0] = T.int64(0)
+            for k in range(D):
+                V[0] = V[0] + (T.int64(D) * T.Cast("int64", X[n, k]) - S[0]) * (
+                    T.int64(D) * T.Cast("int64", X[n, k]) - S[0])
+            # isqrt(V // D): 31 rounds of the binary digit-by-digit method
+            ISQ[0] = T.floordiv(V[0], T.int64(D))
+            ISQ[1] = T.int64(0)
+            for i in T.unroll(31):
+                if ISQ[0] >= ISQ[1] + (T.int64(1) << T.Cast("int64", 60 - 2 * i)):
+                    ISQ[0] = ISQ[0] - (ISQ[1] + (T.int64(1) << T.Cast("int64", 60 - 2 * i)))
+                    ISQ[1] = (ISQ[1] >> T.int64(1)) + (T.int64(1) << T.Cast("int64", 60 - 2 * i))
+                else:
+                    ISQ[1] = ISQ[1] >> T.int64(1)
+            ISQ[1] = T.max(ISQ[1], T.int64(1))
+            for k in range(D):
+                Y[n, k] = sat_cast(rshift_round(
+                    (T.floordiv(
+                        T.int64(2 << LN_FRAC) * (T.int64(D) * T.Cast("int64", X[n, k]) - S[0])
+                        + ISQ[1], T.int64(2) * ISQ[1]) * T.Cast("int64", GAM[k]) + BET[k])
+                    * T.int64(Ml), sl), 8)
+
+    return finish(layer_norm, "layer_norm")
+
+
+def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
+    """z int32 [R, K] -> p int16 [R, K] (spec 11): probabilities over the last axis.
+
+    The exp table is int32 [3, exp_pieces + 1] (`lstm.pack_pwl` format, in_frac 10), a buffer;
+    (Mz, sz) are baked. `length` fixes K statically; None (default) makes it symbolic, so one
+    build serves every source length. Parameters: (z, exp_table, p)."""
+    n = int(exp_pieces)
+    if not 1 <= n <= 64:
+        raise ValueError(f"PWL piece count must be in 1..64, got {n}")
+    Mz = check_multiplier(Mz)
+    sz = check_shift(sz, 1, 62)
+    static_k = length is not None
+
+    @T.macro
+    def body(Z, TBL, P, R, K, MX, E, XC):
+        for r in range(R):
+            MX[0] = Z[r, 0]
+            for k in range(K):
+                MX[0] = T.max(MX[0], Z[r, k])
+            E[0] = T.int64(0)
+            for k in range(K):
+                # d = requantize_16(max(z - m, -2^31)), then e = pwl(exp, d), kept in P (int16)
+                XC[0] = T.max(T.min(T.Cast("int32", requantize(T.Cast("int32", T.max(
+                    T.Cast("int64", Z[r, k]) - T.Cast("int64", MX[0]), T.int64(-(2**31)))),
+                    Mz, sz, 16)), TBL[0, n]), TBL[0, 0])
+                XC[1] = T.int32(0)
+                for q in range(1, n):
+                    XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, q])
+                P[r, k] = T.Cast("int16", sat(TBL[1, XC[1]] + rshift_round(
+                    TBL[2, XC[1]] * (XC[0] - TBL[0, XC[1]]), PWL_FRAC), 16))
+                E[0] = E[0] + T.Cast("int64", P[r, k])
+            # E > 0 for every valid table (spec 11); the guard only keeps a bad table from
+            # dividing by zero
+            E[0] = T.max(E[0], T.int64(1))
+            for k in range(K):
+                P[r, k] = T.Cast("int16", T.min(T.floordiv(
+                    T.Cast("int64", P[r, k]) * T.int64(1 << 15) + T.floordiv(E[0], T.int64(2)),
+                    E[0]), T.int64(32767)))
+
+    if static_k:
+        KS = int(length)
+        if KS <= 0:
+            raise ValueError("softmax length must be positive")
+
+        @T.prim_func
+        def softmax(z_h: T.handle, t_h: T.handle, p_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            R = T.int64()
+            Z = T.match_buffer(z_h, (R, KS), "int32")
+            TBL = T.match_buffer(t_h, (3, n + 1), "int32")
+            P = T.match_buffer(p_h, (R, KS), "int16")
+            MX = T.alloc_buffer((1,), "int32")
+            E = T.alloc_buffer((1,), "int64")
+            XC = T.alloc_buffer((2,), "int32")
+            body(Z, TBL, P, R, KS, MX, E, XC)
+    else:
+        @T.prim_func
+        def softmax(z_h: T.handle, t_h: T.handle, p_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            R = T.int64()
+            K = T.int64()
+            Z = T.match_buffer(z_h, (R, K), "int32")
+            TBL = T.match_buffer(t_h, (3, n + 1), "int32")
+            P = T.match_buffer(p_h, (R, K), "int16")
+            MX = T.alloc_buffer((1,), "int32")
+            E = T.alloc_buffer((1,), "int64")
+            XC = T.alloc_buffer((2,), "int32")
+            if K > 0:
+                body(Z, TBL, P, R, K, MX, E, XC)
+
+    return finish(softmax, "softmax")
+
+
+def attention_context(features: int, Mc: int, sc: int):
+    """p int16 [B, Q, K], v int8 [B, K, D] -> ctx int8 [B, Q, D] (spec 11):
+    ctx[b, q, d] = requantize_8(sum_k p[b, q, k] * v[b, k, d], Mc, sc), int32 accumulation.
+
+    B, Q, K symbolic, D static; (Mc, sc) baked. Parameters: (p, v, ctx)."""
+    D = int(features)
+    if D <= 0:
+        raise ValueError("attention feature size must be positive")
+    Mc = check_multiplier(Mc)
+    sc = check_shift(sc, 1, 62)
+    DO, DV = vec_split(D, 8)
+
+    @T.prim_func
+    def attention_context(p_h: T.handle, v_h: T.handle, c_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        Q = T.int64()
+        K = T.int64()
+        P = T.match_buffer(p_h, (B, Q, K), "int16")
+        V = T.match_buffer(v_h, (B, K, D), "int8")
+        C = T.match_buffer(c_h, (B, Q, D), "int8")
+        ACC = T.alloc_buffer((D,), "int32")
+        for b, q in T.grid(B, Q):
+            for do in range(DO):
+                for dv in T.vectorized(DV):
+                    ACC[do * DV + dv] = 0
+            for k in range(K):
+                for do in range(DO):
+                    for dv in T.vectorized(DV):
+                        ACC[do * DV + dv] = ACC[do * DV + dv] + T.Cast("int32", P[b, q, k]) * T.Cast(
+                            "int32", V[b, k, do * DV + dv])
+            for do in range(DO):
+                for dv in T.vectorized(DV):
+                    C[b, q, do * DV + dv] = requantize(ACC[do * DV + dv], Mc, sc, 8)
+
+    return finish(attention_context, "attention_context")

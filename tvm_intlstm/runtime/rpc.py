@@ -1,0 +1,825 @@
+"""TVM RPC for tvm_intlstm modules: run and time an exported module on a remote device.
+
+Two kinds of servers speak the same protocol (``tvm.rpc``):
+
+* on a real board: ``python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090`` (needs the
+  ``apache-tvm`` wheel on the board), or the C++ server below built natively;
+* on this machine, under qemu-aarch64: :class:`EmulatedRPCServer` (or
+  :func:`start_emulated_server`) runs ``tvm_intlstm_rpc_server``, a small C++ program built
+  against the aarch64 ``libtvm_runtime.so`` of the PyPI wheel (the source is
+  :data:`RPC_SERVER_SOURCE`; it is cross-compiled and cached like the emulation runner, see
+  :mod:`tvm_intlstm.runtime.emulate`).  The aarch64 wheels contain no Python interpreter that
+  qemu could run, but their ``libtvm_runtime.so`` has the whole RPC server side
+  (``rpc.ServerLoop``, ``tvm.rpc.server.upload``/``download``/``remove``); the program adds
+  the TCP accept loop, the handshake of ``tvm/rpc/server.py``, and the two functions Python's
+  server registers (``tvm.rpc.server.workpath``, ``tvm.rpc.server.load_module``).
+
+Client side (x86 Python): :func:`run_remote` uploads the library, loads it on the remote,
+runs its Relax function through a remote ``relax.VirtualMachine`` and returns numpy outputs;
+:func:`time_remote` also times it with ``time_evaluator`` on the remote device;
+:func:`connect_vm` keeps one session open for many calls.
+
+The RPC server executes whatever library a client uploads: bind it to 127.0.0.1 (the default
+here) or use it only on a trusted network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tvm_intlstm.runtime.emulate import (
+    QEMU_SYSROOT,
+    EmulationError,
+    _CXXFLAGS,
+    _locked,
+    _log,
+    _no_core_dumps,
+    elf_machine,
+    ensure_runtime,
+    find_qemu,
+    qemu_cpus,
+)
+
+__all__ = [
+    "RPC_SERVER_SOURCE",
+    "RPCServerError",
+    "RemoteSessionError",
+    "EmulatedRPCServer",
+    "RemoteVM",
+    "RemoteTiming",
+    "ensure_rpc_server",
+    "start_emulated_server",
+    "start_local_server",
+    "connect_vm",
+    "run_remote",
+    "time_remote",
+]
+
+_SERVER_NAME = "tvm_intlstm_rpc_server"
+
+
+class RPCServerError(EmulationError):
+    """The emulated RPC server could not be built or started, or died; the message says why
+    (``stderr`` holds the server's log)."""
+
+
+class RemoteSessionError(RuntimeError):
+    """The remote session ended while running the module (the session process on the
+    device crashed, e.g. SIGILL for sdot on a CPU without dotprod, or a session timeout).
+    The server's log says why (``EmulatedRPCServer.sessions()`` for the emulated one)."""
+
+
+#: C++ source of the RPC server run under qemu (or built natively on a board).
+RPC_SERVER_SOURCE = r"""/*
+ * tvm_intlstm RPC server: a TVM RPC server (the protocol of `python -m tvm.exec.rpc_server`)
+ * written against the TVM runtime's C API only, so that it runs where no Python TVM exists,
+ * e.g. under qemu-aarch64 with the aarch64 libtvm_runtime.so of the PyPI wheel.
+ *
+ * Generated and built by tvm_intlstm/runtime/rpc.py (do not edit the copy in the cache).
+ *
+ * Usage: tvm_intlstm_rpc_server [--host H] [--port P] [--key K] [--work-dir D]
+ *                               [--max-sessions N]
+ *   --port 0 picks a free port.  Prints "listening: H:P" on stdout once it accepts
+ *   connections.  One session at a time, each in a forked child with its own temporary work
+ *   directory (uploads land there and are removed afterwards); a session that crashes
+ *   (e.g. SIGILL) ends only that session.  --max-sessions N exits after N sessions.
+ */
+#include <arpa/inet.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <tvm/ffi/any.h>
+#include <tvm/ffi/error.h>
+#include <tvm/ffi/extra/module.h>
+#include <tvm/ffi/function.h>
+#include <tvm/ffi/string.h>
+
+#include <cerrno>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+namespace ffi = tvm::ffi;
+
+namespace {
+
+constexpr int32_t kRPCMagic = 0xff271;
+constexpr int32_t kRPCSuccess = kRPCMagic;
+constexpr int32_t kRPCMismatch = kRPCMagic + 2;
+
+std::string g_session_dir;
+volatile pid_t g_child = 0;
+
+// SIGTERM/SIGINT in the server: end the running session too (and reap it), then exit.
+extern "C" void OnTerminate(int) {
+  pid_t child = g_child;
+  if (child > 0) {
+    kill(child, SIGKILL);
+    waitpid(child, nullptr, 0);
+  }
+  _exit(0);
+}
+
+void Log(const std::string& msg) {
+  std::cerr << "tvm_intlstm_rpc_server: " << msg << std::endl;
+}
+
+bool RecvAll(int fd, void* buf, size_t n) {
+  char* p = static_cast<char*>(buf);
+  while (n > 0) {
+    ssize_t r = recv(fd, p, n, 0);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+bool SendAll(int fd, const void* buf, size_t n) {
+  const char* p = static_cast<const char*>(buf);
+  while (n > 0) {
+    ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
+    if (r < 0 && errno == EINTR) continue;
+    if (r <= 0) return false;
+    p += r;
+    n -= static_cast<size_t>(r);
+  }
+  return true;
+}
+
+std::string WorkPath(const std::string& name) { return g_session_dir + "/" + name; }
+
+void RegisterServerEnv() {
+  // the RPC runtime's upload/download/remove resolve names through this function
+  ffi::Function::SetGlobal("tvm.rpc.server.workpath",
+                           ffi::Function::FromTyped([](std::string name) -> std::string {
+                             return WorkPath(name);
+                           }),
+                           true);
+  ffi::Function::SetGlobal("tvm.rpc.server.load_module",
+                           ffi::Function::FromTyped([](std::string name) -> ffi::Module {
+                             std::string path = WorkPath(name);
+                             Log("load_module " + path);
+                             return ffi::Module::LoadFromFile(path);
+                           }),
+                           true);
+}
+
+// Handshake of tvm/rpc/server.py: [magic, keylen, "client:<key> [-timeout=T]"] ->
+// [success, keylen, "server:<key>"].  Returns false (connection closed) on a mismatch.
+bool Handshake(int fd, const std::string& key, double* timeout) {
+  int32_t magic = 0, keylen = 0;
+  if (!RecvAll(fd, &magic, 4) || magic != kRPCMagic) return false;
+  if (!RecvAll(fd, &keylen, 4) || keylen < 0 || keylen > 4096) return false;
+  std::string client_key(static_cast<size_t>(keylen), '\0');
+  if (keylen && !RecvAll(fd, &client_key[0], static_cast<size_t>(keylen))) return false;
+  std::istringstream is(client_key);
+  std::string head, opt;
+  is >> head;
+  if (head != "client:" + key) {
+    int32_t code = kRPCMismatch;
+    SendAll(fd, &code, 4);
+    Log("key mismatch: got '" + head + "', expected 'client:" + key + "'");
+    return false;
+  }
+  while (is >> opt) {
+    if (opt.rfind("-timeout=", 0) == 0) *timeout = std::atof(opt.c_str() + 9);
+  }
+  std::string server_key = "server:" + key;
+  int32_t code = kRPCSuccess;
+  int32_t len = static_cast<int32_t>(server_key.size());
+  return SendAll(fd, &code, 4) && SendAll(fd, &len, 4) &&
+         SendAll(fd, server_key.data(), server_key.size());
+}
+
+[[noreturn]] void ServeSession(int fd, double timeout) {
+  if (timeout > 0) alarm(static_cast<unsigned>(std::ceil(timeout)));
+  int rc = 0;
+  try {
+    if (chdir(g_session_dir.c_str()) != 0) Log("cannot chdir to " + g_session_dir);
+    RegisterServerEnv();
+    ffi::Function loop = ffi::Function::GetGlobalRequired("rpc.ServerLoop");
+    loop(static_cast<int64_t>(fd));  // returns when the client closes the session
+  } catch (const std::exception& e) {
+    Log(std::string("session error: ") + e.what());
+    rc = 1;
+  }
+  std::cout.flush();
+  std::cerr.flush();
+  _exit(rc);
+}
+
+std::string Describe(int status) {
+  if (WIFEXITED(status)) return "exit status " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    int sig = WTERMSIG(status);
+    const char* name = strsignal(sig);
+    return "killed by signal " + std::to_string(sig) + " (" + (name ? name : "?") + ")" +
+           (sig == SIGILL ? ": illegal instruction (e.g. sdot on a CPU without dotprod)" : "");
+  }
+  return "status " + std::to_string(status);
+}
+
+int Run(int argc, char** argv) {
+  std::string host = "127.0.0.1", key, work_dir = "/tmp";
+  int port = 9090;
+  long max_sessions = 0;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::cerr << "tvm_intlstm_rpc_server: " << a << " needs a value\n";
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (a == "--host") host = value();
+    else if (a == "--port") port = std::atoi(value().c_str());
+    else if (a == "--key") key = value();
+    else if (a == "--work-dir") work_dir = value();
+    else if (a == "--max-sessions") max_sessions = std::atol(value().c_str());
+    else if (a == "-h" || a == "--help") {
+      std::cout << "usage: tvm_intlstm_rpc_server [--host H] [--port P] [--key K] "
+                   "[--work-dir D] [--max-sessions N]\n";
+      return 0;
+    } else {
+      std::cerr << "tvm_intlstm_rpc_server: unknown argument " << a << "\n";
+      return 2;
+    }
+  }
+  signal(SIGPIPE, SIG_IGN);
+  signal(SIGTERM, OnTerminate);
+  signal(SIGINT, OnTerminate);
+
+  addrinfo hints{}, *res = nullptr;
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
+  int gai = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
+  if (gai != 0) {
+    Log("cannot resolve " + host + ": " + gai_strerror(gai));
+    return 1;
+  }
+  int lfd = socket(res->ai_family, SOCK_STREAM, 0);
+  int one = 1;
+  setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (lfd < 0 || bind(lfd, res->ai_addr, res->ai_addrlen) != 0 || listen(lfd, 8) != 0) {
+    Log("cannot listen on " + host + ":" + std::to_string(port) + ": " + std::strerror(errno));
+    return 1;
+  }
+  freeaddrinfo(res);
+  sockaddr_storage bound{};
+  socklen_t blen = sizeof(bound);
+  getsockname(lfd, reinterpret_cast<sockaddr*>(&bound), &blen);
+  int real_port = ntohs(bound.ss_family == AF_INET6
+                            ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
+                            : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
+  // make sure the runtime (and its RPC functions) is loaded before announcing
+  if (!ffi::Function::GetGlobal("rpc.ServerLoop").has_value()) {
+    Log("libtvm_runtime has no rpc.ServerLoop (built without RPC?)");
+    return 1;
+  }
+  std::cout << "listening: " << host << ":" << real_port << std::endl;
+
+  for (long n = 0; max_sessions <= 0 || n < max_sessions;) {
+    sockaddr_storage peer{};
+    socklen_t plen = sizeof(peer);
+    int fd = accept(lfd, reinterpret_cast<sockaddr*>(&peer), &plen);
+    if (fd < 0) {
+      if (errno == EINTR) continue;
+      Log(std::string("accept failed: ") + std::strerror(errno));
+      return 1;
+    }
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    double timeout = 0;
+    if (!Handshake(fd, key, &timeout)) {
+      close(fd);
+      continue;
+    }
+    ++n;
+    std::string tmpl = work_dir + "/tvm_intlstm_rpc_XXXXXX";
+    std::vector<char> buf(tmpl.begin(), tmpl.end());
+    buf.push_back('\0');
+    if (mkdtemp(buf.data()) == nullptr) {
+      Log("cannot create a work directory under " + work_dir + ": " + std::strerror(errno));
+      close(fd);
+      return 1;
+    }
+    g_session_dir = buf.data();
+    Log("session " + std::to_string(n) + " started in " + g_session_dir);
+    std::cout.flush();
+    pid_t pid = fork();
+    if (pid == 0) {
+      signal(SIGTERM, SIG_DFL);
+      signal(SIGINT, SIG_DFL);
+      close(lfd);
+      ServeSession(fd, timeout);
+    }
+    g_child = pid;
+    close(fd);
+    int status = 0;
+    if (pid < 0) {
+      Log(std::string("fork failed: ") + std::strerror(errno));
+    } else {
+      while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+      }
+      g_child = 0;
+      Log("session " + std::to_string(n) + " ended: " + Describe(status));
+    }
+    std::error_code ec;
+    std::filesystem::remove_all(g_session_dir, ec);
+  }
+  close(lfd);
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return Run(argc, argv);
+  } catch (const std::exception& e) {
+    std::cerr << "tvm_intlstm_rpc_server: error: " << e.what() << std::endl;
+    return 1;
+  }
+}
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# The aarch64 server binary
+# ----------------------------------------------------------------------------------------------
+
+
+def _server_key(cxx: str) -> str:
+    h = hashlib.sha256()
+    h.update(RPC_SERVER_SOURCE.encode())
+    h.update(" ".join(_CXXFLAGS).encode())
+    h.update(Path(cxx).name.encode())
+    return h.hexdigest()[:16]
+
+
+def ensure_rpc_server(verbose: bool = True) -> Path:
+    """Build (once) the aarch64 ``tvm_intlstm_rpc_server`` and return its path.
+
+    Cached under ``<cache>/aarch64/tvm-<ver>_ffi-<ver>/rpc-server-<hash>/`` next to the
+    runtime libraries it links (:func:`tvm_intlstm.runtime.emulate.ensure_runtime` downloads
+    them first if needed).  About 10 s of cross-compilation the first time."""
+    from tvm_intlstm.target import find_cross_compiler
+
+    runtime = ensure_runtime(verbose=verbose)
+    cxx = find_cross_compiler({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    out_dir = runtime / f"rpc-server-{_server_key(cxx)}"
+    binary = out_dir / _SERVER_NAME
+    if binary.is_file():
+        return binary
+    with _locked(runtime / ".lock"):
+        if binary.is_file():
+            return binary
+        out_dir.mkdir(parents=True, exist_ok=True)
+        src = out_dir / f"{_SERVER_NAME}.cc"
+        src.write_text(RPC_SERVER_SOURCE)
+        tmp_out = out_dir / f".{_SERVER_NAME}.{os.getpid()}"
+        lib = runtime / "lib"
+        cmd = [
+            cxx, *_CXXFLAGS, str(src), "-o", str(tmp_out),
+            f"-I{runtime / 'include'}", f"-L{lib}", f"-Wl,-rpath-link,{lib}",
+            "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
+            "-ldl", "-lpthread",
+        ]
+        if verbose:
+            _log(f"building the aarch64 RPC server with {Path(cxx).name} ...")
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_out.unlink()
+            raise RPCServerError(
+                f"building the RPC server failed:\n  {' '.join(cmd)}\n{proc.stderr[-4000:]}",
+                returncode=proc.returncode,
+                stderr=proc.stderr,
+            )
+        os.replace(tmp_out, binary)
+        if verbose:
+            _log(f"RPC server built in {time.time() - t0:.1f} s: {binary}")
+    return binary
+
+
+# ----------------------------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------------------------
+
+
+class EmulatedRPCServer:
+    """A TVM RPC server for aarch64 running under ``qemu-aarch64 -cpu <cpu>`` on this machine.
+
+    ``port=0`` (the default) lets the system pick a free port; ``.host``/``.port`` tell where
+    it listens.  ``key`` is the RPC key clients must give (``tvm.rpc.connect(host, port,
+    key=...)``).  Sessions are served one at a time, each in a forked process with its own
+    temporary work directory; a session whose module executes an instruction the emulated
+    CPU lacks (SIGILL) ends with an error on the client side, the server keeps running and
+    notes it in :attr:`log`.  ``max_sessions > 0`` makes the server exit after that many.
+
+    Use as a context manager (or call :meth:`close`): the server and any session still
+    running are killed on exit.  Timings measured through it are qemu's speed, not a board's.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        cpu: str = "cortex-a76",
+        key: str = "",
+        num_threads: int = 1,
+        max_sessions: int = 0,
+        startup_timeout: float = 120.0,
+        verbose: bool = True,
+    ):
+        qemu = find_qemu()
+        if not Path(QEMU_SYSROOT, "lib", "ld-linux-aarch64.so.1").exists():
+            raise RPCServerError(
+                f"the aarch64 sysroot {QEMU_SYSROOT} is missing: "
+                "run `apt-get install libc6-dev-arm64-cross`"
+            )
+        cpus = qemu_cpus()
+        if cpus and cpu not in cpus:
+            raise RPCServerError(
+                f"qemu-aarch64 has no CPU model {cpu!r}; available: {', '.join(cpus)}", cpu=cpu
+            )
+        if any(c.isspace() for c in key):
+            raise ValueError(f"an RPC key cannot contain whitespace: {key!r}")
+        binary = ensure_rpc_server(verbose=verbose)
+        libdir = binary.parent.parent / "lib"
+        self.cpu = cpu
+        self.key = key
+        self.host = host
+        self.port: int | None = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="tvm_intlstm_rpc_")
+        tmp = Path(self._tmp.name)
+        (tmp / "work").mkdir()
+        self._out_path = tmp / "server.out"
+        self._log_path = tmp / "server.log"
+        cmd = [
+            qemu, "-L", QEMU_SYSROOT, "-cpu", cpu,
+            "-E", f"LD_LIBRARY_PATH={libdir}",
+            "-E", f"TVM_NUM_THREADS={int(num_threads)}",
+        ]
+        if "LD_PRELOAD" in os.environ:
+            cmd += ["-U", "LD_PRELOAD"]
+        cmd += [
+            str(binary), "--host", host, "--port", str(int(port)), "--key", key,
+            "--work-dir", str(tmp / "work"), "--max-sessions", str(int(max_sessions)),
+        ]
+        self.command = cmd
+        with open(self._out_path, "wb") as out, open(self._log_path, "wb") as err:
+            # a new session (process group) of its own, so that close() also ends the
+            # forked session processes
+            self._proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_no_core_dumps,
+            )
+        try:
+            self._wait_listening(startup_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _wait_listening(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self._out_path.read_text(errors="replace")
+            for line in text.splitlines():
+                if line.startswith("listening: "):
+                    self.port = int(line.rsplit(":", 1)[1])
+                    return
+            rc = self._proc.poll()
+            if rc is not None:
+                raise RPCServerError(
+                    f"the emulated RPC server exited with status {rc} before listening:\n"
+                    f"{self.log.strip()}\ncommand: {' '.join(self.command)}",
+                    returncode=rc, stderr=self.log, cpu=self.cpu,
+                )
+            if time.monotonic() > deadline:
+                raise RPCServerError(
+                    f"the emulated RPC server did not start listening within {timeout} s:\n"
+                    f"{self.log.strip()}",
+                    stderr=self.log, cpu=self.cpu,
+                )
+            time.sleep(0.05)
+
+    @property
+    def pid(self) -> int:
+        """Process id of qemu-aarch64 running the server (also its process group id)."""
+        return self._proc.pid
+
+    @property
+    def log(self) -> str:
+        """The server's stderr so far (one line per session start/end, load_module, errors)."""
+        try:
+            return self._log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def is_alive(self) -> bool:
+        return self._proc.poll() is None
+
+    def sessions(self) -> list[str]:
+        """How each finished session ended, in order: "exit status 0", or e.g.
+        "killed by signal 4 (Illegal instruction): ..."."""
+        out = []
+        for line in self.log.splitlines():
+            head, sep, how = line.partition(" ended: ")
+            if sep and head.startswith("tvm_intlstm_rpc_server: session "):
+                out.append(how)
+        return out
+
+    def connect(self, session_timeout: float = 0):
+        """A ``tvm.rpc`` session with this server."""
+        from tvm import rpc
+
+        return rpc.connect(self.host, self.port, key=self.key, session_timeout=session_timeout)
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the server and every session process it started (SIGTERM, then SIGKILL)."""
+        proc = getattr(self, "_proc", None)
+        if proc is not None and proc.poll() is None:
+            # the server kills and reaps a running session on SIGTERM
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc is not None:
+            # forked sessions share the group; make sure none outlives the server
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        tmp = getattr(self, "_tmp", None)
+        if tmp is not None:
+            tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> EmulatedRPCServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):  # pragma: no cover - best effort
+        with contextlib.suppress(Exception):
+            self.close(timeout=1.0)
+
+    def __repr__(self) -> str:
+        state = "running" if self.is_alive() else "stopped"
+        return f"EmulatedRPCServer({self.host}:{self.port}, cpu={self.cpu!r}, {state})"
+
+
+def start_emulated_server(host: str = "127.0.0.1", port: int = 0, **kwargs) -> EmulatedRPCServer:
+    """Start an :class:`EmulatedRPCServer` (aarch64 under qemu) and return it once it listens."""
+    return EmulatedRPCServer(host, port, **kwargs)
+
+
+def start_local_server(host: str = "127.0.0.1", port: int = 9091, port_end: int = 9199,
+                       key: str = ""):
+    """TVM's own Python RPC server (``tvm.rpc.Server``, what ``python -m tvm.exec.rpc_server``
+    runs on a board) on this machine, for x86_64 libraries: the same client code path as a
+    board.  Returns the ``tvm.rpc.Server``; ``.port`` is the port it bound, ``.terminate()``
+    stops it."""
+    from tvm import rpc
+
+    return rpc.Server(host=host, port=port, port_end=port_end, key=key, silent=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Client
+# ----------------------------------------------------------------------------------------------
+
+
+def _prepare_inputs(lib_path: Path, inputs: Iterable) -> list[np.ndarray]:
+    """numpy arrays from numpy/torch inputs; with the module's .json metadata (written by
+    CompiledModule.export_library), the same checks as CompiledModule: token ids -> int64
+    within the vocabulary, features float32 without NaN."""
+    import json
+
+    arrays = []
+    for x in inputs:
+        if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch tensor
+            x = x.detach().cpu().numpy()
+        arrays.append(np.asarray(x))
+    meta_path = Path(str(lib_path) + ".json")
+    if not meta_path.is_file():
+        return [np.ascontiguousarray(a) for a in arrays]
+    meta = json.loads(meta_path.read_text())
+    kinds = meta.get("input_kinds", [])
+    vocab = {int(k): v for k, v in meta.get("vocab_sizes", {}).items()}
+    if kinds and len(arrays) != len(kinds):
+        raise TypeError(f"model takes {len(kinds)} inputs, got {len(arrays)}")
+    out = []
+    for i, (a, kind) in enumerate(zip(arrays, kinds or [None] * len(arrays))):
+        if kind == "ids":
+            if a.dtype not in (np.int64, np.int32):
+                raise TypeError(f"input {i} takes int64 token ids, got {a.dtype}")
+            a = a.astype(np.int64)
+            V = vocab.get(i)
+            if V is not None and a.size and (a.min() < 0 or a.max() >= V):
+                raise IndexError(f"input {i}: token id out of range [0, {V}): "
+                                 f"min {a.min()}, max {a.max()}")
+        elif kind is not None:
+            if a.dtype != np.float32:
+                raise TypeError(f"input {i} takes float32 features, got {a.dtype}")
+            if np.isnan(a).any():
+                raise ValueError(f"input {i} contains NaN")
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def _flatten(value, out: list) -> list:
+    import tvm
+
+    if isinstance(value, tvm.runtime.Tensor):
+        out.append(value.numpy())
+    elif isinstance(value, (list, tuple)) or (
+        hasattr(value, "__len__") and hasattr(value, "__getitem__") and not hasattr(value, "numpy")
+    ):
+        for item in value:
+            _flatten(item, out)
+    elif isinstance(value, (bool, int, np.integer)):
+        out.append(np.array(value, dtype=np.int64))
+    elif isinstance(value, (float, np.floating)):
+        out.append(np.array(value, dtype=np.float64))
+    elif value is not None:
+        out.append(np.asarray(value.numpy()))
+    return out
+
+
+class RemoteVM:
+    """A Relax VM of an uploaded module on a remote device, over one RPC session.
+
+    ``rvm(*inputs)`` returns the outputs as a list of numpy arrays (a tuple result flattened in
+    order, like :func:`tvm_intlstm.runtime.emulate.run_emulated`); :meth:`time` times the
+    function on the remote device with ``time_evaluator``.  Attributes: ``session``
+    (``tvm.rpc.RPCSession``), ``device`` (remote CPU), ``vm`` (``relax.VirtualMachine``),
+    ``lib_path``."""
+
+    def __init__(self, session, lib_path: Path, function: str = "main"):
+        from tvm import relax
+
+        self.session = session
+        self.lib_path = lib_path
+        self.function = function
+        name = lib_path.name
+        session.upload(str(lib_path), target=name)
+        self._rmod = session.load_module(name)
+        self.device = session.cpu(0)
+        self.vm = relax.VirtualMachine(self._rmod, self.device)
+
+    def close(self) -> None:
+        """Drop the remote objects and the session: the socket closes (once no remote
+        tensor made by the caller is left), which ends the session on the server."""
+        self.vm = None
+        self._rmod = None
+        self.device = None
+        self.session = None
+
+    def _args(self, inputs):
+        import tvm
+
+        return [tvm.runtime.tensor(a, self.device)
+                for a in _prepare_inputs(self.lib_path, inputs)]
+
+    def __call__(self, *inputs) -> list[np.ndarray]:
+        args = self._args(inputs)
+        with _session_errors(self.lib_path):
+            out = self.vm[self.function](*args)
+            return _flatten(out, [])
+
+    def time(self, *inputs, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0,
+             with_outputs: bool = True) -> RemoteTiming:
+        """Time ``number`` x ``repeat`` calls on the remote device (after one warm-up call,
+        which also gives ``.outputs``)."""
+        args = self._args(inputs)
+        with _session_errors(self.lib_path):
+            outputs = _flatten(self.vm[self.function](*args), []) if with_outputs else []
+            ev = self.vm.time_evaluator(self.function, self.device, number=number,
+                                        repeat=repeat, min_repeat_ms=min_repeat_ms)
+            res = ev(*args)
+        results_us = [float(r) * 1e6 for r in res.results]
+        return RemoteTiming(
+            median_us=float(np.median(results_us)), mean_us=float(np.mean(results_us)),
+            min_us=float(np.min(results_us)), max_us=float(np.max(results_us)),
+            std_us=float(np.std(results_us)), number=number, repeat=repeat,
+            results_us=results_us, outputs=outputs,
+        )
+
+
+@contextlib.contextmanager
+def _session_errors(lib_path: Path):
+    """Turn "the remote end went away" errors of the RPC client into RemoteSessionError."""
+    try:
+        yield
+    except Exception as err:  # noqa: BLE001 - tvm.error.* and socket errors
+        msg = str(err)
+        if "kShutdown" in msg or "SockChannel" in msg or "Connection reset" in msg:
+            raise RemoteSessionError(
+                f"the remote session ended while running {lib_path.name}: the session process "
+                "on the device died (e.g. SIGILL: an instruction the device's CPU lacks, such "
+                "as sdot in a +dotprod build on a Cortex-A53/A72; or the session timeout); "
+                f"see the RPC server's log.\n({msg.strip().splitlines()[-1] if msg else err!r})"
+            ) from err
+        raise
+
+
+@dataclass
+class RemoteTiming:
+    """Result of :func:`time_remote`: microseconds per call of each of the ``repeat``
+    measurements (each the mean of ``number`` calls), their statistics, and the outputs of
+    the warm-up call."""
+
+    median_us: float
+    mean_us: float
+    min_us: float
+    max_us: float
+    std_us: float
+    number: int
+    repeat: int
+    results_us: list[float] = field(default_factory=list)
+    outputs: list[np.ndarray] = field(default_factory=list, repr=False)
+
+
+def _check_lib(lib_path) -> Path:
+    lib_path = Path(lib_path)
+    if not lib_path.is_file():
+        raise FileNotFoundError(f"module library {lib_path} does not exist")
+    if elf_machine(lib_path) == "unknown":
+        raise ValueError(f"{lib_path} is not a shared library (export it with export_library)")
+    return lib_path
+
+
+@contextlib.contextmanager
+def connect_vm(lib_path: str | os.PathLike, host: str, port: int, *, key: str = "",
+               function: str = "main", session_timeout: float = 0):
+    """Context manager: connect to the RPC server at ``host:port``, upload ``lib_path`` and
+    yield a :class:`RemoteVM` for it; the session is closed on exit.  ``session_timeout``
+    (seconds, 0 = none) lets the server end a session that runs too long."""
+    import tvm  # noqa: F401  (registers the RPC client functions)
+    from tvm import rpc
+
+    lib_path = _check_lib(lib_path)
+    rvm = RemoteVM(rpc.connect(host, int(port), key=key, session_timeout=session_timeout),
+                   lib_path, function)
+    try:
+        yield rvm
+    finally:
+        rvm.close()
+
+
+def run_remote(lib_path: str | os.PathLike, inputs: Sequence, host: str, port: int, *,
+               key: str = "", function: str = "main",
+               session_timeout: float = 0) -> list[np.ndarray]:
+    """Run the Relax function ``function`` of an exported module on the RPC server at
+    ``host:port`` (a board, or :class:`EmulatedRPCServer`) and return its outputs as numpy
+    arrays (flattened like :func:`tvm_intlstm.runtime.emulate.run_emulated`).  Inputs are
+    checked against the module's .json metadata when it exists."""
+    with connect_vm(lib_path, host, port, key=key, function=function,
+                    session_timeout=session_timeout) as rvm:
+        return rvm(*inputs)
+
+
+def time_remote(lib_path: str | os.PathLike, inputs: Sequence, host: str, port: int, *,
+                key: str = "", function: str = "main", number: int = 10, repeat: int = 3,
+                min_repeat_ms: int = 0, session_timeout: float = 0) -> RemoteTiming:
+    """Time ``function`` of an exported module on the RPC server at ``host:port`` with TVM's
+    ``time_evaluator`` (the clock runs on the remote device, so network latency is not
+    included).  Returns a :class:`RemoteTiming` (``median_us``, ..., and the ``outputs`` of
+    the warm-up call)."""
+    with connect_vm(lib_path, host, port, key=key, function=function,
+                    session_timeout=session_timeout) as rvm:
+        return rvm.time(*inputs, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
