@@ -193,3 +193,64 @@ def test_save_load_quantized_and_cli(token_model, tmp_path):
     (tmp_path / "junk.qpt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a tvm_intlstm"):
         til.load_quantized(tmp_path / "junk.qpt")
+
+
+def test_wrong_shapes_are_rejected(token_model):
+    _, cm = token_model
+    with pytest.raises(ValueError, match="shape"):
+        cm(np.zeros((2, 3, 4), np.int64))
+    with pytest.raises(ValueError, match="empty"):
+        cm(np.zeros((2, 0), np.int64))
+
+
+class Stacked(nn.Module):
+    """Configurable random model: [embedding] -> LSTM stack (1-3 layers, bidir?, batch_first?)
+    -> optional residual LSTM -> optional LayerNorm -> final linear."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        V, E, H, L, bi, bf = cfg["V"], cfg["E"], cfg["H"], cfg["layers"], cfg["bidir"], cfg["batch_first"]
+        self.embed = nn.Embedding(V, E) if cfg["tokens"] else None
+        self.lstm = nn.LSTM(E, H, num_layers=L, bidirectional=bi, batch_first=bf)
+        D = H * (2 if bi else 1)
+        self.res = nn.LSTM(D, D, batch_first=bf) if cfg["residual"] else None
+        self.norm = nn.LayerNorm(D) if cfg["norm"] else None
+        self.head = nn.Linear(D, cfg["out"])
+
+    def forward(self, x):
+        if self.embed is not None:
+            x = self.embed(x)
+        h, _ = self.lstm(x)
+        if self.res is not None:
+            r, _ = self.res(h)
+            h = h + r
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.head(h)
+
+
+CONFIGS = [
+    dict(tokens=True, V=40, E=8, H=12, layers=1, bidir=False, batch_first=True, residual=False, norm=False, out=40),
+    dict(tokens=False, V=0, E=7, H=20, layers=3, bidir=False, batch_first=False, residual=True, norm=True, out=6),
+    dict(tokens=True, V=25, E=16, H=9, layers=2, bidir=True, batch_first=False, residual=True, norm=False, out=25),
+]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["tok-1L", "feat-3L-res-ln", "tok-2L-bi-res"])
+def test_random_models_bitexact(cfg):
+    torch.manual_seed(hash(str(cfg)) % 1000)
+    m = Stacked(cfg).eval()
+
+    def make(B, T):
+        shape = (B, T) if cfg["batch_first"] else (T, B)
+        if cfg["tokens"]:
+            return torch.randint(0, cfg["V"], shape)
+        return torch.randn(*shape, cfg["E"]) * 1.5
+
+    q = til.quantize(m, [make(3, 8) for _ in range(2)])
+    cm = til_compile(q, "host", (make(1, 5),), verbose=False)  # this CPU (AVX2 kernels on x86)
+    ref = til.reference(q)
+    for B, T in ((1, 1), (2, 9), (5, 3)):
+        x = make(B, T)
+        np.testing.assert_array_equal(cm(x.numpy()), ref(x.numpy()))

@@ -31,8 +31,11 @@ class CompiledModule:
     int64 token ids, as the quantized model takes); it returns numpy integer arrays (int32 logits
     from a final linear layer). Thread-safe: calls are serialized by a lock (one Relax VM)."""
 
-    def __init__(self, executable, target, input_kinds, output_info, ir_module=None, vocab_sizes=None):
+    def __init__(self, executable, target, input_kinds, output_info, ir_module=None, vocab_sizes=None,
+                 input_shapes=None):
         self.executable = executable
+        # per input: list of dims, an int for a static dim, None for a symbolic (batch/time) dim
+        self.input_shapes = input_shapes
         self.target = target
         self.input_kinds = list(input_kinds)
         self.output_info = output_info
@@ -51,6 +54,13 @@ class CompiledModule:
             x = x.detach().cpu().numpy()
         x = np.ascontiguousarray(x)
         kind = self.input_kinds[i]
+        if self.input_shapes is not None:
+            want = self.input_shapes[i]
+            desc = "[" + ", ".join("*" if d is None else str(d) for d in want) + "]"
+            if x.ndim != len(want) or any(d is not None and d != n for d, n in zip(want, x.shape)):
+                raise ValueError(f"input {i} has shape {tuple(x.shape)}, the model takes {desc} (* = any size)")
+            if any(n == 0 for n in x.shape):
+                raise ValueError(f"input {i} has an empty dimension {tuple(x.shape)}")
         if kind == "ids":
             if x.dtype not in (np.int64, np.int32):
                 raise TypeError(f"input {i} takes int64 token ids, got {x.dtype}")
@@ -92,7 +102,9 @@ def _to_numpy(out):
 def _write_meta(path, cm):
     import json
     from dataclasses import asdict
-    meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": str(cm.target),
+    from .target import target_to_dict
+    meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": target_to_dict(cm.target),
+            "input_shapes": cm.input_shapes,
             "output_info": _info_to_json(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()}}
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
@@ -130,11 +142,12 @@ def load(path: str | os.PathLike) -> CompiledModule:
         ex = relax.VMExecutable(lib) if hasattr(relax, "VMExecutable") else lib
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path} is not a loadable TVM module ({e})") from e
-    return CompiledModule(ex, meta["target"], meta["input_kinds"], _info_from_json(meta["output_info"]),
-                          vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()})
+    return CompiledModule(ex, _target(meta["target"]), meta["input_kinds"], _info_from_json(meta["output_info"]),
+                          vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()},
+                          input_shapes=meta.get("input_shapes"))
 
 
-def compile(model, target="llvm", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True) -> CompiledModule:  # noqa: A001
+def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True) -> CompiledModule:  # noqa: A001
     """Compile a quantized model (tvm_intlstm.quantize / prepare_qat result) to an integer-only module."""
     from .quant.api import QATModel
     if isinstance(model, QATModel):
@@ -151,6 +164,8 @@ def compile(model, target="llvm", example_inputs: Sequence = None, tuning_logs=N
     t0 = time.perf_counter()
     _log("importing (torch.export -> Relax)", verbose)
     mod = import_quantized(model, example_inputs)
+    input_shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape.values]
+                    for p in mod["main"].params]
     _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
     with tgt:
         mod = integer_pipeline(tgt)(mod)
@@ -166,4 +181,4 @@ def compile(model, target="llvm", example_inputs: Sequence = None, tuning_logs=N
             if src.op == "placeholder":
                 idx = [n for n in model.gm.graph.nodes if n.op == "placeholder"].index(src)
                 vocab[idx] = int(model.gm.get_submodule(node.target).table.shape[0])
-    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab)
+    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab, input_shapes)
