@@ -254,3 +254,24 @@ def test_random_models_bitexact(cfg):
     for B, T in ((1, 1), (2, 9), (5, 3)):
         x = make(B, T)
         np.testing.assert_array_equal(cm(x.numpy()), ref(x.numpy()))
+
+
+def test_passes_lower_their_own_operator_family():
+    """Each lowering pass is a module pass of its own: after LowerBoundary + LowerLinear only the
+    LSTM placeholders remain, and VerifyIntegerOnly refuses the half-lowered module."""
+    from tvm_intlstm.frontend.importer import import_quantized
+    from tvm_intlstm.passes import LowerBoundary, LowerLinear, LowerLSTM
+    from tvm_intlstm.target import parse_target
+    torch.manual_seed(3)
+    q = til.quantize(FeatureLSTM().eval(), [torch.randn(5, 2, 10)])
+    mod = import_quantized(q, (torch.randn(5, 2, 10),))
+    tgt = parse_target("host")
+    half = LowerLinear(tgt)(LowerBoundary(tgt)(mod))
+    text = half.script(show_meta=False)
+    assert "intlstm.lstm_direction" in text
+    assert "intlstm.linear_i32" not in text and "intlstm.quantize_input" not in text
+    with pytest.raises(RuntimeError, match="not lowered"):
+        VerifyIntegerOnly()(half)
+    full = LowerLSTM(tgt)(half)
+    assert "call_dps_packed" not in full.script(show_meta=False)
+    VerifyIntegerOnly()(full)

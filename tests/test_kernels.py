@@ -626,7 +626,7 @@ def test_attention_context(rng):
 # --------------------------------------------------------------------------- aarch64 (qemu)
 
 def _with_root_block(func):
-    """Relax-side convention of passes.lower_integer_ops: a root block around the loop nest."""
+    """Relax-side convention of passes._lowering: a root block around the loop nest."""
     from tvm import s_tir
 
     block = s_tir.SBlock([], [], [], "root", func.body)

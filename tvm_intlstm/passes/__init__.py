@@ -1,14 +1,22 @@
-"""Relax passes, one per file, composed by `integer_pipeline`."""
+"""Relax passes, one per file, composed by `integer_pipeline`:
+
+    LowerBoundary -> LowerLinear -> LowerLSTM -> LowerElementwise -> VerifyIntegerOnly
+"""
 import tvm
 
-from .lower_integer_ops import LowerIntegerOps
+from .lower_boundary import LowerBoundary
+from .lower_elementwise import LowerElementwise
+from .lower_linear import LowerLinear
+from .lower_lstm import LowerLSTM
 from .verify_integer_only import FloatOpError, VerifyIntegerOnly
 
 
 def integer_pipeline(target) -> tvm.transform.Pass:
     """Quantized graph (intlstm.* placeholders) -> TIR kernels, then the integer-only check."""
-    return tvm.transform.Sequential([LowerIntegerOps(target), VerifyIntegerOnly()],
-                                    name="tvm_intlstm.integer_pipeline")
+    return tvm.transform.Sequential(
+        [LowerBoundary(target), LowerLinear(target), LowerLSTM(target), LowerElementwise(target),
+         VerifyIntegerOnly()], name="tvm_intlstm.integer_pipeline")
 
 
-__all__ = ["LowerIntegerOps", "VerifyIntegerOnly", "FloatOpError", "integer_pipeline"]
+__all__ = ["LowerBoundary", "LowerLinear", "LowerLSTM", "LowerElementwise", "VerifyIntegerOnly",
+           "FloatOpError", "integer_pipeline"]

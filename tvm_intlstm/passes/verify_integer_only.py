@@ -44,8 +44,18 @@ def _check_prim_func(name, func):
                            "integer-only models may use floats only to quantize their inputs")
 
 
+_DPS_PACKED = tvm.ir.Op.get("relax.call_dps_packed")
+
+
 def _check_relax_func(name, func):
     bad = []
+    for block in getattr(func.body, "blocks", []):
+        for b in block.bindings:
+            v = b.value
+            if (isinstance(v, relax.Call) and v.op == _DPS_PACKED and isinstance(v.args[0], relax.ExternFunc)
+                    and str(v.args[0].global_symbol).startswith("intlstm.")):
+                raise FloatOpError(f"integer operator {v.args[0].global_symbol} was not lowered to a kernel "
+                                   "(no lowering pass handles it yet)")
     body = func.body
     allowed = set(func.params)  # float features entering the model...
     for block in getattr(body, "blocks", []):

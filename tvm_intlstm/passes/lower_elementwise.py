@@ -1,0 +1,41 @@
+"""LowerElementwise(target): 8-bit residual adds, rescales and integer layer norm."""
+from __future__ import annotations
+
+from tvm import relax
+from tvm.relax.expr_functor import mutator
+
+from .. import kernels as K
+from ._lowering import OpLowering, _prim, _shape, _static, lowering_pass
+
+
+@mutator
+class _LowerElementwiseMutator(OpLowering):
+    def _lower_residual_add(self, a):
+        x, y, ma, mb, s = a[0], a[1], _prim(a[2]), _prim(a[3]), _prim(a[4])
+        F = _static(_shape(x)[-1], "features")
+        gv = self._kernel(("residual_add", F, ma, mb, s), lambda: K.residual_add(F, ma, mb, s))
+        shp = _shape(x)
+        rows = 1
+        for d in shp[:-1]:
+            rows = rows * d
+        x2 = self.builder_.emit(relax.op.reshape(x, [rows, F]))
+        y2 = self.builder_.emit(relax.op.reshape(y, [rows, F]))
+        out = self.builder_.emit(relax.call_tir(gv, [x2, y2], relax.TensorType([rows, F], "int8")))
+        return self.builder_.emit(relax.op.reshape(out, shp))
+
+    def _lower_rescale(self, a):
+        x, m, s = a[0], _prim(a[1]), _prim(a[2])
+        F = _static(_shape(x)[-1], "features")
+        gv = self._kernel(("rescale_8", F, m, s), lambda: K.rescale_8(F, m, s))
+        return self._call_rows(gv, x, [], F, "int8")
+
+    def _lower_layer_norm(self, a):
+        x, gamma, beta, ml, sl = a[0], a[1], a[2], _prim(a[3]), _prim(a[4])
+        F = _static(_shape(x)[-1], "features")
+        gv = self._kernel(("layer_norm", F, ml, sl), lambda: K.layer_norm(F, ml, sl))
+        return self._call_rows(gv, x, [gamma, beta], F, "int8")
+
+
+
+
+LowerElementwise = lowering_pass(_LowerElementwiseMutator, "tvm_intlstm.LowerElementwise")

@@ -1,0 +1,32 @@
+"""LowerLinear(target): linear layers -> int8 GEMM kernels (int32 logits for the final layer,
+per-row fixed-point requantization to int8 for hidden layers)."""
+from __future__ import annotations
+
+from tvm import relax
+from tvm.relax.expr_functor import mutator
+
+from .. import kernels as K
+from ._lowering import OpLowering, _prim, _shape, _static, lowering_pass
+
+
+@mutator
+class _LowerLinearMutator(OpLowering):
+    def _lower_linear_i32(self, a):
+        x, w, b = a
+        O, Kf = (_static(v, "linear size") for v in _shape(w))
+        gv = self._kernel(("linear_i32", Kf, O, str(self.target)),
+                          lambda: K.linear_i32(Kf, O, True, target=self.target))
+        return self._call_rows(gv, x, [w, b], O, "int32")
+
+    def _lower_linear_requant(self, a):
+        x, w, b, m, s, bits = a
+        bits = _prim(bits)
+        O, Kf = (_static(v, "linear size") for v in _shape(w))
+        dt = f"int{bits}"
+        gv = self._kernel(("linear_requant", Kf, O, dt, str(self.target)),
+                          lambda: K.linear_requant(Kf, O, dt, True, target=self.target))
+        return self._call_rows(gv, x, [w, b, m, s], O, dt)
+
+
+
+LowerLinear = lowering_pass(_LowerLinearMutator, "tvm_intlstm.LowerLinear")

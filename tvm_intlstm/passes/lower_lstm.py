@@ -1,0 +1,35 @@
+"""LowerLSTM(target): one LSTM direction -> a batched int8 GEMM for the input projection of all
+time steps (requantized to the int16 gate domain) plus one fused recurrent kernel with the time loop
+inside (recurrent GEMV, PWL sigmoid/tanh from the layer's integer tables, cell and hidden update)."""
+from __future__ import annotations
+
+from tvm import relax
+from tvm.relax.expr_functor import mutator
+
+from .. import kernels as K
+from ._lowering import OpLowering, _prim, _shape, _static, lowering_pass
+
+
+@mutator
+class _LowerLSTMMutator(OpLowering):
+    def _lower_lstm_direction(self, a):
+        x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c = a[:11]
+        mo, so, cf, rev = (_prim(v) for v in a[11:15])
+        G, I = (_static(v, "LSTM size") for v in _shape(w_x))
+        H = G // 4
+        T_, B_ = _shape(x)[:2]
+        gvx = self._kernel(("linear_requant", I, G, "int16", str(self.target)),
+                           lambda: K.linear_requant(I, G, "int16", True, target=self.target))
+        gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
+        pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
+        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), str(self.target))
+        gv = self._kernel(key, lambda: K.lstm_recurrent(
+            H, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
+            tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target))
+        out_ty = [relax.TensorType([T_, B_, H], "int8"), relax.TensorType([B_, H], "int8"),
+                  relax.TensorType([B_, H], "int16")]
+        return self.builder_.emit(relax.call_tir(gv, [gx, w_h, mh, sh, sig, tanh, tanh_c], out_ty))
+
+
+
+LowerLSTM = lowering_pass(_LowerLSTMMutator, "tvm_intlstm.LowerLSTM")
