@@ -41,8 +41,22 @@ class CompiledModule:
         self.output_info = output_info
         self.ir_module = ir_module
         self.vocab_sizes = vocab_sizes or {}
-        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+        self._vm = None  # created on first call: a cross-compiled module cannot run here
         self._lock = threading.Lock()
+
+    def _get_vm(self):
+        if self._vm is None:
+            import platform
+            from .target import target_features
+            arch = target_features(self.target).arch
+            host = "aarch64" if platform.machine() in ("aarch64", "arm64") else platform.machine()
+            if arch != host:
+                raise RuntimeError(
+                    f"compiled for {arch} ({self.target}); it cannot run on this {host} machine: export it "
+                    "(cm.export_library) and run it on the board, under emulation (tvm-intlstm run --emulate "
+                    "aarch64 / tvm_intlstm.runtime.emulate.run_emulated) or over RPC (tvm_intlstm.runtime.rpc.run_remote)")
+            self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        return self._vm
 
     @property
     def output_scales(self):
@@ -80,7 +94,7 @@ class CompiledModule:
             raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(inputs)}")
         args = [self._prepare(i, x) for i, x in enumerate(inputs)]
         with self._lock:
-            out = self._vm["main"](*args)
+            out = self._get_vm()["main"](*args)
         return _to_numpy(out)
 
     def export_library(self, path: str | os.PathLike) -> str:

@@ -26,9 +26,9 @@ here) or use it only on a trusted network.
 from __future__ import annotations
 
 import contextlib
+import gc
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import tempfile
@@ -625,8 +625,8 @@ def start_local_server(host: str = "127.0.0.1", port: int = 9091, port_end: int 
 
 def _prepare_inputs(lib_path: Path, inputs: Iterable) -> list[np.ndarray]:
     """numpy arrays from numpy/torch inputs; with the module's .json metadata (written by
-    CompiledModule.export_library), the same checks as CompiledModule: token ids -> int64
-    within the vocabulary, features float32 without NaN."""
+    CompiledModule.export_library), the same checks as CompiledModule: rank and static sizes,
+    token ids -> int64 within the vocabulary, features float32 without NaN."""
     import json
 
     arrays = []
@@ -642,8 +642,18 @@ def _prepare_inputs(lib_path: Path, inputs: Iterable) -> list[np.ndarray]:
     vocab = {int(k): v for k, v in meta.get("vocab_sizes", {}).items()}
     if kinds and len(arrays) != len(kinds):
         raise TypeError(f"model takes {len(kinds)} inputs, got {len(arrays)}")
+    shapes = meta.get("input_shapes")
     out = []
     for i, (a, kind) in enumerate(zip(arrays, kinds or [None] * len(arrays))):
+        if shapes is not None and i < len(shapes) and shapes[i] is not None:
+            want = shapes[i]
+            if a.ndim != len(want) or any(d is not None and d != n
+                                          for d, n in zip(want, a.shape)):
+                desc = "[" + ", ".join("*" if d is None else str(d) for d in want) + "]"
+                raise ValueError(f"input {i} has shape {tuple(a.shape)}, the model takes {desc} "
+                                 "(* = any size)")
+            if any(n == 0 for n in a.shape):
+                raise ValueError(f"input {i} has an empty dimension {tuple(a.shape)}")
         if kind == "ids":
             if a.dtype not in (np.int64, np.int32):
                 raise TypeError(f"input {i} takes int64 token ids, got {a.dtype}")
@@ -715,11 +725,27 @@ class RemoteVM:
         return [tvm.runtime.tensor(a, self.device)
                 for a in _prepare_inputs(self.lib_path, inputs)]
 
+    def _invoke(self, args) -> list[np.ndarray]:
+        # the stateful interface (set_input / invoke_stateful / get_outputs) is the one that
+        # works over RPC for every result: a tuple returned by a direct call would arrive as
+        # an opaque remote handle, get_outputs fetches its fields one by one
+        # (VirtualMachine.get_outputs is not used: its recursive closure is a reference cycle
+        # holding the VM, hence the session, until the garbage collector runs; a session
+        # left open blocks a server that serves one session at a time)
+        self.vm.set_input(self.function, *args)
+        self.vm.invoke_stateful(self.function)
+        return _flatten(self._output(()), [])
+
+    def _output(self, idx: tuple):
+        arity = self.vm["get_output_arity"](self.function, *idx)
+        if arity == -1:
+            return self.vm["get_output"](self.function, *idx)
+        return tuple(self._output((*idx, i)) for i in range(arity))
+
     def __call__(self, *inputs) -> list[np.ndarray]:
         args = self._args(inputs)
         with _session_errors(self.lib_path):
-            out = self.vm[self.function](*args)
-            return _flatten(out, [])
+            return self._invoke(args)
 
     def time(self, *inputs, number: int = 10, repeat: int = 3, min_repeat_ms: int = 0,
              with_outputs: bool = True) -> RemoteTiming:
@@ -727,10 +753,14 @@ class RemoteVM:
         which also gives ``.outputs``)."""
         args = self._args(inputs)
         with _session_errors(self.lib_path):
-            outputs = _flatten(self.vm[self.function](*args), []) if with_outputs else []
-            ev = self.vm.time_evaluator(self.function, self.device, number=number,
+            if with_outputs:
+                outputs = self._invoke(args)
+            else:
+                self.vm.set_input(self.function, *args)
+                outputs = []
+            ev = self.vm.time_evaluator("invoke_stateful", self.device, number=number,
                                         repeat=repeat, min_repeat_ms=min_repeat_ms)
-            res = ev(*args)
+            res = ev(self.function)
         results_us = [float(r) * 1e6 for r in res.results]
         return RemoteTiming(
             median_us=float(np.median(results_us)), mean_us=float(np.mean(results_us)),
@@ -799,6 +829,8 @@ def connect_vm(lib_path: str | os.PathLike, host: str, port: int, *, key: str = 
         yield rvm
     finally:
         rvm.close()
+        # any reference cycle still holding a remote object would keep the session open
+        gc.collect()
 
 
 def run_remote(lib_path: str | os.PathLike, inputs: Sequence, host: str, port: int, *,
