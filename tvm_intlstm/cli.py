@@ -35,8 +35,14 @@ def cmd_compile(a):
 def cmd_run(a):
     import tvm_intlstm as til
     if a.emulate:
-        from tvm_intlstm.runtime.emulate import run_emulated
-        outs = run_emulated(a.library, [np.load(p) for p in a.input], cpu=a.cpu)
+        from tvm_intlstm.runtime.emulate import qemu_cpu_for_target, run_emulated
+        from tvm_intlstm.runtime.inputs import check_inputs_for_library, read_meta
+        inputs = check_inputs_for_library(a.library, [np.load(p) for p in a.input])
+        cpu = a.cpu
+        if cpu is None:
+            meta = read_meta(a.library)
+            cpu = qemu_cpu_for_target(meta["target"]) if meta else "cortex-a76"
+        outs = run_emulated(a.library, inputs, cpu=cpu)
     else:
         cm = til.load(a.library)
         outs = cm(*[np.load(p) for p in a.input])
@@ -64,7 +70,7 @@ def main(argv=None):
     r.add_argument("--input", action="append", required=True, help=".npy file, once per model input")
     r.add_argument("--output", help="write the first output to this .npy file")
     r.add_argument("--emulate", choices=["aarch64"], help="run an aarch64 build under qemu-aarch64")
-    r.add_argument("--cpu", default="cortex-a76", help="qemu CPU model with --emulate")
+    r.add_argument("--cpu", default=None, help="qemu CPU model with --emulate (default: from the module's target)")
     r.set_defaults(func=cmd_run)
     a = ap.parse_args(argv)
     try:

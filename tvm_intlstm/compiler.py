@@ -63,36 +63,10 @@ class CompiledModule:
         from .quant.graph import _tree_map_info
         return _tree_map_info(self.output_info, lambda i: i.scale)
 
-    def _prepare(self, i, x):
-        if torch.is_tensor(x):
-            x = x.detach().cpu().numpy()
-        x = np.ascontiguousarray(x)
-        kind = self.input_kinds[i]
-        if self.input_shapes is not None:
-            want = self.input_shapes[i]
-            desc = "[" + ", ".join("*" if d is None else str(d) for d in want) + "]"
-            if x.ndim != len(want) or any(d is not None and d != n for d, n in zip(want, x.shape)):
-                raise ValueError(f"input {i} has shape {tuple(x.shape)}, the model takes {desc} (* = any size)")
-            if any(n == 0 for n in x.shape):
-                raise ValueError(f"input {i} has an empty dimension {tuple(x.shape)}")
-        if kind == "ids":
-            if x.dtype not in (np.int64, np.int32):
-                raise TypeError(f"input {i} takes int64 token ids, got {x.dtype}")
-            x = x.astype(np.int64)
-            V = self.vocab_sizes.get(i)
-            if V is not None and x.size and (x.min() < 0 or x.max() >= V):
-                raise IndexError(f"input {i}: token id out of range [0, {V}): min {x.min()}, max {x.max()}")
-        else:
-            if x.dtype != np.float32:
-                raise TypeError(f"input {i} takes float32 features, got {x.dtype}")
-            if np.isnan(x).any():
-                raise ValueError(f"input {i} contains NaN")
-        return tvm.runtime.tensor(x)
-
     def __call__(self, *inputs):
-        if len(inputs) != len(self.input_kinds):
-            raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(inputs)}")
-        args = [self._prepare(i, x) for i, x in enumerate(inputs)]
+        from .runtime.inputs import check_inputs
+        arrays = check_inputs(inputs, self.input_kinds, self.input_shapes, self.vocab_sizes)
+        args = [tvm.runtime.tensor(a) for a in arrays]
         with self._lock:
             out = self._get_vm()["main"](*args)
         return _to_numpy(out)

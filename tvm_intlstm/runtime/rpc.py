@@ -624,51 +624,9 @@ def start_local_server(host: str = "127.0.0.1", port: int = 9091, port_end: int 
 
 
 def _prepare_inputs(lib_path: Path, inputs: Iterable) -> list[np.ndarray]:
-    """numpy arrays from numpy/torch inputs; with the module's .json metadata (written by
-    CompiledModule.export_library), the same checks as CompiledModule: rank and static sizes,
-    token ids -> int64 within the vocabulary, features float32 without NaN."""
-    import json
-
-    arrays = []
-    for x in inputs:
-        if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch tensor
-            x = x.detach().cpu().numpy()
-        arrays.append(np.asarray(x))
-    meta_path = Path(str(lib_path) + ".json")
-    if not meta_path.is_file():
-        return [np.ascontiguousarray(a) for a in arrays]
-    meta = json.loads(meta_path.read_text())
-    kinds = meta.get("input_kinds", [])
-    vocab = {int(k): v for k, v in meta.get("vocab_sizes", {}).items()}
-    if kinds and len(arrays) != len(kinds):
-        raise TypeError(f"model takes {len(kinds)} inputs, got {len(arrays)}")
-    shapes = meta.get("input_shapes")
-    out = []
-    for i, (a, kind) in enumerate(zip(arrays, kinds or [None] * len(arrays))):
-        if shapes is not None and i < len(shapes) and shapes[i] is not None:
-            want = shapes[i]
-            if a.ndim != len(want) or any(d is not None and d != n
-                                          for d, n in zip(want, a.shape)):
-                desc = "[" + ", ".join("*" if d is None else str(d) for d in want) + "]"
-                raise ValueError(f"input {i} has shape {tuple(a.shape)}, the model takes {desc} "
-                                 "(* = any size)")
-            if any(n == 0 for n in a.shape):
-                raise ValueError(f"input {i} has an empty dimension {tuple(a.shape)}")
-        if kind == "ids":
-            if a.dtype not in (np.int64, np.int32):
-                raise TypeError(f"input {i} takes int64 token ids, got {a.dtype}")
-            a = a.astype(np.int64)
-            V = vocab.get(i)
-            if V is not None and a.size and (a.min() < 0 or a.max() >= V):
-                raise IndexError(f"input {i}: token id out of range [0, {V}): "
-                                 f"min {a.min()}, max {a.max()}")
-        elif kind is not None:
-            if a.dtype != np.float32:
-                raise TypeError(f"input {i} takes float32 features, got {a.dtype}")
-            if np.isnan(a).any():
-                raise ValueError(f"input {i} contains NaN")
-        out.append(np.ascontiguousarray(a))
-    return out
+    """The same input checks as CompiledModule, from the module's .json metadata."""
+    from .inputs import check_inputs_for_library
+    return check_inputs_for_library(lib_path, inputs)
 
 
 def _flatten(value, out: list) -> list:

@@ -1,0 +1,62 @@
+"""Validation of a compiled model's inputs, shared by CompiledModule, the qemu runner, RPC and the CLI:
+rank and static sizes, token ids int64 within the vocabulary, features float32 without NaN."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+
+
+def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optional[list] = None,
+                 vocab: Optional[dict] = None) -> list[np.ndarray]:
+    """numpy arrays (C order) from numpy/torch inputs, checked against the model's input description."""
+    arrays = []
+    for x in inputs:
+        if hasattr(x, "detach") and hasattr(x, "numpy"):  # torch tensor
+            x = x.detach().cpu().numpy()
+        arrays.append(np.asarray(x))
+    vocab = vocab or {}
+    if kinds and len(arrays) != len(kinds):
+        raise TypeError(f"model takes {len(kinds)} inputs, got {len(arrays)}")
+    out = []
+    for i, (a, kind) in enumerate(zip(arrays, kinds or [None] * len(arrays))):
+        if shapes is not None and i < len(shapes) and shapes[i] is not None:
+            want = shapes[i]
+            if a.ndim != len(want) or any(d is not None and d != n for d, n in zip(want, a.shape)):
+                desc = "[" + ", ".join("*" if d is None else str(d) for d in want) + "]"
+                raise ValueError(f"input {i} has shape {tuple(a.shape)}, the model takes {desc} (* = any size)")
+            if any(n == 0 for n in a.shape):
+                raise ValueError(f"input {i} has an empty dimension {tuple(a.shape)}")
+        if kind == "ids":
+            if a.dtype not in (np.int64, np.int32):
+                raise TypeError(f"input {i} takes int64 token ids, got {a.dtype}")
+            a = a.astype(np.int64)
+            V = vocab.get(i)
+            if V is not None and a.size and (a.min() < 0 or a.max() >= V):
+                raise IndexError(f"input {i}: token id out of range [0, {V}): min {a.min()}, max {a.max()}")
+        elif kind is not None:
+            if a.dtype != np.float32:
+                raise TypeError(f"input {i} takes float32 features, got {a.dtype}")
+            if np.isnan(a).any():
+                raise ValueError(f"input {i} contains NaN")
+        out.append(np.ascontiguousarray(a))
+    return out
+
+
+def read_meta(lib_path) -> Optional[dict]:
+    """The .json metadata written next to an exported library, or None."""
+    p = Path(str(lib_path) + ".json")
+    if not p.is_file():
+        return None
+    return json.loads(p.read_text())
+
+
+def check_inputs_for_library(lib_path, inputs: Iterable) -> list[np.ndarray]:
+    """check_inputs with the description stored in an exported library's .json metadata."""
+    meta = read_meta(lib_path)
+    if meta is None:
+        return check_inputs(inputs)
+    return check_inputs(inputs, meta.get("input_kinds"), meta.get("input_shapes"),
+                        {int(k): v for k, v in meta.get("vocab_sizes", {}).items()})
