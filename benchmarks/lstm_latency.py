@@ -1,6 +1,7 @@
 """Latency of one compiled integer-only LSTM against PyTorch FP32 nn.LSTM, measured in the same run.
 
     TVM_NUM_THREADS=1 .venv/bin/python benchmarks/lstm_latency.py [--input 256 --hidden 512 --seq 64 --batch 1]
+        [--target "llvm -mcpu=znver3" --tuning-logs tuning_logs/znver3]
 
 Prints medians of repeated runs (milliseconds) and the ratio. One thread for both (torch.set_num_threads(1),
 TVM_NUM_THREADS=1), since the kernels' default schedules are single-threaded.
@@ -46,7 +47,8 @@ def main():
     ap.add_argument("--layers", type=int, default=1)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--batch", type=int, action="append")
-    ap.add_argument("--target", default="llvm")
+    ap.add_argument("--target", default="host")
+    ap.add_argument("--tuning-logs", default=None, help="also compile with these tuning logs and compare")
     a = ap.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -54,17 +56,25 @@ def main():
     calib = [torch.randn(a.seq, 4, a.input) for _ in range(2)]
     print(f"quantizing {a.layers}-layer LSTM {a.input}->{a.hidden} ...", flush=True)
     q = til.quantize(model, calib)
-    cm = til.compile(q, target=a.target, example_inputs=(torch.randn(a.seq, 1, a.input),))
-    print(f"| batch | T | PyTorch FP32 (ms) | tvm_intlstm untuned (ms) | ratio | bit-exact |")
-    print(f"|---:|---:|---:|---:|---:|---|")
+    ex = (torch.randn(a.seq, 1, a.input),)
+    cms = {"untuned": til.compile(q, target=a.target, example_inputs=ex)}
+    if a.tuning_logs:
+        cms["tuned"] = til.compile(q, target=a.target, example_inputs=ex, tuning_logs=a.tuning_logs)
+    names = list(cms)
+    print("| batch | T | PyTorch FP32 (ms) | " + " | ".join(f"tvm_intlstm {n} (ms) | ratio" for n in names)
+          + " | bit-exact |")
+    print("|---:|---:|---:|" + "---:|---:|" * len(names) + "---|")
     for B in a.batch or [1, 8]:
         x = torch.randn(a.seq, B, a.input)
         xn = x.numpy()
         with torch.no_grad():
             t_fp = median_ms(lambda: model(x))
-        t_til = median_ms(lambda: cm(xn))
-        exact = np.array_equal(cm(xn), q(x).numpy())
-        print(f"| {B} | {a.seq} | {t_fp:.2f} | {t_til:.2f} | {t_til / t_fp:.2f} | {exact} |", flush=True)
+        cells, exact = [], True
+        for n in names:
+            t = median_ms(lambda: cms[n](xn))
+            cells.append(f"{t:.2f} | {t / t_fp:.2f}")
+            exact &= bool(np.array_equal(cms[n](xn), q(x).numpy()))
+        print(f"| {B} | {a.seq} | {t_fp:.2f} | " + " | ".join(cells) + f" | {exact} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -11,4 +11,12 @@ from .quant import (QuantConfig, quantize, prepare_qat, convert, QuantizedModel,
 from .reference.model import reference  # noqa: F401
 from .compiler import compile, load, CompiledModule  # noqa: F401,A004
 
+
+
+def tune(*args, **kwargs):
+    """MetaSchedule tuning of a quantized model's GEMM kernels (see tvm_intlstm.tuning.tune)."""
+    from .tuning import tune as _tune
+    return _tune(*args, **kwargs)
+
+
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""Command line: `tvm-intlstm compile | run`.
+"""Command line: `tvm-intlstm compile | run | tune`.
 
     tvm-intlstm compile model.qpt --example-shape 1,16 --target "llvm -mcpu=znver3" -o model.so
     tvm-intlstm run model.so --input ids.npy [--output logits.npy]
@@ -72,6 +72,10 @@ def main(argv=None):
     r.add_argument("--emulate", choices=["aarch64"], help="run an aarch64 build under qemu-aarch64")
     r.add_argument("--cpu", default=None, help="qemu CPU model with --emulate (default: from the module's target)")
     r.set_defaults(func=cmd_run)
+    t = sub.add_parser("tune", help="MetaSchedule tuning of the int8 GEMM kernels (database in --log-dir)")
+    from tvm_intlstm.tuning.cli import build_parser, run_tune
+    build_parser(t)
+    t.set_defaults(func=run_tune)
     a = ap.parse_args(argv)
     try:
         a.func(a)

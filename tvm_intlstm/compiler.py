@@ -155,8 +155,13 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
     input_shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape.values]
                     for p in mod["main"].params]
     _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
+    tuned = None
+    if tuning_logs:
+        from .tuning import apply_tuning_logs
+        tuned = apply_tuning_logs(tuning_logs, tgt)
+        _log(f"tuning logs {tuning_logs}: {tuned}", verbose)
     with tgt:
-        mod = integer_pipeline(tgt)(mod)
+        mod = integer_pipeline(tgt, tuned)(mod)
     lowered = mod
     _log("building", verbose)
     ex = tvm.compile(mod, target=tgt)

@@ -11,10 +11,11 @@ from .lower_lstm import LowerLSTM
 from .verify_integer_only import FloatOpError, VerifyIntegerOnly
 
 
-def integer_pipeline(target) -> tvm.transform.Pass:
-    """Quantized graph (intlstm.* placeholders) -> TIR kernels, then the integer-only check."""
+def integer_pipeline(target, tuned=None) -> tvm.transform.Pass:
+    """Quantized graph (intlstm.* placeholders) -> TIR kernels, then the integer-only check.
+    `tuned` (tvm_intlstm.tuning.apply_tuning_logs) supplies MetaSchedule-tuned GEMM kernels."""
     return tvm.transform.Sequential(
-        [LowerBoundary(target), LowerLinear(target), LowerLSTM(target), LowerElementwise(target),
+        [LowerBoundary(target), LowerLinear(target, tuned), LowerLSTM(target, tuned), LowerElementwise(target),
          VerifyIntegerOnly()], name="tvm_intlstm.integer_pipeline")
 
 

@@ -49,10 +49,21 @@ def _with_root_block(func):
 class OpLowering(PyExprMutator):
     """Base mutator: subclasses define `_lower_<op>(args)` for the ops they handle."""
 
-    def __init__(self, mod, target):
+    def __init__(self, mod, target, tuned=None):
         super().__init__(mod)
         self.target = target
+        self.tuned = tuned  # tvm_intlstm.tuning.TunedKernels or None
         self.cache = {}
+
+    def _gemm(self, kind, Kf, O, dt, w, make_default):
+        """(GlobalVar, weight arg): the tuned kernel with pre-packed weights if the tuning logs have
+        one for this GEMM, else the default kernel and the weights as they are."""
+        if self.tuned is not None:
+            hit = self.tuned.for_weight(Kf, O, dt, w)  # None unless tuned and w is a constant
+            if hit is not None:
+                func, wp = hit
+                return self._kernel(("tuned_" + kind, Kf, O, dt, str(self.target)), lambda: func), wp
+        return self._kernel((kind, Kf, O, dt, str(self.target)), make_default), w
 
     def _kernel(self, key, make):
         if key not in self.cache:
@@ -99,11 +110,12 @@ def lowering_pass(mutator_cls, name: str):
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     class _Pass:
-        def __init__(self, target):
+        def __init__(self, target, tuned=None):
             self.target = target
+            self.tuned = tuned
 
         def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-            lw = mutator_cls(mod, self.target)
+            lw = mutator_cls(mod, self.target, self.tuned)
             for gv, func in mod.functions.items():
                 if isinstance(func, relax.Function):
                     lw.builder_.update_func(gv, lw.visit_expr(func))

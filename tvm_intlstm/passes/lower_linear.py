@@ -14,8 +14,8 @@ class _LowerLinearMutator(OpLowering):
     def _lower_linear_i32(self, a):
         x, w, b = a
         O, Kf = (_static(v, "linear size") for v in _shape(w))
-        gv = self._kernel(("linear_i32", Kf, O, str(self.target)),
-                          lambda: K.linear_i32(Kf, O, True, target=self.target))
+        gv, w = self._gemm("linear_i32", Kf, O, "int32", w,
+                           lambda: K.linear_i32(Kf, O, True, target=self.target))
         return self._call_rows(gv, x, [w, b], O, "int32")
 
     def _lower_linear_requant(self, a):
@@ -23,8 +23,8 @@ class _LowerLinearMutator(OpLowering):
         bits = _prim(bits)
         O, Kf = (_static(v, "linear size") for v in _shape(w))
         dt = f"int{bits}"
-        gv = self._kernel(("linear_requant", Kf, O, dt, str(self.target)),
-                          lambda: K.linear_requant(Kf, O, dt, True, target=self.target))
+        gv, w = self._gemm("linear_requant", Kf, O, dt, w,
+                           lambda: K.linear_requant(Kf, O, dt, True, target=self.target))
         return self._call_rows(gv, x, [w, b, m, s], O, dt)
 
 

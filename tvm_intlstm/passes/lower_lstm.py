@@ -18,8 +18,8 @@ class _LowerLSTMMutator(OpLowering):
         G, I = (_static(v, "LSTM size") for v in _shape(w_x))
         H = G // 4
         T_, B_ = _shape(x)[:2]
-        gvx = self._kernel(("linear_requant", I, G, "int16", str(self.target)),
-                           lambda: K.linear_requant(I, G, "int16", True, target=self.target))
+        gvx, w_x = self._gemm("linear_requant", I, G, "int16", w_x,
+                              lambda: K.linear_requant(I, G, "int16", True, target=self.target))
         gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
         key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), str(self.target))

@@ -1,0 +1,110 @@
+"""`tvm-intlstm tune`: MetaSchedule tuning of a model's int8 GEMMs into a database directory.
+
+    tvm-intlstm tune model.qpt --example-shape 64,1,256 --target "llvm -mcpu=znver3" \\
+        --trials 200 --log-dir tuning_logs/znver3
+    tvm-intlstm tune --gemm 256,2048,int16,64 --target "llvm -mcpu=znver3" --trials 200 \\
+        --log-dir tuning_logs/znver3          # one GEMM (K, O, out dtype, rows), no model needed
+
+The database is appended to (never rewritten); running the same command again resumes: `--trials`
+is the total per task unless --no-resume. Progress lines go to stdout, MetaSchedule's own logs to
+<log-dir>/logs. Compile with the result: `tvm-intlstm compile ... --tuning-logs <log-dir>`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _shape(s: str):
+    try:
+        return tuple(int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"shape must be comma-separated integers, got {s!r}") from None
+
+
+def _gemm(s: str):
+    parts = s.split(",")
+    try:
+        if len(parts) not in (3, 4):
+            raise ValueError
+        K, O, dt = int(parts[0]), int(parts[1]), parts[2].strip()
+        rows = int(parts[3]) if len(parts) == 4 else 64
+        if dt not in ("int8", "int16", "int32") or K <= 0 or O <= 0 or rows <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--gemm takes K,O,DTYPE[,ROWS] with DTYPE int8/int16/int32, got {s!r}") from None
+    from .tune import GemmTask  # pylint: disable=import-outside-toplevel
+
+    return GemmTask(K, O, dt, rows, "--gemm")
+
+
+def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The `tune` arguments (on `ap`, e.g. a subparser, or a new parser)."""
+    if ap is None:
+        ap = argparse.ArgumentParser(prog="tvm-intlstm tune",
+                                     description="MetaSchedule tuning of the int8 GEMM kernels")
+    ap.add_argument("model", nargs="?", help="a saved quantized model (tvm_intlstm.save_quantized)")
+    ap.add_argument("--example-shape", type=_shape, action="append", default=[],
+                    help="shape of one example input (once per input), e.g. 64,1,256: the row "
+                         "counts (T*B) of the GEMMs come from it")
+    ap.add_argument("--gemm", type=_gemm, action="append", default=[],
+                    help="tune this GEMM instead of a model's: K,O,DTYPE[,ROWS] (ROWS default 64)")
+    ap.add_argument("--target", default="llvm", help='e.g. "llvm -mcpu=znver3" or a JSON dict')
+    ap.add_argument("--trials", type=int, default=64, help="trials per task (default 64)")
+    ap.add_argument("--trials-per-iter", type=int, default=16)
+    ap.add_argument("--rows", type=int, default=None, help="tune every task at this row count")
+    ap.add_argument("--log-dir", default=None, help="database directory (default tuning_logs/<cpu>)")
+    ap.add_argument("--no-resume", action="store_true",
+                    help="run --trials more trials per task even if the database has some")
+    ap.add_argument("--seed", type=int, default=None)
+    return ap
+
+
+def run_tune(a) -> int:
+    from .tune import TuningLogError, tune  # pylint: disable=import-outside-toplevel
+
+    tasks = list(a.gemm) or None
+    model = example = None
+    if tasks is None:
+        if not a.model:
+            raise ValueError("give a model (with --example-shape) or --gemm K,O,DTYPE[,ROWS]")
+        import torch  # pylint: disable=import-outside-toplevel
+
+        import tvm_intlstm as til  # pylint: disable=import-outside-toplevel
+
+        model = til.load_quantized(a.model)
+        if len(a.example_shape) != len(model.input_kinds):
+            raise ValueError(f"the model has {len(model.input_kinds)} inputs; give --example-shape "
+                             "once per input")
+        example = tuple(torch.zeros(s, dtype=torch.int64) if k == "ids"
+                        else torch.zeros(s, dtype=torch.float32)
+                        for s, k in zip(a.example_shape, model.input_kinds))
+    elif a.rows:
+        from .tune import GemmTask  # pylint: disable=import-outside-toplevel
+
+        tasks = [GemmTask(t.K, t.O, t.out_dtype, a.rows, t.source) for t in tasks]
+    try:
+        report = tune(model, a.target, example, trials=a.trials, log_dir=a.log_dir,
+                      resume=not a.no_resume, rows=a.rows, tasks=tasks,
+                      trials_per_iter=a.trials_per_iter, seed=a.seed)
+    except TuningLogError as e:
+        raise ValueError(str(e)) from None
+    for r in report:
+        t = r["task"]
+        best = "-" if r["best_us"] is None else f"{r['best_us']:.1f} us"
+        print(f"{t.name}: {r['trials_before']} + {r['trials_run']} trials, best {best}")
+    return 0
+
+
+def cli_tune(argv=None) -> int:
+    """Entry point of `tvm-intlstm tune` (argv without the subcommand name)."""
+    a = build_parser().parse_args(argv)
+    try:
+        return run_tune(a)
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    cli_tune()

@@ -1,0 +1,349 @@
+"""Block-form (s_tir) int8 GEMM kernels and their MetaSchedule design space.
+
+`gemm_blocks(K, O, out_dtype, n_rows=None)` returns a PrimFunc with the same interface and the same
+arithmetic as `tvm_intlstm.kernels.linear_requant` / `linear_i32` (bias=True), written as s_tir
+blocks so that MetaSchedule can schedule it:
+
+    x16[n, k]  = int16(x[n, k])  for k < K, 0 for K <= k < KP          (KP = K rounded up to 2)
+    w16[o, k]  = int16(W[o, k])  for o < O, k < K, else 0               (OP = O rounded up to 8)
+    acc[n, o]  = sum_k int32(x16[n, k]) * int32(w16[o, k])              (exact int32, spec 5)
+    y[n, o]    = requantize_N(acc[n, o] + b[o], M[o], s[o])  (int8/int16)   or  acc + b  (int32)
+
+The padding rows/columns are zeros, so they add nothing: the result is bit-exact with
+tvm_intlstm.reference.ops.linear_acc / requantize (docs/integer_spec.md sections 2 and 5).
+Rows are padded to a multiple of ROW_PAD (x16 has zero rows past N; they are never stored).
+
+Two weight forms. `packed=False`: W int8 [O, K] as the default kernels take it; the schedule
+sign-extends and packs one panel of it per call (w16 block). `packed=True` (what tuning uses): W is
+passed pre-packed, int8 [OP/8, KP/2, 8, 2] = pack_weights(W) — for the constant weights of a model
+the compiler packs once at compile time — and the vpmaddwd step sign-extends 16 bytes of it
+(vpmovsxbw). Packing per call cost ~250-500 us on the 256 x 2048 weights, more than the whole
+default kernel at small N: pre-packing is what makes the tuned kernel pay.
+
+The design space (`schedule_gemm`, used as a MetaSchedule ScheduleFn space) makes these choices:
+
+- n (rows): a register tile of `nt` rows, `sample_categorical` over NT_CHOICES. The decision does
+  not depend on the row count, so a trace tuned on a static N (e.g. T*B = 64) replays on the
+  symbolic-N kernel (`split(n, [None, nt])` then carries a predicate for the row tail).
+- o (output channels): `sample_perfect_tile` of OP/8 into (panel, vectors per register tile);
+  the innermost 8 channels are one int32x8 vector.
+- k: pairs (the int16 pair of vpmaddwd), then `sample_perfect_tile` of KP/2 into (k0, k1).
+- weights: pre-packed [OP/8, KP/2, 8, 2] (the 8 x 2 weights of one step are 16 contiguous
+  bytes), or (packed=False) one panel sign-extended into such a scratch per o0 (`compute_at` +
+  `transform_layout`, two loop orders = two designs, see design_spaces);
+- on AVX2 targets the (8 channels x 2 k) step is tensorized with INTRIN_AVX2_PMADDWD:
+  one vpmaddwd of the broadcast int16 pair of x against 8 packed weight pairs (exact for every
+  int16 input but (-32768)^2 * 2, which int8-extended data never reach). vpmaddubsw is NOT used
+  (it saturates with full-range int8 operands, DESIGN.md). Elsewhere the 8 lanes are vectorized;
+- the epilogue (bias, requantize) is computed per row tile from the accumulator tile
+  (`reverse_compute_at`), vectorized by 8 over the output channels;
+- `pragma_auto_unroll_max_step` sampled from UNROLL_CHOICES on the gemm block.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import s_tir, tirx
+from tvm.script import tirx as T
+
+from ..kernels._tir import requantize
+
+KPAIR = 2          # k per vpmaddwd lane
+OVEC = 8           # output channels per int32x8 vector
+ROW_PAD = 8        # the product's rows are padded to a multiple of this
+NT_CHOICES = (1, 2, 4, 8)
+UNROLL_CHOICES = (0, 16, 64, 512)
+INTRIN_AVX2_PMADDWD = "tvm_intlstm_avx2_pmaddwd_8x2_i16i16i32"        # int16 weights (packed per call)
+INTRIN_AVX2_PMADDWD_I8W = "tvm_intlstm_avx2_pmaddwd_8x2_i16i8i32"      # int8 pre-packed weights
+
+
+def padded(K: int, O: int) -> tuple[int, int]:
+    return (K + KPAIR - 1) // KPAIR * KPAIR, (O + OVEC - 1) // OVEC * OVEC
+
+
+def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
+                n_rows: int | None = None, name: str | None = None,
+                packed: bool = False) -> tirx.PrimFunc:
+    """Block-form linear kernel: (x, W, b, M, s, y) for out_dtype int8/int16, (x, W, b, y) for
+    int32 (the final linear layer). n_rows: a static row count (the tuning specialization);
+    None gives the symbolic-N kernel the compiler calls. packed: W is passed pre-packed, int8
+    [OP/8, KP/2, 8, 2] = pack_weights(W) (done once, at compile time, for constant weights),
+    instead of int8 [O, K] packed on every call."""
+    K, O = int(in_features), int(out_features)
+    if K <= 0 or O <= 0:
+        raise ValueError(f"linear sizes must be positive, got K={K}, O={O}")
+    if K > 2**16:
+        raise ValueError("spec 5 bounds K <= 2^16")
+    if out_dtype not in ("int8", "int16", "int32"):
+        raise ValueError(f"out_dtype must be int8, int16 or int32, got {out_dtype}")
+    KP, OP = padded(K, O)
+    requant = out_dtype != "int32"
+    # the row count: a fresh symbolic var (bound by the buffers), or the static specialization
+    N = tirx.Var("N", "int64") if n_rows is None else tirx.IntImm("int64", int(n_rows))
+    # rows of the product padded to a multiple of ROW_PAD (zero rows, never stored), so that every
+    # row tile in NT_CHOICES divides them: no predicate, which tensorize cannot take
+    NP = (int(n_rows) + ROW_PAD - 1) // ROW_PAD * ROW_PAD if n_rows is not None else \
+        tirx.floordiv(N + (ROW_PAD - 1), ROW_PAD) * ROW_PAD
+    if n_rows is not None:
+        NP = tirx.IntImm("int64", NP)
+    bits = int(out_dtype[3:])
+
+    wshape = (OP // OVEC, KP // KPAIR, OVEC, KPAIR) if packed else (O, K)
+    w16shape = (1, 1) if packed else (OP, KP)
+
+    def wread(W, W16, o, k):
+        if packed:
+            return tirx.Cast("int32", W[o // OVEC, k // KPAIR, o % OVEC, k % KPAIR])
+        return tirx.Cast("int32", W16[o, k])
+
+    def wext(W, o, k):
+        if OP == O and KP == K:   # no padding: a plain sign extension (vectorizes)
+            return tirx.Cast("int16", W[o, k])
+        return tirx.if_then_else(tirx.all(o < O, k < K), tirx.Cast(
+            "int16", W[tirx.min(o, O - 1), tirx.min(k, K - 1)]), tirx.const(0, "int16"))
+
+    def epilogue(acc, Bb, Mb, Sb, o):
+        if requant:
+            return requantize(acc + Bb[o], Mb[o], Sb[o], bits)
+        return acc + Bb[o]
+
+    @T.prim_func(s_tir=True)
+    def gemm_requant(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle, s_h: T.handle,
+                     y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        X = T.match_buffer(x_h, (N, K), "int8")
+        W = T.match_buffer(w_h, wshape, "int8")
+        Bb = T.match_buffer(b_h, (O,), "int32")
+        Mb = T.match_buffer(m_h, (O,), "int32")
+        Sb = T.match_buffer(s_h, (O,), "int32")
+        Y = T.match_buffer(y_h, (N, O), out_dtype)
+        X16 = T.sblock_alloc_buffer((NP, KP), "int16")
+        W16 = T.sblock_alloc_buffer(w16shape, "int16")
+        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
+        for n, k in T.grid(NP, KP):
+            with T.sblock("x16"):
+                vn, vk = T.axis.remap("SS", [n, k])
+                X16[vn, vk] = T.if_then_else(
+                    vn < N and vk < K, T.Cast("int16", X[T.min(vn, N - 1), T.min(vk, K - 1)]),
+                    T.int16(0))
+        if not packed:
+            for o, k in T.grid(OP, KP):
+                with T.sblock("w16"):
+                    vo, vk = T.axis.remap("SS", [o, k])
+                    W16[vo, vk] = wext(W, vo, vk)
+        for n, o, k in T.grid(NP, OP, KP):
+            with T.sblock("gemm"):
+                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
+                with T.init():
+                    ACC[vn, vo] = 0
+                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", X16[vn, vk]) * wread(W, W16, vo, vk)
+        for n, o in T.grid(N, O):
+            with T.sblock("epilogue"):
+                vn, vo = T.axis.remap("SS", [n, o])
+                Y[vn, vo] = epilogue(ACC[vn, vo], Bb, Mb, Sb, vo)
+
+    @T.prim_func(s_tir=True)
+    def gemm_i32(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        X = T.match_buffer(x_h, (N, K), "int8")
+        W = T.match_buffer(w_h, wshape, "int8")
+        Bb = T.match_buffer(b_h, (O,), "int32")
+        Y = T.match_buffer(y_h, (N, O), "int32")
+        X16 = T.sblock_alloc_buffer((NP, KP), "int16")
+        W16 = T.sblock_alloc_buffer(w16shape, "int16")
+        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
+        for n, k in T.grid(NP, KP):
+            with T.sblock("x16"):
+                vn, vk = T.axis.remap("SS", [n, k])
+                X16[vn, vk] = T.if_then_else(
+                    vn < N and vk < K, T.Cast("int16", X[T.min(vn, N - 1), T.min(vk, K - 1)]),
+                    T.int16(0))
+        if not packed:
+            for o, k in T.grid(OP, KP):
+                with T.sblock("w16"):
+                    vo, vk = T.axis.remap("SS", [o, k])
+                    W16[vo, vk] = wext(W, vo, vk)
+        for n, o, k in T.grid(NP, OP, KP):
+            with T.sblock("gemm"):
+                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
+                with T.init():
+                    ACC[vn, vo] = 0
+                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", X16[vn, vk]) * wread(W, W16, vo, vk)
+        for n, o in T.grid(N, O):
+            with T.sblock("epilogue"):
+                vn, vo = T.axis.remap("SS", [n, o])
+                Y[vn, vo] = ACC[vn, vo] + Bb[vo]
+
+    func = gemm_requant if requant else gemm_i32
+    default_name = ("linear_requant" if requant else "linear_i32")
+    func = func.with_attr("global_symbol", name or default_name)
+    return func.with_attr("intlstm.weight_layout", "o8k2" if packed else "ok")
+
+
+def pack_weights(W: np.ndarray) -> np.ndarray:
+    """int8 W [O, K] -> the packed layout of gemm_blocks(packed=True): int8 [OP/8, KP/2, 8, 2],
+    P[a, b, i, j] = W[8a + i, 2b + j] (zeros in the padding)."""
+    W = np.asarray(W)
+    if W.dtype != np.int8 or W.ndim != 2:
+        raise TypeError(f"pack_weights takes an int8 [O, K] array, got {W.dtype} {W.shape}")
+    O, K = W.shape
+    KP, OP = padded(K, O)
+    Wp = np.zeros((OP, KP), np.int8)
+    Wp[:O, :K] = W
+    return np.ascontiguousarray(
+        Wp.reshape(OP // OVEC, OVEC, KP // KPAIR, KPAIR).transpose(0, 2, 1, 3))
+
+
+# --- the AVX2 tensor intrinsic --------------------------------------------------------------------
+@T.prim_func(s_tir=True)
+def _pmaddwd_desc(A: T.Buffer((2,), "int16", offset_factor=1),
+                  B: T.Buffer((8, 2), "int16", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i, k in T.grid(8, 2):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_impl(A: T.Buffer((2,), "int16", offset_factor=1),
+                  B: T.Buffer((8, 2), "int16", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+        a_b = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            a_b, B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_i8w_desc(A: T.Buffer((2,), "int16", offset_factor=1),
+                      B: T.Buffer((8, 2), "int8", offset_factor=1),
+                      C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i, k in T.grid(8, 2):
+            with T.sblock("update"):
+                vi, vk = T.axis.remap("SR", [i, k])
+                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+
+
+@T.prim_func(s_tir=True)
+def _pmaddwd_i8w_impl(A: T.Buffer((2,), "int16", offset_factor=1),
+                      B: T.Buffer((8, 2), "int8", offset_factor=1),
+                      C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+        a_b = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            a_b, T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
+
+
+def register_intrinsics() -> None:
+    """Register INTRIN_AVX2_PMADDWD and INTRIN_AVX2_PMADDWD_I8W (once per process)."""
+    from tvm.s_tir import TensorIntrin  # pylint: disable=import-outside-toplevel
+
+    if TensorIntrin.get(INTRIN_AVX2_PMADDWD, allow_missing=True) is None:
+        TensorIntrin.register(INTRIN_AVX2_PMADDWD, _pmaddwd_desc, _pmaddwd_impl)
+    if TensorIntrin.get(INTRIN_AVX2_PMADDWD_I8W, allow_missing=True) is None:
+        TensorIntrin.register(INTRIN_AVX2_PMADDWD_I8W, _pmaddwd_i8w_desc, _pmaddwd_i8w_impl)
+
+
+# --- the design space ------------------------------------------------------------------------------
+def schedule_gemm(sch: s_tir.Schedule, isa: str = "avx2", O: int | None = None,
+                  decisions: dict | None = None) -> None:
+    """Apply the design space to a Schedule of `gemm_blocks(...)` (sampling every decision).
+
+    isa: "avx2" tensorizes with vpmaddwd, anything else vectorizes the 8 output lanes.
+    O: the real output channel count (vectorizes the epilogue when O % 8 == 0).
+    decisions: fix some decisions instead of sampling them: {"nt": rows, "o_tile": [panels,
+    vectors], "k_tile": [k0, k1], "unroll": max_step, "pack": 0 or 1 (not sampled)} (used by tests and by hand experiments)."""
+    dec = decisions or {}
+    gemm = sch.get_sblock("gemm")
+    epi = sch.get_sblock("epilogue")
+    packed = str(sch.mod["main"].attrs.get("intlstm.weight_layout", "ok")) == "o8k2"
+    n, o, k = sch.get_loops(gemm)
+    nt = sch.sample_categorical(list(NT_CHOICES), [1.0 / len(NT_CHOICES)] * len(NT_CHOICES),
+                                decision=NT_CHOICES.index(dec["nt"]) if "nt" in dec else None)
+    n0, n1 = sch.split(n, [None, nt])
+    oq, o8 = sch.split(o, [None, OVEC])
+    o0, o1 = sch.split(oq, sch.sample_perfect_tile(oq, n=2, max_innermost_factor=8,
+                                                             decision=dec.get("o_tile")))
+    kq, kp = sch.split(k, [None, KPAIR])
+    k0, k1 = sch.split(kq, sch.sample_perfect_tile(kq, n=2, max_innermost_factor=128,
+                                                             decision=dec.get("k_tile")))
+    if isa == "avx2":
+        sch.reorder(o0, n0, k0, k1, n1, o1, o8, kp)
+    else:
+        sch.reorder(o0, n0, k0, k1, n1, o1, kp, o8)
+    if not packed:
+        _pack_per_call(sch, o0, int(dec.get("pack", 0)))
+    # epilogue per row tile, straight from the accumulator tile
+    sch.reverse_compute_at(epi, n0, preserve_unit_loops=True)
+    sch.decompose_reduction(gemm, k0)
+    if isa == "avx2":
+        sch.tensorize(o8, INTRIN_AVX2_PMADDWD_I8W if packed else INTRIN_AVX2_PMADDWD)
+    else:
+        sch.vectorize(o8)
+        sch.unroll(kp)
+    sch.unroll(n1)
+    sch.unroll(o1)
+    if O is not None and O % OVEC == 0:
+        eo = sch.get_loops(epi)[-1]
+        _, ev = sch.split(eo, [None, OVEC])
+        sch.vectorize(ev)
+    unroll = sch.sample_categorical(
+        list(UNROLL_CHOICES), [1.0 / len(UNROLL_CHOICES)] * len(UNROLL_CHOICES),
+        decision=UNROLL_CHOICES.index(dec["unroll"]) if "unroll" in dec else None)
+    # the pragmas RewriteParallelVectorizeUnroll would derive from "meta_schedule.unroll_explicit",
+    # set directly: the trace then needs no postprocessor and replays as it is on symbolic N
+    sch.annotate(n0, "pragma_auto_unroll_max_step", unroll)
+    sch.annotate(n0, "pragma_unroll_explicit", 1)
+
+
+def _pack_per_call(sch, o0, order):
+    """Unpacked variant: sign-extend and pack one panel of weights ([o/8, k/2, 8, 2]) per o0;
+    loop order 0 = as W is read (rows of k), 1 = as the panel is written (8 x 2 groups)."""
+    w16 = sch.get_sblock("w16")
+    gemm = sch.get_sblock("gemm")
+    sch.compute_at(w16, o0, preserve_unit_loops=True)
+    sch.transform_layout(gemm, ("read", 1),
+                         tirx.IndexMap.from_func(lambda a, b: (a // OVEC, b // KPAIR, a % OVEC,
+                                                               b % KPAIR), index_dtype="int32"))
+    po, pk = sch.get_loops(w16)[-2:]
+    if order == 1:
+        po0, po1 = sch.split(po, [None, OVEC])
+        pk0, pk1 = sch.split(pk, [None, KPAIR])
+        sch.reorder(po0, pk0, po1, pk1)
+        sch.unroll(po1)
+        sch.unroll(pk1)
+    else:
+        _, pk1 = sch.split(pk, [None, KPAIR])
+        sch.unroll(pk1)
+
+
+PACK_ORDERS = (0, 1)
+
+
+def design_spaces(sch: s_tir.Schedule, isa: str = "avx2", O: int | None = None) -> list:
+    """The MetaSchedule space: one design per packing loop order (a Python-level choice cannot be
+    a sampled decision: MetaSchedule re-samples decisions by replaying the design's trace)."""
+    if str(sch.mod["main"].attrs.get("intlstm.weight_layout", "ok")) == "o8k2":
+        schedule_gemm(sch, isa, O)
+        return [sch]
+    out = []
+    for pack in PACK_ORDERS:
+        s = sch.copy()
+        schedule_gemm(s, isa, O, {"pack": pack})
+        out.append(s)
+    return out

@@ -1,0 +1,554 @@
+"""MetaSchedule tuning of the int8 GEMMs of a quantized model, and lookup of the results.
+
+    tasks = extract_tasks(qmodel, example_inputs)          # [GemmTask(K, O, out_dtype, rows)]
+    tune(qmodel, target, example_inputs, trials=64, log_dir="tuning_logs/znver3")
+    tuned = apply_tuning_logs("tuning_logs/znver3", target)
+    func = tuned.get(K, O, "int16")                          # scheduled symbolic-N PrimFunc or None
+
+Tasks. The GEMMs of a compiled model are the `intlstm.linear_i32` / `intlstm.linear_requant`
+placeholder calls and the input projection of every `intlstm.lstm_direction` (gx = x W_x^T over all
+T*B rows, int16 out). `extract_tasks` imports the model with static shapes and reads the weight
+shapes (K, O), the output dtype and the row count of each; tasks with equal (K, O, out_dtype) are
+one task (the largest row count is kept).
+
+Tuning. Each task is the static-N block-form kernel `gemm.gemm_blocks(K, O, out_dtype, rows)`
+(the workload, named `gemm_k{K}_o{O}_{dtype}_n{rows}`), tuned with the hand-written design space
+`gemm.schedule_gemm` (a MetaSchedule ScheduleFn space), the evolutionary search, the xgboost cost
+model if xgboost is installed (a random one otherwise), and the in-process builder/runner of `_ms`
+(which also checks every candidate bit for bit against the numpy reference).
+
+Database. MetaSchedule's JSONDatabase in `log_dir` (database_workload.json,
+database_tuning_record.json): one JSON line per workload / measured trial, only ever appended.
+With resume=True, `trials` is the total per task and target: records already in the database count,
+and the search starts from them, so an interrupted session continues where it stopped.
+
+Symbolic N. The design space makes no decision that depends on the row count (the row tile is a
+`sample_categorical` choice, rows are padded to a multiple of 8 inside the kernel), so the best
+trace of the static workload replays unchanged (`Trace.apply_to_schedule`) on the symbolic-N
+kernel `gemm_blocks(K, O, out_dtype)`: that is what `TunedKernels.get` returns.
+
+Robustness. `apply_tuning_logs` never raises for a bad database: a missing directory, a corrupt
+file (bad JSON, wrong structure, unreadable by MetaSchedule) or records for other targets give a
+`TuningLogWarning` and the default kernels (get() returns None). `tune` refuses a corrupt database
+with a `TuningLogError` that says which file and line (it must not append to it).
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import gemm as G
+from ._ms import classes, fast_tensor_intrin
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+GEMM_ATTR = "intlstm.gemm"          # "K,O,out_dtype,rows,layout" on every workload function
+LAYOUT = "o8k2"                     # weights pre-packed by gemm.pack_weights
+
+
+class TuningLogError(ValueError):
+    """A tuning database that cannot be used (corrupt, unreadable)."""
+
+
+class TuningLogWarning(UserWarning):
+    """A tuning database was ignored (or partly ignored); the default kernels are used."""
+
+
+# --- tasks ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GemmTask:
+    K: int
+    O: int
+    out_dtype: str     # "int8" / "int16" (requantizing) or "int32" (final linear)
+    rows: int          # the static N the task is tuned for
+    source: str = ""   # where it comes from, e.g. "lstm_direction" (for the progress lines)
+
+    @property
+    def key(self) -> tuple:
+        return (self.K, self.O, self.out_dtype)
+
+    @property
+    def name(self) -> str:
+        return f"gemm_k{self.K}_o{self.O}_{self.out_dtype}_n{self.rows}"
+
+    def workload(self):
+        """The static-N block-form kernel as an IRModule (the MetaSchedule workload)."""
+        import tvm  # pylint: disable=import-outside-toplevel
+
+        f = G.gemm_blocks(self.K, self.O, self.out_dtype, n_rows=self.rows, name="main",
+                          packed=True)
+        f = f.with_attr(GEMM_ATTR, f"{self.K},{self.O},{self.out_dtype},{self.rows},{LAYOUT}")
+        return tvm.IRModule({"main": f})
+
+
+def _walk_calls(expr, out):
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    if isinstance(expr, relax.Function):
+        _walk_calls(expr.body, out)
+    elif isinstance(expr, relax.SeqExpr):
+        for blk in expr.blocks:
+            for b in blk.bindings:
+                _walk_calls(b.value, out)
+        _walk_calls(expr.body, out)
+    elif isinstance(expr, relax.Call):
+        out.append(expr)
+    elif isinstance(expr, relax.If):
+        _walk_calls(expr.true_branch, out)
+        _walk_calls(expr.false_branch, out)
+
+
+def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64) -> list[GemmTask]:
+    """GEMM tasks of an imported Relax module (see the module doc). Symbolic row counts become
+    `default_rows`; `rows` overrides every row count."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm import relax  # pylint: disable=import-outside-toplevel
+
+    from ..frontend.importer import OP_PREFIX  # pylint: disable=import-outside-toplevel
+
+    dps = tvm.ir.Op.get("relax.call_dps_packed")
+
+    def shape(e):
+        return list(e.ty.shape.values)
+
+    def nrows(dims):
+        n = 1
+        for d in dims:
+            if not isinstance(d, (int, tvm.tirx.IntImm)):
+                return default_rows
+            n *= int(d)
+        return max(n, 1)
+
+    found: dict = {}
+    for _, func in mod.functions_items():
+        if not isinstance(func, relax.Function):
+            continue
+        calls: list = []
+        _walk_calls(func, calls)
+        for call in calls:
+            if call.op != dps or not isinstance(call.args[0], relax.ExternFunc):
+                continue
+            name = str(call.args[0].global_symbol)
+            if not name.startswith(OP_PREFIX):
+                continue
+            op = name[len(OP_PREFIX):]
+            a = list(call.args[1].fields)
+            if op == "linear_i32":
+                (O, K), dt, n = shape(a[1]), "int32", nrows(shape(a[0])[:-1])
+            elif op == "linear_requant":
+                bits = a[5].value
+                bits = int(bits.value if hasattr(bits, "value") else bits)
+                (O, K), dt, n = shape(a[1]), f"int{bits}", nrows(shape(a[0])[:-1])
+            elif op == "lstm_direction":
+                (O, K), dt, n = shape(a[1]), "int16", nrows(shape(a[0])[:2])
+            else:
+                continue
+            t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op)
+            old = found.get(t.key)
+            if old is None or t.rows > old.rows:
+                found[t.key] = t
+    return sorted(found.values(), key=lambda t: (t.K, t.O, t.out_dtype))
+
+
+def extract_tasks(model, example_inputs, rows: int | None = None) -> list[GemmTask]:
+    """The GEMM tasks of a quantized model (tvm_intlstm.quantize / prepare_qat result), with the
+    row counts of `example_inputs` (T*B for an LSTM input projection) unless `rows` is given."""
+    import torch  # pylint: disable=import-outside-toplevel
+
+    from ..frontend.importer import import_quantized  # pylint: disable=import-outside-toplevel
+    from ..quant.api import QATModel  # pylint: disable=import-outside-toplevel
+
+    if isinstance(model, QATModel):
+        model = model.convert()
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    mod = import_quantized(model, example_inputs, dynamic=False)
+    return tasks_from_module(mod, rows=rows)
+
+
+# --- targets --------------------------------------------------------------------------------------
+def _target(spec):
+    from ..target import parse_target  # pylint: disable=import-outside-toplevel
+
+    return parse_target(spec)
+
+
+def target_key(tgt) -> tuple:
+    """What must agree between a tuning record and the compile target: kind, triple, cpu, attrs."""
+    a = tgt.attrs
+    mattr = a.get("mattr", None) or []
+    return (tgt.kind.name, str(a.get("mtriple", "") or ""), str(a.get("mcpu", "") or ""),
+            tuple(sorted(str(v) for v in mattr)))
+
+
+def _target_str(tgt) -> str:
+    k = target_key(tgt)
+    parts = [k[0]] + [f"-{n}={v}" for n, v in (("mtriple", k[1]), ("mcpu", k[2])) if v]
+    if k[3]:
+        parts.append("-mattr=" + ",".join(k[3]))
+    return " ".join(parts)
+
+
+def _is_host_runnable(tgt) -> bool:
+    import platform  # pylint: disable=import-outside-toplevel
+
+    if tgt.kind.name != "llvm":
+        return False
+    triple = str(tgt.attrs.get("mtriple", "") or "")
+    host = platform.machine().lower()
+    if not triple:
+        return True
+    if host in ("x86_64", "amd64"):
+        return triple.startswith("x86_64")
+    if host in ("aarch64", "arm64"):
+        return triple.startswith("aarch64") or triple.startswith("arm64")
+    return False
+
+
+# --- database -------------------------------------------------------------------------------------
+def validate_logs(log_dir: str) -> tuple[int, int]:
+    """Check the two JSON-lines files of a MetaSchedule JSONDatabase without loading them into TVM:
+    every line must be JSON of the right shape, every record must name an existing workload and the
+    last line must be complete. Returns (workloads, records); raises TuningLogError."""
+    counts = []
+    for fname in (WORKLOAD_FILE, RECORD_FILE):
+        path = os.path.join(log_dir, fname)
+        n = 0
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                data = f.read()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise TuningLogError(f"tuning database {path} is corrupt: not UTF-8 text ({e})") \
+                    from None
+            if text and not text.endswith("\n"):
+                raise TuningLogError(
+                    f"tuning database {path} is corrupt: its last line is incomplete (an interrupted "
+                    "write?); remove that line or tune into a new log_dir")
+            for i, line in enumerate(text.splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TuningLogError(
+                        f"tuning database {path} is corrupt: line {i} is not JSON ({e.msg})") from None
+                if fname == WORKLOAD_FILE:
+                    ok = isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], str)
+                else:
+                    ok = (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], int)
+                          and isinstance(obj[1], list) and 0 <= obj[0] < counts[0])
+                if not ok:
+                    raise TuningLogError(
+                        f"tuning database {path} is corrupt: line {i} is not a MetaSchedule "
+                        f"{'workload' if fname == WORKLOAD_FILE else 'tuning record'}")
+                n += 1
+        counts.append(n)
+    return counts[0], counts[1]
+
+
+def open_database(log_dir: str, create: bool = False):
+    """The JSONDatabase of `log_dir` after validate_logs; TuningLogError if unusable."""
+    from tvm.s_tir.meta_schedule.database import JSONDatabase  # pylint: disable=import-outside-toplevel
+
+    if not os.path.isdir(log_dir):
+        if not create:
+            raise TuningLogError(f"no tuning database: {log_dir} is not a directory")
+        os.makedirs(log_dir, exist_ok=True)
+    validate_logs(log_dir)
+    try:
+        G.register_intrinsics()   # traces name it: parsing a record looks it up
+        with fast_tensor_intrin():
+            return JSONDatabase(os.path.join(log_dir, WORKLOAD_FILE),
+                                os.path.join(log_dir, RECORD_FILE), allow_missing=True)
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+        raise TuningLogError(f"tuning database in {log_dir} cannot be loaded by MetaSchedule: "
+                             f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}") from None
+
+
+def _gemm_of(workload_mod):
+    try:
+        f = workload_mod["main"]
+        s = str(f.attrs[GEMM_ATTR])
+    except Exception:  # noqa: BLE001  # pylint: disable=broad-except
+        return None
+    parts = s.split(",")
+    if len(parts) != 5 or parts[4] != LAYOUT:
+        return None    # another kernel form (e.g. an older database): not ours to replay
+    K, O, dt, rows = parts[:4]
+    return int(K), int(O), dt, int(rows)
+
+
+def _records(db):
+    """(gemm (K, O, dt, rows) or None, target, mean run seconds or None, record) per record."""
+    out = []
+    for rec in db.get_all_tuning_records():
+        secs = [float(v) for v in rec.run_secs] if rec.run_secs is not None else []
+        ok = bool(secs) and all(np.isfinite(secs)) and max(secs) < 1e9
+        out.append((_gemm_of(rec.workload.mod), rec.target, float(np.mean(secs)) if ok else None,
+                    rec))
+    return out
+
+
+# --- tuning ---------------------------------------------------------------------------------------
+def _task_logger(log_dir: str, name: str):
+    """A file logger <log_dir>/logs/<task>.log for MetaSchedule's messages about one task
+    (ms.logging.get_loggers_from_work_dir fails when called twice in one process)."""
+    import logging  # pylint: disable=import-outside-toplevel
+
+    path = os.path.abspath(os.path.join(log_dir, "logs", name + ".log"))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    logger = logging.getLogger(f"tvm_intlstm.tuning.{name}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    for h in list(logger.handlers):
+        if getattr(h, "baseFilename", None) != path:
+            logger.removeHandler(h)
+            h.close()
+    if not logger.handlers:
+        h = logging.FileHandler(path)
+        h.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(message)s"))
+        logger.addHandler(h)
+    return logger
+
+
+def _cost_model():
+    from tvm.s_tir.meta_schedule.cost_model import CostModel  # pylint: disable=import-outside-toplevel
+
+    try:
+        import xgboost  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
+
+        return CostModel.create("xgb", num_tuning_cores=1)
+    except ImportError:
+        return CostModel.create("random")
+
+
+def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | None = None,
+         resume: bool = True, rows: int | None = None, tasks: list[GemmTask] | None = None,
+         trials_per_iter: int = 16, seed: int | None = None, verbose: bool = True, log=None):
+    """Tune every GEMM of `model` for `target` with `trials` measured trials per task.
+
+    model, example_inputs: the quantized model and example inputs (as for tvm_intlstm.compile);
+    `tasks` (a list of GemmTask) may be given instead (model may then be None).
+    log_dir: the database directory (default tuning_logs/<mcpu or triple or kind>); created if
+    missing, appended to, never rewritten. resume: count the records already in the database
+    towards `trials` and continue from them (False: run `trials` more trials per task).
+    Returns a list of dicts {task, trials_before, trials_run, best_us} (best over all records)."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
+
+    from ..kernels import resolve_isa  # pylint: disable=import-outside-toplevel
+
+    say = log or print
+    if not verbose:
+        def say(_msg):  # noqa: E306
+            return None
+    tgt = _target(target)
+    if not _is_host_runnable(tgt):
+        raise ValueError(f"cannot tune for {_target_str(tgt)} on this machine: the trials run here "
+                         "(tuning for an ARM board needs the board, over tvm.rpc)")
+    if int(trials) < 1:
+        raise ValueError(f"trials must be >= 1, got {trials}")
+    isa = resolve_isa(tgt)
+    if log_dir is None:
+        k = target_key(tgt)
+        log_dir = os.path.join("tuning_logs", k[2] or k[1] or k[0])
+    if tasks is None:
+        if model is None or example_inputs is None:
+            raise ValueError("tune needs a model and example_inputs, or a list of tasks")
+        tasks = extract_tasks(model, example_inputs, rows=rows)
+    if not tasks:
+        say("[tvm_intlstm.tune] the model has no GEMM to tune")
+        return []
+    G.register_intrinsics()
+    Builder, Runner, Progress = classes()
+    report = []
+    with fast_tensor_intrin():
+        db = open_database(log_dir, create=True)
+        say(f"[tvm_intlstm.tune] {len(tasks)} task(s) for {_target_str(tgt)} (isa {isa}), "
+            f"{trials} trials each, database {log_dir}")
+        for ti, task in enumerate(tasks, 1):
+            mod = task.workload()
+            mine = [r for r in _records(db) if r[0] is not None and r[0][:3] == task.key
+                    and r[0][3] == task.rows and target_key(r[1]) == target_key(tgt)]
+            before = len(mine)
+            best0 = min([r[2] for r in mine if r[2] is not None], default=None)
+            todo = int(trials) - before if resume else int(trials)
+            label = f"task {ti}/{len(tasks)} {task.name} ({task.source or 'gemm'})"
+            if todo <= 0:
+                say(f"[tvm_intlstm.tune] {label}: {before} trials in the database, nothing to do"
+                    + (f" (best {best0 * 1e6:.1f} us)" if best0 is not None else ""))
+                report.append({"task": task, "trials_before": before, "trials_run": 0,
+                               "best_us": None if best0 is None else best0 * 1e6})
+                continue
+            say(f"[tvm_intlstm.tune] {label}: {before} trials in the database, running {todo}")
+            O_real = task.O
+
+            def space(sch, _isa=isa, _o=O_real):
+                return G.design_spaces(sch, _isa, _o)
+
+            ctx = ms.TuneContext(
+                mod=mod, target=tgt,
+                space_generator=ms.space_generator.ScheduleFn(
+                    space, sch_rules=[], postprocs=[],
+                    mutator_probs={ms.mutator.MutateTileSize(): 1.0}),
+                search_strategy=ms.search_strategy.EvolutionarySearch(
+                    population_size=64, init_measured_ratio=0.5, init_min_unmeasured=16,
+                    genetic_num_iters=2, max_fail_count=3, genetic_max_fail_count=4),
+                task_name=task.name, rand_state=-1 if seed is None else int(seed) + ti,
+                num_threads=1,
+                logger=_task_logger(log_dir, task.name))
+            progress = Progress(label, before + todo, before,
+                                None if best0 is None else best0 * 1e6, say)
+            t0 = time.perf_counter()
+            ms.tune_tasks(
+                tasks=[ctx], task_weights=[1.0], work_dir=log_dir,
+                max_trials_global=todo, max_trials_per_task=todo,
+                num_trials_per_iter=max(1, min(int(trials_per_iter), todo)),
+                builder=Builder(), runner=Runner(), database=db, cost_model=_cost_model(),
+                measure_callbacks=[ms.measure_callback.AddToDatabase(),
+                                   ms.measure_callback.UpdateCostModel(), progress],
+                task_scheduler="round-robin")
+            mine = [r for r in _records(db) if r[0] is not None and r[0][:3] == task.key
+                    and r[0][3] == task.rows and target_key(r[1]) == target_key(tgt)]
+            best = min([r[2] for r in mine if r[2] is not None], default=None)
+            say(f"[tvm_intlstm.tune] {label}: done in {time.perf_counter() - t0:.0f} s, "
+                f"{len(mine)} trials in the database, best "
+                + ("-" if best is None else f"{best * 1e6:.1f} us"))
+            report.append({"task": task, "trials_before": before, "trials_run": len(mine) - before,
+                           "best_us": None if best is None else best * 1e6})
+    return report
+
+
+# --- applying -------------------------------------------------------------------------------------
+class TunedKernels:
+    """Tuned GEMM schedules of one database for one target. `get(K, O, out_dtype)` returns the
+    scheduled symbolic-N PrimFunc (same interface as kernels.linear_requant / linear_i32 with
+    bias) or None (no record: use the default kernel). Never raises for a bad record."""
+
+    def __init__(self, target=None, best=None, isa="generic", log_dir=None):
+        self.target = target
+        self.log_dir = log_dir
+        self.isa = isa
+        self._best = dict(best or {})   # (K, O, dt) -> (rows, mean secs, TuningRecord)
+        self._cache: dict = {}
+
+    def __len__(self):
+        return len(self._best)
+
+    def __contains__(self, key):
+        return tuple(key) in self._best
+
+    def keys(self):
+        return sorted(self._best)
+
+    def best_us(self, K, O, out_dtype):
+        e = self._best.get((int(K), int(O), str(out_dtype)))
+        return None if e is None else e[1] * 1e6
+
+    def get(self, K, O, out_dtype):
+        key = (int(K), int(O), str(out_dtype))
+        if key not in self._best:
+            return None
+        if key not in self._cache:
+            self._cache[key] = self._replay(key)
+        return self._cache[key]
+
+    __call__ = get
+
+    def for_weight(self, K, O, out_dtype, w):
+        """For the compiler: (tuned PrimFunc, packed weight constant) for a GEMM whose weight `w`
+        is a constant (relax.const) int8 [O, K], or None (not tuned, or a weight that is not a constant:
+        use the default kernel with `w` as it is). Call the kernel with the packed constant in
+        place of `w`; every other argument is unchanged."""
+        import tvm  # pylint: disable=import-outside-toplevel
+        from tvm import relax  # pylint: disable=import-outside-toplevel
+
+        if not isinstance(w, tvm.ir.expr.Constant):
+            return None
+        data = getattr(w, "data", None)
+        data = data if data is not None else getattr(w, "value", None)
+        if not hasattr(data, "numpy"):
+            return None
+        func = self.get(K, O, out_dtype)
+        if func is None:
+            return None
+        return func, relax.const(G.pack_weights(data.numpy()), "int8")
+
+    def _replay(self, key):
+        import tvm  # pylint: disable=import-outside-toplevel
+        from tvm import s_tir  # pylint: disable=import-outside-toplevel
+
+        K, O, dt = key
+        rows, _, rec = self._best[key]
+        try:
+            G.register_intrinsics()
+            func = G.gemm_blocks(K, O, dt, n_rows=None, name="main", packed=True)
+            sch = s_tir.Schedule(tvm.IRModule({"main": func}))
+            rec.trace.apply_to_schedule(sch, remove_postproc=True)
+            out = sch.mod["main"]
+        except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+            warnings.warn(f"tuned schedule of GEMM K={K} O={O} {dt} (tuned at N={rows}) from "
+                          f"{self.log_dir} does not apply to the kernel ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
+                          "using the default kernel", TuningLogWarning, stacklevel=3)
+            return None
+        name = "linear_i32" if dt == "int32" else "linear_requant"
+        return (out.without_attr(GEMM_ATTR).with_attr("global_symbol", name)
+                .with_attr("intlstm.isa", self.isa).with_attr("intlstm.tuned", 1))
+
+
+def apply_tuning_logs(log_dir, target) -> TunedKernels:
+    """Load the tuning database in `log_dir` for `target` (see the module doc). Problems give a
+    TuningLogWarning and an empty (or partial) TunedKernels: the compiler then uses the default
+    kernels."""
+    from ..kernels import resolve_isa  # pylint: disable=import-outside-toplevel
+
+    tgt = _target(target)
+    isa = resolve_isa(tgt)
+    if log_dir is None:
+        return TunedKernels(tgt, isa=isa)
+    log_dir = os.fspath(log_dir)
+    if not os.path.isdir(log_dir):
+        warnings.warn(f"tuning logs {log_dir} not found; using the default kernels",
+                      TuningLogWarning, stacklevel=2)
+        return TunedKernels(tgt, isa=isa, log_dir=log_dir)
+    try:
+        db = open_database(log_dir)
+        recs = _records(db)
+    except TuningLogError as e:
+        warnings.warn(f"{e}; using the default kernels", TuningLogWarning, stacklevel=2)
+        return TunedKernels(tgt, isa=isa, log_dir=log_dir)
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+        warnings.warn(f"tuning database in {log_dir} is unreadable ({type(e).__name__}: {e}); "
+                      "using the default kernels", TuningLogWarning, stacklevel=2)
+        return TunedKernels(tgt, isa=isa, log_dir=log_dir)
+    want = target_key(tgt)
+    best: dict = {}
+    foreign: set = set()
+    for gemm, rtgt, secs, rec in recs:
+        if gemm is None or secs is None:
+            continue
+        if rtgt is None or target_key(rtgt) != want:
+            foreign.add(_target_str(rtgt) if rtgt is not None else "<no target>")
+            continue
+        K, O, dt, rows = gemm
+        cur = best.get((K, O, dt))
+        # prefer the largest tuned row count (the batched case), then the fastest
+        if cur is None or (rows, -secs) > (cur[0], -cur[1]):
+            best[(K, O, dt)] = (rows, secs, rec)
+    if foreign and not best:
+        warnings.warn(f"tuning database in {log_dir} has records only for "
+                      f"{', '.join(sorted(foreign))}, not for {_target_str(tgt)}; "
+                      "using the default kernels", TuningLogWarning, stacklevel=2)
+    elif not best:
+        warnings.warn(f"tuning database in {log_dir} has no GEMM records; using the default "
+                      "kernels", TuningLogWarning, stacklevel=2)
+    return TunedKernels(tgt, best, isa=isa, log_dir=log_dir)
