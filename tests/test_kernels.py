@@ -183,7 +183,9 @@ def test_embedding_clamps_bad_ids_in_kernel(emb):
 
 # --------------------------------------------------------------------------- linear layers
 
-LIN_SHAPES = [(256, 40), (23, 13)]   # (K, O): full 8-row tiles / tails in both k and o
+# (K, O): full 8-row tiles / tails in both k and o (K % 16 != 0: the masked vector k tail;
+# K < 8: the scalar one)
+LIN_SHAPES = [(256, 40), (23, 13), (650, 20), (7, 9)]
 
 
 @pytest.fixture(scope="module", params=ISAS)
@@ -505,12 +507,14 @@ def test_lstm_cell_frac_and_piece_counts(rng, cell_frac, pieces):
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_lstm_odd_hidden(rng, isa):
-    """H = 13: 4H = 52 (tail rows), H not a multiple of the vpmaddwd chunk (k tail)."""
-    p = make_lstm(rng, 13, 5, cell_frac=12)
+@pytest.mark.parametrize("H", [13, 23, 650])
+def test_lstm_odd_hidden(rng, isa, H):
+    """4H = 52, 92 (tail rows), H not a multiple of the vpmaddwd chunk (k tail: scalar for
+    H < 16, one masked vector chunk otherwise)."""
+    p = make_lstm(rng, H, 5, cell_frac=12)
     rk = lstm_kernel(p, reverse=True, isa=isa)
     for T_, B in [(4, 3), (1, 1)]:
-        gx = rng.integers(-32768, 32768, (T_, B, 52)).astype(np.int16)
+        gx = rng.integers(-32768, 32768, (T_, B, 4 * H)).astype(np.int16)
         assert_lstm_equal(run_lstm(rk, p, gx), ref_recurrence(gx, p, reverse=True))
 
 

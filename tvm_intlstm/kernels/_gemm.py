@@ -16,6 +16,12 @@ The source XS is, by ISA (`x16_source(isa)`):
 - "neon_dotprod": the int8 activations themselves: per 16 k one sdot per weight row.
 - "generic": the int8 activations; int32 lanes of 8 that LLVM vectorizes for any target.
 
+k remainder (K not a multiple of the chunk: 16 for vpmaddwd / sdot, 8 for the generic form and
+the O % 8 tail rows): one more vector chunk over the in-bounds window [K - chunk, K) of W and of
+XS, with the XS lanes below the last full chunk replaced by zeros (a constant shuffle), so those
+products are 0 and the sums stay exact. No layout change or padding of W is needed; only K < chunk
+keeps a short scalar loop.
+
 Schedule: rows in blocks of NB (a block of XS stays in L1 while W streams through it), W in tiles
 of 8 rows, per (row, tile) 8 vector accumulators reduced to one vector of 8 outputs (vphaddd tree
 on AVX2, addp tree on NEON, scalar adds in the generic form).
@@ -55,9 +61,27 @@ def gemm_macro(K: int, O: int, isa: str):
     use_sdot = isa == "neon_dotprod"
     kstep = KC if (use_avx2 or use_sdot) else 8
     KV = K // kstep                   # full vector chunks
-    KT0 = KV * kstep                  # start of the scalar k remainder
+    KT0 = KV * kstep                  # start of the k remainder
+    # The k remainder [KT0, K) costs one more vector chunk: the window [K - kstep, K) of W and
+    # of the activations (in bounds, since K >= kstep), with the activation lanes below KT0
+    # (already summed) replaced by zeros, so their products are 0 and the int32 sums stay
+    # exact. Only when K < kstep is the remainder a (short) scalar loop.
+    vtail = KT0 < K and K >= kstep
+    KT1 = K if vtail else KT0         # start of the scalar k remainder
     KG = K // 8                       # generic chunks (tail rows)
     KG0 = KG * 8
+    gtail = KG0 < K and K >= 8
+    KG1 = K if gtail else KG0
+
+    def xwin(XS, n, width):
+        """XS[n, K - width : K] with the lanes k < K // width * width zeroed."""
+        dz = (K // width + 1) * width - K      # leading lanes already covered by full chunks
+        v = XS[n, tirx.Ramp(K - width, 1, width)]
+        zeros = tirx.Broadcast(tirx.const(0, XS.dtype), width)
+        return tirx.Shuffle([v, zeros], [width + j if j < dz else j for j in range(width)])
+
+    def wwin(W, o, width):
+        return W[o, tirx.Ramp(K - width, 1, width)]
 
     def pmadd_row(W, XS, n, o, kc):
         w16 = tirx.Cast("int16x16", W[o, tirx.Ramp(kc * KC, 1, KC)])
@@ -86,6 +110,11 @@ def gemm_macro(K: int, O: int, isa: str):
                             for r in T.unroll(ROW_TILE):
                                 ACC[r, T.Ramp(0, 1, 8)] = ACC[r, T.Ramp(0, 1, 8)] + pmadd_row(
                                     W, XS, n0 + nb * NB + ni, ot * ROW_TILE + r, kc)
+                        if vtail:
+                            for r in T.unroll(ROW_TILE):
+                                ACC[r, T.Ramp(0, 1, 8)] = ACC[r, T.Ramp(0, 1, 8)] + _x86.pmaddwd(
+                                    tirx.Cast("int16x16", wwin(W, ot * ROW_TILE + r, KC)),
+                                    xwin(XS, n0 + nb * NB + ni, KC))
                         RED[T.Ramp(0, 1, 8)] = hsum_avx2(ACC)
                     elif use_sdot:
                         for r in T.unroll(ROW_TILE):
@@ -94,6 +123,11 @@ def gemm_macro(K: int, O: int, isa: str):
                             for r in T.unroll(ROW_TILE):
                                 ACC[r, T.Ramp(0, 1, 4)] = sdot_row(
                                     ACC, W, XS, n0 + nb * NB + ni, ot * ROW_TILE + r, r, kc)
+                        if vtail:
+                            for r in T.unroll(ROW_TILE):
+                                ACC[r, T.Ramp(0, 1, 4)] = _sdot(
+                                    ACC[r, T.Ramp(0, 1, 4)], wwin(W, ot * ROW_TILE + r, KC),
+                                    xwin(XS, n0 + nb * NB + ni, KC))
                         RED[T.Ramp(0, 1, 4)] = hsum_neon(ACC, 0)
                         RED[T.Ramp(4, 1, 4)] = hsum_neon(ACC, 1)
                     else:
@@ -106,11 +140,16 @@ def gemm_macro(K: int, O: int, isa: str):
                                     ACC[r, l] = ACC[r, l] + T.Cast(
                                         "int32", W[ot * ROW_TILE + r, kc * 8 + l]) * T.Cast(
                                         "int32", XS[n0 + nb * NB + ni, kc * 8 + l])
+                        if vtail:
+                            for r in T.unroll(ROW_TILE):
+                                ACC[r, T.Ramp(0, 1, 8)] = ACC[r, T.Ramp(0, 1, 8)] + tirx.Cast(
+                                    "int32x8", wwin(W, ot * ROW_TILE + r, 8)) * tirx.Cast(
+                                    "int32x8", xwin(XS, n0 + nb * NB + ni, 8))
                         for r in T.unroll(ROW_TILE):
                             RED[r] = (ACC[r, 0] + ACC[r, 1] + ACC[r, 2] + ACC[r, 3]
                                       + ACC[r, 4] + ACC[r, 5] + ACC[r, 6] + ACC[r, 7])
                     for r in T.unroll(ROW_TILE):
-                        for kr in range(KT0, K):
+                        for kr in range(KT1, K):
                             RED[r] = RED[r] + T.Cast("int32", W[ot * ROW_TILE + r, kr]) * T.Cast(
                                 "int32", XS[n0 + nb * NB + ni, kr])
                     for l in T.vectorized(ROW_TILE):
@@ -124,9 +163,13 @@ def gemm_macro(K: int, O: int, isa: str):
                             ACC[0, l] = ACC[0, l] + T.Cast(
                                 "int32", W[OT * ROW_TILE + orr, kc * 8 + l]) * T.Cast(
                                 "int32", XS[n0 + nb * NB + ni, kc * 8 + l])
+                    if gtail:
+                        ACC[0, T.Ramp(0, 1, 8)] = ACC[0, T.Ramp(0, 1, 8)] + tirx.Cast(
+                            "int32x8", wwin(W, OT * ROW_TILE + orr, 8)) * tirx.Cast(
+                            "int32x8", xwin(XS, n0 + nb * NB + ni, 8))
                     RED[0] = (ACC[0, 0] + ACC[0, 1] + ACC[0, 2] + ACC[0, 3]
                               + ACC[0, 4] + ACC[0, 5] + ACC[0, 6] + ACC[0, 7])
-                    for kr in range(KG0, K):
+                    for kr in range(KG1, K):
                         RED[0] = RED[0] + T.Cast("int32", W[OT * ROW_TILE + orr, kr]) * T.Cast(
                             "int32", XS[n0 + nb * NB + ni, kr])
                     store(nb * NB + ni, OT * ROW_TILE + orr, RED[0])
