@@ -258,6 +258,50 @@ def _runner_key(cxx: str) -> str:
     return h.hexdigest()[:16]
 
 
+def build_aarch64_binary(source: Path, out_dir: Path, name: str, what: str, verbose: bool = True,
+                         error_cls=None) -> Path:
+    """Cross-compile (once) `source` against the cached aarch64 TVM runtime into out_dir/name.
+
+    Shared by the runner and the RPC server; builds under the runtime's lock and renames into
+    place atomically, so concurrent callers never see a half-written binary."""
+    from tvm_intlstm.target import find_cross_compiler
+
+    error_cls = error_cls or EmulationError
+    runtime = ensure_runtime(verbose=verbose)
+    binary = out_dir / name
+    if binary.is_file():
+        return binary
+    cxx = find_cross_compiler({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
+    with _locked(runtime / ".lock"):
+        if binary.is_file():
+            return binary
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp_out = out_dir / f".{name}.{os.getpid()}"
+        lib = runtime / "lib"
+        cmd = [
+            cxx, *_CXXFLAGS, str(source), "-o", str(tmp_out),
+            f"-I{runtime / 'include'}", f"-L{lib}", f"-Wl,-rpath-link,{lib}",
+            "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
+            "-ldl", "-lpthread",
+        ]
+        if verbose:
+            _log(f"building the aarch64 {what} with {Path(cxx).name} ...")
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            with contextlib.suppress(FileNotFoundError):
+                tmp_out.unlink()
+            raise error_cls(
+                f"building the {what} failed:\n  {' '.join(cmd)}\n{proc.stderr[-4000:]}",
+                returncode=proc.returncode,
+                stderr=proc.stderr,
+            )
+        os.replace(tmp_out, binary)
+        if verbose:
+            _log(f"{what} built in {time.time() - t0:.1f} s: {binary}")
+    return binary
+
+
 def ensure_runner(verbose: bool = True) -> Path:
     """Build (once) the aarch64 runner and return its path.
 
@@ -270,9 +314,7 @@ def ensure_runner(verbose: bool = True) -> Path:
     runtime = ensure_runtime(verbose=verbose)
     cxx = find_cross_compiler({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
     out_dir = runtime / f"runner-{_runner_key(cxx)}"
-    runner = out_dir / _RUNNER_NAME
-    if runner.is_file():
-        return runner
+    return build_aarch64_binary(RUNNER_SOURCE, out_dir, _RUNNER_NAME, "runner", verbose)
     with _locked(runtime / ".lock"):
         if runner.is_file():
             return runner

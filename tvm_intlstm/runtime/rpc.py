@@ -43,6 +43,7 @@ from tvm_intlstm.runtime.emulate import (
     QEMU_SYSROOT,
     EmulationError,
     _CXXFLAGS,
+    build_aarch64_binary,
     _locked,
     _log,
     _no_core_dumps,
@@ -398,36 +399,13 @@ def ensure_rpc_server(verbose: bool = True) -> Path:
     binary = out_dir / _SERVER_NAME
     if binary.is_file():
         return binary
-    with _locked(runtime / ".lock"):
-        if binary.is_file():
-            return binary
-        out_dir.mkdir(parents=True, exist_ok=True)
-        src = out_dir / f"{_SERVER_NAME}.cc"
-        src.write_text(RPC_SERVER_SOURCE)
-        tmp_out = out_dir / f".{_SERVER_NAME}.{os.getpid()}"
-        lib = runtime / "lib"
-        cmd = [
-            cxx, *_CXXFLAGS, str(src), "-o", str(tmp_out),
-            f"-I{runtime / 'include'}", f"-L{lib}", f"-Wl,-rpath-link,{lib}",
-            "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
-            "-ldl", "-lpthread",
-        ]
-        if verbose:
-            _log(f"building the aarch64 RPC server with {Path(cxx).name} ...")
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            with contextlib.suppress(FileNotFoundError):
-                tmp_out.unlink()
-            raise RPCServerError(
-                f"building the RPC server failed:\n  {' '.join(cmd)}\n{proc.stderr[-4000:]}",
-                returncode=proc.returncode,
-                stderr=proc.stderr,
-            )
-        os.replace(tmp_out, binary)
-        if verbose:
-            _log(f"RPC server built in {time.time() - t0:.1f} s: {binary}")
-    return binary
+    out_dir.mkdir(parents=True, exist_ok=True)
+    src = out_dir / f"{_SERVER_NAME}.cc"
+    if not src.is_file() or src.read_text() != RPC_SERVER_SOURCE:
+        tmp_src = out_dir / f".{_SERVER_NAME}.{os.getpid()}.cc"
+        tmp_src.write_text(RPC_SERVER_SOURCE)
+        os.replace(tmp_src, src)
+    return build_aarch64_binary(src, out_dir, _SERVER_NAME, "RPC server", verbose, RPCServerError)
 
 
 # ----------------------------------------------------------------------------------------------
