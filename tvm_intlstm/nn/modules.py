@@ -286,7 +286,10 @@ class QuantLSTM(QuantModule):
                     f = fake_quant(sig_t(zf), q15, -32768, 32767)
                     g = fake_quant(tanh_t(zg), q15, -32768, 32767)
                     o = fake_quant(sig_t(zo), q15, -32768, 32767)
-                    c = fake_quant(f * c + i * g, c_s, -32768, 32767)
+                    # spec 8 rounds f*c and i*g to the cell grid separately, then saturates the sum
+                    big = 2.0**31
+                    c = torch.clamp(fake_quant(f * c, c_s, -big, big) + fake_quant(i * g, c_s, -big, big),
+                                    -32768 * c_s, 32767 * c_s)
                     h = fake_quant(o * fake_quant(tanhc_t(c), q15, -32768, 32767), s_h, -128, 127)
                     ys[t] = h
                 outs.append(torch.stack(ys, 0))
