@@ -250,12 +250,30 @@ def ensure_runtime(verbose: bool = True) -> Path:
     return root
 
 
-def _runner_key(cxx: str) -> str:
+def build_key(source: bytes, cxx: str) -> str:
+    """Cache key of a cross-built binary: its source, the flags and the compiler."""
     h = hashlib.sha256()
-    h.update(RUNNER_SOURCE.read_bytes())
+    h.update(source)
     h.update(" ".join(_CXXFLAGS).encode())
     h.update(Path(cxx).name.encode())
     return h.hexdigest()[:16]
+
+
+def check_qemu(cpu: str, error_cls=None) -> str:
+    """qemu-aarch64's path, after checking the aarch64 sysroot and that qemu knows `cpu`."""
+    error_cls = error_cls or EmulationError
+    qemu = find_qemu()
+    if not Path(QEMU_SYSROOT, "lib", "ld-linux-aarch64.so.1").exists():
+        raise error_cls(
+            f"the aarch64 sysroot {QEMU_SYSROOT} is missing: "
+            "run `apt-get install libc6-dev-arm64-cross`"
+        )
+    cpus = qemu_cpus()
+    if cpus and cpu not in cpus:
+        raise error_cls(
+            f"qemu-aarch64 has no CPU model {cpu!r}; available: {', '.join(cpus)}", cpu=cpu
+        )
+    return qemu
 
 
 def build_aarch64_binary(source: Path, out_dir: Path, name: str, what: str, verbose: bool = True,
@@ -313,36 +331,8 @@ def ensure_runner(verbose: bool = True) -> Path:
 
     runtime = ensure_runtime(verbose=verbose)
     cxx = find_cross_compiler({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
-    out_dir = runtime / f"runner-{_runner_key(cxx)}"
+    out_dir = runtime / f"runner-{build_key(RUNNER_SOURCE.read_bytes(), cxx)}"
     return build_aarch64_binary(RUNNER_SOURCE, out_dir, _RUNNER_NAME, "runner", verbose)
-    with _locked(runtime / ".lock"):
-        if runner.is_file():
-            return runner
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp_out = out_dir / f".{_RUNNER_NAME}.{os.getpid()}"
-        lib = runtime / "lib"
-        cmd = [
-            cxx, *_CXXFLAGS, str(RUNNER_SOURCE), "-o", str(tmp_out),
-            f"-I{runtime / 'include'}", f"-L{lib}", f"-Wl,-rpath-link,{lib}",
-            "-Wl,--no-as-needed", "-ltvm_runtime", "-ltvm_ffi", "-Wl,--as-needed",
-            "-ldl", "-lpthread",
-        ]
-        if verbose:
-            _log(f"building the aarch64 runner with {Path(cxx).name} ...")
-        t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            with contextlib.suppress(FileNotFoundError):
-                tmp_out.unlink()
-            raise EmulationError(
-                f"building the runner failed:\n  {' '.join(cmd)}\n{proc.stderr[-4000:]}",
-                returncode=proc.returncode,
-                stderr=proc.stderr,
-            )
-        os.replace(tmp_out, runner)
-        if verbose:
-            _log(f"runner built in {time.time() - t0:.1f} s: {runner}")
-    return runner
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,17 +468,7 @@ def run_emulated(
             "(e.g. \"llvm -mtriple=aarch64-linux-gnu -mcpu=cortex-a76\") and export it with "
             "tvm_intlstm.target.export_library"
         )
-    qemu = find_qemu()
-    if not Path(QEMU_SYSROOT, "lib", "ld-linux-aarch64.so.1").exists():
-        raise EmulationError(
-            f"the aarch64 sysroot {QEMU_SYSROOT} is missing: "
-            "run `apt-get install libc6-dev-arm64-cross`"
-        )
-    cpus = qemu_cpus()
-    if cpus and cpu not in cpus:
-        raise EmulationError(
-            f"qemu-aarch64 has no CPU model {cpu!r}; available: {', '.join(cpus)}", cpu=cpu
-        )
+    qemu = check_qemu(cpu)
     if repeat < 0:
         raise ValueError("repeat must be >= 0")
     runner = ensure_runner(verbose=verbose)

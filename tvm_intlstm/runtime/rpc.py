@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import hashlib
 import os
 import signal
 import subprocess
@@ -42,15 +41,12 @@ import numpy as np
 from tvm_intlstm.runtime.emulate import (
     QEMU_SYSROOT,
     EmulationError,
-    _CXXFLAGS,
     build_aarch64_binary,
-    _locked,
-    _log,
+    build_key,
+    check_qemu,
     _no_core_dumps,
     elf_machine,
     ensure_runtime,
-    find_qemu,
-    qemu_cpus,
 )
 
 __all__ = [
@@ -377,14 +373,6 @@ int main(int argc, char** argv) {
 # ----------------------------------------------------------------------------------------------
 
 
-def _server_key(cxx: str) -> str:
-    h = hashlib.sha256()
-    h.update(RPC_SERVER_SOURCE.encode())
-    h.update(" ".join(_CXXFLAGS).encode())
-    h.update(Path(cxx).name.encode())
-    return h.hexdigest()[:16]
-
-
 def ensure_rpc_server(verbose: bool = True) -> Path:
     """Build (once) the aarch64 ``tvm_intlstm_rpc_server`` and return its path.
 
@@ -395,7 +383,7 @@ def ensure_rpc_server(verbose: bool = True) -> Path:
 
     runtime = ensure_runtime(verbose=verbose)
     cxx = find_cross_compiler({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
-    out_dir = runtime / f"rpc-server-{_server_key(cxx)}"
+    out_dir = runtime / f"rpc-server-{build_key(RPC_SERVER_SOURCE.encode(), cxx)}"
     binary = out_dir / _SERVER_NAME
     if binary.is_file():
         return binary
@@ -439,17 +427,7 @@ class EmulatedRPCServer:
         startup_timeout: float = 120.0,
         verbose: bool = True,
     ):
-        qemu = find_qemu()
-        if not Path(QEMU_SYSROOT, "lib", "ld-linux-aarch64.so.1").exists():
-            raise RPCServerError(
-                f"the aarch64 sysroot {QEMU_SYSROOT} is missing: "
-                "run `apt-get install libc6-dev-arm64-cross`"
-            )
-        cpus = qemu_cpus()
-        if cpus and cpu not in cpus:
-            raise RPCServerError(
-                f"qemu-aarch64 has no CPU model {cpu!r}; available: {', '.join(cpus)}", cpu=cpu
-            )
+        qemu = check_qemu(cpu, RPCServerError)
         if any(c.isspace() for c in key):
             raise ValueError(f"an RPC key cannot contain whitespace: {key!r}")
         binary = ensure_rpc_server(verbose=verbose)
