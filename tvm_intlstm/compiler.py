@@ -6,14 +6,13 @@ import threading
 import time
 from typing import Sequence
 
-import numpy as np
 import torch
 import tvm
 from tvm import relax
 
 from .frontend.importer import import_quantized
 from .passes import integer_pipeline
-from .quant.graph import QuantizedModel
+from .quant.graph import QuantizedModel, info_from_data, info_to_data
 
 
 def _log(msg, verbose):
@@ -89,26 +88,12 @@ def _to_numpy(out):
 
 def _write_meta(path, cm):
     import json
-    from dataclasses import asdict
     from .target import target_to_dict
     meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": target_to_dict(cm.target),
             "input_shapes": cm.input_shapes,
-            "output_info": _info_to_json(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()}}
+            "output_info": info_to_data(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()}}
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
-
-
-def _info_to_json(inf):
-    if isinstance(inf, (tuple, list)):
-        return {"list": [_info_to_json(i) for i in inf]}
-    return {"kind": inf.kind, "scale": inf.scale, "items": [_info_to_json(i) for i in inf.items]}
-
-
-def _info_from_json(d):
-    from .quant.graph import QInfo
-    if "list" in d:
-        return tuple(_info_from_json(i) for i in d["list"])
-    return QInfo(d["kind"], d["scale"], [_info_from_json(i) for i in d["items"]])
 
 
 def load(path: str | os.PathLike) -> CompiledModule:
@@ -130,7 +115,7 @@ def load(path: str | os.PathLike) -> CompiledModule:
         ex = relax.VMExecutable(lib) if hasattr(relax, "VMExecutable") else lib
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path} is not a loadable TVM module ({e})") from e
-    return CompiledModule(ex, _target(meta["target"]), meta["input_kinds"], _info_from_json(meta["output_info"]),
+    return CompiledModule(ex, _target(meta["target"]), meta["input_kinds"], info_from_data(meta["output_info"]),
                           vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()},
                           input_shapes=meta.get("input_shapes"))
 

@@ -195,6 +195,19 @@ class QInfo:
     items: list = field(default_factory=list)
 
 
+def info_to_data(inf) -> dict:
+    """QInfo (or a tuple of them) as plain data, for model files and library metadata."""
+    if isinstance(inf, (tuple, list)):
+        return {"seq": [info_to_data(i) for i in inf]}
+    return {"kind": inf.kind, "scale": inf.scale, "items": [info_to_data(i) for i in inf.items]}
+
+
+def info_from_data(d: dict):
+    if "seq" in d:
+        return tuple(info_from_data(i) for i in d["seq"])
+    return QInfo(d["kind"], d["scale"], [info_from_data(i) for i in d["items"]])
+
+
 def _info_of_int(mod: nn.Module) -> QInfo:
     if isinstance(mod, im.IntLSTM):
         ndir = 2 if mod.bidirectional else 1

@@ -11,7 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn import intmodules as im
-from .graph import LAYOUT_FUNCS, QInfo, QuantizedModel
+from .graph import LAYOUT_FUNCS, QuantizedModel, info_from_data, info_to_data
 
 FORMAT = "tvm_intlstm.quantized/1"
 _MODULES = {c.__name__: c for c in (im.IntInput, im.IntEmbedding, im.IntLinear, im.IntLSTM, im.IntLayerNorm,
@@ -55,18 +55,6 @@ def _dec(a, env):
     return a
 
 
-def _info_enc(inf):
-    if isinstance(inf, (tuple, list)):
-        return {"seq": [_info_enc(i) for i in inf]}
-    return {"kind": inf.kind, "scale": inf.scale, "items": [_info_enc(i) for i in inf.items]}
-
-
-def _info_dec(d):
-    if "seq" in d:
-        return tuple(_info_dec(i) for i in d["seq"])
-    return QInfo(d["kind"], d["scale"], [_info_dec(i) for i in d["items"]])
-
-
 def _module_spec(m: nn.Module) -> dict:
     attrs = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
     return {"class": type(m).__name__, "attrs": attrs, "buffers": dict(m.named_buffers())}
@@ -101,7 +89,7 @@ def save_quantized(qmodel: QuantizedModel, path) -> str:
         elif n.op in ("call_method", "placeholder"):
             entry["target"] = n.target
         nodes.append(entry)
-    blob = {"format": FORMAT, "nodes": nodes, "modules": modules, "output_info": _info_enc(qmodel.output_info),
+    blob = {"format": FORMAT, "nodes": nodes, "modules": modules, "output_info": info_to_data(qmodel.output_info),
             "input_kinds": list(qmodel.input_kinds)}
     path = os.fspath(path)
     torch.save(blob, path)
@@ -148,4 +136,4 @@ def load_quantized(path) -> QuantizedModel:
         env[e["name"]] = n
     g.lint()
     gm = fx.GraphModule(root, g)
-    return QuantizedModel(gm, _info_dec(blob["output_info"]), blob["input_kinds"])
+    return QuantizedModel(gm, info_from_data(blob["output_info"]), blob["input_kinds"])
