@@ -79,14 +79,17 @@ class OpLowering(PyExprMutator):
         return self.cache[key]
 
     def _call_rows(self, gv, x, consts, out_feat, out_dtype):
-        """call a row-wise kernel on x [..., F] flattened to [rows, F]."""
-        shp = _shape(x)
+        """call a row-wise kernel on x [..., F] flattened to [rows, F]. `x` may also be a list of
+        same-shape tensors (e.g. both operands of a residual add), flattened alike."""
+        xs = x if isinstance(x, (list, tuple)) else [x]
+        shp = _shape(xs[0])
         lead = shp[:-1]
         rows = 1
         for d in lead:
             rows = rows * d
-        x2 = self.builder_.emit(relax.op.reshape(x, [rows, shp[-1]])) if len(shp) != 2 else x
-        y2 = self.builder_.emit(relax.call_tir(gv, [x2] + consts, relax.TensorType([rows, out_feat], out_dtype)))
+        if len(shp) != 2:
+            xs = [self.builder_.emit(relax.op.reshape(v, [rows, shp[-1]])) for v in xs]
+        y2 = self.builder_.emit(relax.call_tir(gv, list(xs) + consts, relax.TensorType([rows, out_feat], out_dtype)))
         return self.builder_.emit(relax.op.reshape(y2, lead + [out_feat])) if len(shp) != 2 else y2
 
     def visit_call_(self, call):

@@ -1,7 +1,6 @@
 """LowerElementwise(target): 8-bit residual adds, rescales and integer layer norm."""
 from __future__ import annotations
 
-from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
@@ -14,14 +13,7 @@ class _LowerElementwiseMutator(OpLowering):
         x, y, ma, mb, s = a[0], a[1], _prim(a[2]), _prim(a[3]), _prim(a[4])
         F = _static(_shape(x)[-1], "features")
         gv = self._kernel(("residual_add", F, ma, mb, s), lambda: K.residual_add(F, ma, mb, s))
-        shp = _shape(x)
-        rows = 1
-        for d in shp[:-1]:
-            rows = rows * d
-        x2 = self.builder_.emit(relax.op.reshape(x, [rows, F]))
-        y2 = self.builder_.emit(relax.op.reshape(y, [rows, F]))
-        out = self.builder_.emit(relax.call_tir(gv, [x2, y2], relax.TensorType([rows, F], "int8")))
-        return self.builder_.emit(relax.op.reshape(out, shp))
+        return self._call_rows(gv, [x, y], [], F, "int8")
 
     def _lower_rescale(self, a):
         x, m, s = a[0], _prim(a[1]), _prim(a[2])
@@ -34,8 +26,6 @@ class _LowerElementwiseMutator(OpLowering):
         F = _static(_shape(x)[-1], "features")
         gv = self._kernel(("layer_norm", F, ml, sl), lambda: K.layer_norm(F, ml, sl))
         return self._call_rows(gv, x, [gamma, beta], F, "int8")
-
-
 
 
 LowerElementwise = lowering_pass(_LowerElementwiseMutator, "tvm_intlstm.LowerElementwise")

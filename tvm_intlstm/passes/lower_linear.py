@@ -2,7 +2,6 @@
 per-row fixed-point requantization to int8 for hidden layers)."""
 from __future__ import annotations
 
-from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
