@@ -9,9 +9,6 @@ docs/integer_spec.md; the graph-level driver (tvm_intlstm/quant/graph.py) suppli
 """
 from __future__ import annotations
 
-import math
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -94,9 +91,6 @@ class QuantInput(QuantModule):
     def forward_fake(self, x):
         return fake_quant(x, self.obs.scale(), -128, 127)
 
-    def out_scale(self):
-        return self.obs.scale()
-
     def to_int(self, in_scales):
         return im.IntInput(self.obs.scale())
 
@@ -147,13 +141,6 @@ class QuantLinear(QuantModule):
         if self.final:
             return y
         return fake_quant(y, self.obs.scale(), -128, 127)
-
-    def out_scale(self, in_scale=None):
-        if self.final:
-            w = self.lin.weight.detach()
-            sw = float(w.abs().max()) / 127 or 1.0
-            return in_scale * sw
-        return self.obs.scale()
 
     def to_int(self, in_scales):
         (s_x,) = in_scales
@@ -350,9 +337,6 @@ class QuantLayerNorm(QuantModule):
     def forward_fake(self, x):
         return fake_quant(self.ln(x), self.obs.scale(), -128, 127)
 
-    def out_scale(self):
-        return self.obs.scale()
-
     def to_int(self, in_scales):
         D = self.ln.normalized_shape[0]
         g = self.ln.weight.detach().double() if self.ln.weight is not None else torch.ones(D, dtype=torch.float64)
@@ -382,9 +366,6 @@ class QuantAdd(QuantModule):
     def forward_fake(self, a, b):
         return fake_quant(a + b, self.obs.scale(), -128, 127)
 
-    def out_scale(self):
-        return self.obs.scale()
-
     def to_int(self, in_scales):
         s_a, s_b = in_scales
         s_y = self.obs.scale()
@@ -409,7 +390,7 @@ class QuantCat(QuantModule):
         return fake_quant(torch.cat(xs, self.dim), self.obs.scale(), -128, 127)
 
     def to_int(self, in_scales):
-        if all(math.isclose(s, in_scales[0], rel_tol=0, abs_tol=0) for s in in_scales):
+        if all(s == in_scales[0] for s in in_scales):
             return im.IntCat(self.dim, [None] * len(in_scales), in_scales[0])
         s_y = self.obs.scale()
         return im.IntCat(self.dim, [fp.quantize_multiplier(s / s_y) for s in in_scales], s_y)

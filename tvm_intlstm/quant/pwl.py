@@ -9,7 +9,6 @@ residual spread), then rounded to the integer table. Uniform knots are the basel
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 
