@@ -12,6 +12,7 @@ from tvm import relax
 
 from .frontend.importer import import_quantized
 from .passes import integer_pipeline
+from .runtime.inputs import check_inputs
 from .quant.graph import QuantizedModel, info_from_data, info_to_data
 
 
@@ -63,7 +64,6 @@ class CompiledModule:
         return _tree_map_info(self.output_info, lambda i: i.scale)
 
     def __call__(self, *inputs):
-        from .runtime.inputs import check_inputs
         arrays = check_inputs(inputs, self.input_kinds, self.input_shapes, self.vocab_sizes)
         args = [tvm.runtime.tensor(a) for a in arrays]
         with self._lock:
