@@ -9,7 +9,10 @@ The same float nn.LSTM (seeded random weights) on:
   PyTorch FP32 nn.LSTM | PyTorch torch.ao.quantization.quantize_dynamic (int8 weights, float
   activations) | ONNX Runtime FP32 (torch.onnx.export, TorchScript exporter) | ONNX Runtime
   onnxruntime.quantization.quantize_dynamic (DynamicQuantizeLSTM) | LiteRT full int8 (integer-only
-  LSTM; needs --litert-python, see benchmarks/litert_convert.py) | tvm_intlstm untuned and tuned.
+  LSTM; needs --litert-python, see benchmarks/litert_convert.py) | tvm_intlstm untuned and tuned
+  (8-bit weights: the exact full-range vpmaddwd kernels) | tvm_intlstm with 7-bit weights
+  (QuantConfig(weight_bits=7): the u8 x s8 vpmaddubsw kernels, also exact; same model quantized
+  with one weight bit less, its accuracy is in the error table).
 
 Configs: 1-layer 256->512 LSTM, T=64 and a 2-layer 650-unit LSTM (word-LM size), T=35, batch 1 and 8.
 Time-major float32 input (T, B, I) for every system (LiteRT's Keras model is batch-major: the
@@ -60,7 +63,7 @@ CONFIGS = [
      "T": 35, "batches": [1, 8], "seed": 1},
 ]
 SEQ_SWEEP = [8, 16, 32, 64, 128, 256]          # 256->512, batch 1, one thread
-SWEEP_PEERS = ["torch_fp32", "ort_qdyn", "tvm_tuned"]
+SWEEP_PEERS = ["torch_fp32", "ort_qdyn", "tvm_tuned", "tvm_w7"]
 
 PEERS = [
     ("torch_fp32", "PyTorch FP32"),
@@ -70,6 +73,7 @@ PEERS = [
     ("litert_int8", "LiteRT int8"),
     ("tvm_untuned", "tvm_intlstm untuned"),
     ("tvm_tuned", "tvm_intlstm tuned"),
+    ("tvm_w7", "tvm_intlstm 7-bit weights"),
 ]
 LABEL = dict(PEERS)
 
@@ -182,11 +186,15 @@ def prepare(a, work, log):
         ent["sizes"]["int_param_bytes"] = sum(v.numel() * v.element_size() for v in sd.values())
         log(f"[{name}] quantized in {time.time() - t0:.0f} s")
         ex = (torch.from_numpy(make_input(cfg, cfg["T"], 1)),)
-        for kind, logs in (("untuned", None), ("tuned", a.tuning_logs)):
+        q7 = til.quantize(model, [torch.from_numpy(c) for c in calib], til.QuantConfig(weight_bits=7))
+        p = os.path.join(d, "model_w7.qpt")
+        til.save_quantized(q7, p)
+        ent["files"]["qpt_w7"] = p
+        for kind, logs, qm in (("untuned", None, q), ("tuned", a.tuning_logs, q), ("w7", None, q7)):
             t0 = time.time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
-                cm = til.compile(q, target=a.target, example_inputs=ex, tuning_logs=logs, verbose=False)
+                cm = til.compile(qm, target=a.target, example_inputs=ex, tuning_logs=logs, verbose=False)
             p = cm.export_library(os.path.join(d, f"tvm_{kind}.so"))
             ent["files"][f"tvm_{kind}"] = p
             ent["sizes"][f"tvm_{kind}_so"] = os.path.getsize(p)
@@ -263,7 +271,9 @@ class Peers:
         self.model.load_state_dict(torch.load(ent["files"]["fp32"], weights_only=True))
         self.qdyn = torch_qdyn(self.model)
         self.q = til.load_quantized(ent["files"]["qpt"])
-        self.cms = {k: til.load(ent["files"][k]) for k in ("tvm_untuned", "tvm_tuned")}
+        q7 = til.load_quantized(ent["files"]["qpt_w7"])
+        self.qs = {"tvm_untuned": self.q, "tvm_tuned": self.q, "tvm_w7": q7}
+        self.cms = {k: til.load(ent["files"][k]) for k in ("tvm_untuned", "tvm_tuned", "tvm_w7")}
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -317,15 +327,15 @@ class Peers:
         import torch
 
         if key.startswith("tvm_"):
-            return self.q.dequantize(torch.from_numpy(y)).numpy()
+            return self.qs[key].dequantize(torch.from_numpy(y)).numpy()
         return y.numpy() if hasattr(y, "numpy") else np.asarray(y)
 
 
 def check_bit_exact(p, x):
     import torch
 
-    ref = p.q(torch.from_numpy(x)).numpy()
     for k, cm in p.cms.items():
+        ref = p.qs[k](torch.from_numpy(x)).numpy()
         y = cm(x)
         assert y.dtype == ref.dtype and np.array_equal(y, ref), \
             f"{k} output differs from q(x) for {p.cfg['name']} input {x.shape}"
@@ -379,7 +389,7 @@ def worker(spec_path):
         inputs = {B: make_input(cfg, cfg["T"], B) for B in cfg["batches"]}
         for B, x in inputs.items():          # bit-exactness first, before any timing
             check_bit_exact(p, x)
-            res["exact_checked"] += 2
+            res["exact_checked"] += len(p.cms)
         for B, x in inputs.items():
             keys = p.available(B)
             if threads == spec["accuracy_threads"]:
@@ -398,7 +408,7 @@ def worker(spec_path):
             for T in SEQ_SWEEP:
                 x = make_input(cfg, T, 1, salt=5)
                 check_bit_exact(p, x)
-                res["exact_checked"] += 2
+                res["exact_checked"] += len(p.cms)
                 s = time_interleaved({k: p.fn(k, x) for k in SWEEP_PEERS}, a.sweep_repeat,
                                      a.sample_ms / 1e3)
                 for k, v in s.items():
@@ -467,7 +477,7 @@ def render(a, man, results, command, ghz, wall, tf_version):
                          + " | ".join(fmt_ms(rr[k]) if k in rr else "n/a" for k in keys) + " |")
     L.append("")
     L.append("Speed-up of tvm_intlstm over each system: that system's median / tvm_intlstm's median "
-             "(> 1: tvm_intlstm is faster), as tuned / untuned.")
+             "(> 1: tvm_intlstm is faster), as tuned / untuned / 7-bit weights.")
     L.append("")
     others = [k for k in keys if not k.startswith("tvm_")]
     L.append("| threads | model | B | " + " | ".join(f"vs {LABEL[k]}" for k in others)
@@ -480,7 +490,8 @@ def render(a, man, results, command, ghz, wall, tf_version):
                 cells.append("n/a")
                 continue
             cells.append(f"{rr[k]['median'] / rr['tvm_tuned']['median']:.2f} / "
-                         f"{rr[k]['median'] / rr['tvm_untuned']['median']:.2f}")
+                         f"{rr[k]['median'] / rr['tvm_untuned']['median']:.2f} / "
+                         f"{rr[k]['median'] / rr['tvm_w7']['median']:.2f}")
         cells.append(f"{rr['tvm_untuned']['median'] / rr['tvm_tuned']['median']:.2f}")
         L.append(f"| {th} | {cfg['name']} | {B} | " + " | ".join(cells) + " |")
     L.append("")
@@ -495,15 +506,15 @@ def render(a, man, results, command, ghz, wall, tf_version):
              "recurrent step are extra work, so the floor is not reachable, only a bound).")
     L.append("")
     L.append("| threads | model | B | GOP per call | floor (ms) | tvm tuned median GOP/s | best-round GOP/s "
-             "| % of peak (median) | tvm untuned GOP/s |")
-    L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+             "| % of peak (median) | tvm untuned GOP/s | tvm 7-bit GOP/s | 7-bit % of peak |")
+    L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for th, cfg, B, rr in rows:
         g = gops(cfg, B=B)
         peak = peak1 * th
-        tt, tu = rr["tvm_tuned"], rr["tvm_untuned"]
+        tt, tu, t7 = rr["tvm_tuned"], rr["tvm_untuned"], rr["tvm_w7"]
         L.append(f"| {th} | {cfg['name']} | {B} | {g:.3f} | {g / peak * 1e3:.3f} | "
                  f"{g / tt['median']:.1f} | {g / tt['min']:.1f} | {100 * g / tt['median'] / peak:.0f}% | "
-                 f"{g / tu['median']:.1f} |")
+                 f"{g / tu['median']:.1f} | {g / t7['median']:.1f} | {100 * g / t7['median'] / peak:.0f}% |")
     L.append("")
     L.append("Model files (same weights). tvm_intlstm: the exported `.so` (weights inside) and the "
              "int8 weight bytes of the quantized model (plus its int32 bias/requantization constants "
@@ -512,6 +523,7 @@ def render(a, man, results, command, ghz, wall, tf_version):
     cols = [("fp32_state_dict", "FP32 state dict"), ("torch_qdyn_state_dict", "PyTorch dyn-int8 state dict"),
             ("onnx_fp32", "ONNX FP32"), ("onnx_qdyn", "ONNX dyn-int8"), ("litert_int8", "LiteRT int8 .tflite"),
             ("tvm_untuned_so", "tvm .so untuned"), ("tvm_tuned_so", "tvm .so tuned"),
+            ("tvm_w7_so", "tvm .so 7-bit"),
             ("int8_weight_bytes", "tvm int8 weights"), ("int_param_bytes", "tvm all int params")]
     L.append("| model | " + " | ".join(c for _, c in cols) + " | .so tuned / FP32 |")
     L.append("|---|" + "---:|" * (len(cols) + 1))
@@ -538,18 +550,19 @@ def render(a, man, results, command, ghz, wall, tf_version):
                  f"ms, median of {a.sweep_repeat} interleaved rounds (min); plot: `{rel(a.plot)}`.")
         L.append("")
         L.append("| T | " + " | ".join(LABEL[k] for k in SWEEP_PEERS) + " | tvm tuned vs PyTorch FP32 "
-                 "| tvm tuned vs ORT dyn-int8 |")
-        L.append("|---:|" + "---:|" * (len(SWEEP_PEERS) + 2))
+                 "| tvm tuned vs ORT dyn-int8 | tvm 7-bit vs ORT dyn-int8 |")
+        L.append("|---:|" + "---:|" * (len(SWEEP_PEERS) + 3))
         for T in SEQ_SWEEP:
             rr = {r["peer"]: r for r in sweep if r["T"] == T}
             L.append(f"| {T} | " + " | ".join(fmt_ms(rr[k]) for k in SWEEP_PEERS)
                      + f" | {rr['torch_fp32']['median'] / rr['tvm_tuned']['median']:.2f}"
-                     + f" | {rr['ort_qdyn']['median'] / rr['tvm_tuned']['median']:.2f} |")
+                     + f" | {rr['ort_qdyn']['median'] / rr['tvm_tuned']['median']:.2f}"
+                     + f" | {rr['ort_qdyn']['median'] / rr['tvm_w7']['median']:.2f} |")
     n_exact = sum(res["exact_checked"] for res in results)
     notes = sorted({n for res in results for n in res["notes"]})
     L.append("")
-    L.append(f"Bit-exactness: {n_exact} tvm_intlstm outputs (every input timed, both modules, every "
-             "thread count) asserted equal to q(x) before timing.")
+    L.append(f"Bit-exactness: {n_exact} tvm_intlstm outputs (every input timed, every module, every "
+             "thread count) asserted equal to their quantized model's q(x) before timing.")
     for n in notes:
         L.append(f"Note: {n}")
     for r in acc:
@@ -589,7 +602,7 @@ def plot(path, results, threads):
 
     sweep = [r for res in results for r in res["sweep"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for k, m in zip(SWEEP_PEERS, "osD"):
+    for k, m in zip(SWEEP_PEERS, "osD^"):
         pts = sorted((r["T"], r["median"] * 1e3, r["min"] * 1e3) for r in sweep if r["peer"] == k)
         T = [p[0] for p in pts]
         ax.plot(T, [p[1] for p in pts], marker=m, label=LABEL[k] + " (median)")

@@ -37,6 +37,7 @@ import tvm
 
 from ._common import as_target, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
+from ._gemm import u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
 from .lstm import lstm_recurrent, pack_pwl
 from .norm import attention_context, layer_norm, softmax
@@ -76,6 +77,39 @@ class Kernel:
         return float((reduce or np.median)(res) * 1e6)
 
 
+def kernel_convention(func) -> tuple[bool, int]:
+    """(u8, packed chunk) of a kernel PrimFunc (see `_common.with_convention`)."""
+    attrs = func.attrs if func.attrs is not None else {}
+    u8 = bool(int(attrs["intlstm.u8"])) if "intlstm.u8" in attrs else False
+    chunk = int(attrs["intlstm.wpack"]) if "intlstm.wpack" in attrs else 0
+    return u8, chunk
+
+
+def prepare_weights(func, W, bias=None):
+    """The weight-side arguments a kernel takes, from the natural ones (numpy): returns
+    (W', bias', corr). W' is W packed for the kernel's micro-kernel (or W itself); on the u8 route
+    bias' = bias - 128 rowsum(W) (int32) and corr = -128 rowsum(W) (what `lstm_recurrent` takes
+    after `sh`), else bias' = bias and corr = None. Done once per model at compile time."""
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    from ._gemm import pack_weights, u8_correction, weights_fit_u8  # pylint: disable=import-outside-toplevel
+    u8, chunk = kernel_convention(func)
+    W = np.asarray(W)
+    if W.dtype != np.int8 or W.ndim != 2:
+        raise ValueError(f"weights must be int8 [O, K], got {W.dtype} {W.shape}")
+    corr = None
+    if u8:
+        if not weights_fit_u8(W):
+            raise ValueError("this kernel was built for weights in [-64, 64] (w7=True) but the "
+                             f"weights reach {int(np.abs(W.astype(np.int32)).max())}")
+        corr = u8_correction(W)
+        if bias is not None:
+            b = np.asarray(bias, dtype=np.int64) + corr
+            if b.size and (b.max() > 2**31 - 1 or b.min() < -(2**31)):
+                raise ValueError("bias - 128 rowsum(W) leaves int32: use w7=False")
+            bias = b.astype(np.int32)
+    return (pack_weights(W, chunk) if chunk else W), bias, corr
+
+
 def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
     """Compile one kernel PrimFunc for `target` (a Target, dict, JSON string, kind name or classic
     'llvm -mcpu=...' string). Refuses an AVX2 kernel on a target without AVX2 and any target that
@@ -95,7 +129,7 @@ def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
 
 
 __all__ = [
-    "build_kernel", "host_target", "resolve_isa", "as_target", "Kernel",
+    "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "resolve_isa", "as_target", "Kernel",
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
     "lstm_recurrent", "pack_pwl",

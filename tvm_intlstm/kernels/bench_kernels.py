@@ -20,8 +20,10 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def make_params(H: int, I: int, pieces: int = 16, cell_frac: int = 11, seed: int = 0):
-    """A random but realistic integer LSTM direction (spec 8) with fitted PWL tables."""
+def make_params(H: int, I: int, pieces: int = 16, cell_frac: int = 11, seed: int = 0,
+                wmax: int = 127):
+    """A random but realistic integer LSTM direction (spec 8) with fitted PWL tables, weights in
+    [-wmax, wmax] (64: weights that the u8 x s8 AVX2 kernel takes, QuantConfig(weight_bits=7))."""
     from ..quant.fixed_point import quantize_multiplier, quantize_multiplier_array
     from ..quant.pwl import fit_pwl
     from ..reference import ops
@@ -32,8 +34,8 @@ def make_params(H: int, I: int, pieces: int = 16, cell_frac: int = 11, seed: int
     mh, sh = quantize_multiplier_array(rng.uniform(0.01, 0.1, G))
     mo, so = quantize_multiplier(127 / 2**30)
     return ops.LSTMDirectionParams(
-        w_x=rng.integers(-127, 128, (G, I)).astype(np.int8),
-        w_h=rng.integers(-127, 128, (G, H)).astype(np.int8),
+        w_x=rng.integers(-wmax, wmax + 1, (G, I)).astype(np.int8),
+        w_h=rng.integers(-wmax, wmax + 1, (G, H)).astype(np.int8),
         bias=rng.integers(-2**16, 2**16, G).astype(np.int32),
         mx=mx, sx=sx, mh=mh, sh=sh, mo=int(mo), so=int(so), cell_frac=cell_frac,
         sig=fit_pwl("sigmoid", pieces, 12), tanh=fit_pwl("tanh", pieces, 12),
@@ -52,32 +54,38 @@ def _time_us(fn, runs: int, inner: int) -> tuple[float, float]:
 
 
 def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, check=True,
-          verbose=True):
+          verbose=True, w7=False, packed=True):
     import tvm
     import torch
 
-    from . import build_kernel, host_target, linear_requant, lstm_recurrent, pack_pwl, resolve_isa
+    from . import (build_kernel, host_target, linear_requant, lstm_recurrent, pack_pwl,
+                   prepare_weights, resolve_isa)
+    from ._gemm import uses_u8
     from ..reference import ops
 
     tgt = target if target is not None else host_target()
-    p = make_params(H, I)
+    p = make_params(H, I, wmax=64 if w7 else 127)
     G = 4 * H
     t0 = time.perf_counter()
     isa = resolve_isa(tgt, isa)
-    gx_k = build_kernel(linear_requant(I, G, "int16", isa=isa), tgt)
-    rec_k = build_kernel(lstm_recurrent(
+    u8 = uses_u8(isa, w7)
+    gx_f = linear_requant(I, G, "int16", isa=isa, w7=w7, packed=packed)
+    rec_f = lstm_recurrent(
         H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
-        tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, isa=isa), tgt)
+        tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, isa=isa, w7=w7, packed=packed)
+    gx_k, rec_k = build_kernel(gx_f, tgt), build_kernel(rec_f, tgt)
     build_s = time.perf_counter() - t0
 
     rng = np.random.default_rng(1)
     x = rng.integers(-128, 128, (T, B, I)).astype(np.int8)
     nd = tvm.runtime.tensor
     x2 = nd(x.reshape(T * B, I))
-    wx, b, mx, sx = nd(p.w_x), nd(p.bias), nd(p.mx), nd(p.sx)
+    w_x, bias, _ = prepare_weights(gx_f, p.w_x, p.bias)
+    wx, b, mx, sx = nd(w_x), nd(bias), nd(p.mx), nd(p.sx)
     gx = nd(np.zeros((T * B, G), np.int16))
     gx3 = gx._create_view((T, B, G))  # same memory: the recurrent kernel reads what gx wrote
-    wh, mh, sh = nd(p.w_h), nd(p.mh), nd(p.sh)
+    w_h, _, corr = prepare_weights(rec_f, p.w_h)
+    rec_consts = [nd(w_h), nd(p.mh), nd(p.sh)] + ([nd(corr)] if corr is not None else [])
     tabs = [nd(pack_pwl(t)) for t in (p.sig, p.tanh, p.tanh_c)]
     y = nd(np.zeros((T, B, H), np.int8))
     hT = nd(np.zeros((B, H), np.int8))
@@ -87,7 +95,7 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
         gx_k(x2, wx, b, mx, sx, gx)
 
     def run_rec():
-        rec_k(gx3, wh, mh, sh, *tabs, y, hT, cT)
+        rec_k(gx3, *rec_consts, *tabs, y, hT, cT)
 
     run_gx()
     run_rec()
@@ -126,7 +134,9 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
                min_us=best, build_s=build_s, exact=exact, isa=isa,
                load=os.getloadavg())
     if verbose:
-        print(f"LSTM {I}->{H}, T={T}, B={B}, one thread, target {tgt}, isa {res['isa']}")
+        print(f"LSTM {I}->{H}, T={T}, B={B}, one thread, target {tgt}, isa {res['isa']}"
+              + (", u8 x s8 kernel (weights in [-64, 64])" if u8 else "")
+              + (", packed weights" if packed else ", natural weight layout"))
         print(f"  bit-exact vs reference: {exact}; build {build_s:.1f} s")
         print(f"  {'':40s} {'median':>9s} {'min':>9s}  (us per call, {runs} runs)")
         rows = [("gx = linear_requant int16 " + f"({T * B}x{I}x{G})", "gx"),
@@ -152,8 +162,12 @@ def main(argv=None):
     ap.add_argument("--target", default=None, help="default: this machine's CPU")
     ap.add_argument("--isa", default=None, choices=["generic", "avx2", "neon_dotprod"],
                     help="micro-kernel (default: from the target)")
+    ap.add_argument("--w7", action="store_true",
+                    help="weights in [-64, 64] (QuantConfig(weight_bits=7)): the u8 x s8 AVX2 kernel")
+    ap.add_argument("--natural", action="store_true", help="weights in natural layout (not packed)")
     a = ap.parse_args(argv)
-    bench(a.hidden, a.input, a.steps, a.batch, runs=a.runs, target=a.target, isa=a.isa)
+    bench(a.hidden, a.input, a.steps, a.batch, runs=a.runs, target=a.target, isa=a.isa, w7=a.w7,
+          packed=not a.natural)
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import finish, resolve_isa
-from ._gemm import KC, ROW_TILE, gemm_macro, padded_k, x16_source
+from ._common import finish, resolve_isa, with_convention as conv
+from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_packed_macro, packed_chunk, packed_shape,
+                    padded_k, u8_source_macro, uses_u8, x16_source)
 from ._tir import requantize
 
 
@@ -27,8 +28,8 @@ def _check_dims(K, O):
     return K, O
 
 
-def _sext_macro(K: int):
-    KP = padded_k(K)
+def _sext_macro(K: int, KP: int | None = None):
+    KP = padded_k(K) if KP is None else KP
 
     @T.macro
     def sext(X, X16, N):
@@ -41,17 +42,39 @@ def _sext_macro(K: int):
     return sext
 
 
+def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool):
+    """The GEMM of a linear kernel: (W shape, source dtype or None, source width, fill macro,
+    gemm macro). See _gemm for the micro-kernels, the u8 route (w7) and packed weights."""
+    u8 = uses_u8(isa, w7)
+    if u8 and not bias:
+        raise ValueError("the u8 kernel (w7=True) needs a bias input: pass "
+                         "bias + _gemm.u8_correction(W) (zeros + correction without a bias)")
+    chunk = packed_chunk(isa, u8) if packed else 0
+    if chunk:
+        wshape = packed_shape(K, O, chunk)
+        KP = wshape[1] * chunk
+        fill = u8_source_macro(K, KP) if u8 else _sext_macro(K, KP)
+        return wshape, ("uint8" if u8 else "int16"), KP, fill, gemm_packed_macro(K, O, isa, u8)
+    gemm = gemm_macro(K, O, isa, u8=u8)
+    if u8:
+        return (O, K), "uint8", K, u8_source_macro(K), gemm
+    if x16_source(isa):
+        return (O, K), "int16", padded_k(K), _sext_macro(K), gemm
+    return (O, K), None, K, None, gemm
+
+
 def linear_i32(in_features: int, out_features: int, bias: bool = True, target=None,
-               isa: str | None = None):
+               isa: str | None = None, w7: bool = False, packed: bool = False):
     """Final linear layer (spec 5): x int8 [N, K], W int8 [O, K], b int32 [O] -> y int32 [N, O].
 
-    Parameters (destination passing): (x, W, b, y), or (x, W, y) with bias=False."""
+    Parameters (destination passing): (x, W, b, y), or (x, W, y) with bias=False.
+    w7=True promises |W| <= 64 (the caller checks it): on AVX2 the u8 x s8 micro-kernel is used and
+    b must be the bias plus `_gemm.u8_correction(W)`. packed=True: on AVX2, W is taken pre-packed
+    (`kernels.adapt_args` / `_gemm.pack_weights`); elsewhere it changes nothing."""
     K, O = _check_dims(in_features, out_features)
     isa = resolve_isa(target, isa)
-    KP = padded_k(K)
-    gemm = gemm_macro(K, O, isa)
-    sext = _sext_macro(K)
-    wide = x16_source(isa)
+    WS, src_dt, KP, sext, gemm = product(K, O, isa, w7, packed, bias)
+    wide = src_dt is not None
 
     if bias:
         @T.prim_func
@@ -59,13 +82,13 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             T.func_attr({"tirx.noalias": True})
             N = T.int64()
             X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, (O, K), "int8")
+            W = T.match_buffer(w_h, WS, "int8")
             Bb = T.match_buffer(b_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), "int32")
             ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), "int16")
+                XS = T.alloc_buffer((N, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
@@ -77,35 +100,35 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             T.func_attr({"tirx.noalias": True})
             N = T.int64()
             X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, (O, K), "int8")
+            W = T.match_buffer(w_h, WS, "int8")
             Y = T.match_buffer(y_h, (N, O), "int32")
             ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), "int16")
+                XS = T.alloc_buffer((N, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(Y, acc, [n, o]))
 
-    return finish(linear_i32, "linear_i32", isa)
+    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, 1)
 
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
-                   bias: bool = True, target=None, isa: str | None = None):
+                   bias: bool = True, target=None, isa: str | None = None, w7: bool = False,
+                   packed: bool = False):
     """Hidden linear / LSTM input projection (spec 5, 2): x int8 [N, K], W int8 [O, K],
     b int32 [O], M int32 [O], s int32 [O] -> y = requantize_N(x W^T + b, M, s), N = 8 or 16.
 
-    Parameters (destination passing): (x, W, b, M, s, y), or (x, W, M, s, y) with bias=False."""
+    Parameters (destination passing): (x, W, b, M, s, y), or (x, W, M, s, y) with bias=False.
+    w7, packed: as for linear_i32 (b then includes `_gemm.u8_correction(W)`)."""
     K, O = _check_dims(in_features, out_features)
     if out_dtype not in ("int8", "int16"):
         raise ValueError(f"out_dtype must be int8 or int16, got {out_dtype}")
     bits = int(out_dtype[3:])
     isa = resolve_isa(target, isa)
-    KP = padded_k(K)
-    gemm = gemm_macro(K, O, isa)
-    sext = _sext_macro(K)
-    wide = x16_source(isa)
+    WS, src_dt, KP, sext, gemm = product(K, O, isa, w7, packed, bias)
+    wide = src_dt is not None
 
     if bias:
         @T.prim_func
@@ -114,7 +137,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             T.func_attr({"tirx.noalias": True})
             N = T.int64()
             X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, (O, K), "int8")
+            W = T.match_buffer(w_h, WS, "int8")
             Bb = T.match_buffer(b_h, (O,), "int32")
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
@@ -122,7 +145,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), "int16")
+                XS = T.alloc_buffer((N, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
@@ -135,18 +158,18 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             T.func_attr({"tirx.noalias": True})
             N = T.int64()
             X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, (O, K), "int8")
+            W = T.match_buffer(w_h, WS, "int8")
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), out_dtype)
             ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), "int16")
+                XS = T.alloc_buffer((N, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
                 Y, requantize(acc, Mb[o], Sb[o], bits), [n, o]))
 
-    return finish(linear_requant, "linear_requant", isa)
+    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed, 1)

@@ -34,8 +34,10 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import check_multiplier, check_shift, finish, resolve_isa, vec_split
-from ._gemm import KC, ROW_TILE, gemm_macro, padded_k, x16_source
+from ._common import (check_multiplier, check_shift, finish, resolve_isa, vec_split,
+                      with_convention)
+from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_packed_macro, packed_chunk, packed_shape,
+                    padded_k, uses_u8, x16_source)
 from ._tir import PWL_FRAC, add_sat16, requantize, rshift_round, sat
 
 
@@ -60,13 +62,17 @@ def pack_pwl(table) -> np.ndarray:
 
 def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces: int = 16,
                    tanh_pieces: int = 16, tanh_c_pieces: int = 16, reverse: bool = False,
-                   init_state: bool = False, target=None, isa: str | None = None):
+                   init_state: bool = False, target=None, isa: str | None = None,
+                   w7: bool = False, packed: bool = False):
     """PrimFunc of one LSTM direction's recurrence (spec 8). With G = 4 * hidden:
 
     Parameters (destination passing; T, B symbolic int64):
         gx    int16 [T, B, G]       input gates, requantize_16(W_x x + b, Mx, sx)
-        w_h   int8  [G, H]
+        w_h   int8  [G, H]          (packed=True on AVX2: `_gemm.pack_weights(w_h, chunk)`,
+                                     see `kernels.prepare_weights`)
         mh    int32 [G], sh int32 [G]
+        corr  int32 [G]             (only when the u8 micro-kernel is used, `uses_u8(isa, w7)`:
+                                     w7=True promises |w_h| <= 64; corr = _gemm.u8_correction(w_h))
         sig   int32 [3, sig_pieces + 1]      (gate sigmoid, in_frac 12)
         tanh  int32 [3, tanh_pieces + 1]     (gate tanh, in_frac 12)
         tanh_c int32 [3, tanh_c_pieces + 1]  (cell tanh, in_frac = cell_frac)
@@ -87,13 +93,24 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         if not 1 <= n <= 64:
             raise ValueError(f"PWL piece counts must be in 1..64, got {n}")
     isa = resolve_isa(target, isa)
-    HP = padded_k(H)
-    gemm = gemm_macro(H, G, isa)
-    wide = x16_source(isa)
+    u8 = uses_u8(isa, w7)
+    wide = x16_source(isa, u8)
+    chunk = packed_chunk(isa, u8) if packed else 0
+    if chunk:
+        WS = packed_shape(H, G, chunk)
+        HP = WS[1] * chunk      # the source is zero padded to the packed k extent
+        gemm = gemm_packed_macro(H, G, isa, u8)
+    else:
+        WS = (G, H)
+        HP = padded_k(H) if wide else H
+        gemm = gemm_macro(H, G, isa, u8=u8)
     JO, JV = vec_split(H, 8)
     ig_shift = 30 - F
 
-    def gate_store(Z, GX, MH, SH, tt):
+    def gate_store(Z, GX, MH, SH, CORR, tt):
+        if u8:
+            return lambda n, o, acc: tirx.BufferStore(
+                Z, add_sat16(GX[tt, n, o], requantize(acc + CORR[o], MH[o], SH[o], 16)), [n, o])
         return lambda n, o, acc: tirx.BufferStore(
             Z, add_sat16(GX[tt, n, o], requantize(acc, MH[o], SH[o], 16)), [n, o])
 
@@ -103,14 +120,20 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         return sat(TBL[1, idx] + rshift_round(TBL[2, idx] * (XC[g, jv] - TBL[0, idx]), PWL_FRAC), 16)
 
     @T.macro
-    def step(tt, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT):
+    def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
+             ACT):
         if wide:
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
                     H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
-            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, tt))
+            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
+        elif u8:
+            for b, jo in T.grid(B, JO):
+                for jv in T.vectorized(JV):
+                    H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
+            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         else:
-            gemm(HT, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, tt))
+            gemm(HT, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         for b, jo in T.grid(B, JO):
             # sigmoid of the i, f, o gates (rows 0, 1, 3 of z): ACT[0], ACT[1], ACT[2]
             for g in T.unroll(3):
@@ -151,7 +174,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 Y[tt, b, jo * JV + jv] = HT[b, jo * JV + jv]
 
     @T.macro
-    def run(TT, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT):
+    def run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT):
         Z = T.alloc_buffer((B, G), "int16")
         ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
         RED = T.alloc_buffer((ROW_TILE,), "int32")
@@ -163,15 +186,80 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             for b, kc in T.grid(B, HP // KC):
                 for kv in T.vectorized(KC):
                     H16[b, kc * KC + kv] = T.int16(0)
+        elif u8:
+            H16 = T.alloc_buffer((B, HP), "uint8")  # u = h + 128, the u8 micro-kernel's source
+            for b, kp in T.grid(B, HP - H):
+                H16[b, H + kp] = T.uint8(0)
         else:
             H16 = HT  # unused: the micro-kernel reads the int8 state directly
         for t in range(TT):
             if reverse:
-                step(TT - 1 - t, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
+                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
             else:
-                step(t, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
+                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
 
-    if init_state:
+    # Four signatures (with/without h0, c0; with/without corr): TVMScript parameter lists are
+    # fixed, so each is spelled out; the bodies are the shared macros above.
+    @T.macro
+    def zero_state(B, HT, CT):
+        for b, jo in T.grid(B, JO):
+            for jv in T.vectorized(JV):
+                HT[b, jo * JV + jv] = T.int8(0)
+                CT[b, jo * JV + jv] = T.int16(0)
+
+    @T.macro
+    def copy_state(B, H0, C0, HT, CT):
+        for b, jo in T.grid(B, JO):
+            for jv in T.vectorized(JV):
+                HT[b, jo * JV + jv] = H0[b, jo * JV + jv]
+                CT[b, jo * JV + jv] = C0[b, jo * JV + jv]
+
+    if init_state and u8:
+        @T.prim_func
+        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
+                           corr_h: T.handle, sig_h: T.handle, tanh_h: T.handle,
+                           tanhc_h: T.handle, h0_h: T.handle, c0_h: T.handle,
+                           y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            TT = T.int64()
+            B = T.int64()
+            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
+            WH = T.match_buffer(wh_h, WS, "int8")
+            MH = T.match_buffer(mh_h, (G,), "int32")
+            SH = T.match_buffer(sh_h, (G,), "int32")
+            CORR = T.match_buffer(corr_h, (G,), "int32")
+            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
+            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
+            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
+            H0 = T.match_buffer(h0_h, (B, H), "int8")
+            C0 = T.match_buffer(c0_h, (B, H), "int16")
+            Y = T.match_buffer(y_h, (TT, B, H), "int8")
+            HT = T.match_buffer(hT_h, (B, H), "int8")
+            CT = T.match_buffer(cT_h, (B, H), "int16")
+            copy_state(B, H0, C0, HT, CT)
+            run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
+    elif u8:
+        @T.prim_func
+        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
+                           corr_h: T.handle, sig_h: T.handle, tanh_h: T.handle,
+                           tanhc_h: T.handle, y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
+            T.func_attr({"tirx.noalias": True})
+            TT = T.int64()
+            B = T.int64()
+            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
+            WH = T.match_buffer(wh_h, WS, "int8")
+            MH = T.match_buffer(mh_h, (G,), "int32")
+            SH = T.match_buffer(sh_h, (G,), "int32")
+            CORR = T.match_buffer(corr_h, (G,), "int32")
+            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
+            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
+            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
+            Y = T.match_buffer(y_h, (TT, B, H), "int8")
+            HT = T.match_buffer(hT_h, (B, H), "int8")
+            CT = T.match_buffer(cT_h, (B, H), "int16")
+            zero_state(B, HT, CT)
+            run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
+    elif init_state:
         @T.prim_func
         def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
                            sig_h: T.handle, tanh_h: T.handle, tanhc_h: T.handle,
@@ -181,7 +269,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             TT = T.int64()
             B = T.int64()
             GX = T.match_buffer(gx_h, (TT, B, G), "int16")
-            WH = T.match_buffer(wh_h, (G, H), "int8")
+            WH = T.match_buffer(wh_h, WS, "int8")
             MH = T.match_buffer(mh_h, (G,), "int32")
             SH = T.match_buffer(sh_h, (G,), "int32")
             SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
@@ -192,11 +280,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             Y = T.match_buffer(y_h, (TT, B, H), "int8")
             HT = T.match_buffer(hT_h, (B, H), "int8")
             CT = T.match_buffer(cT_h, (B, H), "int16")
-            for b, jo in T.grid(B, JO):
-                for jv in T.vectorized(JV):
-                    HT[b, jo * JV + jv] = H0[b, jo * JV + jv]
-                    CT[b, jo * JV + jv] = C0[b, jo * JV + jv]
-            run(TT, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT)
+            copy_state(B, H0, C0, HT, CT)
+            run(TT, B, GX, WH, MH, SH, MH, SIG, TANH, TANHC, Y, HT, CT)
     else:
         @T.prim_func
         def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
@@ -206,7 +291,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             TT = T.int64()
             B = T.int64()
             GX = T.match_buffer(gx_h, (TT, B, G), "int16")
-            WH = T.match_buffer(wh_h, (G, H), "int8")
+            WH = T.match_buffer(wh_h, WS, "int8")
             MH = T.match_buffer(mh_h, (G,), "int32")
             SH = T.match_buffer(sh_h, (G,), "int32")
             SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
@@ -215,10 +300,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             Y = T.match_buffer(y_h, (TT, B, H), "int8")
             HT = T.match_buffer(hT_h, (B, H), "int8")
             CT = T.match_buffer(cT_h, (B, H), "int16")
-            for b, jo in T.grid(B, JO):
-                for jv in T.vectorized(JV):
-                    HT[b, jo * JV + jv] = T.int8(0)
-                    CT[b, jo * JV + jv] = T.int16(0)
-            run(TT, B, GX, WH, MH, SH, SIG, TANH, TANHC, Y, HT, CT)
+            zero_state(B, HT, CT)
+            run(TT, B, GX, WH, MH, SH, MH, SIG, TANH, TANHC, Y, HT, CT)  # MH: unused corr slot
 
-    return finish(lstm_recurrent, "lstm_recurrent", isa)
+    return with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, 1)

@@ -50,20 +50,25 @@ class QuantModule(nn.Module):
         super().__init__()
         self.config = config
 
+    @property
+    def wmax(self) -> int:
+        """Largest |weight| of the GEMM weights: 127 (weight_bits=8) or 63 (weight_bits=7)."""
+        return 2 ** (self.config.weight_bits - 1) - 1
+
     def forward(self, *args):
         if self.mode == "observe":
             return self.forward_observe(*args)
         return self.forward_fake(*args)
 
 
-def _weight_scales_per_row(w: torch.Tensor) -> torch.Tensor:
-    s = w.detach().abs().amax(dim=1).double() / 127
+def _weight_scales_per_row(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    s = w.detach().abs().amax(dim=1).double() / qmax
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
-def _quant_weight(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def _quant_weight(w: torch.Tensor, scales: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     s = scales.reshape(-1, *([1] * (w.dim() - 1)))
-    return torch.clamp(torch.round(w.detach().double() / s), -127, 127).to(torch.int8)
+    return torch.clamp(torch.round(w.detach().double() / s), -qmax, qmax).to(torch.int8)
 
 
 def _quant_bias(b: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -136,7 +141,8 @@ class QuantLinear(QuantModule):
 
     def forward_fake(self, x):
         w = self.lin.weight
-        wq = fake_quant_weight_per_tensor(w) if self.final else fake_quant_weight_per_row(w)
+        wq = (fake_quant_weight_per_tensor(w, self.wmax) if self.final
+              else fake_quant_weight_per_row(w, self.wmax))
         y = nn.functional.linear(x, wq, self.lin.bias)
         if self.final:
             return y
@@ -147,11 +153,11 @@ class QuantLinear(QuantModule):
         w = self.lin.weight.detach()
         out_f = w.shape[0]
         if self.final:
-            sw = float(w.abs().max()) / 127 or 1.0
+            sw = float(w.abs().max()) / self.wmax or 1.0
             sws = torch.full((out_f,), sw, dtype=torch.float64)
         else:
-            sws = _weight_scales_per_row(w)
-        wq = _quant_weight(w, sws)
+            sws = _weight_scales_per_row(w, self.wmax)
+        wq = _quant_weight(w, sws, self.wmax)
         b = self.lin.bias if self.lin.bias is not None else torch.zeros(out_f)
         bq = _quant_bias(b, s_x * sws)
         if self.final:
@@ -258,7 +264,8 @@ class QuantLSTM(QuantModule):
             outs = []
             for d in range(self.ndir):
                 w_ih, w_hh, b = self._w(li, d)
-                wx, wh = fake_quant_weight_per_row(w_ih), fake_quant_weight_per_row(w_hh)
+                wx = fake_quant_weight_per_row(w_ih, self.wmax)
+                wh = fake_quant_weight_per_row(w_hh, self.wmax)
                 T, B, _ = h_in.shape
                 H = w_hh.shape[1]
                 gx = fake_quant(h_in @ wx.t() + b, g_s, -32768, 32767)
@@ -303,12 +310,13 @@ class QuantLSTM(QuantModule):
             dirs = []
             for d in range(self.ndir):
                 w_ih, w_hh, b = self._w(li, d)
-                swx, swh = _weight_scales_per_row(w_ih), _weight_scales_per_row(w_hh)
+                swx = _weight_scales_per_row(w_ih, self.wmax)
+                swh = _weight_scales_per_row(w_hh, self.wmax)
                 mx, sx = fp.quantize_multiplier_array((s_x * swx / 2.0**-GATE_FRAC).numpy())
                 mh, sh = fp.quantize_multiplier_array((s_h * swh / 2.0**-GATE_FRAC).numpy())
                 mo, so = fp.quantize_multiplier(2.0**-30 / s_h)
                 dirs.append(dict(
-                    w_x=_quant_weight(w_ih, swx), w_h=_quant_weight(w_hh, swh),
+                    w_x=_quant_weight(w_ih, swx, self.wmax), w_h=_quant_weight(w_hh, swh, self.wmax),
                     bias=_quant_bias(b, s_x * swx),
                     mx=torch.from_numpy(mx), sx=torch.from_numpy(sx),
                     mh=torch.from_numpy(mh), sh=torch.from_numpy(sh),

@@ -10,10 +10,12 @@ row-wise kernels (a free reshape).
 """
 from __future__ import annotations
 
+import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator
 
+from .. import kernels as K
 from ..frontend.importer import OP_PREFIX
 
 _DPS_PACKED = tvm.ir.Op.get("relax.call_dps_packed")
@@ -36,6 +38,15 @@ def _prim(e):
     return float(v.value) if isinstance(v, tvm.tirx.FloatImm) else int(v.value)
 
 
+def _const_numpy(e):
+    """numpy value of a relax constant, or None."""
+    if not isinstance(e, tvm.ir.expr.Constant):
+        return None
+    data = getattr(e, "data", None)
+    data = data if data is not None else getattr(e, "value", None)
+    return data.numpy() if hasattr(data, "numpy") else None
+
+
 def _with_root_block(func):
     """Relax analyses (e.g. the reshape-pattern check of RewriteDataflowReshape) expect a PrimFunc
     body to be a root block; hand-written loop-nest kernels get an empty one wrapped around them."""
@@ -55,19 +66,40 @@ class OpLowering(PyExprMutator):
         self.tuned = tuned  # tvm_intlstm.tuning.TunedKernels or None
         self.cache = {}
 
-    def _gemm(self, kind, Kf, O, dt, w, make_default):
-        """(GlobalVar, weight arg): the tuned kernel with pre-packed weights if the tuning logs have
-        one for this GEMM, else the default kernel and the weights as they are."""
-        if self.tuned is not None:
-            hit = self.tuned.for_weight(Kf, O, dt, w)  # None unless tuned and w is a constant
+    def _gemm(self, kind, Kf, O, dt, w, b, make_default):
+        """(GlobalVar, weight arg, bias arg) of a GEMM kernel for weight `w` [O, K] and bias `b`.
+
+        For constant weights (every model the quantizer produces), in order of preference:
+        - weights within [-64, 64] (e.g. QuantConfig(weight_bits=7)) on AVX2: the u8 x s8 kernel
+          (exact for such weights, half the instructions), packed weights, bias - 128 rowsum(W);
+        - a tuned kernel from the tuning logs (with its pre-packed weights);
+        - the default kernel with weights packed for its micro-kernel.
+        `make_default(w7, packed)` makes the default PrimFunc. Non-constant weights get the
+        default kernel on the natural layout."""
+        W = _const_numpy(w)
+        if W is None:
+            return self._kernel((kind, Kf, O, dt, False, False, str(self.target)),
+                                lambda: make_default(False, False)), w, b
+        w7 = K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
+        if w7 and b is not None:
+            bn = _const_numpy(b)
+            folded = None if bn is None else bn.astype(np.int64) + K.u8_correction(W)
+            if folded is None or folded.max() > 2**31 - 1 or folded.min() < -(2**31):
+                w7 = False   # the corrected bias would leave int32: take the exact 8-bit route
+        if self.tuned is not None and not w7:
+            hit = self.tuned.for_weight(Kf, O, dt, w)
             if hit is not None:
                 func, wp = hit
-                return self._kernel(("tuned_" + kind, Kf, O, dt, str(self.target)), lambda: func), wp
-        return self._kernel((kind, Kf, O, dt, str(self.target)), make_default), w
+                return self._kernel(("tuned_" + kind, Kf, O, dt, str(self.target)), lambda: func), wp, b
+        key = (kind, Kf, O, dt, w7, True, str(self.target))
+        gv = self._kernel(key, lambda: make_default(w7, True))
+        wk, bk, _ = K.prepare_weights(self.cache[("func",) + key], W, _const_numpy(b))
+        return gv, relax.const(wk, "int8"), relax.const(bk, "int32")
 
     def _kernel(self, key, make):
         if key not in self.cache:
             func = make()
+            self.cache[("func",) + key] = func  # the generator's PrimFunc (kernel_convention)
             # the Relax build names kernels after their GlobalVar; distinct kernels of one generator
             # share a global_symbol, so drop it
             if func.attrs is not None and "global_symbol" in func.attrs:

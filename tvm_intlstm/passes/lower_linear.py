@@ -13,8 +13,8 @@ class _LowerLinearMutator(OpLowering):
     def _lower_linear_i32(self, a):
         x, w, b = a
         O, Kf = (_static(v, "linear size") for v in _shape(w))
-        gv, w = self._gemm("linear_i32", Kf, O, "int32", w,
-                           lambda: K.linear_i32(Kf, O, True, target=self.target))
+        gv, w, b = self._gemm("linear_i32", Kf, O, "int32", w, b, lambda w7, packed: K.linear_i32(
+            Kf, O, True, target=self.target, w7=w7, packed=packed))
         return self._call_rows(gv, x, [w, b], O, "int32")
 
     def _lower_linear_requant(self, a):
@@ -22,8 +22,8 @@ class _LowerLinearMutator(OpLowering):
         bits = _prim(bits)
         O, Kf = (_static(v, "linear size") for v in _shape(w))
         dt = f"int{bits}"
-        gv, w = self._gemm("linear_requant", Kf, O, dt, w,
-                           lambda: K.linear_requant(Kf, O, dt, True, target=self.target))
+        gv, w, b = self._gemm("linear_requant", Kf, O, dt, w, b, lambda w7, packed: K.linear_requant(
+            Kf, O, dt, True, target=self.target, w7=w7, packed=packed))
         return self._call_rows(gv, x, [w, b, m, s], O, dt)
 
 

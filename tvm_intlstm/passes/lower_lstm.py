@@ -7,7 +7,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import OpLowering, _prim, _shape, _static, lowering_pass
+from ._lowering import OpLowering, _const_numpy, _prim, _shape, _static, lowering_pass
 
 
 @mutator
@@ -18,17 +18,28 @@ class _LowerLSTMMutator(OpLowering):
         G, I = (_static(v, "LSTM size") for v in _shape(w_x))
         H = G // 4
         T_, B_ = _shape(x)[:2]
-        gvx, w_x = self._gemm("linear_requant", I, G, "int16", w_x,
-                              lambda: K.linear_requant(I, G, "int16", True, target=self.target))
+        gvx, w_x, bias = self._gemm("linear_requant", I, G, "int16", w_x, bias,
+                                    lambda w7, packed: K.linear_requant(
+                                        I, G, "int16", True, target=self.target, w7=w7,
+                                        packed=packed))
         gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
-        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), str(self.target))
+        # constant W_h (always, from the quantizer): packed for the micro-kernel, and the u8 x s8
+        # route when it lies in [-64, 64] on AVX2 (see _lowering._gemm); else the natural layout
+        W = _const_numpy(w_h)
+        packed = W is not None
+        w7 = packed and K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
+        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), w7, packed, str(self.target))
         gv = self._kernel(key, lambda: K.lstm_recurrent(
             H, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
-            tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target))
+            tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed))
+        w_args = [w_h, mh, sh]
+        if packed:
+            wk, _, corr = K.prepare_weights(self.cache[("func",) + key], W)
+            w_args = [relax.const(wk, "int8"), mh, sh] + ([relax.const(corr, "int32")] if corr is not None else [])
         out_ty = [relax.TensorType([T_, B_, H], "int8"), relax.TensorType([B_, H], "int8"),
                   relax.TensorType([B_, H], "int16")]
-        return self.builder_.emit(relax.call_tir(gv, [gx, w_h, mh, sh, sig, tanh, tanh_c], out_ty))
+        return self.builder_.emit(relax.call_tir(gv, [gx] + w_args + [sig, tanh, tanh_c], out_ty))
 
 
 

@@ -1,0 +1,224 @@
+"""The fast GEMM forms against the numpy reference: pre-packed weights and the u8 x s8 route.
+
+On AVX2 the compiler packs constant weights ([O/8, K/kc, 8, kc], zero padded) and, when every
+weight lies in [-64, 64] (QuantConfig(weight_bits=7)), uses vpmaddubsw on u = x + 128 with the
+correction -128 rowsum(W) folded into the bias (linear) or passed as `corr` (recurrent). Every
+combination is checked bit for bit, on random data and on the extremes the u8 route must survive:
+x = -128 / 127 everywhere, weights at +-64 (the pair sum 2 * 255 * 64 = 32640 is the closest
+vpmaddubsw gets to saturation), k and row tails, accumulators at INT32 limits.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import tvm
+
+import tvm_intlstm as til
+from tvm_intlstm import kernels as K
+from tvm_intlstm.kernels import _gemm
+from tvm_intlstm.quant.fixed_point import quantize_multiplier_array
+from tvm_intlstm.reference import ops
+
+from test_kernels import (TARGET, HOST_ISA, assert_lstm_equal, build, make_lstm, nd,
+                          ref_recurrence, run)
+
+# The run tests use the host target (the u8 route and packing are AVX2-only: elsewhere the same
+# calls give the natural forms, still checked); the instruction checks compile for Zen3.
+AVX2 = "llvm -mcpu=znver3"
+
+# (K, O): k tails for both chunks (16, 32), K < 32, row tails, one full 8-row tile
+SHAPES = [(256, 40), (33, 13), (100, 8), (7, 9), (650, 20)]
+FORMS = [(False, True), (True, False), (True, True)]   # (w7, packed); (False, False) is test_kernels
+
+
+def _weights(rng, O, Kd, w7):
+    hi = 64 if w7 else 127
+    W = rng.integers(-hi, hi + 1, (O, Kd)).astype(np.int8)
+    if not w7:
+        W[0, 0] = -128   # the spec allows it; the quantizer never produces it
+    return W
+
+
+def _call_linear(func, kern, x, W, b, *rest, out):
+    wk, bk, _ = K.prepare_weights(func, W, b)
+    return run(kern, [x, wk, bk, *rest], out)
+
+
+@pytest.fixture(scope="module")
+def rng():
+    return np.random.default_rng(777)
+
+
+@pytest.fixture(scope="module")
+def lin_kernels():
+    out = {}
+    for (Kd, O) in SHAPES:
+        for w7, packed in FORMS:
+            for dt in ("i32", "int8", "int16"):
+                f = (K.linear_i32(Kd, O, target=TARGET, w7=w7, packed=packed) if dt == "i32" else
+                     K.linear_requant(Kd, O, dt, target=TARGET, w7=w7, packed=packed))
+                out[(Kd, O, w7, packed, dt)] = (f, build(f))
+    return out
+
+
+@pytest.mark.parametrize("w7,packed", FORMS)
+@pytest.mark.parametrize("Kd,O", SHAPES)
+def test_linear_forms_random(lin_kernels, rng, Kd, O, w7, packed):
+    W = _weights(rng, O, Kd, w7)
+    b = rng.integers(-2**20, 2**20, O).astype(np.int32)
+    M, s = quantize_multiplier_array(np.exp(rng.uniform(np.log(2**-20), np.log(0.5), O)))
+    for n in (1, 3, 17, 40):
+        x = rng.integers(-128, 128, (n, Kd)).astype(np.int8)
+        f, k = lin_kernels[(Kd, O, w7, packed, "i32")]
+        np.testing.assert_array_equal(_call_linear(f, k, x, W, b, out=[((n, O), "int32")]),
+                                      ops.linear(x, W, b))
+        for dt, bits in (("int8", 8), ("int16", 16)):
+            f, k = lin_kernels[(Kd, O, w7, packed, dt)]
+            got = _call_linear(f, k, x, W, b, M, s, out=[((n, O), dt)])
+            np.testing.assert_array_equal(got, ops.requantize(ops.linear_acc(x, W, b), M, s, bits))
+
+
+@pytest.mark.parametrize("w7,packed", FORMS)
+def test_linear_forms_extremes(lin_kernels, w7, packed):
+    """x = 127 / -128 against all-extreme weights (+-64 on the u8 route: vpmaddubsw's pair sums
+    reach 2 * 255 * 64 and -2 * 255 * 64), and biases placing results on INT32_MAX / INT32_MIN."""
+    Kd, O = SHAPES[4]
+    hi = 64 if w7 else 127
+    W = np.full((O, Kd), hi, np.int8)
+    W[1::2] = -hi
+    W[3, ::2] = -hi   # mixed signs within a row
+    x = np.stack([np.full(Kd, 127), np.full(Kd, -128), np.zeros(Kd),
+                  np.tile([127, -128], Kd)[:Kd]]).astype(np.int8)
+    acc0 = ops.linear(x, W)
+    b = np.zeros(O, np.int64)
+    b[0] = 2**31 - 1 - acc0[0, 0]
+    b[2] = -(2**31) - acc0[1, 2]
+    b = b.astype(np.int32)
+    ref = ops.linear(x, W, b)
+    assert ref[0, 0] == 2**31 - 1 and ref[1, 2] == -(2**31)
+    f, k = lin_kernels[(Kd, O, w7, packed, "i32")]
+    np.testing.assert_array_equal(_call_linear(f, k, x, W, b, out=[((4, O), "int32")]), ref)
+
+
+def test_u8_route_refuses_wide_weights_and_missing_bias():
+    f = K.linear_requant(32, 8, "int8", target=TARGET, w7=True, packed=True)
+    W = np.zeros((8, 32), np.int8)
+    W[3, 5] = 65
+    with pytest.raises(ValueError, match=r"\[-64, 64\]"):
+        K.prepare_weights(f, W, np.zeros(8, np.int32))
+    with pytest.raises(ValueError, match="needs a bias"):
+        K.linear_i32(32, 8, bias=False, target=TARGET, w7=True)
+    with pytest.raises(ValueError, match="int8"):
+        K.prepare_weights(f, W.astype(np.int16), None)
+
+
+def _asm(func):
+    ex = tvm.compile(tvm.IRModule({"main": func}), target=K.as_target(AVX2))
+    return ex.mod.inspect_source("asm")
+
+
+def test_u8_route_uses_vpmaddubsw_and_exact_route_does_not():
+    f8 = K.linear_requant(64, 16, "int16", target=AVX2, packed=True)
+    f7 = K.linear_requant(64, 16, "int16", target=AVX2, w7=True, packed=True)
+    a8, a7 = _asm(f8), _asm(f7)
+    assert "vpmaddubsw" in a7 and "vpmaddwd" in a7
+    assert "vpmaddubsw" not in a8 and "vpmaddwd" in a8 and "vpmovsxbw" in a8
+    assert "prefetcht0" in a7 and "prefetcht0" in a8       # packed weights stream with prefetch
+    assert K.kernel_convention(f7) == (True, 32) and K.kernel_convention(f8) == (False, 16)
+
+
+# --------------------------------------------------------------------------- recurrent kernel
+
+@pytest.mark.parametrize("w7,packed", FORMS)
+@pytest.mark.parametrize("H", [8, 20, 64])
+def test_recurrent_forms(rng, H, w7, packed):
+    hi = 64 if w7 else 127
+    p = make_lstm(rng, H, 12, w_h=rng.integers(-hi, hi + 1, (4 * H, H)).astype(np.int8))
+    f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
+                         tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
+                         w7=w7, packed=packed)
+    kern = build(f)
+    wk, _, corr = K.prepare_weights(f, p.w_h)
+    assert (corr is not None) == (w7 and HOST_ISA == "avx2")
+    consts = [wk, p.mh, p.sh] + ([corr] if corr is not None else [])
+    tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
+    for T_, B in ((5, 1), (3, 4), (2, 17)):
+        gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
+        got = run(kern, [gx, *consts, *tabs],
+                  [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
+        assert_lstm_equal(got, ref_recurrence(gx, p))
+
+
+def test_recurrent_u8_extreme_state(rng):
+    """Weights at +-64 and gates saturating so that h sits at -128 / 127 (u = 0 / 255)."""
+    H = 32
+    w_h = np.full((4 * H, H), 64, np.int8)
+    w_h[::3] = -64
+    p = make_lstm(rng, H, 8, w_h=w_h)
+    f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
+                         tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
+                         w7=True, packed=True)
+    wk, _, corr = K.prepare_weights(f, p.w_h)
+    gx = np.where(rng.random((6, 3, 4 * H)) < 0.5, 32767, -32768).astype(np.int16)
+    tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
+    got = run(build(f), [gx, wk, p.mh, p.sh] + ([corr] if corr is not None else []) + tabs,
+              [((6, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
+    ref = ref_recurrence(gx, p)
+    assert_lstm_equal(got, ref)
+    assert ref[0].min() < -100 and ref[0].max() > 100   # the state really reaches the extremes
+
+
+# --------------------------------------------------------------------------- whole models
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.lstm = nn.LSTM(24, 40, num_layers=2, bidirectional=True)
+        self.fc = nn.Linear(80, 11)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0])
+
+
+@pytest.mark.parametrize("weight_bits", [7, 8])
+def test_compiled_model_weight_bits(weight_bits):
+    """QuantConfig(weight_bits=7) keeps every GEMM weight in [-63, 63]; the compiler then takes
+    the u8 route (vpmaddubsw in the library), weight_bits=8 the exact vpmaddwd route; both are
+    bit-exact with the reference."""
+    torch.manual_seed(3)
+    net = _Net().eval()
+    g = torch.Generator().manual_seed(4)
+    calib = [torch.randn(12, 4, 24, generator=g) for _ in range(2)]
+    q = til.quantize(net, calib, config=til.QuantConfig(weight_bits=weight_bits))
+    wmax = max(int(v.abs().max()) for k, v in q.state_dict().items()
+               if v.dtype == torch.int8 and v.dim() == 2)
+    assert wmax <= (63 if weight_bits == 7 else 127)
+    if weight_bits == 8:
+        assert wmax > 64
+    cm = til.compile(q, target=TARGET, example_inputs=(calib[0],), verbose=False)
+    for T_, B in ((9, 1), (4, 3)):
+        x = torch.randn(T_, B, 24, generator=g)
+        np.testing.assert_array_equal(cm(x.numpy()), q(x).numpy())
+    if HOST_ISA == "avx2":
+        asm = _library_asm(cm.executable)
+        assert "vpmaddwd" in asm
+        assert ("vpmaddubsw" in asm) == (weight_bits == 7)
+
+
+def _library_asm(ex):
+    mods, out = [ex.mod], []
+    while mods:
+        m = mods.pop()
+        try:
+            out.append(m.inspect_source("asm"))
+        except Exception:  # noqa: BLE001 (modules without assembly: the VM bytecode)
+            pass
+        mods.extend(m.imports)
+    return "".join(out)
+
+
+def test_quant_config_weight_bits_validated():
+    with pytest.raises(ValueError, match="weight_bits"):
+        til.QuantConfig(weight_bits=6)
