@@ -1,6 +1,6 @@
 """The fast GEMM forms against the numpy reference: pre-packed weights and the u8 x s8 route.
 
-On AVX2 the compiler packs constant weights ([O/8, K/kc, 8, kc], zero padded) and, when every
+On AVX2 the compiler packs constant weights (`_gemm.pack_outer`, zero padded) and, when every
 weight lies in [-64, 64] (QuantConfig(weight_bits=7)), uses vpmaddubsw on u = x + 128 with the
 correction -128 rowsum(W) folded into the bias (linear) or passed as `corr` (recurrent). Every
 combination is checked bit for bit, on random data and on the extremes the u8 route must survive:
@@ -27,8 +27,8 @@ from test_kernels import (TARGET, HOST_ISA, assert_lstm_equal, build, make_lstm,
 # calls give the natural forms, still checked); the instruction checks compile for Zen3.
 AVX2 = "llvm -mcpu=znver3"
 
-# (K, O): k tails for both chunks (16, 32), K < 32, row tails, one full 8-row tile
-SHAPES = [(256, 40), (33, 13), (100, 8), (7, 9), (650, 20)]
+# (K, O): k tails (K % 4, K % 2), channel tails (O % 16, O % 64), one exact 16-channel tile
+SHAPES = [(256, 40), (33, 13), (100, 16), (7, 9), (650, 20), (5, 70)]
 FORMS = [(False, True), (True, False), (True, True)]   # (w7, packed); (False, False) is test_kernels
 
 
@@ -125,13 +125,14 @@ def test_u8_route_uses_vpmaddubsw_and_exact_route_does_not():
     assert "vpmaddubsw" in a7 and "vpmaddwd" in a7
     assert "vpmaddubsw" not in a8 and "vpmaddwd" in a8 and "vpmovsxbw" in a8
     assert "prefetcht0" in a7 and "prefetcht0" in a8       # packed weights stream with prefetch
-    assert K.kernel_convention(f7) == (True, 32) and K.kernel_convention(f8) == (False, 16)
+    assert "vphaddd" not in a7 and "vphaddd" not in a8     # outer-product form: no horizontal sums
+    assert K.kernel_convention(f7) == (True, 2) and K.kernel_convention(f8) == (False, 2)
 
 
 # --------------------------------------------------------------------------- recurrent kernel
 
 @pytest.mark.parametrize("w7,packed", FORMS)
-@pytest.mark.parametrize("H", [8, 20, 64])
+@pytest.mark.parametrize("H", [8, 21, 64])
 def test_recurrent_forms(rng, H, w7, packed):
     hi = 64 if w7 else 127
     p = make_lstm(rng, H, 12, w_h=rng.integers(-hi, hi + 1, (4 * H, H)).astype(np.int8))

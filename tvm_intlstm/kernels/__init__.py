@@ -78,7 +78,8 @@ class Kernel:
 
 
 def kernel_convention(func) -> tuple[bool, int]:
-    """(u8, packed chunk) of a kernel PrimFunc (see `_common.with_convention`)."""
+    """(u8, OV of the packed weights or 0 for natural) of a kernel PrimFunc (see
+    `_common.with_convention`)."""
     attrs = func.attrs if func.attrs is not None else {}
     u8 = bool(int(attrs["intlstm.u8"])) if "intlstm.u8" in attrs else False
     chunk = int(attrs["intlstm.wpack"]) if "intlstm.wpack" in attrs else 0
@@ -91,8 +92,8 @@ def prepare_weights(func, W, bias=None):
     bias' = bias - 128 rowsum(W) (int32) and corr = -128 rowsum(W) (what `lstm_recurrent` takes
     after `sh`), else bias' = bias and corr = None. Done once per model at compile time."""
     import numpy as np  # pylint: disable=import-outside-toplevel
-    from ._gemm import pack_weights, u8_correction, weights_fit_u8  # pylint: disable=import-outside-toplevel
-    u8, chunk = kernel_convention(func)
+    from ._gemm import pack_outer, u8_correction, weights_fit_u8  # pylint: disable=import-outside-toplevel
+    u8, ov = kernel_convention(func)
     W = np.asarray(W)
     if W.dtype != np.int8 or W.ndim != 2:
         raise ValueError(f"weights must be int8 [O, K], got {W.dtype} {W.shape}")
@@ -107,7 +108,7 @@ def prepare_weights(func, W, bias=None):
             if b.size and (b.max() > 2**31 - 1 or b.min() < -(2**31)):
                 raise ValueError("bias - 128 rowsum(W) leaves int32: use w7=False")
             bias = b.astype(np.int32)
-    return (pack_weights(W, chunk) if chunk else W), bias, corr
+    return (pack_outer(W, u8, ov) if ov else W), bias, corr
 
 
 def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:

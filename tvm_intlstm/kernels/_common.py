@@ -91,13 +91,12 @@ def finish(func, name: str, isa: str = "generic"):
     return func.with_attr("global_symbol", name).with_attr("intlstm.isa", isa)
 
 
-def with_convention(func, isa: str, w7: bool, packed: bool, w_index: int):
-    """Record how the kernel takes its weight (argument `w_index`): `intlstm.u8` (the u8 x s8
-    route: a correction -128 rowsum(W) is added, folded into the bias of linear kernels or passed
-    as `corr` to the recurrent kernel) and `intlstm.wpack` (0: natural [O, K]; else the chunk of
-    `_gemm.pack_weights`). `kernels.prepare_weights` reads them."""
-    from ._gemm import packed_chunk, uses_u8  # pylint: disable=import-outside-toplevel
+def with_convention(func, isa: str, w7: bool, packed: bool, ov: int):
+    """Record how the kernel takes its weight: `intlstm.u8` (the u8 x s8 route: a correction
+    -128 rowsum(W) is added, folded into the bias of linear kernels or passed as `corr` to the
+    recurrent kernel) and `intlstm.wpack` (0: natural [O, K]; else the OV of
+    `_gemm.pack_outer(W, u8, OV)`). `kernels.prepare_weights` reads them."""
+    from ._gemm import uses_u8  # pylint: disable=import-outside-toplevel
     u8 = uses_u8(isa, w7)
-    chunk = packed_chunk(isa, u8) if packed else 0
-    return (func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", int(chunk))
-            .with_attr("intlstm.w_arg", int(w_index)))
+    pack = int(ov) if (packed and isa == "avx2") else 0
+    return func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", pack)

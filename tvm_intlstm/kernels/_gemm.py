@@ -261,95 +261,100 @@ def gemm_macro(K: int, O: int, isa: str, u8: bool = False):
 
 # --- pre-packed weights (AVX2) ---------------------------------------------------------------------
 # For constant weights (every model the compiler sees) the AVX2 kernels take W pre-packed at compile
-# time as WP [ceil(O/8), KP/kc, 8, kc] (kc = KC8 = 32 for the u8 route, KC = 16 for vpmaddwd; KP = K
-# rounded up to kc), zero padded. One k step of an 8-row tile is then 8 * kc contiguous bytes, so W
-# streams through the cache in order (the natural layout reads 8 rows 1 line at a time), the padding
-# removes every k and row tail (zero weights add nothing), and a software prefetch PF_BYTES ahead
-# keeps the stream ahead of the multiply-adds when W does not fit in L2 (the 2048 x 512 recurrent
-# W_h of a 512-unit LSTM is 1 MiB). Measured on Zen3: the 1 MiB GEMV went from ~31 us to ~17 us.
+# time (`pack_outer`), so one k step of a register tile is contiguous: W streams through the cache in
+# order (the natural layout reads 8 rows one line at a time), the zero padding removes every k and row
+# tail, and a software prefetch PF_BYTES ahead keeps the stream ahead of the multiply-adds when W does
+# not fit in L2 (the 2048 x 512 recurrent W_h of a 512-unit LSTM is 1 MiB, read once per step).
 PF_BYTES = 1024
 
 
-def packed_chunk(isa: str, u8: bool) -> int:
-    """k per packed chunk for the (isa, u8) micro-kernel; 0 if that kernel takes natural W."""
-    if isa != "avx2":
-        return 0
-    return KC8 if u8 else KC
+# --- outer-product form: no horizontal sums ----------------------------------------------------------
+# The dot form above ends every (row, 8-channel tile) with a horizontal reduction of 8 vectors
+# (vphaddd tree): at K = 256 that is ~1/4 of the work. The outer-product form instead keeps 8 output
+# channels per int32x8 accumulator: per step of KQ k values (4 on the u8 route, 2 on the vpmaddwd
+# route) it broadcasts x[n, k:k+KQ] to every 32-bit lane and multiplies it by the weights of 8
+# channels x KQ k packed side by side, so each lane accumulates its own channel and the epilogue reads
+# the accumulators directly. Weights are packed [ceil(O / (8 OV)), K / KQ, 8 OV, KQ] (OV = channel
+# vectors per register tile; one k step of a tile is 8 OV KQ contiguous bytes), zero padded.
+# Register tile: NR rows x OV vectors (NR * OV = 8 accumulators). Row tails reload the last valid row
+# (branch-free) and only the stores are guarded.
+def outer_kq(u8: bool) -> int:
+    return 4 if u8 else 2
 
 
-def packed_shape(K: int, O: int, chunk: int) -> tuple[int, int, int, int]:
-    return ((O + ROW_TILE - 1) // ROW_TILE, (K + chunk - 1) // chunk, ROW_TILE, chunk)
+def outer_shape(K: int, O: int, u8: bool, OV: int) -> tuple[int, int, int, int]:
+    kq = outer_kq(u8)
+    return ((O + 8 * OV - 1) // (8 * OV), (K + kq - 1) // kq, 8 * OV, kq)
 
 
-def pack_weights(W, chunk: int) -> np.ndarray:
-    """int8 [O, K] -> int8 [ceil(O/8), KP/chunk, 8, chunk] (zero padded), see above."""
+def pack_outer(W, u8: bool, OV: int) -> np.ndarray:
+    """int8 [O, K] -> int8 outer_shape(K, O, u8, OV) (zero padded), see above."""
     W = np.asarray(W, dtype=np.int8)
     O, K = W.shape
-    OT, KCN, _, _ = packed_shape(K, O, chunk)
-    Wp = np.zeros((OT * ROW_TILE, KCN * chunk), np.int8)
+    OG, KQN, OC, kq = outer_shape(K, O, u8, OV)
+    Wp = np.zeros((OG * OC, KQN * kq), np.int8)
     Wp[:O, :K] = W
-    return np.ascontiguousarray(Wp.reshape(OT, ROW_TILE, KCN, chunk).transpose(0, 2, 1, 3))
+    return np.ascontiguousarray(Wp.reshape(OG, OC, KQN, kq).transpose(0, 2, 1, 3))
 
 
-def _prefetch(W, ot, kc, line):
-    """Prefetch (for read, into all cache levels) cache line `line` of the 8 x chunk weights that
-    lie PF_BYTES after WP[ot, kc]. llvm.prefetch.p0(ptr, rw = 0 read, locality = 3, data = 1);
-    TVM 0.27's own tirx.prefetch builtin fails to find the overloaded LLVM declaration."""
-    chunk = int(W.shape[3])
-    ahead = PF_BYTES // (ROW_TILE * chunk)
-    i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
-    return tirx.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                 tirx.address_of(W[ot, kc + ahead, line * 64 // chunk, 0]),
-                                 i32(0), i32(3), i32(1))
-
-
-def gemm_packed_macro(K: int, O: int, isa: str, u8: bool = False):
-    """`gemm_macro` for pre-packed W (`pack_weights(W, packed_chunk(isa, u8))`, AVX2 only). The
-    source XS must hold KP = packed_shape(...)[1] * chunk columns (the padding may hold anything:
-    its weights are zero). Same contract for `store` (u8: the caller adds u8_correction)."""
-    chunk = packed_chunk(isa, u8)
-    if not chunk:
-        raise ValueError(f"no packed micro-kernel for isa={isa!r}")
+def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
+    """Same contract as `gemm_macro` (ACC must be at least [NR * OV, 8] int32; RED is unused) for W
+    packed by `pack_outer(W, u8, OV)` and a source XS zero padded to outer_shape(...)[1] * KQ columns
+    (u8: uint8 u = x + 128; else int16). AVX2 only."""
+    if isa != "avx2":
+        raise ValueError(f"the outer-product GEMM is an AVX2 kernel, not {isa!r}")
+    if NR * OV > ROW_TILE:
+        raise ValueError("NR * OV accumulators must fit the 8-vector ACC buffer")
     use_u8 = uses_u8(isa, u8)
-    OT, KCN, _, _ = packed_shape(K, O, chunk)
-    OF = O // ROW_TILE                 # full tiles; a last partial tile stores O % 8 rows
-    OR = O - OF * ROW_TILE
-    LINES = ROW_TILE * chunk // 64    # cache lines per k step of a tile
+    kq = outer_kq(use_u8)
+    OG, KQN, OC, _ = outer_shape(K, O, use_u8, OV)
+    lanes_x = 32 if use_u8 else 16      # x lanes of one ymm (u8 / int16)
+    xdt = "uint8" if use_u8 else "int16"
     ones16 = tirx.Broadcast(tirx.const(1, "int16"), 16)
+    line_steps = max(1, 64 // (OC * kq))   # k steps per 64-byte line of a tile
+    lines = max(1, OC * kq // 64)          # lines per k step
+    ahead = max(1, PF_BYTES // (OC * kq))
 
-    def madd(W, XS, n, ot, kc, r):
-        w = W[ot, kc, r, tirx.Ramp(0, 1, chunk)]
-        x = XS[n, tirx.Ramp(kc * chunk, 1, chunk)]
+    def xbcast(XS, n, k):
+        word = tirx.reinterpret("int32", XS[n, tirx.Ramp(k * kq, 1, kq)])
+        return tirx.reinterpret(f"{xdt}x{lanes_x}", tirx.Broadcast(word, 8))
+
+    def madd(xb, w8):
         if use_u8:
-            return _x86.pmaddwd(_pmaddubsw(x, w), ones16)
-        return _x86.pmaddwd(tirx.Cast("int16x16", w), x)
+            return _x86.pmaddwd(_pmaddubsw(xb, w8), ones16)
+        return _x86.pmaddwd(tirx.Cast("int16x16", w8), xb)
 
-    def hsum(ACC):
-        return _x86.hsum8([ACC[r, tirx.Ramp(0, 1, 8)] for r in range(ROW_TILE)])
-
-    @T.macro
-    def tile(XS, n, W, ACC, RED, ot):
-        for r in T.unroll(ROW_TILE):
-            ACC[r, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
-        for kc in range(KCN):
-            for line in T.unroll(LINES):
-                T.evaluate(_prefetch(W, ot, kc, line))
-            for r in T.unroll(ROW_TILE):
-                ACC[r, T.Ramp(0, 1, 8)] = ACC[r, T.Ramp(0, 1, 8)] + madd(W, XS, n, ot, kc, r)
-        RED[T.Ramp(0, 1, 8)] = hsum(ACC)
+    def prefetch(W, og, k, line):
+        i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
+        return tirx.call_llvm_intrin("void", "llvm.prefetch.p0",
+                                     tirx.address_of(W[og, k + ahead, line * 64 // kq, 0]),
+                                     i32(0), i32(3), i32(1))
 
     @T.macro
     def gemm(XS, n0, nrows, W, ACC, RED, store):
-        for nb in range((nrows + NB - 1) // NB):
-            for ot in range(OF):
-                for ni in range(T.min(T.int64(NB), nrows - nb * NB)):
-                    tile(XS, n0 + nb * NB + ni, W, ACC, RED, ot)
-                    for l in T.vectorized(ROW_TILE):
-                        store(nb * NB + ni, ot * ROW_TILE + l, RED[l])
-            for ot in range(OF, OT):
-                for ni in range(T.min(T.int64(NB), nrows - nb * NB)):
-                    tile(XS, n0 + nb * NB + ni, W, ACC, RED, ot)
-                    for l in range(OR):
-                        store(nb * NB + ni, ot * ROW_TILE + l, RED[l])
+        WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
+        for og in range(OG):
+            for nb in range((nrows + NR - 1) // NR):
+                for a in T.unroll(NR * OV):
+                    ACC[a, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
+                for k in range(KQN):
+                    if k % line_steps == 0:
+                        for line in T.unroll(lines):
+                            T.evaluate(prefetch(W, og, k, line))
+                    for r in T.unroll(NR):
+                        for ov in T.unroll(OV):
+                            ACC[r * OV + ov, T.Ramp(0, 1, 8)] = ACC[r * OV + ov, T.Ramp(0, 1, 8)] + madd(
+                                xbcast(XS, n0 + T.min(nb * NR + r, nrows - 1), k),
+                                WF[T.Ramp(((og * KQN + k) * OC + ov * 8) * kq, 1, 8 * kq)])
+                for r in T.unroll(NR):
+                    if nb * NR + r < nrows:
+                        for ov in T.unroll(OV):
+                            if (og * OV + ov + 1) * 8 <= O:
+                                for l in T.vectorized(8):
+                                    store(nb * NR + r, (og * OV + ov) * 8 + l, ACC[r * OV + ov, l])
+                            else:
+                                for l in range(8):
+                                    if (og * OV + ov) * 8 + l < O:
+                                        store(nb * NR + r, (og * OV + ov) * 8 + l, ACC[r * OV + ov, l])
 
     return gemm

@@ -14,8 +14,10 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ._common import finish, resolve_isa, with_convention as conv
-from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_packed_macro, packed_chunk, packed_shape,
-                    padded_k, u8_source_macro, uses_u8, x16_source)
+from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k,
+                    u8_source_macro, uses_u8, x16_source)
+
+LIN_NR, LIN_OV = 4, 2      # register tile of the packed linear kernels: 4 rows x 2 x 8 channels
 from ._tir import requantize
 
 
@@ -29,15 +31,20 @@ def _check_dims(K, O):
 
 
 def _sext_macro(K: int, KP: int | None = None):
+    """X16[n, k] = int16(X[n, k]) for k < K, 0 for K <= k < KP (KP: any width >= K)."""
     KP = padded_k(K) if KP is None else KP
+    KF = KP // KC * KC     # vectorized part
 
     @T.macro
     def sext(X, X16, N):
-        for n, kc in T.grid(N, KP // KC):
+        for n, kc in T.grid(N, KF // KC):
             for kv in T.vectorized(KC):
                 X16[n, kc * KC + kv] = T.if_then_else(
                     kc * KC + kv < K, T.Cast("int16", X[n, T.min(kc * KC + kv, K - 1)]),
                     T.int16(0))
+        for n, kr in T.grid(N, KP - KF):
+            X16[n, KF + kr] = T.if_then_else(
+                KF + kr < K, T.Cast("int16", X[n, T.min(KF + kr, K - 1)]), T.int16(0))
 
     return sext
 
@@ -49,12 +56,13 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool):
     if u8 and not bias:
         raise ValueError("the u8 kernel (w7=True) needs a bias input: pass "
                          "bias + _gemm.u8_correction(W) (zeros + correction without a bias)")
-    chunk = packed_chunk(isa, u8) if packed else 0
-    if chunk:
-        wshape = packed_shape(K, O, chunk)
-        KP = wshape[1] * chunk
+    if packed and isa == "avx2":
+        # many rows (T*B for an input projection): the outer-product form, 4 rows x 16 channels
+        wshape = outer_shape(K, O, u8, LIN_OV)
+        KP = wshape[1] * wshape[3]
         fill = u8_source_macro(K, KP) if u8 else _sext_macro(K, KP)
-        return wshape, ("uint8" if u8 else "int16"), KP, fill, gemm_packed_macro(K, O, isa, u8)
+        return wshape, ("uint8" if u8 else "int16"), KP, fill, gemm_outer_macro(
+            K, O, isa, u8, NR=LIN_NR, OV=LIN_OV)
     gemm = gemm_macro(K, O, isa, u8=u8)
     if u8:
         return (O, K), "uint8", K, u8_source_macro(K), gemm
@@ -70,7 +78,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
     Parameters (destination passing): (x, W, b, y), or (x, W, y) with bias=False.
     w7=True promises |W| <= 64 (the caller checks it): on AVX2 the u8 x s8 micro-kernel is used and
     b must be the bias plus `_gemm.u8_correction(W)`. packed=True: on AVX2, W is taken pre-packed
-    (`kernels.adapt_args` / `_gemm.pack_weights`); elsewhere it changes nothing."""
+    (`kernels.prepare_weights`, `_gemm.pack_outer`); elsewhere it changes nothing."""
     K, O = _check_dims(in_features, out_features)
     isa = resolve_isa(target, isa)
     WS, src_dt, KP, sext, gemm = product(K, O, isa, w7, packed, bias)
@@ -111,7 +119,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(Y, acc, [n, o]))
 
-    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, 1)
+    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, LIN_OV)
 
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
@@ -172,4 +180,4 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
                 Y, requantize(acc, Mb[o], Sb[o], bits), [n, o]))
 
-    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed, 1)
+    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed, LIN_OV)

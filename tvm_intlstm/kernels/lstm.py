@@ -36,8 +36,10 @@ from tvm.script import tirx as T
 
 from ._common import (check_multiplier, check_shift, finish, resolve_isa, vec_split,
                       with_convention)
-from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_packed_macro, packed_chunk, packed_shape,
-                    padded_k, uses_u8, x16_source)
+from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
+                    x16_source)
+
+REC_OV = 8    # channel vectors per register tile of the packed recurrent GEMV
 from ._tir import PWL_FRAC, add_sat16, requantize, rshift_round, sat
 
 
@@ -68,7 +70,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     Parameters (destination passing; T, B symbolic int64):
         gx    int16 [T, B, G]       input gates, requantize_16(W_x x + b, Mx, sx)
-        w_h   int8  [G, H]          (packed=True on AVX2: `_gemm.pack_weights(w_h, chunk)`,
+        w_h   int8  [G, H]          (packed=True on AVX2: `_gemm.pack_outer(w_h, u8, REC_OV)`,
                                      see `kernels.prepare_weights`)
         mh    int32 [G], sh int32 [G]
         corr  int32 [G]             (only when the u8 micro-kernel is used, `uses_u8(isa, w7)`:
@@ -95,11 +97,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     isa = resolve_isa(target, isa)
     u8 = uses_u8(isa, w7)
     wide = x16_source(isa, u8)
-    chunk = packed_chunk(isa, u8) if packed else 0
-    if chunk:
-        WS = packed_shape(H, G, chunk)
-        HP = WS[1] * chunk      # the source is zero padded to the packed k extent
-        gemm = gemm_packed_macro(H, G, isa, u8)
+    if packed and isa == "avx2":
+        # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
+        WS = outer_shape(H, G, u8, REC_OV)
+        HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
+        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV)
     else:
         WS = (G, H)
         HP = padded_k(H) if wide else H
@@ -183,9 +185,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         ACT = T.alloc_buffer((4, JV), "int32")
         if wide:
             H16 = T.alloc_buffer((B, HP), "int16")
-            for b, kc in T.grid(B, HP // KC):
-                for kv in T.vectorized(KC):
-                    H16[b, kc * KC + kv] = T.int16(0)
+            for b, kp in T.grid(B, HP - H):
+                H16[b, H + kp] = T.int16(0)
         elif u8:
             H16 = T.alloc_buffer((B, HP), "uint8")  # u = h + 128, the u8 micro-kernel's source
             for b, kp in T.grid(B, HP - H):
@@ -303,4 +304,4 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             zero_state(B, HT, CT)
             run(TT, B, GX, WH, MH, SH, MH, SIG, TANH, TANHC, Y, HT, CT)  # MH: unused corr slot
 
-    return with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, 1)
+    return with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)
