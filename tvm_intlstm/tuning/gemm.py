@@ -38,6 +38,14 @@ The design space (`schedule_gemm`, used as a MetaSchedule ScheduleFn space) make
 - the epilogue (bias, requantize) is computed per row tile from the accumulator tile
   (`reverse_compute_at`), vectorized by 8 over the output channels;
 - `pragma_auto_unroll_max_step` sampled from UNROLL_CHOICES on the gemm block.
+
+AVX-512 machines (x86_wide.py): `gemm_blocks_for_isa(isa, ...)`, `prepare_weights(isa, W, bias)`
+and `design_spaces(sch, isa, O)` dispatch on the isa names of `x86_wide.x86_isa(target)`.
+For "avx512_vnni" and "avx512" the kernel is x86_wide.gemm_blocks_wide: the same call interface,
+a u8 source block (x + 128), weights packed [OP/16, KP/4, 16, 4] (layout "o16k4") and the +128
+correction folded into the bias by prepare_weights (bias - 128 * rowsum(W)); the 16 x 4 step is
+vpdpbusd (VNNI) or an exact two-vpmaddwd zmm sequence (AVX-512BW). For every other isa nothing
+changes: gemm_blocks(packed=True), pack_weights(W) and the bias as it is.
 """
 from __future__ import annotations
 
@@ -250,13 +258,18 @@ def _pmaddwd_i8w_impl(A: T.Buffer((2,), "int16", offset_factor=1),
 
 
 def register_intrinsics() -> None:
-    """Register INTRIN_AVX2_PMADDWD and INTRIN_AVX2_PMADDWD_I8W (once per process)."""
+    """Register INTRIN_AVX2_PMADDWD and INTRIN_AVX2_PMADDWD_I8W, and the AVX-512 ones of
+    x86_wide (register_wide_intrinsics), once per process: a tuned trace replays only where the
+    intrinsics it tensorizes with are registered."""
     from tvm.s_tir import TensorIntrin  # pylint: disable=import-outside-toplevel
+
+    from .x86_wide import register_wide_intrinsics  # pylint: disable=import-outside-toplevel
 
     if TensorIntrin.get(INTRIN_AVX2_PMADDWD, allow_missing=True) is None:
         TensorIntrin.register(INTRIN_AVX2_PMADDWD, _pmaddwd_desc, _pmaddwd_impl)
     if TensorIntrin.get(INTRIN_AVX2_PMADDWD_I8W, allow_missing=True) is None:
         TensorIntrin.register(INTRIN_AVX2_PMADDWD_I8W, _pmaddwd_i8w_desc, _pmaddwd_i8w_impl)
+    register_wide_intrinsics()
 
 
 # --- the design space ------------------------------------------------------------------------------
@@ -337,8 +350,19 @@ PACK_ORDERS = (0, 1)
 
 def design_spaces(sch: s_tir.Schedule, isa: str = "avx2", O: int | None = None) -> list:
     """The MetaSchedule space: one design per packing loop order (a Python-level choice cannot be
-    a sampled decision: MetaSchedule re-samples decisions by replaying the design's trace)."""
-    if str(sch.mod["main"].attrs.get("intlstm.weight_layout", "ok")) == "o8k2":
+    a sampled decision: MetaSchedule re-samples decisions by replaying the design's trace).
+
+    A kernel of x86_wide.gemm_blocks_wide (layout o16k4/o8k4) gets x86_wide's space (tensorized
+    with vpdpbusd for "avx512_vnni", the exact vpmaddwd zmm step for "avx512"). A gemm_blocks
+    kernel with isa "avx512_vnni"/"avx512" is scheduled as for "avx2" (those CPUs have AVX2)."""
+    from . import x86_wide  # pylint: disable=import-outside-toplevel
+
+    layout = str(sch.mod["main"].attrs.get("intlstm.weight_layout", "ok"))
+    if layout in x86_wide.LAYOUT_LANES:
+        return x86_wide.design_spaces_wide(sch, isa, O)
+    if isa in x86_wide.WIDE_ISAS:
+        isa = "avx2"
+    if layout == "o8k2":
         schedule_gemm(sch, isa, O)
         return [sch]
     out = []
@@ -347,3 +371,37 @@ def design_spaces(sch: s_tir.Schedule, isa: str = "avx2", O: int | None = None) 
         schedule_gemm(s, isa, O, {"pack": pack})
         out.append(s)
     return out
+
+
+# --- per-isa entry points (the AVX-512 kernels live in x86_wide.py) -------------------------------
+def gemm_blocks_for_isa(isa: str, in_features: int, out_features: int, out_dtype: str = "int8",
+                        n_rows: int | None = None, name: str | None = None) -> tirx.PrimFunc:
+    """The pre-packed block-form kernel tuned for `isa`: x86_wide.gemm_blocks_wide (u8, o16k4,
+    corrected bias) for "avx512_vnni"/"avx512", else gemm_blocks(packed=True) (o8k2). Call it with
+    the weights and bias of `prepare_weights(isa, W, bias)`."""
+    from . import x86_wide  # pylint: disable=import-outside-toplevel
+
+    if isa in x86_wide.WIDE_ISAS:
+        return x86_wide.gemm_blocks_wide(in_features, out_features, out_dtype, n_rows, name)
+    return gemm_blocks(in_features, out_features, out_dtype, n_rows, name, packed=True)
+
+
+def prepare_weights(isa: str, W: np.ndarray, bias=None) -> tuple[np.ndarray, np.ndarray]:
+    """(packed W, bias for the kernel) of `gemm_blocks_for_isa(isa, ...)`, from int8 W [O, K] and
+    int32 bias [O] (None: zeros). "avx512_vnni"/"avx512": (pack_weights_vnni(W) [OP/16, KP/4, 16,
+    4], bias - 128 * rowsum(W)), the u8 correction of x86_wide; any other isa: (pack_weights(W),
+    bias unchanged)."""
+    from . import x86_wide  # pylint: disable=import-outside-toplevel
+
+    if isa in x86_wide.WIDE_ISAS:
+        return x86_wide.prepare_weights_wide(isa, W, bias)
+    Wp = pack_weights(W)
+    O = np.asarray(W).shape[0]
+    if bias is None:
+        return Wp, np.zeros(O, np.int32)
+    b = np.asarray(bias)
+    if b.dtype.kind not in "iu" or b.shape != (O,):
+        raise TypeError(f"bias must be an integer array of shape ({O},), got {b.dtype} {b.shape}")
+    if b.size and (b.min() < -(2**31) or b.max() > 2**31 - 1):
+        raise OverflowError("bias does not fit int32")
+    return Wp, b.astype(np.int32)

@@ -1,0 +1,444 @@
+"""AVX-512 and AVX-512 VNNI paths of the tuned int8 GEMM (block form, design space, target -> isa).
+
+The spec (docs/integer_spec.md sections 2 and 5) has SIGNED int8 activations x and SIGNED int8
+weights W. The x86 u8 x s8 instructions become exact with the shift u = x + 128 (uint8, 0..255):
+
+    sum_k W[o,k] x[n,k] = sum_k W[o,k] u[n,k] - 128 * rowsum(W[o])
+
+and the correction is folded into the bias once, at packing time (`gemm.prepare_weights(isa, W,
+bias)`, i.e. `prepare_weights_wide`):
+bias'[o] = bias[o] - 128 * sum_k W[o,k] (int32), so the kernel itself needs no extra input:
+
+    u[n, k]   = uint8(x[n, k] + 128)  for k < K, 128 (x = 0) for K <= k < KP   (KP = K rounded to 4)
+    P         = pack_weights_vnni(W): int8 [OP/16, KP/4, 16, 4], P[a, b, i, j] = W[16a + i, 4b + j]
+                (zeros in the padding; OP = O rounded up to 16)
+    acc[n, o] = sum_k int32(u[n, k]) * int32(W[o, k])                          (exact int32)
+    y[n, o]   = requantize_N(acc[n, o] + bias'[o], M[o], s[o])  (int8/int16), acc + bias' (int32)
+
+acc + bias' equals spec 5's accumulator exactly, and no intermediate overflows int32 under the
+spec's bounds (K <= 2^16, |W| <= 127, |b| <= 2^30): every partial sum of acc is bounded by
+K * 255 * 128 < 2^31, |128 * rowsum(W)| <= 127 * 2^23 < 2^30, so |bias'| <= 2^31 - 2^23, and the
+final sum is spec 5's int32 accumulator. `corrected_bias` checks that bias' fits int32 (it raises
+otherwise, e.g. for a -128 weight row at K = 2^16 with |b| = 2^30).
+
+`gemm_blocks_wide(K, O, out_dtype, n_rows, name)` has the call interface of the packed
+`gemm.gemm_blocks` (x int8 [N, K], packed W, bias' int32 [O], M int32 [O], s int32 [O], y), only
+the packed weight shape and the bias contents differ. Its weight layout attribute is "o16k4".
+
+The inner 16 x 4 step (16 output channels x 4 k: 16 int32 lanes, 64 weight bytes contiguous):
+
+- isa "avx512_vnni" (cascadelake, icelake-server, sapphirerapids, znver4, ...): one vpdpbusd zmm,
+  u8 x s8 products summed by 4 into int32, NOT saturating (vpdpbusds is the saturating one): exact
+  on the full int8 range. INTRIN_VNNI is ours, with the description of TVM's `dot_16x4_vnni`
+  (tvm/s_tir/tensor_intrin/x86.py) and the same operation, because TVM 0.27's does not build with
+  the wheel's LLVM 22: LLVM 22 changed the byte operands of llvm.x86.avx512.vpdpbusd.512 from
+  <16 x i32> to <64 x i8> (llvm-project PR 155194) and TVM's body still passes <16 x i32> (LLVM's
+  verifier: "Call parameter type does not match function signature"). Ours picks the operand
+  types from codegen.llvm_version_major().
+- isa "avx512" (AVX-512BW without VNNI, e.g. skylake-avx512): NOT TVM's `dot_16x4_avx512`, which
+  is vpmaddubsw (u8 x s8 pair sums SATURATED to int16: u = 255, w = 127 gives 2 * 32385 = 64770 >
+  32767) then vpmaddwd by ones: wrong for full-range int8 (DESIGN.md, "vpmaddubsw saturates").
+  Ours, INTRIN_AVX512_U8S8: the 64 weight bytes are read as int16x32 (element 2i = w[i,0] |
+  w[i,1] << 8, element 2i+1 = w[i,2] | w[i,3] << 8); (e << 8) >> 8 and e >> 8 (arithmetic, int16)
+  sign-extend the even and the odd bytes, and two vpmaddwd zmm against the broadcast int16 pairs
+  (u0, u2) and (u1, u3) give u0 w0 + u2 w2 and u1 w1 + u3 w3 per lane: products |u w| <= 255 * 128
+  and pair sums < 2^16, exact in vpmaddwd's int32 result (its one inexact case, two
+  (-32768)^2 products, cannot occur). Same layout and block form as the VNNI path, so one
+  prepare_weights/packing serves both; it costs 3 shifts + 2 vpmaddwd + 2 adds per 16 x 4 step
+  where VNNI needs one vpdpbusd (LLVM hoists the weight shifts out of the row tile). Its ymm twin
+  below ran 791 us against 589 us for gemm.py's o8k2 AVX2 path on a 64 x 256 x 2048 product on
+  Zen3 (best of 12 sampled schedules each). Not measured on AVX-512 hardware; the alternative to
+  measure there is gemm.py's AVX2 step widened to zmm (layout o16k2, signed x, no +128:
+  vpmovsxbw + one vpmaddwd per 16 x 2).
+- the same intrinsic body with 8 lanes (INTRIN_AVX2_U8S8, vpmaddwd ymm, weights [OP/8, KP/4, 8, 4],
+  `gemm_blocks_wide(..., lanes=8)`, layout "o8k4") runs on AVX2: the tests use it to check that
+  intrinsic body's arithmetic bit for bit on an AVX2 host, which cannot execute AVX-512.
+- any other isa: the lanes are vectorized (no tensorize): the plain check of the u8 + packed +
+  corrected-bias arithmetic on any host.
+
+The design space (`schedule_gemm_wide`, `design_spaces_wide`) has the same decisions as
+gemm.schedule_gemm: a row tile `nt` (NT_CHOICES; the rows are padded to ROW_PAD so that every row
+tile divides them and tensorize needs no predicate, and a trace tuned at a static N replays on the
+symbolic-N kernel), `sample_perfect_tile` of OP/16 into (panel, vectors per register tile; at most
+4 zmm-vectors wide: nt * 4 accumulators fill the 32 zmm registers at nt = 8) and of KP/4 into
+(k0, k1), the epilogue per row tile from the accumulator tile, and the unroll pragma.
+
+`x86_isa(target)`: "avx512_vnni" | "avx512" | "avx2" | None, from the target's mcpu/mattr as LLVM
+resolves them (codegen.llvm_cpu_has_features, so "-mattr=-avx512vnni" or "+avx512bw" count too).
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import s_tir, tirx
+from tvm.script import tirx as T
+
+from ..kernels._tir import requantize
+from .gemm import NT_CHOICES, ROW_PAD, UNROLL_CHOICES
+
+KQUAD = 4                    # k per step (the 4 bytes of one vpdpbusd lane)
+LANES = 16                   # output channels per int32x16 zmm vector
+WIDE_ISAS = ("avx512_vnni", "avx512")
+U8_SHIFT = 128               # u = x + 128
+LAYOUTS = {16: "o16k4", 8: "o8k4"}          # weight_layout attribute -> lanes
+LAYOUT_LANES = {v: k for k, v in LAYOUTS.items()}
+TVM_INTRIN_VNNI = "dot_16x4_vnni"           # TVM's (tensor_intrin/x86.py): broken on LLVM >= 22
+TVM_INTRIN_AVX512 = "dot_16x4_avx512"       # TVM's: vpmaddubsw, saturates, NOT exact (module doc)
+INTRIN_VNNI = "tvm_intlstm_avx512_vnni_16x4_u8i8i32"             # ours: vpdpbusd, LLVM 21 or 22
+INTRIN_AVX512_U8S8 = "tvm_intlstm_avx512_pmaddwd_16x4_u8i8i32"   # ours, exact (see module doc)
+INTRIN_AVX2_U8S8 = "tvm_intlstm_avx2_pmaddwd_8x4_u8i8i32"        # the same body on 8 lanes
+MAX_O_VECTORS = {16: 4, 8: 8}    # vectors per register tile (max_innermost_factor of the o split)
+
+
+# --- target -> isa --------------------------------------------------------------------------------
+def x86_isa(target) -> str | None:
+    """'avx512_vnni' (AVX-512F/BW + AVX512-VNNI), 'avx512' (AVX-512F/BW, no VNNI), 'avx2', or None
+    (not an x86 llvm target, or no AVX2). `target`: a tvm.target.Target, a dict or a target string
+    (classic 'llvm -mcpu=cascadelake' form accepted). Decided from the CPU features LLVM derives
+    from mcpu and mattr: cascadelake, icelake-server, sapphirerapids, znver4 -> avx512_vnni;
+    skylake-avx512 -> avx512; znver3, haswell, alderlake (AVX-VNNI is 256-bit only) -> avx2."""
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+
+    from ..kernels._common import as_target  # pylint: disable=import-outside-toplevel
+
+    tgt = as_target(target)
+    if tgt.kind.name != "llvm":
+        return None
+    triple = str(tgt.attrs.get("mtriple", "") or "")
+    if triple and not (triple.startswith("x86_64") or triple.startswith("i686")
+                       or triple.startswith("i386")):
+        return None
+
+    def has(feature):
+        try:
+            return bool(codegen.llvm_cpu_has_features(feature, tgt))
+        except Exception:  # noqa: BLE001  # pylint: disable=broad-except
+            return False
+
+    if not has("avx2"):
+        return None
+    if has("avx512f") and has("avx512bw"):
+        return "avx512_vnni" if has("avx512vnni") else "avx512"
+    return "avx2"
+
+
+# --- weights --------------------------------------------------------------------------------------
+def padded_wide(K: int, O: int, lanes: int = LANES) -> tuple[int, int]:
+    return (K + KQUAD - 1) // KQUAD * KQUAD, (O + lanes - 1) // lanes * lanes
+
+
+def pack_weights_vnni(W: np.ndarray, lanes: int = LANES) -> np.ndarray:
+    """int8 W [O, K] -> int8 [OP/16, KP/4, 16, 4], P[a, b, i, j] = W[16a + i, 4b + j], zeros in
+    the padding: the 16 x 4 weights of one step are 64 contiguous bytes, lane i's 4 k adjacent (the
+    [16, 4] B operand of dot_16x4_vnni). lanes=8 gives the [OP/8, KP/4, 8, 4] test layout."""
+    W = np.asarray(W)
+    if W.dtype != np.int8 or W.ndim != 2:
+        raise TypeError(f"pack_weights_vnni takes an int8 [O, K] array, got {W.dtype} {W.shape}")
+    if lanes not in LAYOUTS:
+        raise ValueError(f"lanes must be one of {tuple(LAYOUTS)}, got {lanes}")
+    O, K = W.shape
+    KP, OP = padded_wide(K, O, lanes)
+    Wp = np.zeros((OP, KP), np.int8)
+    Wp[:O, :K] = W
+    return np.ascontiguousarray(
+        Wp.reshape(OP // lanes, lanes, KP // KQUAD, KQUAD).transpose(0, 2, 1, 3))
+
+
+def corrected_bias(W: np.ndarray, bias=None) -> np.ndarray:
+    """bias' = bias - 128 * rowsum(W) (int32; bias None = zeros). Raises OverflowError when bias'
+    leaves int32 (impossible within the spec's bounds, see the module doc)."""
+    W = np.asarray(W)
+    if W.dtype != np.int8 or W.ndim != 2:
+        raise TypeError(f"corrected_bias takes an int8 [O, K] weight, got {W.dtype} {W.shape}")
+    b = np.zeros(W.shape[0], np.int64) if bias is None else np.asarray(bias)
+    if b.dtype.kind not in "iu" or b.shape != (W.shape[0],):
+        raise TypeError(f"bias must be an integer array of shape ({W.shape[0]},), got "
+                        f"{b.dtype} {b.shape}")
+    bc = b.astype(np.int64) - U8_SHIFT * W.astype(np.int64).sum(axis=1)
+    if bc.size and (bc.min() < -(2**31) or bc.max() > 2**31 - 1):
+        raise OverflowError("bias - 128 * rowsum(W) does not fit int32 (outside spec 5's bounds)")
+    return bc.astype(np.int32)
+
+
+def prepare_weights_wide(isa: str, W: np.ndarray, bias=None, lanes: int | None = None):
+    """(packed W, bias') for the u8 kernels of `gemm_blocks_wide` (any isa in WIDE_ISAS; lanes
+    default 16)."""
+    if isa not in WIDE_ISAS and lanes is None:
+        raise ValueError(f"not a wide x86 isa: {isa!r} (one of {WIDE_ISAS})")
+    return pack_weights_vnni(W, lanes or LANES), corrected_bias(W, bias)
+
+
+# --- the block-form kernel ------------------------------------------------------------------------
+def gemm_blocks_wide(in_features: int, out_features: int, out_dtype: str = "int8",
+                     n_rows: int | None = None, name: str | None = None,
+                     lanes: int = LANES) -> tirx.PrimFunc:
+    """Block-form u8 linear kernel (see the module doc): (x, Wp, b', M, s, y) for int8/int16
+    outputs, (x, Wp, b', y) for int32; Wp, b' = prepare_weights_wide(isa, W, b). n_rows: static
+    row count (tuning), None: symbolic N (the compiler's kernel). lanes: 16 (AVX-512) or 8 (the
+    AVX2 check of the same arithmetic)."""
+    K, O = int(in_features), int(out_features)
+    if K <= 0 or O <= 0:
+        raise ValueError(f"linear sizes must be positive, got K={K}, O={O}")
+    if K > 2**16:
+        raise ValueError("spec 5 bounds K <= 2^16")
+    if out_dtype not in ("int8", "int16", "int32"):
+        raise ValueError(f"out_dtype must be int8, int16 or int32, got {out_dtype}")
+    if lanes not in LAYOUTS:
+        raise ValueError(f"lanes must be one of {tuple(LAYOUTS)}, got {lanes}")
+    KP, OP = padded_wide(K, O, lanes)
+    requant = out_dtype != "int32"
+    N = tirx.Var("N", "int64") if n_rows is None else tirx.IntImm("int64", int(n_rows))
+    NP = (int(n_rows) + ROW_PAD - 1) // ROW_PAD * ROW_PAD if n_rows is not None else \
+        tirx.floordiv(N + (ROW_PAD - 1), ROW_PAD) * ROW_PAD
+    if n_rows is not None:
+        NP = tirx.IntImm("int64", NP)
+    bits = int(out_dtype[3:])
+    wshape = (OP // lanes, KP // KQUAD, lanes, KQUAD)
+
+    def wread(W, o, k):
+        return tirx.Cast("int32", W[o // lanes, k // KQUAD, o % lanes, k % KQUAD])
+
+    def epilogue(acc, Bb, Mb, Sb, o):
+        if requant:
+            return requantize(acc + Bb[o], Mb[o], Sb[o], bits)
+        return acc + Bb[o]
+
+    @T.prim_func(s_tir=True)
+    def gemm_requant(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle, s_h: T.handle,
+                     y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        X = T.match_buffer(x_h, (N, K), "int8")
+        W = T.match_buffer(w_h, wshape, "int8")
+        Bb = T.match_buffer(b_h, (O,), "int32")
+        Mb = T.match_buffer(m_h, (O,), "int32")
+        Sb = T.match_buffer(s_h, (O,), "int32")
+        Y = T.match_buffer(y_h, (N, O), out_dtype)
+        XU = T.sblock_alloc_buffer((NP, KP), "uint8")
+        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
+        for n, k in T.grid(NP, KP):
+            with T.sblock("xu8"):
+                vn, vk = T.axis.remap("SS", [n, k])
+                XU[vn, vk] = T.if_then_else(
+                    vn < N and vk < K,
+                    T.Cast("uint8", T.Cast("int32", X[T.min(vn, N - 1), T.min(vk, K - 1)]) + 128),
+                    T.uint8(128))
+        for n, o, k in T.grid(NP, OP, KP):
+            with T.sblock("gemm"):
+                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
+                with T.init():
+                    ACC[vn, vo] = 0
+                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", XU[vn, vk]) * wread(W, vo, vk)
+        for n, o in T.grid(N, O):
+            with T.sblock("epilogue"):
+                vn, vo = T.axis.remap("SS", [n, o])
+                Y[vn, vo] = epilogue(ACC[vn, vo], Bb, Mb, Sb, vo)
+
+    @T.prim_func(s_tir=True)
+    def gemm_i32(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        X = T.match_buffer(x_h, (N, K), "int8")
+        W = T.match_buffer(w_h, wshape, "int8")
+        Bb = T.match_buffer(b_h, (O,), "int32")
+        Y = T.match_buffer(y_h, (N, O), "int32")
+        XU = T.sblock_alloc_buffer((NP, KP), "uint8")
+        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
+        for n, k in T.grid(NP, KP):
+            with T.sblock("xu8"):
+                vn, vk = T.axis.remap("SS", [n, k])
+                XU[vn, vk] = T.if_then_else(
+                    vn < N and vk < K,
+                    T.Cast("uint8", T.Cast("int32", X[T.min(vn, N - 1), T.min(vk, K - 1)]) + 128),
+                    T.uint8(128))
+        for n, o, k in T.grid(NP, OP, KP):
+            with T.sblock("gemm"):
+                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
+                with T.init():
+                    ACC[vn, vo] = 0
+                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", XU[vn, vk]) * wread(W, vo, vk)
+        for n, o in T.grid(N, O):
+            with T.sblock("epilogue"):
+                vn, vo = T.axis.remap("SS", [n, o])
+                Y[vn, vo] = ACC[vn, vo] + Bb[vo]
+
+    func = gemm_requant if requant else gemm_i32
+    default_name = "linear_requant" if requant else "linear_i32"
+    func = func.with_attr("global_symbol", name or default_name)
+    return func.with_attr("intlstm.weight_layout", LAYOUTS[lanes])
+
+
+def weight_lanes(func) -> int | None:
+    """16 or 8 for a gemm_blocks_wide PrimFunc (from its weight layout attribute), else None."""
+    attrs = func.attrs
+    if attrs is None or "intlstm.weight_layout" not in attrs:
+        return None
+    return LAYOUT_LANES.get(str(attrs["intlstm.weight_layout"]))
+
+
+# --- the tensor intrinsics ------------------------------------------------------------------------
+def _u8s8_desc(lanes):
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            for i, k in T.grid(lanes, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+    return desc
+
+
+def _u8s8_pmaddwd_impl(lanes):
+    """u8 x s8 (lanes x 4) -> int32 lanes, exact, with two vpmaddwd (see the module doc)."""
+    pmaddwd = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd"}[lanes]
+    i8v, i16v, i32v = f"int8x{4 * lanes}", f"int16x{2 * lanes}", f"int32x{lanes}"
+    w2 = 2 * lanes
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
+            # a = u0 | u1 << 8 | u2 << 16 | u3 << 24
+            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a02 = T.bitwise_and(a, T.int32(0x00FF00FF))                  # int16 pair (u0, u2)
+            a13 = T.bitwise_and(T.shift_right(a, T.int32(8)), T.int32(0x00FF00FF))   # (u1, u3)
+            e = T.reinterpret(B.vload([0, 0], dtype=i8v), dtype=i16v)    # [2i] = w_i0 | w_i1 << 8
+            w_even = T.shift_right(T.shift_left(e, T.Broadcast(T.int16(8), w2)),
+                                   T.Broadcast(T.int16(8), w2))          # (w_i0, w_i2), int16
+            w_odd = T.shift_right(e, T.Broadcast(T.int16(8), w2))        # (w_i1, w_i3), int16
+            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=i32v) + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(pmaddwd),
+                T.reinterpret(T.Broadcast(a02, lanes), dtype=i16v), w_even, dtype=i32v) + \
+                T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id(pmaddwd),
+                    T.reinterpret(T.Broadcast(a13, lanes), dtype=i16v), w_odd, dtype=i32v)
+    return impl
+
+
+def _vnni_impl():
+    """vpdpbusd zmm: C += per lane sum of 4 u8 x s8 products, int32, not saturating. The LLVM
+    intrinsic's operand types changed in LLVM 22 (llvm-project PR 155194: <16 x i32> -> <64 x i8>
+    for the two byte operands); TVM 0.27's own dot_16x4_vnni still passes <16 x i32> and fails
+    LLVM's verifier with the wheel's LLVM 22 ("Call parameter type does not match function
+    signature"), so this body picks the operand form from the LLVM it is built with."""
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+
+    byte_operands = int(codegen.llvm_version_major()) >= 22
+    a_dt, b_dt = ("uint8x64", "int8x64") if byte_operands else ("int32x16", "int32x16")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((16, 4), "int8", offset_factor=1),
+             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+            T.writes(C[0:16])
+            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+                C.vload([0], dtype="int32x16"),
+                T.reinterpret(T.Broadcast(a, 16), dtype=a_dt),
+                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=b_dt),
+                dtype="int32x16")
+    return impl
+
+
+def register_wide_intrinsics() -> None:
+    """Register INTRIN_VNNI, INTRIN_AVX512_U8S8 and INTRIN_AVX2_U8S8 (once per process; cheap).
+    Needed before scheduling and before replaying a trace that tensorizes with them;
+    gemm.register_intrinsics() calls it. TVM's own x86 intrinsics are not needed (nor imported);
+    `import_tvm_x86_intrinsics()` registers them cheaply if wanted."""
+    from tvm.s_tir import TensorIntrin  # pylint: disable=import-outside-toplevel
+
+    if TensorIntrin.get(INTRIN_VNNI, allow_missing=True) is None:
+        TensorIntrin.register(INTRIN_VNNI, _u8s8_desc(16), _vnni_impl())
+    for name, lanes in ((INTRIN_AVX512_U8S8, 16), (INTRIN_AVX2_U8S8, 8)):
+        if TensorIntrin.get(name, allow_missing=True) is None:
+            TensorIntrin.register(name, _u8s8_desc(lanes), _u8s8_pmaddwd_impl(lanes))
+
+
+def import_tvm_x86_intrinsics():
+    """Register TVM's x86 tensor intrinsics (dot_16x4_vnni, dot_16x4_avx512) without importing
+    every backend's (`import tvm.s_tir.tensor_intrin` alone took minutes here): the module
+    tvm.s_tir.tensor_intrin.x86, imported under _ms.fast_tensor_intrin(). Returns the module."""
+    from ._ms import fast_tensor_intrin  # pylint: disable=import-outside-toplevel
+
+    with fast_tensor_intrin():
+        import tvm.s_tir.tensor_intrin.x86 as x86  # pylint: disable=import-outside-toplevel
+    return x86
+
+
+def intrinsic_for(isa: str, lanes: int) -> str | None:
+    """The TensorIntrin that tensorizes the lanes x 4 step for `isa`, or None (vectorize)."""
+    if lanes == 16 and isa == "avx512_vnni":
+        return INTRIN_VNNI
+    if lanes == 16 and isa == "avx512":
+        return INTRIN_AVX512_U8S8
+    if lanes == 8 and isa in ("avx2",) + WIDE_ISAS:
+        return INTRIN_AVX2_U8S8
+    return None
+
+
+# --- the design space -----------------------------------------------------------------------------
+def schedule_gemm_wide(sch: s_tir.Schedule, isa: str = "avx512_vnni", O: int | None = None,
+                       decisions: dict | None = None) -> None:
+    """Apply the design space to a Schedule of `gemm_blocks_wide(...)`, sampling every decision
+    (decisions: fix some, as in gemm.schedule_gemm: {"nt", "o_tile", "k_tile", "unroll"}).
+    isa: tensorize per `intrinsic_for(isa, lanes)`; other isas vectorize the lanes."""
+    dec = decisions or {}
+    lanes = weight_lanes(sch.mod["main"])
+    if lanes is None:
+        raise ValueError("schedule_gemm_wide takes a gemm_blocks_wide kernel (layout o16k4/o8k4)")
+    intrin = intrinsic_for(isa, lanes)
+    if intrin is not None:
+        register_wide_intrinsics()
+    gemm = sch.get_sblock("gemm")
+    epi = sch.get_sblock("epilogue")
+    n, o, k = sch.get_loops(gemm)
+    nt = sch.sample_categorical(list(NT_CHOICES), [1.0 / len(NT_CHOICES)] * len(NT_CHOICES),
+                                decision=NT_CHOICES.index(dec["nt"]) if "nt" in dec else None)
+    n0, n1 = sch.split(n, [None, nt])
+    oq, ol = sch.split(o, [None, lanes])
+    o0, o1 = sch.split(oq, sch.sample_perfect_tile(oq, n=2,
+                                                   max_innermost_factor=MAX_O_VECTORS[lanes],
+                                                   decision=dec.get("o_tile")))
+    kq, k4 = sch.split(k, [None, KQUAD])
+    k0, k1 = sch.split(kq, sch.sample_perfect_tile(kq, n=2, max_innermost_factor=128,
+                                                   decision=dec.get("k_tile")))
+    if intrin is not None:
+        sch.reorder(o0, n0, k0, k1, n1, o1, ol, k4)
+    else:
+        sch.reorder(o0, n0, k0, k1, n1, o1, k4, ol)
+    sch.reverse_compute_at(epi, n0, preserve_unit_loops=True)
+    if intrin is None:
+        # before decompose_reduction: vectorize refuses an update block without its init
+        sch.vectorize(ol)
+        sch.unroll(k4)
+    init = sch.decompose_reduction(gemm, k0)
+    if intrin is not None:
+        sch.tensorize(ol, intrin)
+    else:
+        sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(n1)
+    sch.unroll(o1)
+    if O is not None:
+        vec = lanes if O % lanes == 0 else (8 if O % 8 == 0 else None)
+        if vec is not None:
+            eo = sch.get_loops(epi)[-1]
+            _, ev = sch.split(eo, [None, vec])
+            sch.vectorize(ev)
+    unroll = sch.sample_categorical(
+        list(UNROLL_CHOICES), [1.0 / len(UNROLL_CHOICES)] * len(UNROLL_CHOICES),
+        decision=UNROLL_CHOICES.index(dec["unroll"]) if "unroll" in dec else None)
+    sch.annotate(n0, "pragma_auto_unroll_max_step", unroll)
+    sch.annotate(n0, "pragma_unroll_explicit", 1)
+
+
+def design_spaces_wide(sch: s_tir.Schedule, isa: str = "avx512_vnni", O: int | None = None) -> list:
+    """The MetaSchedule space of a gemm_blocks_wide kernel: one design (weights are pre-packed)."""
+    schedule_gemm_wide(sch, isa, O)
+    return [sch]
