@@ -10,6 +10,7 @@ from .quant import (QuantConfig, quantize, prepare_qat, convert, QuantizedModel,
                     save_quantized, load_quantized)
 from .reference.model import reference  # noqa: F401
 from .compiler import compile, load, CompiledModule  # noqa: F401,A004
+from .tuning._ms import RPCConfig  # noqa: F401  (tune(..., rpc=RPCConfig(...)))
 
 
 

@@ -17,7 +17,11 @@ Two kinds of servers speak the same protocol (``tvm.rpc``):
 Client side (x86 Python): :func:`run_remote` uploads the library, loads it on the remote,
 runs its Relax function through a remote ``relax.VirtualMachine`` and returns numpy outputs;
 :func:`time_remote` also times it with ``time_evaluator`` on the remote device;
-:func:`connect_vm` keeps one session open for many calls.
+:func:`connect_vm` keeps one session open for many calls.  For tools that drive a server for a
+long time (tuning over RPC, ``tvm_intlstm.tuning``): :func:`parse_rpc_address`
+(``"host:port[:key]"``), :func:`check_server` (TCP connection and RPC handshake with timeouts,
+:class:`RPCConnectError` saying what is wrong), :func:`open_session` (``tvm.rpc.connect`` with
+that error) and :func:`is_session_death` (does an error mean the session is gone).
 
 The RPC server executes whatever library a client uploads: bind it to 127.0.0.1 (the default
 here) or use it only on a trusted network.
@@ -52,6 +56,7 @@ from tvm_intlstm.runtime.emulate import (
 __all__ = [
     "RPC_SERVER_SOURCE",
     "RPCServerError",
+    "RPCConnectError",
     "RemoteSessionError",
     "EmulatedRPCServer",
     "RemoteVM",
@@ -62,6 +67,10 @@ __all__ = [
     "connect_vm",
     "run_remote",
     "time_remote",
+    "parse_rpc_address",
+    "check_server",
+    "open_session",
+    "is_session_death",
 ]
 
 _SERVER_NAME = "tvm_intlstm_rpc_server"
@@ -72,10 +81,21 @@ class RPCServerError(EmulationError):
     (``stderr`` holds the server's log)."""
 
 
+class RPCConnectError(ConnectionError):
+    """The RPC server cannot be used: unreachable (nothing listens, host down, firewall), not a
+    TVM RPC server, a different RPC key, or no answer to the handshake in time (e.g. busy with
+    another client's session).  The message says which and how to start a server."""
+
+
 class RemoteSessionError(RuntimeError):
     """The remote session ended while running the module (the session process on the
     device crashed, e.g. SIGILL for sdot on a CPU without dotprod, or a session timeout).
     The server's log says why (``EmulatedRPCServer.sessions()`` for the emulated one)."""
+
+
+#: how to start a server on a board (quoted in error messages)
+BOARD_SERVER_HINT = ("on the board: `python -m tvm.exec.rpc_server --host 0.0.0.0 --port 9090` "
+                     "(apache-tvm of the same version as here; see docs/arm.md)")
 
 
 #: C++ source of the RPC server run under qemu (or built natively on a board).
@@ -691,7 +711,7 @@ def _session_errors(lib_path: Path):
         yield
     except Exception as err:  # noqa: BLE001 - tvm.error.* and socket errors
         msg = str(err)
-        if "kShutdown" in msg or "SockChannel" in msg or "Connection reset" in msg:
+        if is_session_death(err):
             raise RemoteSessionError(
                 f"the remote session ended while running {lib_path.name}: the session process "
                 "on the device died (e.g. SIGILL: an instruction the device's CPU lacks, such "
@@ -769,3 +789,145 @@ def time_remote(lib_path: str | os.PathLike, inputs: Sequence, host: str, port: 
     with connect_vm(lib_path, host, port, key=key, function=function,
                     session_timeout=session_timeout) as rvm:
         return rvm.time(*inputs, number=number, repeat=repeat, min_repeat_ms=min_repeat_ms)
+
+
+# ----------------------------------------------------------------------------------------------
+# Connections: addresses, a quick reachability check, sessions with clear errors
+# ----------------------------------------------------------------------------------------------
+
+_RPC_MAGIC = 0xFF271            # tvm.rpc.base.RPC_MAGIC
+_RPC_CODE_SUCCESS = _RPC_MAGIC
+_RPC_CODE_MISMATCH = _RPC_MAGIC + 2
+
+#: substrings of the client's errors when the remote end of a session went away
+#: (kShutdown / "code=1": the session process died, e.g. SIGILL or the server's session timeout;
+#: RPCSessionTimeoutError: TVM's Python server ended the session)
+_DEATH_MARKS = ("kShutdown", "RPCCode::kReturn) is false", "SockChannel", "Connection reset",
+                "Broken pipe", "RPCSessionTimeoutError")
+
+
+def is_session_death(err: BaseException) -> bool:
+    """True when ``err`` (raised by a ``tvm.rpc`` call) means the remote session is gone: its
+    process died (SIGILL, segfault), the server ended it (session timeout) or the connection
+    broke.  The session cannot be used any more; a new one can be opened."""
+    msg = str(err)
+    return any(m in msg for m in _DEATH_MARKS) or isinstance(
+        err, (ConnectionError, BrokenPipeError))
+
+
+def parse_rpc_address(spec: str) -> tuple[str, int, str]:
+    """``"host:port"`` or ``"host:port:key"`` (IPv6 hosts in brackets: ``"[::1]:9090"``) ->
+    ``(host, port, key)``.  Raises ValueError with an example."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"an RPC address is 'host:port' or 'host:port:key', got {spec!r}")
+    s = spec.strip()
+    if s.startswith("["):
+        end = s.find("]")
+        if end < 0 or s[end + 1:end + 2] != ":":
+            raise ValueError(f"an RPC address is 'host:port' or 'host:port:key' (IPv6: "
+                             f"'[::1]:9090'), got {spec!r}")
+        host, rest = s[1:end], s[end + 2:]
+    else:
+        host, sep, rest = s.partition(":")
+        if not sep:
+            raise ValueError(f"an RPC address is 'host:port' or 'host:port:key' (e.g. "
+                             f"'192.168.1.50:9090' or 'rpi5.local:9090:rpi5'), got {spec!r}: "
+                             "no port")
+    port_s, _, key = rest.partition(":")
+    try:
+        port = int(port_s)
+        if not 0 < port < 65536:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"bad port {port_s!r} in RPC address {spec!r} (expected 'host:port' "
+                         "or 'host:port:key', port 1-65535)") from None
+    if not host:
+        raise ValueError(f"no host in RPC address {spec!r}")
+    if any(c.isspace() for c in key):
+        raise ValueError(f"an RPC key cannot contain whitespace: {key!r}")
+    return host, port, key
+
+
+def check_server(host: str, port: int, key: str = "", timeout: float = 10.0) -> float:
+    """Check quickly that a TVM RPC server answers at ``host:port`` with ``key``: a TCP
+    connection and the RPC handshake of ``tvm.rpc.connect``, each bounded by ``timeout``
+    seconds (``tvm.rpc.connect`` itself can block for minutes on an address that drops
+    packets, or forever on a server busy with another session).  Returns the round-trip
+    seconds.  Raises :class:`RPCConnectError` saying what is wrong.
+
+    The check opens (and at once closes) one session on the server."""
+    import socket
+    import struct
+
+    where = f"{host}:{port}"
+    t0 = time.perf_counter()
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except socket.timeout:
+        raise RPCConnectError(
+            f"cannot reach the RPC server at {where}: no answer within {timeout:g} s (host down, "
+            f"wrong address, or a firewall); {BOARD_SERVER_HINT}") from None
+    except OSError as e:
+        raise RPCConnectError(
+            f"cannot reach the RPC server at {where}: {e.strerror or e} (is the server "
+            f"running?); {BOARD_SERVER_HINT}") from None
+    try:
+        sock.settimeout(timeout)
+        head = f"client:{key}".encode()
+        sock.sendall(struct.pack("<ii", _RPC_MAGIC, len(head)) + head)
+
+        def recv(n):
+            got = b""
+            while len(got) < n:
+                chunk = sock.recv(n - len(got))
+                if not chunk:
+                    break
+                got += chunk
+            return got
+
+        data = recv(4)
+        if len(data) == 4 and struct.unpack("<i", data)[0] == _RPC_CODE_SUCCESS:
+            # read the whole answer ([len, "server:<key>"]): closing with unread data would
+            # reset the connection instead of ending the session the server just started
+            (n,) = struct.unpack("<i", recv(4).ljust(4, b"\0"))
+            recv(max(0, min(n, 4096)))
+    except socket.timeout:
+        raise RPCConnectError(
+            f"the RPC server at {where} accepted the connection but did not answer the TVM RPC "
+            f"handshake within {timeout:g} s: it serves one session at a time and may be busy "
+            "with another client, or it is not a TVM RPC server") from None
+    except OSError as e:
+        raise RPCConnectError(f"the RPC server at {where} closed the connection during the "
+                              f"handshake ({e.strerror or e}); is it a TVM RPC server?") from None
+    finally:
+        with contextlib.suppress(OSError):
+            sock.close()
+    if len(data) < 4:
+        raise RPCConnectError(f"{where} is not a TVM RPC server (it closed the connection "
+                              "without answering the handshake)")
+    (code,) = struct.unpack("<i", data)
+    if code == _RPC_CODE_MISMATCH:
+        raise RPCConnectError(
+            f"the RPC server at {where} expects a different key than {key!r}: give the key it "
+            "was started with (`--key` of the server; 'host:port:key')")
+    if code != _RPC_CODE_SUCCESS:
+        raise RPCConnectError(f"{where} is not a TVM RPC server (handshake answer {code:#x})")
+    return time.perf_counter() - t0
+
+
+def open_session(host: str, port: int, key: str = "", session_timeout: float = 0):
+    """``tvm.rpc.connect`` with its failures turned into :class:`RPCConnectError`."""
+    import tvm  # noqa: F401  (registers the RPC client functions)
+    from tvm import rpc
+
+    try:
+        return rpc.connect(host, int(port), key=key, session_timeout=session_timeout)
+    except Exception as e:  # noqa: BLE001 - tvm errors of the C++ client
+        msg = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+        if "matches key" in msg:
+            raise RPCConnectError(f"the RPC server at {host}:{port} expects a different key than "
+                                  f"{key!r} ({msg})") from None
+        if "Connect to" in msg and "failed" in msg:
+            msg = "connection refused or host unreachable (is the server running?)"
+        raise RPCConnectError(f"cannot open an RPC session with {host}:{port}: {msg}; "
+                              f"{BOARD_SERVER_HINT}") from None

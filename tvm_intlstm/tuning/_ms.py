@@ -14,16 +14,30 @@ resumable (`tune(..., resume=True)`).
 an empty package object (with the real `__path__`, so `import tvm.s_tir.tensor_intrin.x86` still
 works and registers x86 only); our own intrinsic is registered by `gemm.register_intrinsics()`.
 If the real package was imported already, nothing changes.
+
+Tuning over RPC (for a board: `tune(..., rpc="board:9090")`): `RPCBuilder` builds like
+`InProcessBuilder` but exports each candidate as a shared library for the target (cross-linked
+with the aarch64 compiler, `tvm_intlstm.target.export_library`) into a temporary directory;
+`RPCRunner` measures each one on the RPC server: one short session per candidate (connect,
+upload, load, run once on the valid random inputs of `make_case` and check the output bit for
+bit, then `time_evaluator` on the device), so that a candidate that kills its session (SIGILL,
+a crash, the session timeout of `RPCConfig.timeout`) is one failed trial and the next candidate
+simply gets a new session. When the server cannot be reached at all (after `RPCConfig.retries`
+attempts) the runner raises `RPCConnectError`, which ends tuning; the database keeps what was
+measured, so the same call resumes. `rpc_preflight` checks the server (reachable, right key,
+can load and run a kernel built for the target) before any tuning starts.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
 import itertools
+import os
 import sys
 import threading
 import time
 import types
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -189,7 +203,282 @@ def _classes():
     return InProcessBuilder, InProcessRunner, ProgressCallback
 
 
+# --- tuning over RPC -----------------------------------------------------------------------------
+class RPCTuningError(RuntimeError):
+    """The RPC server is reachable but cannot be tuned on: it cannot load or run a kernel built
+    for the target (another architecture, another TVM version), or the unscheduled kernel gives
+    a wrong result there."""
+
+
+@dataclass(frozen=True)
+class RPCConfig:
+    """Where and how `tune(..., rpc=...)` measures: a TVM RPC server (`python -m
+    tvm.exec.rpc_server` on the board, or tvm_intlstm.runtime.rpc.EmulatedRPCServer).
+
+    host, port, key: the server (key: the `--key` it was started with, "" for none).
+    timeout: seconds one candidate's session may last (the server ends longer sessions: a hung
+        or very slow candidate becomes a failed trial); also bounds the connection check.
+    number, repeat, min_repeat_ms: `time_evaluator` settings on the device: `repeat`
+        measurements of `number` calls each, `number` raised until one measurement lasts at
+        least `min_repeat_ms`; a candidate's time is the median of the `repeat` means.
+    check: compare every candidate's output with the numpy reference (a wrong kernel is a
+        failed trial, never a record).
+    retries: attempts to reach the server again (1 s, 2 s, 4 s, ... apart) when it cannot be
+        reached in the middle of tuning, before giving up with RPCConnectError.
+
+    `RPCConfig.parse` also takes "host:port", "host:port:key" or a dict of these fields."""
+
+    host: str
+    port: int
+    key: str = ""
+    timeout: float = 60.0
+    number: int = 1
+    repeat: int = 3
+    min_repeat_ms: int = 50
+    check: bool = True
+    retries: int = 3
+
+    def __post_init__(self):
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"RPCConfig.host must be a host name or address, got {self.host!r}")
+        try:
+            port = int(self.port)
+        except (TypeError, ValueError):
+            port = -1
+        if not 0 < port < 65536:
+            raise ValueError(f"RPCConfig.port must be 1-65535, got {self.port!r}")
+        object.__setattr__(self, "port", port)
+        if any(c.isspace() for c in str(self.key)):
+            raise ValueError(f"an RPC key cannot contain whitespace: {self.key!r}")
+        if not float(self.timeout) > 0:
+            raise ValueError(f"RPCConfig.timeout must be > 0 seconds, got {self.timeout!r}")
+        if int(self.number) < 1 or int(self.repeat) < 1 or int(self.min_repeat_ms) < 0 \
+                or int(self.retries) < 0:
+            raise ValueError("RPCConfig needs number >= 1, repeat >= 1, min_repeat_ms >= 0, "
+                             f"retries >= 0; got {self}")
+
+    @classmethod
+    def parse(cls, spec) -> "RPCConfig":
+        """An RPCConfig from an RPCConfig, "host:port[:key]" or a dict of the fields."""
+        if isinstance(spec, cls):
+            return spec
+        if isinstance(spec, str):
+            from ..runtime.rpc import parse_rpc_address  # pylint: disable=import-outside-toplevel
+
+            host, port, key = parse_rpc_address(spec)
+            return cls(host, port, key)
+        if isinstance(spec, dict):
+            unknown = sorted(set(spec) - set(cls.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown RPC option(s) {unknown}; known: "
+                                 f"{sorted(cls.__dataclass_fields__)}")
+            if "host" not in spec or "port" not in spec:
+                raise ValueError(f"an RPC dict needs 'host' and 'port', got {spec}")
+            return cls(**spec)
+        raise TypeError("rpc must be 'host:port', 'host:port:key', a dict or an RPCConfig, got "
+                        f"{type(spec).__name__}")
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" + (f" (key {self.key!r})" if self.key else "")
+
+
+def _rpc_classes():
+    """PyBuilder/PyRunner for tuning over RPC (after tvm is imported); see the module doc."""
+    from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.runner import PyRunner
+    from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
+
+    from ..runtime.rpc import (RPCConnectError,  # pylint: disable=import-outside-toplevel
+                               is_session_death, open_session)
+    from ..target import export_library  # pylint: disable=import-outside-toplevel
+
+    @derived_object
+    class RPCBuilder(PyBuilder):
+        """Builds each candidate with tvm.compile in this process and exports it as a shared
+        library for the target (cross-linked for aarch64) into `work_dir`."""
+
+        def __init__(self, work_dir: str):
+            super().__init__()
+            self.work_dir = work_dir
+
+        def build(self, build_inputs):
+            import tvm  # pylint: disable=import-outside-toplevel
+
+            results = []
+            for bi in build_inputs:
+                try:
+                    ex = tvm.compile(bi.mod, target=bi.target)
+                    path = os.path.join(self.work_dir, f"cand{next(_COUNTER)}.so")
+                    export_library(ex, path, bi.target)
+                    results.append(BuilderResult(path, None))
+                except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+                    results.append(BuilderResult(None, f"RPCBuilder: {type(e).__name__}: {e}"))
+            return results
+
+    @derived_object
+    class RPCRunner(PyRunner):
+        """Measures each built candidate on the RPC server of `config` (an RPCConfig), one
+        session per candidate; removes the candidate's library afterwards. `log` gets a line
+        per session that died. A server that cannot be reached raises RPCConnectError (kept in
+        `.fatal` too)."""
+
+        def __init__(self, config: RPCConfig, log=None):
+            super().__init__()
+            self.config = config
+            self.log = log or (lambda _msg: None)
+            self.fatal = None
+            self.sessions = 0
+            self.deaths = 0
+            self._cases: dict = {}
+
+        def run(self, runner_inputs):
+            futures = []
+            for ri in runner_inputs:
+                path = str(ri.artifact_path)
+                sig = [(str(a.dtype), tuple(int(v) for v in a.shape)) for a in ri.args_info]
+                try:
+                    secs = self.measure(path, sig)
+                    futures.append(LocalRunnerFuture(res=secs, error_message=None))
+                except RPCConnectError as e:
+                    self.fatal = e
+                    raise
+                except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+                    futures.append(LocalRunnerFuture(
+                        res=None, error_message=f"RPCRunner: {type(e).__name__}: {e}"))
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.remove(path)
+            return futures
+
+        def _case(self, sig):
+            if sig not in self._cases:
+                self._cases[sig] = make_case(sig)
+            return self._cases[sig]
+
+        def _connect(self):
+            cfg = self.config
+            delay = 1.0
+            for attempt in range(int(cfg.retries) + 1):
+                try:
+                    sess = open_session(cfg.host, cfg.port, cfg.key, session_timeout=cfg.timeout)
+                    self.sessions += 1
+                    return sess
+                except RPCConnectError as e:
+                    if attempt == int(cfg.retries):
+                        raise RPCConnectError(
+                            f"lost the RPC server at {cfg.address} ({int(cfg.retries) + 1} "
+                            f"attempts): {e}. What was measured is in the database: run the "
+                            "same tuning again to resume") from None
+                    self.log(f"[tvm_intlstm.tune] RPC server {cfg.address} not reachable, "
+                             f"retrying in {delay:g} s ({e})")
+                    time.sleep(delay)
+                    delay *= 2
+            raise AssertionError("unreachable")
+
+        def measure(self, path: str, sig, number=None, repeat=None, min_repeat_ms=None):
+            """[median seconds] of the kernel `main` of the library `path` on the remote device,
+            after checking its output (see RPCConfig); raises on any failure."""
+            import tvm  # pylint: disable=import-outside-toplevel
+
+            cfg = self.config
+            sig = tuple(sig)
+            inputs, expected = self._case(sig)
+            name = os.path.basename(path)
+            sess = self._connect()
+            t0 = time.perf_counter()
+            rmod = dev = ev = None
+            args: list = []
+            try:
+                sess.upload(path, target=name)
+                rmod = sess.load_module(name)
+                dev = sess.cpu(0)
+                args = [tvm.runtime.tensor(a, dev) for a in inputs]
+                args.append(tvm.runtime.empty(sig[-1][1], sig[-1][0], dev))
+                rmod["main"](*args)
+                if cfg.check and not np.array_equal(args[-1].numpy(), expected):
+                    raise ValueError("wrong result on the device: the scheduled kernel is not "
+                                     "bit-exact")
+                ev = rmod.time_evaluator(
+                    "main", dev, number=int(cfg.number if number is None else number),
+                    repeat=int(cfg.repeat if repeat is None else repeat),
+                    min_repeat_ms=int(cfg.min_repeat_ms if min_repeat_ms is None
+                                      else min_repeat_ms))
+                res = [float(v) for v in ev(*args).results]
+            except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+                if not is_session_death(e):
+                    raise
+                dt = time.perf_counter() - t0
+                self.deaths += 1
+                why = (f"longer than the session timeout of {cfg.timeout:g} s"
+                       if dt >= 0.95 * float(cfg.timeout) else
+                       "the session process crashed on the device, e.g. SIGILL: an "
+                       "instruction its CPU lacks")
+                last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+                msg = f"the remote session died after {dt:.1f} s ({why}) [{last}]"
+                self.log(f"[tvm_intlstm.tune] candidate {name}: {msg}; next candidate in a "
+                         "new session")
+                raise RuntimeError(msg) from None
+            finally:
+                # drop every remote object now: the session closes when the last one goes, and
+                # a server that serves one session at a time waits for that
+                del args[:]
+                ev = rmod = dev = sess = None  # noqa: F841
+            return [float(np.median(res))]
+
+    return RPCBuilder, RPCRunner
+
+
 _CLS = None
+_RPC_CLS = None
+
+
+def rpc_classes():
+    """(RPCBuilder, RPCRunner)."""
+    global _RPC_CLS  # pylint: disable=global-statement
+    if _RPC_CLS is None:
+        _RPC_CLS = _rpc_classes()
+    return _RPC_CLS
+
+
+def rpc_preflight(config: RPCConfig, target, mod, log=print) -> float:
+    """Before tuning over RPC: check that the server at `config` answers (RPCConnectError if
+    not, within min(config.timeout, 10) s), then build the unscheduled kernel `mod` (a task's workload)
+    for `target`, export it (cross-linked: ToolchainError without the cross compiler), run it on
+    the device and check its output (RPCTuningError if the device cannot). Returns the seconds
+    per call of that unscheduled kernel."""
+    import tempfile  # pylint: disable=import-outside-toplevel
+
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo  # pylint: disable=import-outside-toplevel
+
+    from ..runtime.rpc import RPCConnectError, check_server  # pylint: disable=import-outside-toplevel
+    from ..target import export_library, target_to_string  # pylint: disable=import-outside-toplevel
+
+    rtt = check_server(config.host, config.port, config.key, timeout=min(config.timeout, 10.0))
+    _, Runner = rpc_classes()
+    with tempfile.TemporaryDirectory(prefix="tvm_intlstm_rpc_probe_") as d:
+        ex = tvm.compile(mod, target=target)
+        path = export_library(ex, os.path.join(d, "tvm_intlstm_probe.so"), target)
+        sig = [(str(a.dtype), tuple(int(v) for v in a.shape))
+               for a in ArgInfo.from_prim_func(mod["main"])]
+        runner = Runner(config)
+        try:
+            secs = runner.measure(path, sig, number=1, repeat=1, min_repeat_ms=0)[0]
+        except RPCConnectError:
+            raise
+        except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+            last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+            raise RPCTuningError(
+                f"the RPC server at {config.address} cannot run a kernel built for "
+                f"{target_to_string(target)}: {last}. Check that the device has that CPU "
+                f"(architecture and features) and runs apache-tvm {tvm.__version__} (a module "
+                "must be loaded by the runtime of the release that compiled it)") from None
+    log(f"[tvm_intlstm.tune] RPC server {config.address}: reachable ({rtt * 1e3:.0f} ms "
+        f"handshake), the unscheduled kernel runs there in {secs * 1e6:.1f} us")
+    return secs
 
 
 def classes():

@@ -5,6 +5,15 @@
     tvm-intlstm tune --gemm 256,2048,int16,64 --target "llvm -mcpu=znver3" --trials 200 \\
         --log-dir tuning_logs/znver3          # one GEMM (K, O, out dtype, rows), no model needed
 
+For a board (aarch64), measure over TVM RPC: run `python -m tvm.exec.rpc_server --host 0.0.0.0
+--port 9090` on the board, then
+
+    tvm-intlstm tune model.qpt --example-shape 64,1,256 --target rpi5 --rpc board:9090 \
+        --trials 200 --log-dir tuning_logs/rpi5
+
+(`--rpc host:port:key` when the server was started with --key). Candidates are cross-compiled
+here and timed on the board.
+
 The database is appended to (never rewritten); running the same command again resumes: `--trials`
 is the total per task unless --no-resume. Progress lines go to stdout, MetaSchedule's own logs to
 <log-dir>/logs. Compile with the result: `tvm-intlstm compile ... --tuning-logs <log-dir>`.
@@ -58,12 +67,45 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     ap.add_argument("--no-resume", action="store_true",
                     help="run --trials more trials per task even if the database has some")
     ap.add_argument("--seed", type=int, default=None)
+    rpc = ap.add_argument_group("tuning on a remote device (TVM RPC)")
+    rpc.add_argument("--rpc", default=None, metavar="HOST:PORT[:KEY]",
+                     help="measure on the TVM RPC server there (`python -m tvm.exec.rpc_server "
+                          "--host 0.0.0.0 --port 9090` on the board); needed for targets this "
+                          "machine cannot run, e.g. --target rpi5")
+    rpc.add_argument("--rpc-timeout", type=float, default=None, metavar="SECONDS",
+                     help="longest session for one candidate (default 60)")
+    rpc.add_argument("--rpc-number", type=int, default=None,
+                     help="calls per measurement on the device (default 1, raised to last "
+                          "--rpc-min-repeat-ms)")
+    rpc.add_argument("--rpc-repeat", type=int, default=None,
+                     help="measurements per candidate, the median is kept (default 3)")
+    rpc.add_argument("--rpc-min-repeat-ms", type=int, default=None,
+                     help="shortest measurement in ms (default 50)")
     return ap
 
 
+def _rpc_config(a):
+    opts = {"timeout": a.rpc_timeout, "number": a.rpc_number, "repeat": a.rpc_repeat,
+            "min_repeat_ms": a.rpc_min_repeat_ms}
+    if a.rpc is None:
+        given = [f"--rpc-{k.replace('_', '-')}" for k, v in opts.items() if v is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)}: only with --rpc HOST:PORT[:KEY]")
+        return None
+    from dataclasses import replace  # pylint: disable=import-outside-toplevel
+
+    from ._ms import RPCConfig  # pylint: disable=import-outside-toplevel
+
+    return replace(RPCConfig.parse(a.rpc), **{k: v for k, v in opts.items() if v is not None})
+
+
 def run_tune(a) -> int:
+    from ..runtime.rpc import RPCConnectError  # pylint: disable=import-outside-toplevel
+    from ..target import ToolchainError  # pylint: disable=import-outside-toplevel
+    from ._ms import RPCTuningError  # pylint: disable=import-outside-toplevel
     from .tune import TuningLogError, tune  # pylint: disable=import-outside-toplevel
 
+    rpc = _rpc_config(a)
     tasks = list(a.gemm) or None
     model = example = None
     if tasks is None:
@@ -87,8 +129,9 @@ def run_tune(a) -> int:
     try:
         report = tune(model, a.target, example, trials=a.trials, log_dir=a.log_dir,
                       resume=not a.no_resume, rows=a.rows, tasks=tasks,
-                      trials_per_iter=a.trials_per_iter, seed=a.seed)
-    except TuningLogError as e:
+                      trials_per_iter=a.trials_per_iter, seed=a.seed, rpc=rpc)
+    except (TuningLogError, RPCConnectError, RPCTuningError, ToolchainError) as e:
+        # ValueError: what `tvm-intlstm` reports as "error: ..." without a traceback
         raise ValueError(str(e)) from None
     for r in report:
         t = r["task"]

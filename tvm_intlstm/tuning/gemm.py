@@ -303,11 +303,14 @@ def schedule_gemm(sch: s_tir.Schedule, isa: str = "avx2", O: int | None = None,
         _pack_per_call(sch, o0, int(dec.get("pack", 0)))
     # epilogue per row tile, straight from the accumulator tile
     sch.reverse_compute_at(epi, n0, preserve_unit_loops=True)
+    # vectorize before decompose_reduction: TVM refuses to vectorize a reduction block that has
+    # lost its init ("neither a local complete block nor a local reduction block")
+    if isa != "avx2":
+        sch.vectorize(o8)
     sch.decompose_reduction(gemm, k0)
     if isa == "avx2":
         sch.tensorize(o8, INTRIN_AVX2_PMADDWD_I8W if packed else INTRIN_AVX2_PMADDWD)
     else:
-        sch.vectorize(o8)
         sch.unroll(kp)
     sch.unroll(n1)
     sch.unroll(o1)

@@ -27,6 +27,15 @@ Symbolic N. The design space makes no decision that depends on the row count (th
 trace of the static workload replays unchanged (`Trace.apply_to_schedule`) on the symbolic-N
 kernel `gemm_blocks(K, O, out_dtype)`: that is what `TunedKernels.get` returns.
 
+Tuning for a board (RPC). `tune(..., rpc="board:9090")` (or "host:port:key", a dict, an
+`RPCConfig`) builds every candidate here, cross-compiled for the target and exported as a shared
+library, and measures it on the TVM RPC server at that address (`python -m tvm.exec.rpc_server`
+on the board): one session per candidate, outputs checked bit for bit, `time_evaluator` on the
+device; a candidate that crashes its session (SIGILL) is a failed trial (see `_ms`). Before the
+first trial the server is checked (reachable, right key, runs a kernel built for the target).
+Without `rpc`, only targets this machine can run are accepted. The database is the same: records
+carry the target, so `compile(..., target="rpi5", tuning_logs=dir)` applies them.
+
 Robustness. `apply_tuning_logs` never raises for a bad database: a missing directory, a corrupt
 file (bad JSON, wrong structure, unreadable by MetaSchedule) or records for other targets give a
 `TuningLogWarning` and the default kernels (get() returns None). `tune` refuses a corrupt database
@@ -34,8 +43,10 @@ with a `TuningLogError` that says which file and line (it must not append to it)
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -43,7 +54,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import gemm as G
-from ._ms import classes, fast_tensor_intrin
+from ._ms import RPCConfig, classes, fast_tensor_intrin, rpc_classes, rpc_preflight
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
@@ -330,9 +341,28 @@ def _cost_model():
         return CostModel.create("random")
 
 
+def _check_design_space(mod, isa: str, O: int, task: GemmTask, tgt) -> None:
+    """Apply the design space once (cheap) so that a space that cannot schedule this kernel for
+    this ISA is a clear error, not a failure deep inside MetaSchedule."""
+    from tvm import s_tir  # pylint: disable=import-outside-toplevel
+
+    try:
+        G.design_spaces(s_tir.Schedule(mod, seed=1), isa, O)
+    except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+        text = str(e).strip()
+        last = [ln for ln in text.splitlines() if ln.strip()]
+        reason = next((ln for ln in last if ln.startswith("Error message:")), last[-1] if last
+                      else repr(e))
+        raise ValueError(
+            f"the GEMM design space (tvm_intlstm/tuning/gemm.py design_spaces) cannot schedule "
+            f"{task.name} for isa {isa!r} ({_target_str(tgt)}): {type(e).__name__}: "
+            f"{reason.strip()}") from e
+
+
 def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | None = None,
          resume: bool = True, rows: int | None = None, tasks: list[GemmTask] | None = None,
-         trials_per_iter: int = 16, seed: int | None = None, verbose: bool = True, log=None):
+         trials_per_iter: int = 16, seed: int | None = None, verbose: bool = True, log=None,
+         rpc=None):
     """Tune every GEMM of `model` for `target` with `trials` measured trials per task.
 
     model, example_inputs: the quantized model and example inputs (as for tvm_intlstm.compile);
@@ -340,6 +370,10 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     log_dir: the database directory (default tuning_logs/<mcpu or triple or kind>); created if
     missing, appended to, never rewritten. resume: count the records already in the database
     towards `trials` and continue from them (False: run `trials` more trials per task).
+    rpc: measure on a TVM RPC server instead of this machine (required for targets this machine
+    cannot run, e.g. "rpi5"): "host:port", "host:port:key", a dict or an RPCConfig (timeouts,
+    time_evaluator settings). Raises RPCConnectError (tvm_intlstm.runtime.rpc) when the server
+    cannot be reached, RPCTuningError when it cannot run kernels built for `target`.
     Returns a list of dicts {task, trials_before, trials_run, best_us} (best over all records)."""
     import tvm  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
@@ -351,9 +385,12 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
         def say(_msg):  # noqa: E306
             return None
     tgt = _target(target)
-    if not _is_host_runnable(tgt):
-        raise ValueError(f"cannot tune for {_target_str(tgt)} on this machine: the trials run here "
-                         "(tuning for an ARM board needs the board, over tvm.rpc)")
+    rpc_cfg = None if rpc is None else RPCConfig.parse(rpc)
+    if rpc_cfg is None and not _is_host_runnable(tgt):
+        raise ValueError(
+            f"cannot tune for {_target_str(tgt)} on this machine: without rpc= the trials run "
+            "here. Tune on the board over TVM RPC: start `python -m tvm.exec.rpc_server --host "
+            "0.0.0.0 --port 9090` on it and pass rpc=\"<board>:9090\" (CLI: --rpc <board>:9090)")
     if int(trials) < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
     isa = resolve_isa(tgt)
@@ -370,10 +407,22 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     G.register_intrinsics()
     Builder, Runner, Progress = classes()
     report = []
-    with fast_tensor_intrin():
+    with fast_tensor_intrin(), contextlib.ExitStack() as stack:
         db = open_database(log_dir, create=True)
+        where = "here" if rpc_cfg is None else f"on the RPC server {rpc_cfg.address}"
         say(f"[tvm_intlstm.tune] {len(tasks)} task(s) for {_target_str(tgt)} (isa {isa}), "
-            f"{trials} trials each, database {log_dir}")
+            f"{trials} trials each, measured {where}, database {log_dir}")
+        if rpc_cfg is not None:
+            work = stack.enter_context(tempfile.TemporaryDirectory(prefix="tvm_intlstm_tune_"))
+            RPCBuilder, RPCRunner = rpc_classes()
+
+            def Builder(_work=work):  # noqa: N802  # pylint: disable=function-redefined
+                return RPCBuilder(_work)
+
+            def Runner():  # noqa: N802  # pylint: disable=function-redefined
+                return RPCRunner(rpc_cfg, say)
+
+            probed = False
         for ti, task in enumerate(tasks, 1):
             mod = task.workload()
             mine = [r for r in _records(db) if r[0] is not None and r[0][:3] == task.key
@@ -390,6 +439,10 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
                 continue
             say(f"[tvm_intlstm.tune] {label}: {before} trials in the database, running {todo}")
             O_real = task.O
+            if rpc_cfg is not None and not probed:   # the server first: fail fast if it is not there
+                rpc_preflight(rpc_cfg, tgt, mod, say)
+                probed = True
+            _check_design_space(mod, isa, O_real, task, tgt)
 
             def space(sch, _isa=isa, _o=O_real):
                 return G.design_spaces(sch, _isa, _o)
@@ -408,14 +461,21 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
             progress = Progress(label, before + todo, before,
                                 None if best0 is None else best0 * 1e6, say)
             t0 = time.perf_counter()
-            ms.tune_tasks(
-                tasks=[ctx], task_weights=[1.0], work_dir=log_dir,
-                max_trials_global=todo, max_trials_per_task=todo,
-                num_trials_per_iter=max(1, min(int(trials_per_iter), todo)),
-                builder=Builder(), runner=Runner(), database=db, cost_model=_cost_model(),
-                measure_callbacks=[ms.measure_callback.AddToDatabase(),
-                                   ms.measure_callback.UpdateCostModel(), progress],
-                task_scheduler="round-robin")
+            runner = Runner()
+            try:
+                ms.tune_tasks(
+                    tasks=[ctx], task_weights=[1.0], work_dir=log_dir,
+                    max_trials_global=todo, max_trials_per_task=todo,
+                    num_trials_per_iter=max(1, min(int(trials_per_iter), todo)),
+                    builder=Builder(), runner=runner, database=db, cost_model=_cost_model(),
+                    measure_callbacks=[ms.measure_callback.AddToDatabase(),
+                                       ms.measure_callback.UpdateCostModel(), progress],
+                    task_scheduler="round-robin")
+            except Exception:
+                fatal = getattr(runner, "fatal", None)
+                if fatal is not None:   # the RPC server went away: say so, not MetaSchedule's trace
+                    raise fatal from None
+                raise
             mine = [r for r in _records(db) if r[0] is not None and r[0][:3] == task.key
                     and r[0][3] == task.rows and target_key(r[1]) == target_key(tgt)]
             best = min([r[2] for r in mine if r[2] is not None], default=None)
