@@ -121,9 +121,29 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         idx = IDX[g, jv]
         return sat(TBL[1, idx] + rshift_round(TBL[2, idx] * (XC[g, jv] - TBL[0, idx]), PWL_FRAC), 16)
 
+    # AVX2 with tables of <= 16 pieces: the per-lane table reads (which LLVM scalarizes into
+    # extract / load / insert, ~24 instructions per 8 lanes) become register lookups, two vpermd
+    # of the table's halves and a blend on idx > 7. The tables are copied once per call into TV
+    # [3 tables, 3 rows, 16] (padded by repeating the last column) so both halves are in bounds.
+    fast_pwl = isa == "avx2" and JV == 8 and max(n_sig, n_tanh, n_tc) <= 16
+
+    def pwl_vec(XC, IDX, TV, t, g):
+        """pwl_finish for the 8 lanes of row g at once, table t of TV (fast_pwl only)."""
+        idx = IDX[g, tirx.Ramp(0, 1, 8)]
+        hi_half = idx > tirx.Broadcast(tirx.const(7, "int32"), 8)
+
+        def look(r):
+            lo = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
+                                            TV[t, r, tirx.Ramp(0, 1, 8)], idx)
+            hi = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
+                                            TV[t, r, tirx.Ramp(8, 1, 8)], idx)
+            return tirx.Select(hi_half, hi, lo)
+
+        return sat(look(1) + rshift_round(look(2) * (XC[g, tirx.Ramp(0, 1, 8)] - look(0)), PWL_FRAC), 16)
+
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
-             ACT):
+             ACT, TV):
         if wide:
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
@@ -147,9 +167,13 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 for g in T.unroll(3):
                     for jv in T.vectorized(JV):
                         IDX[g, jv] = IDX[g, jv] + T.Cast("int32", XC[g, jv] >= SIG[0, q])
-            for g in T.unroll(3):
-                for jv in T.vectorized(JV):
-                    ACT[g, jv] = pwl_finish(XC, IDX, SIG, g, jv)
+            if fast_pwl:
+                for g in T.unroll(3):
+                    ACT[g, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 0, g)
+            else:
+                for g in T.unroll(3):
+                    for jv in T.vectorized(JV):
+                        ACT[g, jv] = pwl_finish(XC, IDX, SIG, g, jv)
             # tanh of the g gate (rows 2): ACT[3]
             for jv in T.vectorized(JV):
                 XC[0, jv] = T.max(T.min(T.Cast("int32", Z[b, 2 * H + jo * JV + jv]),
@@ -158,8 +182,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             for q in T.unroll(1, n_tanh):
                 for jv in T.vectorized(JV):
                     IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANH[0, q])
-            for jv in T.vectorized(JV):
-                ACT[3, jv] = pwl_finish(XC, IDX, TANH, 0, jv)
+            if fast_pwl:
+                ACT[3, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 1, 0)
+            else:
+                for jv in T.vectorized(JV):
+                    ACT[3, jv] = pwl_finish(XC, IDX, TANH, 0, jv)
             # cell update, written to the state after its tanh input is taken
             for jv in T.vectorized(JV):
                 XC[1, jv] = sat(rshift_round(ACT[1, jv] * T.Cast("int32", CT[b, jo * JV + jv]), 15)
@@ -170,10 +197,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             for q in T.unroll(1, n_tc):
                 for jv in T.vectorized(JV):
                     IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANHC[0, q])
-            for jv in T.vectorized(JV):
-                HT[b, jo * JV + jv] = requantize(ACT[2, jv] * pwl_finish(XC, IDX, TANHC, 0, jv),
-                                                 mo, so, 8)
-                Y[tt, b, jo * JV + jv] = HT[b, jo * JV + jv]
+            if fast_pwl:
+                ACT[3, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 2, 0)   # g gate done: reuse
+                for jv in T.vectorized(JV):
+                    HT[b, jo * JV + jv] = requantize(ACT[2, jv] * ACT[3, jv], mo, so, 8)
+                    Y[tt, b, jo * JV + jv] = HT[b, jo * JV + jv]
+            else:
+                for jv in T.vectorized(JV):
+                    HT[b, jo * JV + jv] = requantize(ACT[2, jv] * pwl_finish(XC, IDX, TANHC, 0, jv),
+                                                     mo, so, 8)
+                    Y[tt, b, jo * JV + jv] = HT[b, jo * JV + jv]
 
     @T.macro
     def run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT):
@@ -183,6 +216,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         XC = T.alloc_buffer((3, JV), "int32")
         IDX = T.alloc_buffer((3, JV), "int32")
         ACT = T.alloc_buffer((4, JV), "int32")
+        TV = T.alloc_buffer((3, 3, 16), "int32")
+        if fast_pwl:
+            for r, c in T.grid(3, 16):
+                TV[0, r, c] = SIG[r, T.min(c, n_sig)]
+                TV[1, r, c] = TANH[r, T.min(c, n_tanh)]
+                TV[2, r, c] = TANHC[r, T.min(c, n_tc)]
         if wide:
             H16 = T.alloc_buffer((B, HP), "int16")
             for b, kp in T.grid(B, HP - H):
@@ -195,9 +234,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             H16 = HT  # unused: the micro-kernel reads the int8 state directly
         for t in range(TT):
             if reverse:
-                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
+                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV)
             else:
-                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT)
+                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV)
 
     # Four signatures (with/without h0, c0; with/without corr): TVMScript parameter lists are
     # fixed, so each is spelled out; the bodies are the shared macros above.
