@@ -331,9 +331,14 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
                                      i32(0), i32(3), i32(1))
 
     @T.macro
-    def gemm(XS, n0, nrows, W, ACC, RED, store):
+    def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False):
         WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
-        for og in range(OG):
+        for og0 in range(OG):
+            # flip (a PrimExpr) walks the channel groups backwards: the recurrent kernel alternates
+            # direction every step, so a step starts on the groups the previous one read last,
+            # which are still in L2 (W_h is larger than L2 and read once per step)
+            og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
+                        else (OG - 1 - og0 if flip else og0))
             for nb in range((nrows + NR - 1) // NR):
                 for a in T.unroll(NR * OV):
                     ACC[a, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)

@@ -102,10 +102,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
         gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV)
+        outer = True
     else:
         WS = (G, H)
         HP = padded_k(H) if wide else H
         gemm = gemm_macro(H, G, isa, u8=u8)
+        outer = False
     JO, JV = vec_split(H, 8)
     ig_shift = 30 - F
 
@@ -148,12 +150,18 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
                     H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
-            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
+            if outer:
+                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
+            else:
+                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         elif u8:
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
                     H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
-            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
+            if outer:
+                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
+            else:
+                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         else:
             gemm(HT, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         for b, jo in T.grid(B, JO):
