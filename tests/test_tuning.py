@@ -202,6 +202,21 @@ def test_foreign_target_ignored_with_warning(tuned_dir):
              trials=2, log_dir=tuned_dir, verbose=False)
 
 
+def test_tuning_refuses_x86_targets_this_cpu_cannot_run(tmp_path):
+    """An AVX-512 target on an AVX2-only host would run its trials here and die with SIGILL:
+    refused up front, naming the missing features (the CI machines are AVX2-only Zen3)."""
+    from tvm_intlstm.tuning.tune import _missing_host_features
+    from tvm_intlstm.kernels import as_target
+    missing = _missing_host_features(as_target("llvm -mcpu=cascadelake"))
+    if not missing:     # an AVX-512 VNNI host: the target is runnable and nothing is refused
+        return
+    assert "avx512f" in missing
+    with pytest.raises(ValueError, match="lacks avx512"):
+        tune(None, "llvm -mcpu=cascadelake", tasks=[TASK], trials=2, log_dir=str(tmp_path),
+             verbose=False)
+    assert _missing_host_features(as_target(TARGET)) == []
+
+
 def test_pack_weights_layout():
     W = np.arange(3 * 5, dtype=np.int8).reshape(3, 5)
     P = pack_weights(W)

@@ -213,13 +213,36 @@ def _is_host_runnable(tgt) -> bool:
         return False
     triple = str(tgt.attrs.get("mtriple", "") or "")
     host = platform.machine().lower()
-    if not triple:
-        return True
     if host in ("x86_64", "amd64"):
-        return triple.startswith("x86_64")
-    if host in ("aarch64", "arm64"):
-        return triple.startswith("aarch64") or triple.startswith("arm64")
-    return False
+        same_arch = not triple or triple.startswith("x86_64")
+    elif host in ("aarch64", "arm64"):
+        same_arch = not triple or triple.startswith("aarch64") or triple.startswith("arm64")
+    else:
+        same_arch = False
+    return same_arch and not _missing_host_features(tgt)
+
+
+# instruction-set features whose absence on the host makes a target's code die with SIGILL here
+_ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
+                 "amx-int8", "dotprod", "i8mm", "sve")
+
+
+def _missing_host_features(tgt) -> list:
+    """Features the target's code may use that this machine's CPU lacks (e.g. tuning for
+    `-mcpu=cascadelake` on a Zen3: the in-process runner would execute AVX-512 and die)."""
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+
+    from ..kernels import host_target  # pylint: disable=import-outside-toplevel
+
+    host = host_target()
+
+    def has(feature, t):
+        try:
+            return bool(codegen.llvm_cpu_has_features(feature, t))
+        except Exception:  # pylint: disable=broad-except
+            return False
+
+    return [f for f in _ISA_FEATURES if has(f, tgt) and not has(f, host)]
 
 
 # --- database -------------------------------------------------------------------------------------
@@ -387,9 +410,11 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     tgt = _target(target)
     rpc_cfg = None if rpc is None else RPCConfig.parse(rpc)
     if rpc_cfg is None and not _is_host_runnable(tgt):
+        missing = _missing_host_features(tgt)
         raise ValueError(
             f"cannot tune for {_target_str(tgt)} on this machine: without rpc= the trials run "
-            "here. Tune on the board over TVM RPC: start `python -m tvm.exec.rpc_server --host "
+            "here" + (f", and this CPU lacks {', '.join(missing)}" if missing else "") + ". Tune on "
+            "a machine with that CPU over TVM RPC: start `python -m tvm.exec.rpc_server --host "
             "0.0.0.0 --port 9090` on it and pass rpc=\"<board>:9090\" (CLI: --rpc <board>:9090)")
     if int(trials) < 1:
         raise ValueError(f"trials must be >= 1, got {trials}")
