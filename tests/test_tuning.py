@@ -85,7 +85,37 @@ def tuned_dir(tmp_path_factory):
     rc = cli_tune(["--gemm", spec, "--target", TARGET, "--trials", "4", "--trials-per-iter", "2",
                    "--log-dir", d, "--seed", "0"])
     assert rc == 0
+    # tune() measured the default kernel as the baseline; 4 trials rarely beat it, so the tests of
+    # the tuned path pretend the default took 1 s (test_default_kernel_baseline covers the real one)
+    path = os.path.join(d, "defaults.json")
+    with open(path) as f:
+        measured = json.load(f)
+    with open(path + ".measured", "w") as f:
+        json.dump(measured, f)
+    with open(path, "w") as f:
+        json.dump({t: {k: 1.0 for k in v} for t, v in measured.items()}, f)
     return d
+
+
+def test_default_kernel_baseline(tuned_dir, tmp_path):
+    """tune() records the default kernel's time per task; apply_tuning_logs keeps the default
+    kernel (skips the record) when the best tuned record is not faster than it."""
+    with open(os.path.join(tuned_dir, "defaults.json.measured")) as f:
+        measured = json.load(f)
+    (times,) = measured.values()
+    key = f"{TASK.K},{TASK.O},{TASK.out_dtype},{TASK.rows}"
+    assert 0 < times[key] < 1.0
+    import shutil
+    d = str(tmp_path / "copy")
+    shutil.copytree(tuned_dir, d)
+    best = apply_tuning_logs(d, TARGET).best_us(*TASK.key)
+    with open(os.path.join(d, "defaults.json"), "w") as f:     # a default faster than any record
+        json.dump({t: {k: best * 1e-6 / 2 for k in v} for t, v in measured.items()}, f)
+    tk = apply_tuning_logs(d, TARGET)
+    assert TASK.key not in tk and tk.kept_default == [TASK.key]
+    with open(os.path.join(d, "defaults.json"), "w") as f:     # a slower default: the record applies
+        json.dump({t: {k: best * 1e-6 * 2 for k in v} for t, v in measured.items()}, f)
+    assert TASK.key in apply_tuning_logs(d, TARGET)
 
 
 def _lines(d, f):

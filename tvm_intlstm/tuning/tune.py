@@ -245,6 +245,69 @@ def _missing_host_features(tgt) -> list:
     return [f for f in _ISA_FEATURES if has(f, tgt) and not has(f, host)]
 
 
+# --- the default kernel as the baseline -------------------------------------------------------------
+# A tuned kernel is only worth applying if it beats the default (hand-written, packed-weight) kernel
+# the compiler would otherwise use. tune() measures that default for each task on the tuning machine
+# and records it in <log_dir>/defaults.json ({target key: {"K,O,dtype,rows": seconds}});
+# apply_tuning_logs() then skips tuned records that are not faster. Logs without the file (older
+# ones) apply as before.
+DEFAULTS_FILE = "defaults.json"
+
+
+def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms: int = 50) -> float:
+    """Median seconds of the compiler's default kernel for `task` (host-runnable target only),
+    on the same kind of inputs as the tuning trials."""
+    import tvm  # pylint: disable=import-outside-toplevel
+
+    from .. import kernels as KN  # pylint: disable=import-outside-toplevel
+
+    tgt = _target(target)
+    if task.out_dtype == "int32":
+        f = KN.linear_i32(task.K, task.O, True, target=tgt, packed=True)
+    else:
+        f = KN.linear_requant(task.K, task.O, task.out_dtype, True, target=tgt, packed=True)
+    kern = KN.build_kernel(f, tgt)
+    rng = np.random.default_rng(12345)
+    x = rng.integers(-128, 128, (task.rows, task.K)).astype(np.int8)
+    W = rng.integers(-127, 128, (task.O, task.K)).astype(np.int8)
+    b = rng.integers(-(2**20), 2**20, task.O).astype(np.int32)
+    wk, bk, _ = KN.prepare_weights(f, W, b)
+    args = [x, wk, bk]
+    if task.out_dtype != "int32":
+        args += [rng.integers(2**30, 2**31 - 1, task.O).astype(np.int32),
+                 rng.integers(8, 24, task.O).astype(np.int32)]
+    out = np.zeros((task.rows, task.O), task.out_dtype)
+    nd = [tvm.runtime.tensor(a) for a in args + [out]]
+    fn = kern.module.time_evaluator(kern.name, tvm.cpu(), number=0, repeat=int(repeat),
+                                    min_repeat_ms=int(min_repeat_ms))
+    return float(np.median(fn(*nd).results))
+
+
+def _defaults_path(log_dir: str) -> str:
+    return os.path.join(log_dir, DEFAULTS_FILE)
+
+
+def read_defaults(log_dir: str) -> dict:
+    """{target key string: {"K,O,dtype,rows": seconds}} from defaults.json ({} if absent/bad)."""
+    import json  # pylint: disable=import-outside-toplevel
+    try:
+        with open(_defaults_path(log_dir)) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _record_default(log_dir: str, tgt, task: "GemmTask", secs: float) -> None:
+    import json  # pylint: disable=import-outside-toplevel
+    data = read_defaults(log_dir)
+    data.setdefault(_target_str(tgt), {})[f"{task.K},{task.O},{task.out_dtype},{task.rows}"] = secs
+    tmp = _defaults_path(log_dir) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, _defaults_path(log_dir))
+
+
 # --- database -------------------------------------------------------------------------------------
 def validate_logs(log_dir: str) -> tuple[int, int]:
     """Check the two JSON-lines files of a MetaSchedule JSONDatabase without loading them into TVM:
@@ -432,6 +495,23 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     G.register_intrinsics()
     Builder, Runner, Progress = classes()
     report = []
+    known = read_defaults(log_dir).get(_target_str(tgt), {})
+
+    def baseline(task, best):
+        """The default kernel's time for `task` (measured once per target and task, on this
+        machine; not over RPC), recorded for apply_tuning_logs; None if not measurable here."""
+        key = f"{task.K},{task.O},{task.out_dtype},{task.rows}"
+        if key not in known:
+            if rpc_cfg is not None:
+                return None
+            known[key] = time_default_kernel(task, tgt)
+            _record_default(log_dir, tgt, task, known[key])
+        d = known[key]
+        if best is not None:
+            say(f"[tvm_intlstm.tune] {task.name}: default kernel {d * 1e6:.1f} us, best tuned "
+                f"{best * 1e6:.1f} us: " + ("the tuned kernel will be used" if best < d else
+                                           "the default kernel stays (faster)"))
+        return d * 1e6
     with fast_tensor_intrin(), contextlib.ExitStack() as stack:
         db = open_database(log_dir, create=True)
         where = "here" if rpc_cfg is None else f"on the RPC server {rpc_cfg.address}"
@@ -460,7 +540,8 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
                 say(f"[tvm_intlstm.tune] {label}: {before} trials in the database, nothing to do"
                     + (f" (best {best0 * 1e6:.1f} us)" if best0 is not None else ""))
                 report.append({"task": task, "trials_before": before, "trials_run": 0,
-                               "best_us": None if best0 is None else best0 * 1e6})
+                               "best_us": None if best0 is None else best0 * 1e6,
+                               "default_us": baseline(task, best0)})
                 continue
             say(f"[tvm_intlstm.tune] {label}: {before} trials in the database, running {todo}")
             O_real = task.O
@@ -508,7 +589,8 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
                 f"{len(mine)} trials in the database, best "
                 + ("-" if best is None else f"{best * 1e6:.1f} us"))
             report.append({"task": task, "trials_before": before, "trials_run": len(mine) - before,
-                           "best_us": None if best is None else best * 1e6})
+                           "best_us": None if best is None else best * 1e6,
+                           "default_us": baseline(task, best)})
     return report
 
 
@@ -524,6 +606,7 @@ class TunedKernels:
         self.isa = isa
         self._best = dict(best or {})   # (K, O, dt) -> (rows, mean secs, TuningRecord)
         self._cache: dict = {}
+        self.kept_default: list = []   # tuned keys skipped because the default kernel was faster
 
     def __len__(self):
         return len(self._best)
@@ -629,11 +712,23 @@ def apply_tuning_logs(log_dir, target) -> TunedKernels:
         # prefer the largest tuned row count (the batched case), then the fastest
         if cur is None or (rows, -secs) > (cur[0], -cur[1]):
             best[(K, O, dt)] = (rows, secs, rec)
-    if foreign and not best:
+    defaults = read_defaults(log_dir).get(_target_str(tgt), {})
+    slower = []
+    for key in list(best):
+        rows, secs, _ = best[key]
+        d = defaults.get(f"{key[0]},{key[1]},{key[2]},{rows}")
+        if d is not None and secs >= d:
+            slower.append(key)
+            del best[key]   # the default kernel was faster when measured on the tuning machine
+    if slower and not best:
+        pass                # every tuned kernel lost to the default: nothing to warn about
+    elif foreign and not best:
         warnings.warn(f"tuning database in {log_dir} has records only for "
                       f"{', '.join(sorted(foreign))}, not for {_target_str(tgt)}; "
                       "using the default kernels", TuningLogWarning, stacklevel=2)
     elif not best:
         warnings.warn(f"tuning database in {log_dir} has no GEMM records; using the default "
                       "kernels", TuningLogWarning, stacklevel=2)
-    return TunedKernels(tgt, best, isa=isa, log_dir=log_dir)
+    tk = TunedKernels(tgt, best, isa=isa, log_dir=log_dir)
+    tk.kept_default = sorted(slower)   # (K, O, dtype) whose default kernel beat the best record
+    return tk
