@@ -9,6 +9,8 @@ vpmaddubsw gets to saturation), k and row tails, accumulators at INT32 limits.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -223,3 +225,46 @@ def _library_asm(ex):
 def test_quant_config_weight_bits_validated():
     with pytest.raises(ValueError, match="weight_bits"):
         til.QuantConfig(weight_bits=6)
+
+
+# --------------------------------------------------------------------------- requantize_hi
+
+@pytest.mark.parametrize("w7", [False, True])
+def test_requantize_hi_shifts(rng, w7):
+    """shift_hi=True (every shift in [32, 62], what the compiler checks before choosing it):
+    bit-exact with spec 2 on random data, on accumulators at the INT32 limits, at s = 32 and 62,
+    with saturation both ways (accumulators at the INT32 limits: test_linear_forms_extremes)."""
+    Kd, O = 40, 24
+    f = K.linear_requant(Kd, O, "int8", target=TARGET, w7=w7, packed=True, shift_hi=True)
+    f16 = K.linear_requant(Kd, O, "int16", target=TARGET, w7=w7, packed=True, shift_hi=True)
+    k8, k16 = build(f), build(f16)
+    hi = 64 if w7 else 127
+    W = rng.integers(-hi, hi + 1, (O, Kd)).astype(np.int8)
+    x = rng.integers(-128, 128, (33, Kd)).astype(np.int8)
+    M = rng.integers(0, 2**31, O).astype(np.int32)
+    M[:3] = [2**31 - 1, 2**30, 0]
+    s = rng.integers(32, 63, O).astype(np.int32)
+    s[:6] = [32, 62, 32, 62, 33, 40]
+    b = rng.integers(-2**24, 2**24, O).astype(np.int32)
+    for kern, func, dt, bits in ((k8, f, "int8", 8), (k16, f16, "int16", 16)):
+        got = _call_linear(func, kern, x, W, b, M, s, out=[((33, O), dt)])
+        ref = ops.requantize(ops.linear_acc(x, W, b), M, s, bits)
+        np.testing.assert_array_equal(got, ref)
+        assert got.max() == 2 ** (bits - 1) - 1 and got.min() == -(2 ** (bits - 1))
+
+
+def test_recurrent_requantize_hi(rng):
+    H = 24
+    p = make_lstm(rng, H, 8)
+    assert p.sh.min() >= 32      # realistic gate scales: shifts in the 30s-40s
+    for w7 in (False, True):
+        q = dataclasses.replace(p, w_h=np.clip(p.w_h, -64, 64).astype(np.int8)) if w7 else p
+        f = K.lstm_recurrent(H, mo=q.mo, so=q.so, cell_frac=q.cell_frac, sig_pieces=q.sig.pieces,
+                             tanh_pieces=q.tanh.pieces, tanh_c_pieces=q.tanh_c.pieces,
+                             target=TARGET, w7=w7, packed=True, shift_hi=True)
+        wk, _, corr = K.prepare_weights(f, q.w_h)
+        gx = rng.integers(-2**15, 2**15, (7, 3, 4 * H)).astype(np.int16)
+        tabs = [K.pack_pwl(t) for t in (q.sig, q.tanh, q.tanh_c)]
+        got = run(build(f), [gx, wk, q.mh, q.sh] + ([corr] if corr is not None else []) + tabs,
+                  [((7, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
+        assert_lstm_equal(got, ref_recurrence(gx, q))

@@ -303,8 +303,6 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
     (u8: uint8 u = x + 128; else int16). AVX2 only."""
     if isa != "avx2":
         raise ValueError(f"the outer-product GEMM is an AVX2 kernel, not {isa!r}")
-    if NR * OV > ROW_TILE:
-        raise ValueError("NR * OV accumulators must fit the 8-vector ACC buffer")
     use_u8 = uses_u8(isa, u8)
     kq = outer_kq(use_u8)
     OG, KQN, OC, _ = outer_shape(K, O, use_u8, OV)

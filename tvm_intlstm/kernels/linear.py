@@ -18,7 +18,7 @@ from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, pad
                     u8_source_macro, uses_u8, x16_source)
 
 LIN_NR, LIN_OV = 4, 2      # register tile of the packed linear kernels: 4 rows x 2 x 8 channels
-from ._tir import requantize
+from ._tir import requantize, requantize_hi
 
 
 def _check_dims(K, O):
@@ -93,7 +93,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             W = T.match_buffer(w_h, WS, "int8")
             Bb = T.match_buffer(b_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N, KP), src_dt)
@@ -110,7 +110,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             X = T.match_buffer(x_h, (N, K), "int8")
             W = T.match_buffer(w_h, WS, "int8")
             Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N, KP), src_dt)
@@ -124,12 +124,14 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
                    bias: bool = True, target=None, isa: str | None = None, w7: bool = False,
-                   packed: bool = False):
+                   packed: bool = False, shift_hi: bool = False):
     """Hidden linear / LSTM input projection (spec 5, 2): x int8 [N, K], W int8 [O, K],
     b int32 [O], M int32 [O], s int32 [O] -> y = requantize_N(x W^T + b, M, s), N = 8 or 16.
 
     Parameters (destination passing): (x, W, b, M, s, y), or (x, W, M, s, y) with bias=False.
-    w7, packed: as for linear_i32 (b then includes `_gemm.u8_correction(W)`)."""
+    w7, packed: as for linear_i32 (b then includes `_gemm.u8_correction(W)`).
+    shift_hi=True promises every shift s[o] is in [32, 62] (`_tir.requantize_hi`, cheaper on AVX2)."""
+    rq = requantize_hi if shift_hi else requantize
     K, O = _check_dims(in_features, out_features)
     if out_dtype not in ("int8", "int16"):
         raise ValueError(f"out_dtype must be int8 or int16, got {out_dtype}")
@@ -150,7 +152,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N, KP), src_dt)
@@ -158,7 +160,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             else:
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
-                Y, requantize(acc + Bb[o], Mb[o], Sb[o], bits), [n, o]))
+                Y, rq(acc + Bb[o], Mb[o], Sb[o], bits), [n, o]))
     else:
         @T.prim_func
         def linear_requant(x_h: T.handle, w_h: T.handle, m_h: T.handle, s_h: T.handle,
@@ -170,7 +172,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N, KP), src_dt)
@@ -178,6 +180,6 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             else:
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
-                Y, requantize(acc, Mb[o], Sb[o], bits), [n, o]))
+                Y, rq(acc, Mb[o], Sb[o], bits), [n, o]))
 
     return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed, LIN_OV)

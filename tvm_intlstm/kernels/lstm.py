@@ -43,7 +43,7 @@ from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, pad
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows: batch 8
 # step 269 -> 227 us; the u8 route is unchanged), both on the same packed layout (OV = 4).
 REC_OV = 4
-from ._tir import PWL_FRAC, add_sat16, requantize, rshift_round, sat
+from ._tir import PWL_FRAC, add_sat16, requantize, requantize_hi, rshift_round, sat
 
 
 def pack_pwl(table) -> np.ndarray:
@@ -68,7 +68,7 @@ def pack_pwl(table) -> np.ndarray:
 def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces: int = 16,
                    tanh_pieces: int = 16, tanh_c_pieces: int = 16, reverse: bool = False,
                    init_state: bool = False, target=None, isa: str | None = None,
-                   w7: bool = False, packed: bool = False):
+                   w7: bool = False, packed: bool = False, shift_hi: bool = False):
     """PrimFunc of one LSTM direction's recurrence (spec 8). With G = 4 * hidden:
 
     Parameters (destination passing; T, B symbolic int64):
@@ -116,12 +116,14 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     JO, JV = vec_split(H, 8)
     ig_shift = 30 - F
 
+    rq = requantize_hi if shift_hi else requantize   # shift_hi: every sh[o] in [32, 62]
+
     def gate_store(Z, GX, MH, SH, CORR, tt):
         if u8:
             return lambda n, o, acc: tirx.BufferStore(
-                Z, add_sat16(GX[tt, n, o], requantize(acc + CORR[o], MH[o], SH[o], 16)), [n, o])
+                Z, add_sat16(GX[tt, n, o], rq(acc + CORR[o], MH[o], SH[o], 16)), [n, o])
         return lambda n, o, acc: tirx.BufferStore(
-            Z, add_sat16(GX[tt, n, o], requantize(acc, MH[o], SH[o], 16)), [n, o])
+            Z, add_sat16(GX[tt, n, o], rq(acc, MH[o], SH[o], 16)), [n, o])
 
     def pwl_finish(XC, IDX, TBL, g, jv):
         """spec 7 once the clamped input XC and the piece index IDX are known."""

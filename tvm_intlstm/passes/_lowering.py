@@ -47,6 +47,13 @@ def _const_numpy(e):
     return data.numpy() if hasattr(data, "numpy") else None
 
 
+def _shifts_hi(e) -> bool:
+    """Are all the constant requantization shifts in [32, 62] (kernels may then use the cheaper
+    `_tir.requantize_hi`)? False for non-constant shifts."""
+    v = _const_numpy(e)
+    return v is not None and v.size > 0 and int(v.min()) >= 32 and int(v.max()) <= 62
+
+
 def _with_root_block(func):
     """Relax analyses (e.g. the reshape-pattern check of RewriteDataflowReshape) expect a PrimFunc
     body to be a root block; hand-written loop-nest kernels get an empty one wrapped around them."""

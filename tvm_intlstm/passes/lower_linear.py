@@ -5,7 +5,7 @@ from __future__ import annotations
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import OpLowering, _prim, _shape, _static, lowering_pass
+from ._lowering import OpLowering, _prim, _shape, _shifts_hi, _static, lowering_pass
 
 
 @mutator
@@ -22,8 +22,11 @@ class _LowerLinearMutator(OpLowering):
         bits = _prim(bits)
         O, Kf = (_static(v, "linear size") for v in _shape(w))
         dt = f"int{bits}"
-        gv, w, b = self._gemm("linear_requant", Kf, O, dt, w, b, lambda w7, packed: K.linear_requant(
-            Kf, O, dt, True, target=self.target, w7=w7, packed=packed))
+        hi = _shifts_hi(s)
+        gv, w, b = self._gemm("linear_requant" + ("_hi" if hi else ""), Kf, O, dt, w, b,
+                              lambda w7, packed: K.linear_requant(
+                                  Kf, O, dt, True, target=self.target, w7=w7, packed=packed,
+                                  shift_hi=hi))
         return self._call_rows(gv, x, [w, b, m, s], O, dt)
 
 
