@@ -31,7 +31,8 @@ AVX2 = "llvm -mcpu=znver3"
 
 # (K, O): k tails (K % 4, K % 2), channel tails (O % 16, O % 64), one exact 16-channel tile
 SHAPES = [(256, 40), (33, 13), (100, 16), (7, 9), (650, 20), (5, 70)]
-FORMS = [(False, True), (True, False), (True, True)]   # (w7, packed); (False, False) is test_kernels
+# (w7, packed); (False, False) is test_kernels; (True, False): the promise alone changes nothing
+FORMS = [(False, True), (True, False), (True, True)]
 
 
 def _weights(rng, O, Kd, w7):
@@ -110,7 +111,7 @@ def test_u8_route_refuses_wide_weights_and_missing_bias():
     with pytest.raises(ValueError, match=r"\[-64, 64\]"):
         K.prepare_weights(f, W, np.zeros(8, np.int32))
     with pytest.raises(ValueError, match="needs a bias"):
-        K.linear_i32(32, 8, bias=False, target=TARGET, w7=True)
+        K.linear_i32(32, 8, bias=False, target=AVX2, w7=True, packed=True)
     with pytest.raises(ValueError, match="int8"):
         K.prepare_weights(f, W.astype(np.int16), None)
 
@@ -143,7 +144,7 @@ def test_recurrent_forms(rng, H, w7, packed):
                          w7=w7, packed=packed)
     kern = build(f)
     wk, _, corr = K.prepare_weights(f, p.w_h)
-    assert (corr is not None) == (w7 and HOST_ISA == "avx2")
+    assert (corr is not None) == (w7 and packed and HOST_ISA == "avx2")
     consts = [wk, p.mh, p.sh] + ([corr] if corr is not None else [])
     tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
     for T_, B in ((5, 1), (3, 4), (2, 17)):

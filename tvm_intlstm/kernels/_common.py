@@ -97,6 +97,6 @@ def with_convention(func, isa: str, w7: bool, packed: bool, ov: int):
     recurrent kernel) and `intlstm.wpack` (0: natural [O, K]; else the OV of
     `_gemm.pack_outer(W, u8, OV)`). `kernels.prepare_weights` reads them."""
     from ._gemm import uses_u8  # pylint: disable=import-outside-toplevel
-    u8 = uses_u8(isa, w7)
+    u8 = uses_u8(isa, w7, packed)
     pack = int(ov) if (packed and isa == "avx2") else 0
     return func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", pack)

@@ -13,12 +13,13 @@ vectorized loop over o for full tiles, and as a scalar for the O % 8 remaining r
 The source XS is, by ISA (`x16_source(isa)`):
 - "avx2": an int16 scratch [rows, padded_k(K)] holding the int8 activations sign-extended (and
   zero padded): per 16 k one vpmovsxbw of each weight row + vpmaddwd + vpaddd.
-- "avx2" with `u8=True` (only for weights known to lie in [-64, 64], W7_MAX): a uint8 scratch
-  [rows, K] holding u = x + 128; per 32 k one vpmaddubsw (u8 x s8 -> int16 pair sums) + vpmaddwd
-  against ones (-> int32) + vpaddd: half the instructions per multiply-add. vpmaddubsw saturates
-  its pair sums, which cannot happen here: |u0 w0 + u1 w1| <= 2 * 255 * 64 = 32640 < 32767. The
-  accumulator is then sum_k W[o, k] u[n, k] = acc + 128 rowsum(W[o]); the caller's `store` must
-  add the correction -128 rowsum(W[o]) (`u8_correction`), folded into the bias where there is one.
+
+The u8 x s8 route (weights known to lie in [-64, 64], W7_MAX; packed weights only, see
+`gemm_outer_macro`): a uint8 source u = x + 128; vpmaddubsw (u8 x s8 -> int16 pair sums) + vpmaddwd
+against ones (-> int32) + vpaddd per 32 multiply-adds, half the instructions of the vpmaddwd route.
+vpmaddubsw saturates its pair sums, which cannot happen here: |u0 w0 + u1 w1| <= 2 * 255 * 64 = 32640
+< 32767. The accumulator is then sum_k W[o, k] u[n, k] = acc + 128 rowsum(W[o]); the caller's `store`
+adds the correction -128 rowsum(W[o]) (`u8_correction`), folded into the bias where there is one.
 - "neon_dotprod": the int8 activations themselves: per 16 k one sdot per weight row.
 - "generic": the int8 activations; int32 lanes of 8 that LLVM vectorizes for any target.
 
@@ -42,7 +43,7 @@ from . import _x86
 
 ROW_TILE = 8      # outputs per micro-tile (rows of W)
 KC = 16           # k per vector chunk (and the X16 padding unit)
-KC8 = 32          # k per vpmaddubsw chunk (u8 source)
+KC8 = 32          # vector width of the u8 source fill
 NB = 16           # rows of XS per cache block
 W7_MAX = 64       # |W| bound under which the u8 x s8 AVX2 kernel is exact (see module doc)
 
@@ -58,9 +59,10 @@ def weights_fit_u8(W) -> bool:
     return W.size > 0 and int(np.abs(W.astype(np.int32)).max()) <= W7_MAX
 
 
-def uses_u8(isa: str, w7: bool) -> bool:
-    """Does the kernel for `isa` take the u8 route (and so need the u8_correction)?"""
-    return bool(w7) and isa == "avx2"
+def uses_u8(isa: str, w7: bool, packed: bool = True) -> bool:
+    """Does the kernel take the u8 route (and so need the u8_correction)? Only packed AVX2 kernels
+    do; elsewhere w7 (a promise about the weights) changes nothing."""
+    return bool(w7) and bool(packed) and isa == "avx2"
 
 
 def padded_k(K: int) -> int:
@@ -70,13 +72,6 @@ def padded_k(K: int) -> int:
 def x16_source(isa: str, u8: bool = False) -> bool:
     """Does the ISA's micro-kernel read an int16 (sign-extended, padded) copy of the activations?"""
     return isa == "avx2" and not u8
-
-
-def source_dtype(isa: str, u8: bool = False) -> str:
-    """dtype of the activation source XS the micro-kernel reads."""
-    if uses_u8(isa, u8):
-        return "uint8"
-    return "int16" if x16_source(isa) else "int8"
 
 
 def u8_source_macro(K: int, KP: int | None = None):
@@ -115,12 +110,11 @@ def _addp(a, b):
     return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.addp.v4i32", a, b)
 
 
-def gemm_macro(K: int, O: int, isa: str, u8: bool = False):
+def gemm_macro(K: int, O: int, isa: str):
     OT, OR = divmod(O, ROW_TILE)
-    use_u8 = uses_u8(isa, u8)
-    use_avx2 = isa == "avx2" and not use_u8
+    use_avx2 = isa == "avx2"
     use_sdot = isa == "neon_dotprod"
-    kstep = KC8 if use_u8 else (KC if (use_avx2 or use_sdot) else 8)
+    kstep = KC if (use_avx2 or use_sdot) else 8
     KV = K // kstep                   # full vector chunks
     KT0 = KV * kstep                  # start of the k remainder
     # The k remainder [KT0, K) costs one more vector chunk: the window [K - kstep, K) of W and
@@ -148,15 +142,6 @@ def gemm_macro(K: int, O: int, isa: str, u8: bool = False):
         w16 = tirx.Cast("int16x16", W[o, tirx.Ramp(kc * KC, 1, KC)])
         return _x86.pmaddwd(w16, XS[n, tirx.Ramp(kc * KC, 1, KC)])
 
-    ones16 = tirx.Broadcast(tirx.const(1, "int16"), 16)
-
-    def ubs_row(W, XS, n, o, kc):
-        return _x86.pmaddwd(_pmaddubsw(XS[n, tirx.Ramp(kc * KC8, 1, KC8)],
-                                       W[o, tirx.Ramp(kc * KC8, 1, KC8)]), ones16)
-
-    def ubs_tail(W, XS, n, o):
-        return _x86.pmaddwd(_pmaddubsw(xwin(XS, n, KC8), wwin(W, o, KC8)), ones16)
-
     def hsum_avx2(ACC):
         return _x86.hsum8([ACC[r, tirx.Ramp(0, 1, 8)] for r in range(ROW_TILE)])
 
@@ -173,19 +158,7 @@ def gemm_macro(K: int, O: int, isa: str, u8: bool = False):
         for nb in range((nrows + NB - 1) // NB):
             for ot in range(OT):
                 for ni in range(T.min(T.int64(NB), nrows - nb * NB)):
-                    if use_u8:
-                        for r in T.unroll(ROW_TILE):
-                            ACC[r, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
-                        for kc in range(KV):
-                            for r in T.unroll(ROW_TILE):
-                                ACC[r, T.Ramp(0, 1, 8)] = ACC[r, T.Ramp(0, 1, 8)] + ubs_row(
-                                    W, XS, n0 + nb * NB + ni, ot * ROW_TILE + r, kc)
-                        if vtail:
-                            for r in T.unroll(ROW_TILE):
-                                ACC[r, T.Ramp(0, 1, 8)] = ACC[r, T.Ramp(0, 1, 8)] + ubs_tail(
-                                    W, XS, n0 + nb * NB + ni, ot * ROW_TILE + r)
-                        RED[T.Ramp(0, 1, 8)] = hsum_avx2(ACC)
-                    elif use_avx2:
+                    if use_avx2:
                         for r in T.unroll(ROW_TILE):
                             ACC[r, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
                         for kc in range(KV):

@@ -68,7 +68,7 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
     G = 4 * H
     t0 = time.perf_counter()
     isa = resolve_isa(tgt, isa)
-    u8 = uses_u8(isa, w7)
+    u8 = uses_u8(isa, w7, packed)
     gx_f = linear_requant(I, G, "int16", isa=isa, w7=w7, packed=packed)
     rec_f = lstm_recurrent(
         H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,

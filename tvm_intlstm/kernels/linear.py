@@ -52,7 +52,7 @@ def _sext_macro(K: int, KP: int | None = None):
 def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool):
     """The GEMM of a linear kernel: (W shape, source dtype or None, source width, fill macro,
     gemm macro). See _gemm for the micro-kernels, the u8 route (w7) and packed weights."""
-    u8 = uses_u8(isa, w7)
+    u8 = uses_u8(isa, w7, packed)
     if u8 and not bias:
         raise ValueError("the u8 kernel (w7=True) needs a bias input: pass "
                          "bias + _gemm.u8_correction(W) (zeros + correction without a bias)")
@@ -63,9 +63,7 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool):
         fill = u8_source_macro(K, KP) if u8 else _sext_macro(K, KP)
         return wshape, ("uint8" if u8 else "int16"), KP, fill, gemm_outer_macro(
             K, O, isa, u8, NR=LIN_NR, OV=LIN_OV)
-    gemm = gemm_macro(K, O, isa, u8=u8)
-    if u8:
-        return (O, K), "uint8", K, u8_source_macro(K), gemm
+    gemm = gemm_macro(K, O, isa)
     if x16_source(isa):
         return (O, K), "int16", padded_k(K), _sext_macro(K), gemm
     return (O, K), None, K, None, gemm

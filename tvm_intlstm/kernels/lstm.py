@@ -98,7 +98,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         if not 1 <= n <= 64:
             raise ValueError(f"PWL piece counts must be in 1..64, got {n}")
     isa = resolve_isa(target, isa)
-    u8 = uses_u8(isa, w7)
+    u8 = uses_u8(isa, w7, packed)
     wide = x16_source(isa, u8)
     if packed and isa == "avx2":
         # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
@@ -110,7 +110,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     else:
         WS = (G, H)
         HP = padded_k(H) if wide else H
-        gemm = gemm_macro(H, G, isa, u8=u8)
+        gemm = gemm_macro(H, G, isa)
         gemm2 = gemm
         outer = False
     JO, JV = vec_split(H, 8)
@@ -168,13 +168,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
                     H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
-            if outer:
-                if B == 1:
-                    gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
-                else:
-                    gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
+            if B == 1:   # the u8 route is always packed (outer-product form)
+                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
             else:
-                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
+                gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
         else:
             gemm(HT, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         for b, jo in T.grid(B, JO):
