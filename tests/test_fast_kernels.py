@@ -144,8 +144,8 @@ def test_recurrent_forms(rng, H, w7, packed):
                          w7=w7, packed=packed)
     kern = build(f)
     wk, _, corr = K.prepare_weights(f, p.w_h)
-    assert (corr is not None) == (w7 and packed and HOST_ISA == "avx2")
-    consts = [wk, p.mh, p.sh] + ([corr] if corr is not None else [])
+    assert corr.any() == (w7 and packed and HOST_ISA == "avx2")
+    consts = [wk, p.mh, p.sh, corr]
     tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
     for T_, B in ((5, 1), (3, 4), (2, 17)):
         gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
@@ -166,7 +166,7 @@ def test_recurrent_u8_extreme_state(rng):
     wk, _, corr = K.prepare_weights(f, p.w_h)
     gx = np.where(rng.random((6, 3, 4 * H)) < 0.5, 32767, -32768).astype(np.int16)
     tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
-    got = run(build(f), [gx, wk, p.mh, p.sh] + ([corr] if corr is not None else []) + tabs,
+    got = run(build(f), [gx, wk, p.mh, p.sh, corr] + tabs,
               [((6, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
     ref = ref_recurrence(gx, p)
     assert_lstm_equal(got, ref)
@@ -266,6 +266,6 @@ def test_recurrent_requantize_hi(rng):
         wk, _, corr = K.prepare_weights(f, q.w_h)
         gx = rng.integers(-2**15, 2**15, (7, 3, 4 * H)).astype(np.int16)
         tabs = [K.pack_pwl(t) for t in (q.sig, q.tanh, q.tanh_c)]
-        got = run(build(f), [gx, wk, q.mh, q.sh] + ([corr] if corr is not None else []) + tabs,
+        got = run(build(f), [gx, wk, q.mh, q.sh, corr] + tabs,
                   [((7, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
         assert_lstm_equal(got, ref_recurrence(gx, q))

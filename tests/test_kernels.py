@@ -386,7 +386,8 @@ def lstm_kernel(p, reverse=False, init_state=False, isa=None):
 def run_lstm(kern, p, gx, h0=None, c0=None):
     T_, B, _ = gx.shape
     H = p.hidden
-    ins = [gx, p.w_h, p.mh, p.sh, K.pack_pwl(p.sig), K.pack_pwl(p.tanh), K.pack_pwl(p.tanh_c)]
+    corr = np.zeros(4 * H, np.int32)   # the u8 correction input, not read by these kernels
+    ins = [gx, p.w_h, p.mh, p.sh, corr, K.pack_pwl(p.sig), K.pack_pwl(p.tanh), K.pack_pwl(p.tanh_c)]
     if h0 is not None:
         ins += [h0, c0]
     return run(kern, ins, [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
@@ -661,7 +662,7 @@ def test_aarch64_dotprod_kernels_under_qemu(rng, tmp_path):
     Tn, Bn = tvm.tirx.Var("T", "int64"), tvm.tirx.Var("B", "int64")
     x = relax.Var("x", R.Tensor((Tn, Bn, I), "int8"))
     consts = {"wx": p.w_x, "b": p.bias, "mx": p.mx, "sx": p.sx, "wh": p.w_h, "mh": p.mh,
-              "sh": p.sh, "sig": K.pack_pwl(p.sig), "tanh": K.pack_pwl(p.tanh),
+              "sh": p.sh, "corr": np.zeros(G, np.int32), "sig": K.pack_pwl(p.sig), "tanh": K.pack_pwl(p.tanh),
               "tanhc": K.pack_pwl(p.tanh_c),
               "w13": rng.integers(-127, 128, (O, I)).astype(np.int8),
               "b13": rng.integers(-2**20, 2**20, O).astype(np.int32)}
@@ -673,7 +674,7 @@ def test_aarch64_dotprod_kernels_under_qemu(rng, tmp_path):
                                         relax.TensorType([Tn * Bn, G], "int16")))
             gx3 = bb.emit(relax.op.reshape(gx, [Tn, Bn, G]))
             out = bb.emit(relax.call_tir(
-                gvr, [gx3, v["wh"], v["mh"], v["sh"], v["sig"], v["tanh"], v["tanhc"]],
+                gvr, [gx3, v["wh"], v["mh"], v["sh"], v["corr"], v["sig"], v["tanh"], v["tanhc"]],
                 [relax.TensorType([Tn, Bn, H], "int8"), relax.TensorType([Bn, H], "int8"),
                  relax.TensorType([Bn, H], "int16")]))
             l32 = bb.emit(relax.call_tir(gv32, [x2, v["w13"], v["b13"]],

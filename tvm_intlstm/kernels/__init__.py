@@ -89,15 +89,16 @@ def kernel_convention(func) -> tuple[bool, int]:
 def prepare_weights(func, W, bias=None):
     """The weight-side arguments a kernel takes, from the natural ones (numpy): returns
     (W', bias', corr). W' is W packed for the kernel's micro-kernel (or W itself); on the u8 route
-    bias' = bias - 128 rowsum(W) (int32) and corr = -128 rowsum(W) (what `lstm_recurrent` takes
-    after `sh`), else bias' = bias and corr = None. Done once per model at compile time."""
+    bias' = bias - 128 rowsum(W) (int32) and corr = -128 rowsum(W), else bias' = bias and corr =
+    zeros; corr is what `lstm_recurrent` takes after `sh` (linear kernels fold it into the bias).
+    Done once per model at compile time."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     from ._gemm import pack_outer, u8_correction, weights_fit_u8  # pylint: disable=import-outside-toplevel
     u8, ov = kernel_convention(func)
     W = np.asarray(W)
     if W.dtype != np.int8 or W.ndim != 2:
         raise ValueError(f"weights must be int8 [O, K], got {W.dtype} {W.shape}")
-    corr = None
+    corr = np.zeros(W.shape[0], np.int32)
     if u8:
         if not weights_fit_u8(W):
             raise ValueError("this kernel was built for weights in [-64, 64] (w7=True) but the "

@@ -85,7 +85,7 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
     gx = nd(np.zeros((T * B, G), np.int16))
     gx3 = gx._create_view((T, B, G))  # same memory: the recurrent kernel reads what gx wrote
     w_h, _, corr = prepare_weights(rec_f, p.w_h)
-    rec_consts = [nd(w_h), nd(p.mh), nd(p.sh)] + ([nd(corr)] if corr is not None else [])
+    rec_consts = [nd(w_h), nd(p.mh), nd(p.sh), nd(corr)]
     tabs = [nd(pack_pwl(t)) for t in (p.sig, p.tanh, p.tanh_c)]
     y = nd(np.zeros((T, B, H), np.int8))
     hT = nd(np.zeros((B, H), np.int8))

@@ -76,8 +76,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         w_h   int8  [G, H]          (packed=True on AVX2: `_gemm.pack_outer(w_h, u8, REC_OV)`,
                                      see `kernels.prepare_weights`)
         mh    int32 [G], sh int32 [G]
-        corr  int32 [G]             (only when the u8 micro-kernel is used, `uses_u8(isa, w7)`:
-                                     w7=True promises |w_h| <= 64; corr = _gemm.u8_correction(w_h))
+        corr  int32 [G]             read only on the u8 route (`uses_u8(isa, w7, packed)`; w7=True
+                                     promises |w_h| <= 64): _gemm.u8_correction(w_h); zeros
+                                     elsewhere (`kernels.prepare_weights` returns the right one)
         sig   int32 [3, sig_pieces + 1]      (gate sigmoid, in_frac 12)
         tanh  int32 [3, tanh_pieces + 1]     (gate tanh, in_frac 12)
         tanh_c int32 [3, tanh_c_pieces + 1]  (cell tanh, in_frac = cell_frac)
@@ -256,8 +257,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             else:
                 step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV)
 
-    # Four signatures (with/without h0, c0; with/without corr): TVMScript parameter lists are
-    # fixed, so each is spelled out; the bodies are the shared macros above.
+    # Two signatures (with/without h0, c0): TVMScript parameter lists are fixed. `corr` is always a
+    # parameter; only the u8 route reads it (the others get zeros from `kernels.prepare_weights`).
     @T.macro
     def zero_state(B, HT, CT):
         for b, jo in T.grid(B, JO):
@@ -272,7 +273,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 HT[b, jo * JV + jv] = H0[b, jo * JV + jv]
                 CT[b, jo * JV + jv] = C0[b, jo * JV + jv]
 
-    if init_state and u8:
+    if init_state:
         @T.prim_func
         def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
                            corr_h: T.handle, sig_h: T.handle, tanh_h: T.handle,
@@ -296,7 +297,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             CT = T.match_buffer(cT_h, (B, H), "int16")
             copy_state(B, H0, C0, HT, CT)
             run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
-    elif u8:
+    else:
         @T.prim_func
         def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
                            corr_h: T.handle, sig_h: T.handle, tanh_h: T.handle,
@@ -317,48 +318,5 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             CT = T.match_buffer(cT_h, (B, H), "int16")
             zero_state(B, HT, CT)
             run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
-    elif init_state:
-        @T.prim_func
-        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
-                           sig_h: T.handle, tanh_h: T.handle, tanhc_h: T.handle,
-                           h0_h: T.handle, c0_h: T.handle,
-                           y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            TT = T.int64()
-            B = T.int64()
-            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
-            WH = T.match_buffer(wh_h, WS, "int8")
-            MH = T.match_buffer(mh_h, (G,), "int32")
-            SH = T.match_buffer(sh_h, (G,), "int32")
-            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
-            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
-            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
-            H0 = T.match_buffer(h0_h, (B, H), "int8")
-            C0 = T.match_buffer(c0_h, (B, H), "int16")
-            Y = T.match_buffer(y_h, (TT, B, H), "int8")
-            HT = T.match_buffer(hT_h, (B, H), "int8")
-            CT = T.match_buffer(cT_h, (B, H), "int16")
-            copy_state(B, H0, C0, HT, CT)
-            run(TT, B, GX, WH, MH, SH, MH, SIG, TANH, TANHC, Y, HT, CT)
-    else:
-        @T.prim_func
-        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
-                           sig_h: T.handle, tanh_h: T.handle, tanhc_h: T.handle,
-                           y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            TT = T.int64()
-            B = T.int64()
-            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
-            WH = T.match_buffer(wh_h, WS, "int8")
-            MH = T.match_buffer(mh_h, (G,), "int32")
-            SH = T.match_buffer(sh_h, (G,), "int32")
-            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
-            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
-            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
-            Y = T.match_buffer(y_h, (TT, B, H), "int8")
-            HT = T.match_buffer(hT_h, (B, H), "int8")
-            CT = T.match_buffer(cT_h, (B, H), "int16")
-            zero_state(B, HT, CT)
-            run(TT, B, GX, WH, MH, SH, MH, SIG, TANH, TANHC, Y, HT, CT)  # MH: unused corr slot
 
     return with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)

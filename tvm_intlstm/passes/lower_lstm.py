@@ -3,6 +3,7 @@ time steps (requantized to the int16 gate domain) plus one fused recurrent kerne
 inside (recurrent GEMV, PWL sigmoid/tanh from the layer's integer tables, cell and hidden update)."""
 from __future__ import annotations
 
+import numpy as np
 from tvm import relax
 from tvm.relax.expr_functor import mutator
 
@@ -36,10 +37,11 @@ class _LowerLSTMMutator(OpLowering):
             H, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
             shift_hi=hh))
-        w_args = [w_h, mh, sh]
         if packed:
             wk, _, corr = K.prepare_weights(self.cache[("func",) + key], W)
-            w_args = [relax.const(wk, "int8"), mh, sh] + ([relax.const(corr, "int32")] if corr is not None else [])
+            w_args = [relax.const(wk, "int8"), mh, sh, relax.const(corr, "int32")]
+        else:   # non-constant W_h (never from the quantizer): natural layout, zero correction
+            w_args = [w_h, mh, sh, relax.const(np.zeros(4 * H, np.int32), "int32")]
         out_ty = [relax.TensorType([T_, B_, H], "int8"), relax.TensorType([B_, H], "int8"),
                   relax.TensorType([B_, H], "int16")]
         return self.builder_.emit(relax.call_tir(gv, [gx] + w_args + [sig, tanh, tanh_c], out_ty))
