@@ -3,9 +3,7 @@ bit-exact with the numpy reference, also after export_library + load; VerifyInte
 import numpy as np
 import pytest
 import torch
-import tvm
 from torch import nn
-from tvm import relax
 from tvm.script import ir as I, relax as R
 
 import tvm_intlstm as til

@@ -18,11 +18,10 @@ import tvm
 
 import tvm_intlstm as til
 from tvm_intlstm import kernels as K
-from tvm_intlstm.kernels import _gemm
 from tvm_intlstm.quant.fixed_point import quantize_multiplier_array
 from tvm_intlstm.reference import ops
 
-from test_kernels import (TARGET, HOST_ISA, assert_lstm_equal, build, make_lstm, nd,
+from test_kernels import (TARGET, HOST_ISA, assert_lstm_equal, build, make_lstm,
                           ref_recurrence, run)
 
 # The run tests use the host target (the u8 route and packing are AVX2-only: elsewhere the same

@@ -47,19 +47,25 @@ def resolve_isa(target=None, isa: str | None = None) -> str:
     if tgt.kind.name != "llvm":
         return "generic"
     triple = str(tgt.attrs.get("mtriple", "") or "")
-    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
 
     def has(feature):
-        try:
-            return bool(codegen.llvm_cpu_has_features(feature, tgt))
-        except Exception:  # pylint: disable=broad-except
-            return False
+        return has_feature(tgt, feature)
 
     if triple.startswith("aarch64") or triple.startswith("arm64"):
         return "neon_dotprod" if has("dotprod") else "generic"
     if triple and not (triple.startswith("x86_64") or triple.startswith("i686")):
         return "generic"
     return "avx2" if has("avx2") else "generic"
+
+
+def has_feature(target, feature: str) -> bool:
+    """Does LLVM enable CPU `feature` (e.g. "avx2", "dotprod") for this llvm target (its mcpu and
+    mattr)? False when LLVM cannot tell (unknown feature or CPU)."""
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+    try:
+        return bool(codegen.llvm_cpu_has_features(feature, as_target(target)))
+    except Exception:  # pylint: disable=broad-except
+        return False
 
 
 def as_target(target) -> tvm.target.Target:

@@ -40,6 +40,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import _x86
+from ._common import vec_split
 
 ROW_TILE = 8      # outputs per micro-tile (rows of W)
 KC = 16           # k per vector chunk (and the X16 padding unit)
@@ -77,7 +78,7 @@ def x16_source(isa: str, u8: bool = False) -> bool:
 def u8_source_macro(K: int, KP: int | None = None):
     """TVMScript macro filling the u8 source: XU[n, k] = uint8(X[n, k] + 128) for n < N, k < K,
     and 0 for K <= k < KP (the padding of packed weights)."""
-    KO, KV = _vsplit(K, KC8)
+    KO, KV = vec_split(K, KC8)
     KP = K if KP is None else int(KP)
 
     @T.macro
@@ -89,13 +90,6 @@ def u8_source_macro(K: int, KP: int | None = None):
             XU[n, K + kp] = T.uint8(0)
 
     return to_u8
-
-
-def _vsplit(n: int, width: int) -> tuple[int, int]:
-    for v in range(min(width, n), 0, -1):
-        if n % v == 0:
-            return n // v, v
-    return n, 1
 
 
 def _pmaddubsw(u, w):

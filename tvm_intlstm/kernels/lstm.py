@@ -36,7 +36,7 @@ from tvm.script import tirx as T
 
 from ._common import (check_multiplier, check_shift, finish, resolve_isa, vec_split,
                       with_convention)
-from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
+from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
                     x16_source)
 
 # Register tiles of the packed recurrent GEMV: 1 row x 4 x 8 channels for batch 1, 2 rows x 4 x 8
@@ -120,11 +120,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     rq = requantize_hi if shift_hi else requantize   # shift_hi: every sh[o] in [32, 62]
 
     def gate_store(Z, GX, MH, SH, CORR, tt):
-        if u8:
-            return lambda n, o, acc: tirx.BufferStore(
-                Z, add_sat16(GX[tt, n, o], rq(acc + CORR[o], MH[o], SH[o], 16)), [n, o])
+        # the u8 route adds its correction; the others do not read CORR
         return lambda n, o, acc: tirx.BufferStore(
-            Z, add_sat16(GX[tt, n, o], rq(acc, MH[o], SH[o], 16)), [n, o])
+            Z, add_sat16(GX[tt, n, o], rq(acc + CORR[o] if u8 else acc, MH[o], SH[o], 16)), [n, o])
 
     def pwl_finish(XC, IDX, TBL, g, jv):
         """spec 7 once the clamped input XC and the piece index IDX are known."""

@@ -38,8 +38,8 @@ def _prim(e):
     return float(v.value) if isinstance(v, tvm.tirx.FloatImm) else int(v.value)
 
 
-def _const_numpy(e):
-    """numpy value of a relax constant, or None."""
+def const_numpy(e):
+    """numpy value of a relax constant, or None (also for anything that is not a constant)."""
     if not isinstance(e, tvm.ir.expr.Constant):
         return None
     data = getattr(e, "data", None)
@@ -50,7 +50,7 @@ def _const_numpy(e):
 def _shifts_hi(e) -> bool:
     """Are all the constant requantization shifts in [32, 62] (kernels may then use the cheaper
     `_tir.requantize_hi`)? False for non-constant shifts."""
-    v = _const_numpy(e)
+    v = const_numpy(e)
     return v is not None and v.size > 0 and int(v.min()) >= 32 and int(v.max()) <= 62
 
 
@@ -83,13 +83,13 @@ class OpLowering(PyExprMutator):
         - the default kernel with weights packed for its micro-kernel.
         `make_default(w7, packed)` makes the default PrimFunc. Non-constant weights get the
         default kernel on the natural layout."""
-        W = _const_numpy(w)
+        W = const_numpy(w)
         if W is None:
             return self._kernel((kind, Kf, O, dt, False, False, str(self.target)),
                                 lambda: make_default(False, False)), w, b
         w7 = K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
         if w7 and b is not None:
-            bn = _const_numpy(b)
+            bn = const_numpy(b)
             folded = None if bn is None else bn.astype(np.int64) + K.u8_correction(W)
             if folded is None or folded.max() > 2**31 - 1 or folded.min() < -(2**31):
                 w7 = False   # the corrected bias would leave int32: take the exact 8-bit route
@@ -100,7 +100,7 @@ class OpLowering(PyExprMutator):
                 return self._kernel(("tuned_" + kind, Kf, O, dt, str(self.target)), lambda: func), wp, b
         key = (kind, Kf, O, dt, w7, True, str(self.target))
         gv = self._kernel(key, lambda: make_default(w7, True))
-        wk, bk, _ = K.prepare_weights(self.cache[("func",) + key], W, _const_numpy(b))
+        wk, bk, _ = K.prepare_weights(self.cache[("func",) + key], W, const_numpy(b))
         return gv, relax.const(wk, "int8"), relax.const(bk, "int32")
 
     def _kernel(self, key, make):

@@ -8,7 +8,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import (OpLowering, _const_numpy, _prim, _shape, _shifts_hi, _static,
+from ._lowering import (OpLowering, const_numpy, _prim, _shape, _shifts_hi, _static,
                         lowering_pass)
 
 
@@ -29,7 +29,7 @@ class _LowerLSTMMutator(OpLowering):
         pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
         # constant W_h (always, from the quantizer): packed for the micro-kernel, and the u8 x s8
         # route when it lies in [-64, 64] on AVX2 (see _lowering._gemm); else the natural layout
-        W = _const_numpy(w_h)
+        W = const_numpy(w_h)
         packed = W is not None
         w7 = packed and K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
         key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), w7, packed, hh, str(self.target))

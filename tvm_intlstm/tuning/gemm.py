@@ -50,7 +50,6 @@ changes: gemm_blocks(packed=True), pack_weights(W) and the bias as it is.
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 

@@ -230,19 +230,11 @@ _ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni",
 def _missing_host_features(tgt) -> list:
     """Features the target's code may use that this machine's CPU lacks (e.g. tuning for
     `-mcpu=cascadelake` on a Zen3: the in-process runner would execute AVX-512 and die)."""
-    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
-
     from ..kernels import host_target  # pylint: disable=import-outside-toplevel
+    from ..kernels._common import has_feature  # pylint: disable=import-outside-toplevel
 
     host = host_target()
-
-    def has(feature, t):
-        try:
-            return bool(codegen.llvm_cpu_has_features(feature, t))
-        except Exception:  # pylint: disable=broad-except
-            return False
-
-    return [f for f in _ISA_FEATURES if has(f, tgt) and not has(f, host)]
+    return [f for f in _ISA_FEATURES if has_feature(tgt, f) and not has_feature(host, f)]
 
 
 # --- the default kernel as the baseline -------------------------------------------------------------
@@ -267,15 +259,14 @@ def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms
     else:
         f = KN.linear_requant(task.K, task.O, task.out_dtype, True, target=tgt, packed=True)
     kern = KN.build_kernel(f, tgt)
-    rng = np.random.default_rng(12345)
-    x = rng.integers(-128, 128, (task.rows, task.K)).astype(np.int8)
-    W = rng.integers(-127, 128, (task.O, task.K)).astype(np.int8)
-    b = rng.integers(-(2**20), 2**20, task.O).astype(np.int32)
+    from ._ms import make_case  # pylint: disable=import-outside-toplevel
+    vec = ("int32", (task.O,))
+    sig = ([("int8", (task.rows, task.K)), ("int8", (task.O, task.K)), vec]
+           + ([vec, vec] if task.out_dtype != "int32" else [])
+           + [(task.out_dtype, (task.rows, task.O))])
+    (x, W, b, *rest), _ = make_case(sig)           # natural W (2-D): the trials' own inputs
     wk, bk, _ = KN.prepare_weights(f, W, b)
-    args = [x, wk, bk]
-    if task.out_dtype != "int32":
-        args += [rng.integers(2**30, 2**31 - 1, task.O).astype(np.int32),
-                 rng.integers(8, 24, task.O).astype(np.int32)]
+    args = [x, wk, bk, *rest]
     out = np.zeros((task.rows, task.O), task.out_dtype)
     nd = [tvm.runtime.tensor(a) for a in args + [out]]
     fn = kern.module.time_evaluator(kern.name, tvm.cpu(), number=0, repeat=int(repeat),
@@ -461,7 +452,6 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     time_evaluator settings). Raises RPCConnectError (tvm_intlstm.runtime.rpc) when the server
     cannot be reached, RPCTuningError when it cannot run kernels built for `target`.
     Returns a list of dicts {task, trials_before, trials_run, best_us} (best over all records)."""
-    import tvm  # pylint: disable=import-outside-toplevel
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
 
     from ..kernels import resolve_isa  # pylint: disable=import-outside-toplevel
@@ -636,19 +626,17 @@ class TunedKernels:
         is a constant (relax.const) int8 [O, K], or None (not tuned, or a weight that is not a constant:
         use the default kernel with `w` as it is). Call the kernel with the packed constant in
         place of `w`; every other argument is unchanged."""
-        import tvm  # pylint: disable=import-outside-toplevel
         from tvm import relax  # pylint: disable=import-outside-toplevel
 
-        if not isinstance(w, tvm.ir.expr.Constant):
-            return None
-        data = getattr(w, "data", None)
-        data = data if data is not None else getattr(w, "value", None)
-        if not hasattr(data, "numpy"):
+        from ..passes._lowering import const_numpy  # pylint: disable=import-outside-toplevel
+
+        W = const_numpy(w)
+        if W is None:
             return None
         func = self.get(K, O, out_dtype)
         if func is None:
             return None
-        return func, relax.const(G.pack_weights(data.numpy()), "int8")
+        return func, relax.const(G.pack_weights(W), "int8")
 
     def _replay(self, key):
         import tvm  # pylint: disable=import-outside-toplevel

@@ -96,9 +96,7 @@ def x86_isa(target) -> str | None:
     (classic 'llvm -mcpu=cascadelake' form accepted). Decided from the CPU features LLVM derives
     from mcpu and mattr: cascadelake, icelake-server, sapphirerapids, znver4 -> avx512_vnni;
     skylake-avx512 -> avx512; znver3, haswell, alderlake (AVX-VNNI is 256-bit only) -> avx2."""
-    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
-
-    from ..kernels._common import as_target  # pylint: disable=import-outside-toplevel
+    from ..kernels._common import as_target, has_feature  # pylint: disable=import-outside-toplevel
 
     tgt = as_target(target)
     if tgt.kind.name != "llvm":
@@ -109,10 +107,7 @@ def x86_isa(target) -> str | None:
         return None
 
     def has(feature):
-        try:
-            return bool(codegen.llvm_cpu_has_features(feature, tgt))
-        except Exception:  # noqa: BLE001  # pylint: disable=broad-except
-            return False
+        return has_feature(tgt, feature)
 
     if not has("avx2"):
         return None
