@@ -70,13 +70,50 @@ def test_export_and_load(token_model, tmp_path):
         cm2(np.array([[0, 30]]))
 
 
-def test_feature_model_bitexact():
+@pytest.fixture(scope="module")
+def feature_model():
     torch.manual_seed(1)
     q = til.quantize(FeatureLSTM().eval(), [torch.randn(7, 2, 10) for _ in range(2)])
-    cm = til_compile(q, "llvm", (torch.randn(6, 2, 10),), verbose=False)
+    return q, til_compile(q, "llvm", (torch.randn(6, 2, 10),), verbose=False)
+
+
+def test_feature_model_bitexact(feature_model):
+    q, cm = feature_model
     for T, B in ((6, 2), (1, 3), (20, 1)):
         x = torch.randn(T, B, 10) * 2
         np.testing.assert_array_equal(cm(x), til.reference(q)(x.numpy()))
+
+
+def test_inputs_in_any_memory_layout_and_outputs_owned(feature_model):
+    """Inputs are passed without a copy when DLPack allows it (C-contiguous, writeable, 64-byte
+    aligned) and copied otherwise: misaligned, read-only and strided arrays give the same result.
+    Outputs are views of the VM's tensors: a later call must not change an earlier result."""
+    q, cm = feature_model
+    ref = til.reference(q)
+    rng = np.random.default_rng(5)
+    x0 = rng.standard_normal((9, 3, 10)).astype(np.float32)
+    want = ref(x0)
+
+    def at_offset(off):   # a copy of x0 that starts `off` bytes past a 64-byte boundary
+        buf = np.zeros(x0.nbytes + 128, np.uint8)
+        start = (64 - buf.ctypes.data % 64) % 64 + off
+        a = buf[start:start + x0.nbytes].view(np.float32).reshape(x0.shape)
+        a[...] = x0
+        return a
+
+    x, mis = at_offset(0), at_offset(4)
+    ro = x.copy()
+    ro.flags.writeable = False
+    strided = np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2)
+    for arr in (x, mis, ro, strided, torch.from_numpy(x.copy())):
+        np.testing.assert_array_equal(cm(arr), want)
+    y1 = cm(x)
+    np.testing.assert_array_equal(x, x0)          # the input is only read
+    y2 = cm(rng.standard_normal((9, 3, 10)).astype(np.float32) * 3)
+    np.testing.assert_array_equal(y1, want)       # still the first result
+    assert not np.array_equal(y1, y2) and y1.flags.writeable
+    y1[...] = 0
+    np.testing.assert_array_equal(cm(x), want)
 
 
 def test_bad_inputs(token_model):

@@ -172,6 +172,31 @@ def test_recurrent_u8_extreme_state(rng):
     assert ref[0].min() < -100 and ref[0].max() > 100   # the state really reaches the extremes
 
 
+@pytest.mark.parametrize("pieces,mo_so", [((16, 16, 16), None), ((2, 5, 9), None),
+                                          ((8, 16, 3), None), ((13, 2, 16), (2**30, 20))])
+@pytest.mark.parametrize("H", [8, 32])
+def test_recurrent_cell_pwl_all_inputs(pieces, mo_so, H):
+    """The cell's PWL evaluation on every int16 input of every gate (W_h = 0, so z = gx), for
+    table sizes that fill the binary-search tables of the AVX2 cell partly (padding knots must
+    never be counted) or exactly (16), H = 8 (one block per iteration) and 32 (two interleaved
+    blocks), and an output shift below 32 (the 64-bit requantize of h) as well as above."""
+    rng = np.random.default_rng(sum(pieces) + H)
+    p0 = make_lstm(rng, H, 4, pieces=pieces, mo_so=mo_so)
+    p = dataclasses.replace(p0, w_h=np.zeros_like(p0.w_h))
+    f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
+                         tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
+                         w7=True, packed=True)
+    wk, _, corr = K.prepare_weights(f, p.w_h)
+    B = 65536 // H
+    vals = np.arange(-32768, 32768).astype(np.int16).reshape(B, H)
+    gx = np.stack([np.concatenate([np.roll(vals, g * 7, axis=0) for g in range(4)], axis=1),
+                   np.concatenate([np.roll(vals, -g * 5, axis=1) for g in range(4)], axis=1)])
+    tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
+    got = run(build(f), [gx, wk, p.mh, p.sh, corr] + tabs,
+              [((2, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
+    assert_lstm_equal(got, ref_recurrence(gx, p))
+
+
 # --------------------------------------------------------------------------- whole models
 
 class _Net(torch.nn.Module):

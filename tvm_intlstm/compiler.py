@@ -6,6 +6,7 @@ import threading
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 import tvm
 from tvm import relax
@@ -65,7 +66,7 @@ class CompiledModule:
 
     def __call__(self, *inputs):
         arrays = check_inputs(inputs, self.input_kinds, self.input_shapes, self.vocab_sizes)
-        args = [tvm.runtime.tensor(a) for a in arrays]
+        args = [_to_tvm(a) for a in arrays]
         with self._lock:
             out = self._get_vm()["main"](*args)
         return _to_numpy(out)
@@ -78,9 +79,24 @@ class CompiledModule:
         return path
 
 
+def _to_tvm(a: np.ndarray):
+    """A TVM tensor over the numpy array's memory (no copy: tvm.runtime.tensor copies at ~1 GB/s,
+    70 us for a 256-wide T=64 input, 4 % of a batch-1 call) when DLPack allows it (C-contiguous,
+    writeable, 64-byte aligned, as numpy's large arrays are); a copy otherwise. The kernels only
+    read their inputs."""
+    if a.flags.c_contiguous and a.flags.writeable and a.ctypes.data % 64 == 0:
+        try:
+            return tvm.runtime.from_dlpack(a)
+        except Exception:  # noqa: BLE001 - any DLPack refusal: fall back to the copy
+            pass
+    return tvm.runtime.tensor(a)
+
+
 def _to_numpy(out):
+    """numpy views of the VM's output tensors (no copy; the view keeps the tensor, whose storage
+    the VM does not reuse while it is referenced)."""
     if isinstance(out, tvm.runtime.Tensor):
-        return out.numpy()
+        return np.from_dlpack(out)
     if hasattr(out, "__len__") and not hasattr(out, "numpy"):
         return tuple(_to_numpy(o) for o in out)
     return out.numpy()

@@ -289,14 +289,15 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
             return _x86.pmaddwd(_pmaddubsw(xb, w8), ones16)
         return _x86.pmaddwd(tirx.Cast("int16x16", w8), xb)
 
-    def prefetch(W, og, k, line):
+    def prefetch_line(addr):
         i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
-        return tirx.call_llvm_intrin("void", "llvm.prefetch.p0",
-                                     tirx.address_of(W[og, k + ahead, line * 64 // kq, 0]),
-                                     i32(0), i32(3), i32(1))
+        return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, i32(0), i32(3), i32(1))
+
+    def prefetch(W, og, k, line):
+        return prefetch_line(tirx.address_of(W[og, k + ahead, line * 64 // kq, 0]))
 
     @T.macro
-    def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False):
+    def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False, pf_out=None):
         WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
         for og0 in range(OG):
             # flip (a PrimExpr) walks the channel groups backwards: the recurrent kernel alternates
@@ -307,6 +308,14 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
             for nb in range((nrows + NR - 1) // NR):
                 for a in T.unroll(NR * OV):
                     ACC[a, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
+                if pf_out is not None:
+                    # pf_out(n, o): the address of an int16 input that the store of (n, o) reads
+                    # (the recurrent kernel's gx[t], written long before this step and no longer
+                    # in L1/L2: its loads missed in the epilogue), fetched while the k loop runs
+                    for r in T.unroll(NR):
+                        for c in T.unroll((OC + 31) // 32):
+                            T.evaluate(prefetch_line(pf_out(T.min(nb * NR + r, nrows - 1),
+                                                            T.min(og * OC + c * 32, O - 1))))
                 for k in range(KQN):
                     if k % line_steps == 0:
                         for line in T.unroll(lines):

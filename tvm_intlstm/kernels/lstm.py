@@ -24,9 +24,11 @@ Schedule: no parallelism inside the time loop (fork/join per step costs more tha
 two cores, DESIGN.md). Per step the gate product is the shared `_gemm` micro-kernel (dot form on
 W_h's natural layout, 8 rows per tile; vpmaddwd on AVX2, after sign-extending h into an int16
 scratch; sdot on aarch64 with dotprod; plain vectorizable TIR otherwise), with the requantize and
-gate add fused as its epilogue into an int16 gate scratch z [B, 4H]; then the cell block runs
-vectorized over j (PWL piece index by counting knots, gathers for base/slope/knot). The state
-lives in the h_T / c_T output buffers.
+gate add fused as its epilogue into an int16 gate scratch z [B, 4H] (packed AVX2 weights: the
+outer-product form, gx[t] prefetched while the products run); then the cell block runs vectorized
+over j: on AVX2 with tables of <= 16 pieces, piece index by binary search and table lookups by
+vpermd, two 8-channel blocks interleaved; elsewhere piece index by counting knots and gathers for
+base/slope/knot. The state lives in the h_T / c_T output buffers.
 """
 from __future__ import annotations
 
@@ -118,11 +120,15 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     ig_shift = 30 - F
 
     rq = requantize_hi if shift_hi else requantize   # shift_hi: every sh[o] in [32, 62]
+    rq_out = requantize_hi if 32 <= so <= 62 else requantize   # h = requantize_8(o tanh(c))
 
     def gate_store(Z, GX, MH, SH, CORR, tt):
         # the u8 route adds its correction; the others do not read CORR
         return lambda n, o, acc: tirx.BufferStore(
             Z, add_sat16(GX[tt, n, o], rq(acc + CORR[o] if u8 else acc, MH[o], SH[o], 16)), [n, o])
+
+    def gx_addr(GX, tt):
+        return lambda n, o: tirx.address_of(GX[tt, n, o])
 
     def pwl_finish(XC, IDX, TBL, g, jv):
         """spec 7 once the clamped input XC and the piece index IDX are known."""
@@ -134,6 +140,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # of the table's halves and a blend on idx > 7. The tables are copied once per call into TV
     # [3 tables, 3 rows, 16] (padded by repeating the last column) so both halves are in bounds.
     fast_pwl = isa == "avx2" and JV == 8 and max(n_sig, n_tanh, n_tc) <= 16
+    U = 2 if fast_pwl and JO % 2 == 0 else 1
 
     def pwl_vec(XC, IDX, TV, t, g):
         """pwl_finish for the 8 lanes of row g at once, table t of TV (fast_pwl only)."""
@@ -149,18 +156,52 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
         return sat(look(1) + rshift_round(look(2) * (XC[g, tirx.Ramp(0, 1, 8)] - look(0)), PWL_FRAC), 16)
 
+    # fast_pwl piece index (spec 7: i = #{j in 1..n-1 : xc >= k_j}) by a 4-level binary search on
+    # register tables instead of n - 1 compare-and-adds: the knots are sorted, so the counted set is
+    # a prefix {1..i}, and bit by bit i = 8 b3 + 4 b2 + 2 b1 + b0 with b3 = [xc >= k_8],
+    # b2 = [xc >= k_(8 b3 + 4)], ... Each level looks its knot up with one vpermd indexed by the bits
+    # found so far. BS[t, level, 8] holds k_j - 1 (xc >= k_j <=> xc > k_j - 1, one vpcmpgtd) for
+    # j = 8 (broadcast); 4, 12; 2, 6, 10, 14; 1, 3, .., 15; and 32767 for j >= n, which an int16 xc
+    # never exceeds (those knots are not counted).
+    def bs_fill(BS, TBL, t, n, level, l):
+        j = [8, 8 * (l % 2) + 4, 4 * (l % 4) + 2, 2 * l + 1][level]
+        return tirx.BufferStore(BS, tirx.if_then_else(j <= n - 1, TBL[0, tirx.min(j, n)] - 1,
+                                                      tirx.const(32767, "int32")), [t, level, l])
+
+    def bs_level(BS, t, level, xc, p):
+        k = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
+                                       BS[t, level, tirx.Ramp(0, 1, 8)], p)
+        return p * tirx.Broadcast(tirx.const(2, "int32"), 8) + tirx.Cast("int32x8", xc > k)
+
+    @T.macro
+    def fill_bs(BS, TBL, t, n):
+        for l in range(8):
+            bs_fill(BS, TBL, t, n, 0, l)
+            bs_fill(BS, TBL, t, n, 1, l)
+            bs_fill(BS, TBL, t, n, 2, l)
+            bs_fill(BS, TBL, t, n, 3, l)
+
+    @T.macro
+    def bs_index(XC, IDX, BS, t, g):
+        IDX[g, T.Ramp(0, 1, 8)] = T.Cast("int32x8", XC[g, T.Ramp(0, 1, 8)] > BS[t, 0, T.Ramp(0, 1, 8)])
+        IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 1, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
+        IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 2, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
+        IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 3, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
+
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
-             ACT, TV):
+             ACT, TV, BS, LIM):
         if wide:
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
                     H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
             if outer:
                 if B == 1:
-                    gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
+                    gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                         gx_addr(GX, tt))
                 else:
-                    gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
+                    gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                         gx_addr(GX, tt))
             else:
                 gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         elif u8:
@@ -168,61 +209,80 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 for jv in T.vectorized(JV):
                     H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
             if B == 1:   # the u8 route is always packed (outer-product form)
-                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
+                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                     gx_addr(GX, tt))
             else:
-                gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1)
+                gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                      gx_addr(GX, tt))
         else:
             gemm(HT, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
-        for b, jo in T.grid(B, JO):
-            # sigmoid of the i, f, o gates (rows 0, 1, 3 of z): ACT[0], ACT[1], ACT[2]
-            for g in T.unroll(3):
-                for jv in T.vectorized(JV):
-                    XC[g, jv] = T.max(T.min(T.Cast("int32", Z[b, (g + g // 2) * H + jo * JV + jv]),
-                                            SIG[0, n_sig]), SIG[0, 0])
-                    IDX[g, jv] = 0
-            for q in T.unroll(1, n_sig):
+        if fast_pwl:
+            # U blocks of 8 channels per iteration, each stage written for all of them: the chain of
+            # one block (clamp, index, lookups, cell, tanh(c), h) is long and serial (vpermd has a
+            # 4-5 cycle latency), and interleaving independent blocks lets the core overlap them:
+            # the cell of a batch-8 step 28-30 -> 23-27 us (the binary search alone: no change)
+            for b, jp in T.grid(B, JO // U):
+                for u in T.unroll(U):
+                    for g in T.unroll(4):   # z rows i, f, g, o
+                        for jv in T.vectorized(8):
+                            XC[u * 4 + g, jv] = T.max(T.min(T.Cast("int32", Z[b, g * H + (jp * U + u) * 8 + jv]),
+                                                            LIM[g, 1]), LIM[g, 0])
+                for u in T.unroll(U):
+                    for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
+                        bs_index(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g)
+                        ACT[u * 4 + g, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0), u * 4 + g)
+                for u in T.unroll(U):
+                    # cell update, written to the state after its tanh input is taken
+                    for jv in T.vectorized(8):
+                        XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[b, (jp * U + u) * 8 + jv]), 15)
+                                            + rshift_round(ACT[u * 4, jv] * ACT[u * 4 + 2, jv], ig_shift), 16)
+                        CT[b, (jp * U + u) * 8 + jv] = T.Cast("int16", XC[u * 4, jv])
+                        XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
+                for u in T.unroll(U):
+                    bs_index(XC, IDX, BS, 2, u * 4)
+                    ACT[u * 4 + 2, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 2, u * 4)   # tanh(c)
+                for u in T.unroll(U):
+                    for jv in T.vectorized(8):
+                        HT[b, (jp * U + u) * 8 + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
+                        Y[tt, b, (jp * U + u) * 8 + jv] = HT[b, (jp * U + u) * 8 + jv]
+        else:
+            for b, jo in T.grid(B, JO):
+                # sigmoid of the i, f, o gates (rows 0, 1, 3 of z): ACT[0], ACT[1], ACT[2]
                 for g in T.unroll(3):
                     for jv in T.vectorized(JV):
-                        IDX[g, jv] = IDX[g, jv] + T.Cast("int32", XC[g, jv] >= SIG[0, q])
-            if fast_pwl:
-                for g in T.unroll(3):
-                    ACT[g, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 0, g)
-            else:
+                        XC[g, jv] = T.max(T.min(T.Cast("int32", Z[b, (g + g // 2) * H + jo * JV + jv]),
+                                                SIG[0, n_sig]), SIG[0, 0])
+                        IDX[g, jv] = 0
+                for q in T.unroll(1, n_sig):
+                    for g in T.unroll(3):
+                        for jv in T.vectorized(JV):
+                            IDX[g, jv] = IDX[g, jv] + T.Cast("int32", XC[g, jv] >= SIG[0, q])
                 for g in T.unroll(3):
                     for jv in T.vectorized(JV):
                         ACT[g, jv] = pwl_finish(XC, IDX, SIG, g, jv)
-            # tanh of the g gate (rows 2): ACT[3]
-            for jv in T.vectorized(JV):
-                XC[0, jv] = T.max(T.min(T.Cast("int32", Z[b, 2 * H + jo * JV + jv]),
-                                        TANH[0, n_tanh]), TANH[0, 0])
-                IDX[0, jv] = 0
-            for q in T.unroll(1, n_tanh):
+                # tanh of the g gate (rows 2): ACT[3]
                 for jv in T.vectorized(JV):
-                    IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANH[0, q])
-            if fast_pwl:
-                ACT[3, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 1, 0)
-            else:
+                    XC[0, jv] = T.max(T.min(T.Cast("int32", Z[b, 2 * H + jo * JV + jv]),
+                                            TANH[0, n_tanh]), TANH[0, 0])
+                    IDX[0, jv] = 0
+                for q in T.unroll(1, n_tanh):
+                    for jv in T.vectorized(JV):
+                        IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANH[0, q])
                 for jv in T.vectorized(JV):
                     ACT[3, jv] = pwl_finish(XC, IDX, TANH, 0, jv)
-            # cell update, written to the state after its tanh input is taken
-            for jv in T.vectorized(JV):
-                XC[1, jv] = sat(rshift_round(ACT[1, jv] * T.Cast("int32", CT[b, jo * JV + jv]), 15)
-                                + rshift_round(ACT[0, jv] * ACT[3, jv], ig_shift), 16)
-                CT[b, jo * JV + jv] = T.Cast("int16", XC[1, jv])
-                XC[0, jv] = T.max(T.min(XC[1, jv], TANHC[0, n_tc]), TANHC[0, 0])
-                IDX[0, jv] = 0
-            for q in T.unroll(1, n_tc):
+                # cell update, written to the state after its tanh input is taken
                 for jv in T.vectorized(JV):
-                    IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANHC[0, q])
-            if fast_pwl:
-                ACT[3, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 2, 0)   # g gate done: reuse
+                    XC[1, jv] = sat(rshift_round(ACT[1, jv] * T.Cast("int32", CT[b, jo * JV + jv]), 15)
+                                    + rshift_round(ACT[0, jv] * ACT[3, jv], ig_shift), 16)
+                    CT[b, jo * JV + jv] = T.Cast("int16", XC[1, jv])
+                    XC[0, jv] = T.max(T.min(XC[1, jv], TANHC[0, n_tc]), TANHC[0, 0])
+                    IDX[0, jv] = 0
+                for q in T.unroll(1, n_tc):
+                    for jv in T.vectorized(JV):
+                        IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANHC[0, q])
                 for jv in T.vectorized(JV):
-                    HT[b, jo * JV + jv] = requantize(ACT[2, jv] * ACT[3, jv], mo, so, 8)
-                    Y[tt, b, jo * JV + jv] = HT[b, jo * JV + jv]
-            else:
-                for jv in T.vectorized(JV):
-                    HT[b, jo * JV + jv] = requantize(ACT[2, jv] * pwl_finish(XC, IDX, TANHC, 0, jv),
-                                                     mo, so, 8)
+                    HT[b, jo * JV + jv] = rq_out(ACT[2, jv] * pwl_finish(XC, IDX, TANHC, 0, jv),
+                                                 mo, so, 8)
                     Y[tt, b, jo * JV + jv] = HT[b, jo * JV + jv]
 
     @T.macro
@@ -230,11 +290,22 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         Z = T.alloc_buffer((B, G), "int16")
         ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
         RED = T.alloc_buffer((ROW_TILE,), "int32")
-        XC = T.alloc_buffer((3, JV), "int32")
-        IDX = T.alloc_buffer((3, JV), "int32")
-        ACT = T.alloc_buffer((4, JV), "int32")
+        XC = T.alloc_buffer((4 * U, JV), "int32")
+        IDX = T.alloc_buffer((4 * U, JV), "int32")
+        ACT = T.alloc_buffer((4 * U, JV), "int32")
+        LIM = T.alloc_buffer((5, 2), "int32")
         TV = T.alloc_buffer((3, 3, 16), "int32")
+        BS = T.alloc_buffer((3, 4, 8), "int32")
         if fast_pwl:
+            fill_bs(BS, SIG, 0, n_sig)
+            fill_bs(BS, TANH, 1, n_tanh)
+            fill_bs(BS, TANHC, 2, n_tc)
+            for g in range(4):   # clamp bounds (k_0, k_n) of the gates' tables and the cell's
+                LIM[g, 0] = T.if_then_else(g == 2, TANH[0, 0], SIG[0, 0])
+                LIM[g, 1] = T.if_then_else(g == 2, TANH[0, n_tanh], SIG[0, n_sig])
+            LIM[4, 0] = TANHC[0, 0]
+            LIM[4, 1] = TANHC[0, n_tc]
+
             for r, c in T.grid(3, 16):
                 TV[0, r, c] = SIG[r, T.min(c, n_sig)]
                 TV[1, r, c] = TANH[r, T.min(c, n_tanh)]
@@ -251,9 +322,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             H16 = HT  # unused: the micro-kernel reads the int8 state directly
         for t in range(TT):
             if reverse:
-                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV)
+                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
             else:
-                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV)
+                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
 
     # Two signatures (with/without h0, c0): TVMScript parameter lists are fixed. `corr` is always a
     # parameter; only the u8 route reads it (the others get zeros from `kernels.prepare_weights`).
