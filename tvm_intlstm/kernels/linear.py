@@ -13,7 +13,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import finish, resolve_isa, with_convention as conv
+from ._common import check_multiplier, check_shift, finish, resolve_isa, with_convention as conv
 from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k,
                     u8_source_macro, uses_u8, x16_source)
 
@@ -122,14 +122,21 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
                    bias: bool = True, target=None, isa: str | None = None, w7: bool = False,
-                   packed: bool = False, shift_hi: bool = False):
+                   packed: bool = False, shift_hi: bool = False, scale: tuple | None = None):
     """Hidden linear / LSTM input projection (spec 5, 2): x int8 [N, K], W int8 [O, K],
     b int32 [O], M int32 [O], s int32 [O] -> y = requantize_N(x W^T + b, M, s), N = 8 or 16.
 
     Parameters (destination passing): (x, W, b, M, s, y), or (x, W, M, s, y) with bias=False.
     w7, packed: as for linear_i32 (b then includes `_gemm.u8_correction(W)`).
-    shift_hi=True promises every shift s[o] is in [32, 62] (`_tir.requantize_hi`, cheaper on AVX2)."""
+    shift_hi=True promises every shift s[o] is in [32, 62] (`_tir.requantize_hi`, cheaper on AVX2).
+    scale=(M, s): every M[o] is M and every s[o] is s (per-tensor quantization, what the quantizer
+    produces): both are baked in as immediates (no per-channel loads and 64-bit conversions in the
+    epilogue) and the M / s buffers, still parameters, are not read."""
     rq = requantize_hi if shift_hi else requantize
+    if scale is not None:
+        M0, s0 = check_multiplier(scale[0]), check_shift(scale[1], 1, 62)
+        rq_c = requantize_hi if 32 <= s0 <= 62 else requantize
+        rq = lambda acc, M, s, bits: rq_c(acc, M0, s0, bits)  # noqa: E731
     K, O = _check_dims(in_features, out_features)
     if out_dtype not in ("int8", "int16"):
         raise ValueError(f"out_dtype must be int8 or int16, got {out_dtype}")

@@ -70,7 +70,8 @@ def pack_pwl(table) -> np.ndarray:
 def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces: int = 16,
                    tanh_pieces: int = 16, tanh_c_pieces: int = 16, reverse: bool = False,
                    init_state: bool = False, target=None, isa: str | None = None,
-                   w7: bool = False, packed: bool = False, shift_hi: bool = False):
+                   w7: bool = False, packed: bool = False, shift_hi: bool = False,
+                   gate_scale: tuple | None = None):
     """PrimFunc of one LSTM direction's recurrence (spec 8). With G = 4 * hidden:
 
     Parameters (destination passing; T, B symbolic int64):
@@ -88,6 +89,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         y     int8  [T, B, H]   (out)
         h_T   int8  [B, H]      (out)
         c_T   int16 [B, H]      (out)
+
+    shift_hi=True promises every sh[o] is in [32, 62] (`_tir.requantize_hi`); gate_scale=(M, s)
+    promises every (mh[o], sh[o]) is (M, s) (per-tensor quantization) and bakes them in as
+    immediates (mh / sh stay parameters but are not read).
     """
     H = int(hidden)
     if H <= 0:
@@ -120,6 +125,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     ig_shift = 30 - F
 
     rq = requantize_hi if shift_hi else requantize   # shift_hi: every sh[o] in [32, 62]
+    if gate_scale is not None:   # every (mh[o], sh[o]) is gate_scale: immediates, mh / sh unread
+        M0, s0 = check_multiplier(gate_scale[0]), check_shift(gate_scale[1], 1, 62)
+        rq_c = requantize_hi if 32 <= s0 <= 62 else requantize
+        rq = lambda acc, M, s, bits: rq_c(acc, M0, s0, bits)  # noqa: E731
     rq_out = requantize_hi if 32 <= so <= 62 else requantize   # h = requantize_8(o tanh(c))
 
     def gate_store(Z, GX, MH, SH, CORR, tt):

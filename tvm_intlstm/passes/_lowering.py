@@ -54,6 +54,18 @@ def _shifts_hi(e) -> bool:
     return v is not None and v.size > 0 and int(v.min()) >= 32 and int(v.max()) <= 62
 
 
+def uniform_scale(m, s):
+    """(M, s) when the constant requantization arrays m, s hold one multiplier and one shift (per-
+    tensor quantization, what the quantizer produces): kernels then bake them in as immediates.
+    None for per-channel or non-constant scales."""
+    mv, sv = const_numpy(m), const_numpy(s)
+    if mv is None or sv is None or mv.size == 0 or sv.size == 0:
+        return None
+    if mv.min() != mv.max() or sv.min() != sv.max() or not 1 <= int(sv.min()) <= 62:
+        return None
+    return int(mv.flat[0]), int(sv.flat[0])
+
+
 def _with_root_block(func):
     """Relax analyses (e.g. the reshape-pattern check of RewriteDataflowReshape) expect a PrimFunc
     body to be a root block; hand-written loop-nest kernels get an empty one wrapped around them."""
@@ -73,7 +85,7 @@ class OpLowering(PyExprMutator):
         self.tuned = tuned  # tvm_intlstm.tuning.TunedKernels or None
         self.cache = {}
 
-    def _gemm(self, kind, Kf, O, dt, w, b, make_default):
+    def _gemm(self, kind, Kf, O, dt, w, b, make_default, variant=()):
         """(GlobalVar, weight arg, bias arg) of a GEMM kernel for weight `w` [O, K] and bias `b`.
 
         For constant weights (every model the quantizer produces), in order of preference:
@@ -81,11 +93,12 @@ class OpLowering(PyExprMutator):
           (exact for such weights, half the instructions), packed weights, bias - 128 rowsum(W);
         - a tuned kernel from the tuning logs (with its pre-packed weights);
         - the default kernel with weights packed for its micro-kernel.
-        `make_default(w7, packed)` makes the default PrimFunc. Non-constant weights get the
-        default kernel on the natural layout."""
+        `make_default(w7, packed)` makes the default PrimFunc; `variant` (hashable) tells apart
+        default kernels specialized on more than the shapes (e.g. baked scales). Non-constant
+        weights get the default kernel on the natural layout."""
         W = const_numpy(w)
         if W is None:
-            return self._kernel((kind, Kf, O, dt, False, False, str(self.target)),
+            return self._kernel((kind, Kf, O, dt, False, False, *variant, str(self.target)),
                                 lambda: make_default(False, False)), w, b
         w7 = K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
         if w7 and b is not None:
@@ -98,7 +111,7 @@ class OpLowering(PyExprMutator):
             if hit is not None:
                 func, wp = hit
                 return self._kernel(("tuned_" + kind, Kf, O, dt, str(self.target)), lambda: func), wp, b
-        key = (kind, Kf, O, dt, w7, True, str(self.target))
+        key = (kind, Kf, O, dt, w7, True, *variant, str(self.target))
         gv = self._kernel(key, lambda: make_default(w7, True))
         wk, bk, _ = K.prepare_weights(self.cache[("func",) + key], W, const_numpy(b))
         return gv, relax.const(wk, "int8"), relax.const(bk, "int32")

@@ -5,7 +5,8 @@ from __future__ import annotations
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import OpLowering, _prim, _shape, _shifts_hi, _static, lowering_pass
+from ._lowering import (OpLowering, _prim, _shape, _shifts_hi, _static, lowering_pass,
+                        uniform_scale)
 
 
 @mutator
@@ -23,10 +24,11 @@ class _LowerLinearMutator(OpLowering):
         O, Kf = (_static(v, "linear size") for v in _shape(w))
         dt = f"int{bits}"
         hi = _shifts_hi(s)
+        sc = uniform_scale(m, s)
         gv, w, b = self._gemm("linear_requant" + ("_hi" if hi else ""), Kf, O, dt, w, b,
                               lambda w7, packed: K.linear_requant(
                                   Kf, O, dt, True, target=self.target, w7=w7, packed=packed,
-                                  shift_hi=hi))
+                                  shift_hi=hi, scale=sc), variant=(sc,))
         return self._call_rows(gv, x, [w, b, m, s], O, dt)
 
 

@@ -9,7 +9,7 @@ from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
 from ._lowering import (OpLowering, const_numpy, _prim, _shape, _shifts_hi, _static,
-                        lowering_pass)
+                        lowering_pass, uniform_scale)
 
 
 @mutator
@@ -21,10 +21,11 @@ class _LowerLSTMMutator(OpLowering):
         H = G // 4
         T_, B_ = _shape(x)[:2]
         hx, hh = _shifts_hi(sx), _shifts_hi(sh)
+        scx, sch = uniform_scale(mx, sx), uniform_scale(mh, sh)
         gvx, w_x, bias = self._gemm("linear_requant" + ("_hi" if hx else ""), I, G, "int16", w_x,
                                     bias, lambda w7, packed: K.linear_requant(
                                         I, G, "int16", True, target=self.target, w7=w7,
-                                        packed=packed, shift_hi=hx))
+                                        packed=packed, shift_hi=hx, scale=scx), variant=(scx,))
         gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
         # constant W_h (always, from the quantizer): packed for the micro-kernel, and the u8 x s8
@@ -32,11 +33,12 @@ class _LowerLSTMMutator(OpLowering):
         W = const_numpy(w_h)
         packed = W is not None
         w7 = packed and K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
-        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), w7, packed, hh, str(self.target))
+        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch,
+               str(self.target))
         gv = self._kernel(key, lambda: K.lstm_recurrent(
             H, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
-            shift_hi=hh))
+            shift_hi=hh, gate_scale=sch))
         if packed:
             wk, _, corr = K.prepare_weights(self.cache[("func",) + key], W)
             w_args = [relax.const(wk, "int8"), mh, sh, relax.const(corr, "int32")]
