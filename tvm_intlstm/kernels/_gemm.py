@@ -264,12 +264,17 @@ def pack_outer(W, u8: bool, OV: int) -> np.ndarray:
     return np.ascontiguousarray(Wp.reshape(OG, OC, KQN, kq).transpose(0, 2, 1, 3))
 
 
-def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
-    """Same contract as `gemm_macro` (ACC must be at least [NR * OV, 8] int32; RED is unused) for W
+def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: int | None = None):
+    """Same contract as `gemm_macro` (ACC must be at least [NR * OVT, 8] int32; RED is unused) for W
     packed by `pack_outer(W, u8, OV)` and a source XS zero padded to outer_shape(...)[1] * KQ columns
-    (u8: uint8 u = x + 128; else int16). AVX2 only."""
+    (u8: uint8 u = x + 128; else int16). AVX2 only. The register tile is NR rows x OVT (a divisor
+    of OV, default OV) vectors of 8 channels: a channel group of the layout is then done in OV / OVT
+    passes, each on whole cache lines of its k steps when OVT * 8 * KQ is a multiple of 64."""
     if isa != "avx2":
         raise ValueError(f"the outer-product GEMM is an AVX2 kernel, not {isa!r}")
+    OVT = OV if OVT is None else int(OVT)
+    if OV % OVT:
+        raise ValueError(f"OVT={OVT} must divide OV={OV}")
     use_u8 = uses_u8(isa, u8)
     kq = outer_kq(use_u8)
     OG, KQN, OC, _ = outer_shape(K, O, use_u8, OV)
@@ -305,10 +310,10 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
             # which are still in L2 (W_h is larger than L2 and read once per step)
             og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
                         else (OG - 1 - og0 if flip else og0))
-            for nb in range((nrows + NR - 1) // NR):
-                for a in T.unroll(NR * OV):
+            for oh, nb in T.grid(OV // OVT, (nrows + NR - 1) // NR):
+                for a in T.unroll(NR * OVT):
                     ACC[a, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
-                if pf_out is not None:
+                if pf_out is not None and oh == 0:
                     # pf_out(n, o): the address of an int16 input that the store of (n, o) reads
                     # (the recurrent kernel's gx[t], written long before this step and no longer
                     # in L1/L2: its loads missed in the epilogue), fetched while the k loop runs
@@ -317,23 +322,25 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int):
                             T.evaluate(prefetch_line(pf_out(T.min(nb * NR + r, nrows - 1),
                                                             T.min(og * OC + c * 32, O - 1))))
                 for k in range(KQN):
-                    if k % line_steps == 0:
+                    if k % line_steps == 0 and oh == 0:
                         for line in T.unroll(lines):
                             T.evaluate(prefetch(W, og, k, line))
                     for r in T.unroll(NR):
-                        for ov in T.unroll(OV):
-                            ACC[r * OV + ov, T.Ramp(0, 1, 8)] = ACC[r * OV + ov, T.Ramp(0, 1, 8)] + madd(
+                        for ov in T.unroll(OVT):
+                            ACC[r * OVT + ov, T.Ramp(0, 1, 8)] = ACC[r * OVT + ov, T.Ramp(0, 1, 8)] + madd(
                                 xbcast(XS, n0 + T.min(nb * NR + r, nrows - 1), k),
-                                WF[T.Ramp(((og * KQN + k) * OC + ov * 8) * kq, 1, 8 * kq)])
+                                WF[T.Ramp(((og * KQN + k) * OC + (oh * OVT + ov) * 8) * kq, 1, 8 * kq)])
                 for r in T.unroll(NR):
                     if nb * NR + r < nrows:
-                        for ov in T.unroll(OV):
-                            if (og * OV + ov + 1) * 8 <= O:
+                        for ov in T.unroll(OVT):
+                            if (og * OV + oh * OVT + ov + 1) * 8 <= O:
                                 for l in T.vectorized(8):
-                                    store(nb * NR + r, (og * OV + ov) * 8 + l, ACC[r * OV + ov, l])
+                                    store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
+                                          ACC[r * OVT + ov, l])
                             else:
                                 for l in range(8):
-                                    if (og * OV + ov) * 8 + l < O:
-                                        store(nb * NR + r, (og * OV + ov) * 8 + l, ACC[r * OV + ov, l])
+                                    if (og * OV + oh * OVT + ov) * 8 + l < O:
+                                        store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
+                                              ACC[r * OVT + ov, l])
 
     return gemm
