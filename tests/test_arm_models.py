@@ -1,7 +1,7 @@
-"""Whole models on aarch64: compiled for a Raspberry Pi 4 (cortex-a72, no dotprod) and a
-Raspberry Pi 5 (cortex-a76, dotprod), exported (cross-linked), run under qemu-aarch64 for two
-(batch, seq) shapes from one build, and compared bit for bit with the x86 build and the numpy
-reference.
+"""Whole models on aarch64: compiled for a Raspberry Pi 4 (cortex-a72, no dotprod), a
+Raspberry Pi 5 (cortex-a76, dotprod) and a generic i8mm core (NEON + dotprod + i8mm: the smmla
+GEMMs), exported (cross-linked), run under qemu-aarch64 for two (batch, seq) shapes from one
+build, and compared bit for bit with the x86 build and the numpy reference.
 
 Needs the tools of .ci/install_arm.sh (cross g++, binutils, qemu-user) and, the first time,
 PyPI access for the aarch64 TVM runtime (cached under $TVM_INTLSTM_CACHE).  Compiling is the
@@ -28,10 +28,12 @@ from tvm_intlstm.runtime.emulate import (
 )
 from tvm_intlstm.target import target_features
 
-#: the TIR name of the dotprod intrinsic the kernels use (tvm_intlstm/kernels/_gemm.py)
+#: the TIR names of the dotprod / i8mm intrinsics the kernels use (tvm_intlstm/kernels/_gemm.py)
 SDOT_INTRINSIC = "llvm.aarch64.neon.sdot"
+SMMLA_INTRINSIC = "llvm.aarch64.neon.smmla"
 #: the aarch64 builds: preset -> qemu CPU models that must run it bit-exactly
-ARM_BUILDS = {"rpi4": ("cortex-a53", "cortex-a72"), "rpi5": ("cortex-a76",)}
+ARM_BUILDS = {"rpi4": ("cortex-a53", "cortex-a72"), "rpi5": ("cortex-a76",),
+              "aarch64-i8mm": ("max",)}
 #: two (batch, seq) shapes per build: more rows than a GEMM row block (16), and a single step
 SHAPES = ((3, 11), (2, 1))
 
@@ -159,6 +161,7 @@ def build(request, tmp_path_factory, arm_tools):
         TIMINGS[f"{name} {preset} export"] = time.perf_counter() - t1
         ir_text[preset] = cm.ir_module.script(show_meta=False)
     TIMINGS[f"{name} rpi5 sdot count"] = instruction_count(libs["rpi5"], "sdot")
+    TIMINGS[f"{name} i8mm smmla count"] = instruction_count(libs["aarch64-i8mm"], "smmla")
     yield Build(name, q, x86, libs, ir_text, inputs)
 
 
@@ -230,6 +233,26 @@ def test_rpi5_build_sigill_without_dotprod(build, cpu):
         run_emulated(build.libs["rpi5"], [x], cpu=cpu, verbose=False)
     assert info.value.illegal_instruction
     assert info.value.cpu == cpu
+
+
+def test_i8mm_build_bit_exact_on_max(build):
+    """The i8mm build (smmla GEMMs for the batched products) on qemu's `max` CPU: == x86 build ==
+    reference, for an odd and an even number of rows."""
+    _run_all_shapes(build, "aarch64-i8mm", "max")
+
+
+def test_i8mm_build_uses_smmla_and_needs_i8mm(build):
+    """The kernels emit smmla for an i8mm target, the library contains it, and on a dotprod-only
+    core (cortex-a76) the build dies with SIGILL instead of computing anything."""
+    assert target_features("aarch64-i8mm").has_i8mm
+    assert SMMLA_INTRINSIC in build.ir_text["aarch64-i8mm"]
+    assert SMMLA_INTRINSIC not in build.ir_text["rpi5"]
+    assert instruction_count(build.libs["aarch64-i8mm"], "smmla") > 0
+    assert instruction_count(build.libs["rpi5"], "smmla") == 0
+    x, _ = build.cases()[0]
+    with pytest.raises(EmulationError, match="SIGILL") as info:
+        run_emulated(build.libs["aarch64-i8mm"], [x], cpu="cortex-a76", verbose=False)
+    assert info.value.illegal_instruction
 
 
 # ----------------------------------------------------------------------------------------------

@@ -345,3 +345,46 @@ def test_lowering_bakes_per_tensor_scales():
     assert uniform_scale(c([5, 5]), c([40, 41])) is None
     assert uniform_scale(c([5]), c([0])) is None          # not a valid shift: keep the buffers
     assert uniform_scale(relax.Var("m", relax.TensorType([3], "int32")), c([40] * 3)) is None
+
+
+# --------------------------------------------------------------------------- aarch64 i8mm (smmla)
+
+def _smmla_model(xi, wp, N, O):
+    """numpy model of the smmla GEMM on the packed operands: every 2x2 block of a row pair and a
+    channel pair is sum_c (x rows [2, 8]) @ (w rows [2, 8])^T."""
+    NP, KCN = xi.shape[0], xi.shape[1]
+    out = np.zeros((NP * 2, wp.shape[0] * 2), np.int64)
+    for p in range(NP):
+        for q in range(wp.shape[0]):
+            blk = sum(xi[p, c].astype(np.int64) @ wp[q, c].astype(np.int64).T for c in range(KCN))
+            out[2 * p:2 * p + 2, 2 * q:2 * q + 2] = blk
+    return out[:N, :O]
+
+
+def test_i8mm_packing_and_build_checks(rng):
+    """The smmla form's layouts (weights packed in channel pairs, x interleaved in row pairs, both
+    zero padded) give x W^T under smmla's 2x2-block semantics for odd N, O and K; the kernel takes
+    `pack_mmla` weights and only builds for targets with i8mm (bit-exactness on a core:
+    tests/test_arm_models.py, under qemu)."""
+    from tvm_intlstm.kernels._gemm import mmla_kp, pack_mmla
+    N, O, Kd = 5, 7, 13
+    W = rng.integers(-128, 128, (O, Kd)).astype(np.int8)
+    x = rng.integers(-128, 128, (N, Kd)).astype(np.int8)
+    wp = pack_mmla(W)
+    KP = mmla_kp(Kd)
+    assert wp.shape == ((O + 1) // 2, KP // 8, 2, 8)
+    xs = np.zeros(((N + 1) // 2 * 2, KP), np.int8)
+    xs[:N, :Kd] = x
+    xi = xs.reshape(-1, 2, KP // 8, 8).transpose(0, 2, 1, 3)      # what mmla_source_macro writes
+    np.testing.assert_array_equal(_smmla_model(xi, wp, N, O), ops.linear_acc(x, W))
+    from tvm_intlstm.target import parse_target
+    i8mm, rpi5 = parse_target("aarch64-i8mm"), parse_target("rpi5")
+    f = K.linear_i32(Kd, O, True, target=i8mm, packed=True)
+    assert K.kernel_convention(f) == (False, -1)
+    np.testing.assert_array_equal(K.prepare_weights(f, W)[0], wp)
+    assert "smmla" in _library_asm(K.build_kernel(f, i8mm).executable)
+    with pytest.raises(ValueError, match="i8mm"):
+        K.build_kernel(f, rpi5)
+    # without i8mm, or without packing, the sdot form on natural weights
+    assert K.kernel_convention(K.linear_i32(Kd, O, True, target=rpi5, packed=True)) == (False, 0)
+    assert K.kernel_convention(K.linear_i32(Kd, O, True, target=i8mm)) == (False, 0)

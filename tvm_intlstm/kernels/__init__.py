@@ -27,15 +27,16 @@ per-channel arrays and PWL tables are buffers. Outputs must not alias inputs (`t
 
 PWL tables are packed int32 [3, n+1] by `pack_pwl(table)`. The generators of the products
 (linear_*, lstm_recurrent) take `target=` (or `isa=`) and pick a micro-kernel: "avx2" (x86 with
-AVX2: vpmaddwd, exact int16 x int16 pair sums), "neon_dotprod" (aarch64 with dotprod: sdot), or
-"generic" (plain TIR that LLVM vectorizes for any target). `build_kernel(func, target)` compiles
+AVX2: vpmaddwd, exact int16 x int16 pair sums), "neon_dotprod" (aarch64 with dotprod: sdot; the
+packed linear kernels use smmla when the target also has i8mm), or "generic" (plain TIR that LLVM
+vectorizes for any target). `build_kernel(func, target)` compiles
 one PrimFunc and returns a callable; `bench_kernels` measures the LSTM against PyTorch FP32.
 """
 from __future__ import annotations
 
 import tvm
 
-from ._common import as_target, resolve_isa
+from ._common import as_target, has_feature, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
 from ._gemm import u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
@@ -93,7 +94,8 @@ def prepare_weights(func, W, bias=None):
     zeros; corr is what `lstm_recurrent` takes after `sh` (linear kernels fold it into the bias).
     Done once per model at compile time."""
     import numpy as np  # pylint: disable=import-outside-toplevel
-    from ._gemm import pack_outer, u8_correction, weights_fit_u8  # pylint: disable=import-outside-toplevel
+    from ._gemm import (pack_mmla, pack_outer, u8_correction,  # pylint: disable=import-outside-toplevel
+                        weights_fit_u8)
     u8, ov = kernel_convention(func)
     W = np.asarray(W)
     if W.dtype != np.int8 or W.ndim != 2:
@@ -109,6 +111,8 @@ def prepare_weights(func, W, bias=None):
             if b.size and (b.max() > 2**31 - 1 or b.min() < -(2**31)):
                 raise ValueError("bias - 128 rowsum(W) leaves int32: use w7=False")
             bias = b.astype(np.int32)
+    if ov == -1:
+        return pack_mmla(W), bias, corr
     return (pack_outer(W, u8, ov) if ov else W), bias, corr
 
 
@@ -124,6 +128,9 @@ def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
     isa = str(func.attrs["intlstm.isa"]) if func.attrs and "intlstm.isa" in func.attrs else "generic"
     if isa != "generic" and resolve_isa(tgt) != isa:
         raise ValueError(f"kernel was generated for isa={isa!r} but target {tgt} does not provide it")
+    if kernel_convention(func)[1] == -1 and not has_feature(tgt, "i8mm"):
+        raise ValueError(f"kernel was generated for aarch64 i8mm (smmla) but target {tgt} does not "
+                         "provide i8mm")
     name = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else "main"
     mod = tvm.IRModule({name: func})
     ex = tvm.compile(mod, target=tgt)

@@ -97,12 +97,13 @@ def finish(func, name: str, isa: str = "generic"):
     return func.with_attr("global_symbol", name).with_attr("intlstm.isa", isa)
 
 
-def with_convention(func, isa: str, w7: bool, packed: bool, ov: int):
+def with_convention(func, isa: str, w7: bool, packed: bool, ov: int, mmla: bool = False):
     """Record how the kernel takes its weight: `intlstm.u8` (the u8 x s8 route: a correction
     -128 rowsum(W) is added, folded into the bias of linear kernels or passed as `corr` to the
     recurrent kernel) and `intlstm.wpack` (0: natural [O, K]; else the OV of
-    `_gemm.pack_outer(W, u8, OV)`). `kernels.prepare_weights` reads them."""
+    `_gemm.pack_outer(W, u8, OV)`; -1: `_gemm.pack_mmla(W)`, the aarch64 i8mm form, which also
+    needs a target with i8mm). `kernels.prepare_weights` and `build_kernel` read them."""
     from ._gemm import uses_u8  # pylint: disable=import-outside-toplevel
     u8 = uses_u8(isa, w7, packed)
-    pack = int(ov) if (packed and isa == "avx2") else 0
+    pack = int(ov) if (packed and isa == "avx2") else (-1 if mmla else 0)
     return func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", pack)

@@ -344,3 +344,90 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                                               ACC[r * OVT + ov, l])
 
     return gemm
+
+
+# --- aarch64 i8mm: smmla (2x8 by 8x2 int8 matrix multiply-accumulate into a 2x2 int32 block) ------
+# One smmla multiplies a pair of x rows (8 k each) by a pair of weight rows: 32 multiply-adds per
+# instruction (sdot: 16), for GEMMs with at least two rows (input projections over T*B rows, batched
+# linear layers). Weights are packed at compile time as channel pairs [ceil(O/2), KP/8, 2, 8]
+# (`pack_mmla`, zero padded); x is interleaved per call the same way, row pairs into the memory of
+# rows 2p, 2p+1 of an int8 scratch [N + 1, KP] (`mmla_source_macro`; the extra row pads an odd N).
+MMLA_K = 8          # k per smmla operand row
+MMLA_RP, MMLA_CP = 2, 4   # register tile: 2 row pairs x 4 channel pairs (4 rows x 8 channels)
+
+
+def mmla_kp(K: int) -> int:
+    return (K + MMLA_K - 1) // MMLA_K * MMLA_K
+
+
+def pack_mmla(W) -> np.ndarray:
+    """int8 [O, K] -> int8 [ceil(O/2), KP/8, 2, 8]: for channel pair q and k chunk c, the 8 k of
+    channel 2q then the 8 k of channel 2q + 1 (zero padded in O and K)."""
+    W = np.asarray(W, dtype=np.int8)
+    O, K = W.shape
+    OP, KP = (O + 1) // 2, mmla_kp(K)
+    Wp = np.zeros((OP * 2, KP), np.int8)
+    Wp[:O, :K] = W
+    return np.ascontiguousarray(Wp.reshape(OP, 2, KP // MMLA_K, MMLA_K).transpose(0, 2, 1, 3))
+
+
+def mmla_source_macro(K: int):
+    """TVMScript macro interleaving int8 X [N, K] into XS [N + 1, KP] as row pairs: pair p, chunk c,
+    row r, lane j at flat offset ((p * KC + c) * 2 + r) * 8 + j, zeros past K and past row N - 1."""
+    KP = mmla_kp(K)
+    KCN = KP // MMLA_K
+
+    @T.macro
+    def fill(X, XS, N):
+        XF = T.decl_buffer(((N + 1) * KP,), "int8", data=XS.data)
+        for p, c, r in T.grid((N + 1) // 2, KCN, 2):
+            for j in T.vectorized(MMLA_K):
+                XF[((p * KCN + c) * 2 + r) * MMLA_K + j] = T.if_then_else(
+                    p * 2 + r < N and c * MMLA_K + j < K,
+                    X[T.min(p * 2 + r, N - 1), T.min(c * MMLA_K + j, K - 1)], T.int8(0))
+
+    return fill
+
+
+def _smmla(acc, a, b):
+    return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.smmla.v4i32.v16i8", acc, a, b)
+
+
+def gemm_mmla_macro(K: int, O: int):
+    """Same contract as `gemm_macro` (ACC at least [MMLA_RP * MMLA_CP, 4] int32, RED at least [8])
+    for W packed by `pack_mmla` and XS filled by `mmla_source_macro`. aarch64 with i8mm only."""
+    KP = mmla_kp(K)
+    KCN = KP // MMLA_K
+    OP = (O + 1) // 2
+    RP, CP = MMLA_RP, MMLA_CP
+
+    @T.macro
+    def gemm(XS, n0, nrows, W, ACC, RED, store):
+        NP = (nrows + 1) // 2
+        XF = T.decl_buffer(((n0 + nrows + 1) * KP,), "int8", data=XS.data)
+        WF = T.decl_buffer((OP * KCN * 2 * MMLA_K,), "int8", data=W.data)
+        for cq, rq in T.grid((OP + CP - 1) // CP, (NP + RP - 1) // RP):
+            for a in T.unroll(RP * CP):
+                ACC[a, T.Ramp(0, 1, 4)] = T.Broadcast(T.int32(0), 4)
+            for c in range(KCN):
+                for rp in T.unroll(RP):
+                    for cp in T.unroll(CP):
+                        ACC[rp * CP + cp, T.Ramp(0, 1, 4)] = _smmla(
+                            ACC[rp * CP + cp, T.Ramp(0, 1, 4)],
+                            XF[T.Ramp(n0 * KP + ((T.min(rq * RP + rp, NP - 1) * KCN + c) * 2) * MMLA_K,
+                                      1, 16)],
+                            WF[T.Ramp((T.min(cq * CP + cp, OP - 1) * KCN + c) * 2 * MMLA_K, 1, 16)])
+            # lanes of a 2x2 block: [r0 c0, r0 c1, r1 c0, r1 c1]
+            for rp, r in T.grid(RP, 2):
+                if (rq * RP + rp) * 2 + r < nrows:
+                    for cp, cc in T.grid(CP, 2):
+                        RED[cp * 2 + cc] = ACC[rp * CP + cp, r * 2 + cc]
+                    if (cq * CP + CP) * 2 <= O:
+                        for l in T.vectorized(CP * 2):
+                            store((rq * RP + rp) * 2 + r, cq * CP * 2 + l, RED[l])
+                    else:
+                        for l in range(CP * 2):
+                            if cq * CP * 2 + l < O:
+                                store((rq * RP + rp) * 2 + r, cq * CP * 2 + l, RED[l])
+
+    return gemm

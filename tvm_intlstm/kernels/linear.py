@@ -6,16 +6,19 @@
 
 The product is `_gemm.gemm_macro` (tiles of 8 weight rows, rows of x in L1-sized blocks): vpmaddwd
 on AVX2 targets (x is then sign-extended once into an int16 scratch [N, Kp]), sdot on aarch64
-targets with dotprod, plain vectorizable TIR otherwise.
+targets with dotprod, plain vectorizable TIR otherwise; with packed weights, the outer-product
+form on AVX2 and the smmla form on aarch64 with i8mm (`_gemm.gemm_mmla_macro`).
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import check_multiplier, check_shift, finish, resolve_isa, with_convention as conv
-from ._gemm import (KC, ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k,
-                    u8_source_macro, uses_u8, x16_source)
+from ._common import (as_target, check_multiplier, check_shift, finish, has_feature, resolve_isa,
+                      with_convention as conv)
+from ._gemm import (KC, MMLA_CP, MMLA_RP, ROW_TILE, gemm_macro, gemm_mmla_macro, gemm_outer_macro,
+                    mmla_kp, mmla_source_macro, outer_shape, padded_k, u8_source_macro, uses_u8,
+                    x16_source)
 
 LIN_NR, LIN_OV = 4, 2      # register tile of the packed linear kernels: 4 rows x 2 x 8 channels
 from ._tir import requantize, requantize_hi
@@ -49,9 +52,20 @@ def _sext_macro(K: int, KP: int | None = None):
     return sext
 
 
-def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool):
+def uses_mmla(target, isa: str, packed: bool) -> bool:
+    """Packed linear kernels for aarch64 targets with i8mm take the smmla form (`_gemm.gemm_mmla_macro`)."""
+    return bool(packed) and isa == "neon_dotprod" and target is not None and has_feature(
+        as_target(target), "i8mm")
+
+
+def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: bool = False):
     """The GEMM of a linear kernel: (W shape, source dtype or None, source width, fill macro,
-    gemm macro). See _gemm for the micro-kernels, the u8 route (w7) and packed weights."""
+    gemm macro, extra source rows). See _gemm for the micro-kernels, the u8 route (w7) and packed
+    weights."""
+    if mmla:
+        # x interleaved in row pairs into an int8 scratch with one spare row (odd N)
+        return ((O + 1) // 2, mmla_kp(K) // 8, 2, 8), "int8", mmla_kp(K), mmla_source_macro(K), \
+            gemm_mmla_macro(K, O), 1
     u8 = uses_u8(isa, w7, packed)
     if u8 and not bias:
         raise ValueError("the u8 kernel (w7=True) needs a bias input: pass "
@@ -62,11 +76,11 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool):
         KP = wshape[1] * wshape[3]
         fill = u8_source_macro(K, KP) if u8 else _sext_macro(K, KP)
         return wshape, ("uint8" if u8 else "int16"), KP, fill, gemm_outer_macro(
-            K, O, isa, u8, NR=LIN_NR, OV=LIN_OV)
+            K, O, isa, u8, NR=LIN_NR, OV=LIN_OV), 0
     gemm = gemm_macro(K, O, isa)
     if x16_source(isa):
-        return (O, K), "int16", padded_k(K), _sext_macro(K), gemm
-    return (O, K), None, K, None, gemm
+        return (O, K), "int16", padded_k(K), _sext_macro(K), gemm, 0
+    return (O, K), None, K, None, gemm, 0
 
 
 def linear_i32(in_features: int, out_features: int, bias: bool = True, target=None,
@@ -79,7 +93,8 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
     (`kernels.prepare_weights`, `_gemm.pack_outer`); elsewhere it changes nothing."""
     K, O = _check_dims(in_features, out_features)
     isa = resolve_isa(target, isa)
-    WS, src_dt, KP, sext, gemm = product(K, O, isa, w7, packed, bias)
+    mmla = uses_mmla(target, isa, packed)
+    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla)
     wide = src_dt is not None
 
     if bias:
@@ -91,10 +106,10 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             W = T.match_buffer(w_h, WS, "int8")
             Bb = T.match_buffer(b_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), src_dt)
+                XS = T.alloc_buffer((N + XR, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
@@ -108,16 +123,16 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             X = T.match_buffer(x_h, (N, K), "int8")
             W = T.match_buffer(w_h, WS, "int8")
             Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), src_dt)
+                XS = T.alloc_buffer((N + XR, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(Y, acc, [n, o]))
 
-    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, LIN_OV)
+    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, LIN_OV, mmla=mmla)
 
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
@@ -142,7 +157,8 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
         raise ValueError(f"out_dtype must be int8 or int16, got {out_dtype}")
     bits = int(out_dtype[3:])
     isa = resolve_isa(target, isa)
-    WS, src_dt, KP, sext, gemm = product(K, O, isa, w7, packed, bias)
+    mmla = uses_mmla(target, isa, packed)
+    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla)
     wide = src_dt is not None
 
     if bias:
@@ -157,10 +173,10 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), src_dt)
+                XS = T.alloc_buffer((N + XR, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
@@ -177,14 +193,14 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
-                XS = T.alloc_buffer((N, KP), src_dt)
+                XS = T.alloc_buffer((N + XR, KP), src_dt)
                 sext(X, XS, N)
             else:
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
                 Y, rq(acc, Mb[o], Sb[o], bits), [n, o]))
 
-    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed, LIN_OV)
+    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed, LIN_OV, mmla=mmla)
