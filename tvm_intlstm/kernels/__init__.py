@@ -79,8 +79,8 @@ class Kernel:
 
 
 def kernel_convention(func) -> tuple[bool, int]:
-    """(u8, OV of the packed weights or 0 for natural) of a kernel PrimFunc (see
-    `_common.with_convention`)."""
+    """(u8, packing) of a kernel PrimFunc: packing is the OV of `_gemm.pack_outer` (AVX2), 0 for the
+    natural [O, K] layout, -1 for `_gemm.pack_mmla` (aarch64 i8mm); see `_common.with_convention`."""
     attrs = func.attrs if func.attrs is not None else {}
     u8 = bool(int(attrs["intlstm.u8"])) if "intlstm.u8" in attrs else False
     chunk = int(attrs["intlstm.wpack"]) if "intlstm.wpack" in attrs else 0
