@@ -298,18 +298,25 @@ def test_recurrent_requantize_hi(rng):
 # --------------------------------------------------------------------------- baked per-tensor scales
 
 @pytest.mark.parametrize("M,s", [(2**31 - 1, 62), (2**31 - 1, 32), (1518500250, 37), (2**30, 20),
-                                 (1, 1), (0, 40)])
+                                 (1, 1), (0, 40), (None, 37), (None, 20), (None, 62)])
 def test_linear_baked_scale(rng, M, s):
     """scale=(M, s) (per-tensor quantization: the lowering bakes it in) gives spec 2 bit for bit,
     for shifts below 32 (64-bit requantize) and in [32, 62] (requantize_hi), the largest
-    multiplier, saturation both ways, 8- and 16-bit outputs; the M / s buffers are not read."""
+    multiplier, saturation both ways, 8- and 16-bit outputs; the M / s buffers are not read.
+    scale=(None, s) (per-channel multipliers, one shift: the quantizer's case) reads M only."""
     Kd, O = 40, 24
     W = rng.integers(-64, 65, (O, Kd)).astype(np.int8)
     x = rng.integers(-128, 128, (33, Kd)).astype(np.int8)
     x[0], x[1] = 127, -128
     b = rng.integers(-2**24, 2**24, O).astype(np.int32)
-    Ms, ss = np.full(O, M, np.int32), np.full(O, s, np.int32)
-    junk_M, junk_s = np.zeros(O, np.int32), np.full(O, 7, np.int32)   # must be ignored
+    if M is None:   # per-channel multipliers, incl. the extremes
+        Ms = rng.integers(0, 2**31, O).astype(np.int32)
+        Ms[:3] = [2**31 - 1, 0, 1]
+    else:
+        Ms = np.full(O, M, np.int32)
+    ss = np.full(O, s, np.int32)
+    junk_M = Ms if M is None else np.zeros(O, np.int32)   # a baked M must not be read
+    junk_s = np.full(O, 7, np.int32)                       # a baked s must not be read
     for dt, bits in (("int8", 8), ("int16", 16)):
         f = K.linear_requant(Kd, O, dt, target=TARGET, w7=True, packed=True, scale=(M, s))
         got = _call_linear(f, build(f), x, W, b, junk_M, junk_s, out=[((33, O), dt)])
@@ -319,8 +326,9 @@ def test_linear_baked_scale(rng, M, s):
 def test_recurrent_baked_gate_scale(rng):
     H = 24
     p = make_lstm(rng, H, 8)
-    for M, s in ((int(p.mh[0]), int(p.sh[0])), (2**31 - 1, 25)):
-        q = dataclasses.replace(p, mh=np.full(4 * H, M, np.int32), sh=np.full(4 * H, s, np.int32),
+    for M, s in ((int(p.mh[0]), int(p.sh[0])), (2**31 - 1, 25), (None, 38), (None, 25)):
+        mh = p.mh if M is None else np.full(4 * H, M, np.int32)
+        q = dataclasses.replace(p, mh=mh, sh=np.full(4 * H, s, np.int32),
                                 w_h=np.clip(p.w_h, -64, 64).astype(np.int8))
         f = K.lstm_recurrent(H, mo=q.mo, so=q.so, cell_frac=q.cell_frac, sig_pieces=q.sig.pieces,
                              tanh_pieces=q.tanh.pieces, tanh_c_pieces=q.tanh_c.pieces,
@@ -328,23 +336,26 @@ def test_recurrent_baked_gate_scale(rng):
         wk, _, corr = K.prepare_weights(f, q.w_h)
         gx = rng.integers(-2**15, 2**15, (7, 3, 4 * H)).astype(np.int16)
         tabs = [K.pack_pwl(t) for t in (q.sig, q.tanh, q.tanh_c)]
-        junk = [np.zeros(4 * H, np.int32), np.full(4 * H, 3, np.int32)]   # must be ignored
+        junk = [q.mh if M is None else np.zeros(4 * H, np.int32),      # baked M / s: ignored
+                np.full(4 * H, 3, np.int32)]
         got = run(build(f), [gx, wk, *junk, corr] + tabs,
                   [((7, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
         assert_lstm_equal(got, ref_recurrence(gx, q))
 
 
 def test_lowering_bakes_per_tensor_scales():
-    """The quantizer's scales are per tensor: the compiled kernels take them as immediates (the
-    lowering's uniform_scale); per-channel or non-constant arrays keep the buffers."""
+    """What is one value per tensor becomes an immediate (the lowering's uniform_scale): both, or
+    only the shift (the quantizer's per-channel multipliers); per-channel shifts, invalid shifts and
+    non-constant arrays keep the buffers."""
     from tvm import relax
     from tvm_intlstm.passes._lowering import uniform_scale
     c = lambda v: relax.const(np.asarray(v, np.int32), "int32")  # noqa: E731
     assert uniform_scale(c([5, 5, 5]), c([40, 40, 40])) == (5, 40)
-    assert uniform_scale(c([5, 6, 5]), c([40, 40, 40])) is None
+    assert uniform_scale(c([5, 6, 5]), c([40, 40, 40])) == (None, 40)
     assert uniform_scale(c([5, 5]), c([40, 41])) is None
     assert uniform_scale(c([5]), c([0])) is None          # not a valid shift: keep the buffers
-    assert uniform_scale(relax.Var("m", relax.TensorType([3], "int32")), c([40] * 3)) is None
+    assert uniform_scale(relax.Var("m", relax.TensorType([3], "int32")), c([40] * 3)) == (None, 40)
+    assert uniform_scale(c([5] * 3), relax.Var("s", relax.TensorType([3], "int32"))) is None
 
 
 # --------------------------------------------------------------------------- aarch64 i8mm (smmla)

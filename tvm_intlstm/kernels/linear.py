@@ -144,14 +144,17 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
     Parameters (destination passing): (x, W, b, M, s, y), or (x, W, M, s, y) with bias=False.
     w7, packed: as for linear_i32 (b then includes `_gemm.u8_correction(W)`).
     shift_hi=True promises every shift s[o] is in [32, 62] (`_tir.requantize_hi`, cheaper on AVX2).
-    scale=(M, s): every M[o] is M and every s[o] is s (per-tensor quantization, what the quantizer
-    produces): both are baked in as immediates (no per-channel loads and 64-bit conversions in the
-    epilogue) and the M / s buffers, still parameters, are not read."""
+    scale=(M, s): every M[o] is M and every s[o] is s (per-tensor quantization): both are baked in as
+    immediates (no per-channel loads and 64-bit conversions in the epilogue) and the M / s buffers,
+    still parameters, are not read. scale=(None, s): only the shift is one per tensor (what the
+    quantizer produces: per-channel multipliers, one shift): the shift and its rounding constant
+    become immediates, M is read per channel."""
     rq = requantize_hi if shift_hi else requantize
     if scale is not None:
-        M0, s0 = check_multiplier(scale[0]), check_shift(scale[1], 1, 62)
+        M0 = None if scale[0] is None else check_multiplier(scale[0])
+        s0 = check_shift(scale[1], 1, 62)
         rq_c = requantize_hi if 32 <= s0 <= 62 else requantize
-        rq = lambda acc, M, s, bits: rq_c(acc, M0, s0, bits)  # noqa: E731
+        rq = lambda acc, M, s, bits: rq_c(acc, M if M0 is None else M0, s0, bits)  # noqa: E731
     K, O = _check_dims(in_features, out_features)
     if out_dtype not in ("int8", "int16"):
         raise ValueError(f"out_dtype must be int8 or int16, got {out_dtype}")

@@ -92,7 +92,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     shift_hi=True promises every sh[o] is in [32, 62] (`_tir.requantize_hi`); gate_scale=(M, s)
     promises every (mh[o], sh[o]) is (M, s) (per-tensor quantization) and bakes them in as
-    immediates (mh / sh stay parameters but are not read).
+    immediates (mh / sh stay parameters but are not read); gate_scale=(None, s) bakes only the
+    shift (per-channel multipliers, one shift: what the quantizer produces).
     """
     H = int(hidden)
     if H <= 0:
@@ -125,10 +126,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     ig_shift = 30 - F
 
     rq = requantize_hi if shift_hi else requantize   # shift_hi: every sh[o] in [32, 62]
-    if gate_scale is not None:   # every (mh[o], sh[o]) is gate_scale: immediates, mh / sh unread
-        M0, s0 = check_multiplier(gate_scale[0]), check_shift(gate_scale[1], 1, 62)
+    if gate_scale is not None:   # (M or None, s): immediates for what is one per tensor
+        M0 = None if gate_scale[0] is None else check_multiplier(gate_scale[0])
+        s0 = check_shift(gate_scale[1], 1, 62)
         rq_c = requantize_hi if 32 <= s0 <= 62 else requantize
-        rq = lambda acc, M, s, bits: rq_c(acc, M0, s0, bits)  # noqa: E731
+        rq = lambda acc, M, s, bits: rq_c(acc, M if M0 is None else M0, s0, bits)  # noqa: E731
     rq_out = requantize_hi if 32 <= so <= 62 else requantize   # h = requantize_8(o tanh(c))
 
     def gate_store(Z, GX, MH, SH, CORR, tt):

@@ -55,14 +55,15 @@ def _shifts_hi(e) -> bool:
 
 
 def uniform_scale(m, s):
-    """(M, s) when the constant requantization arrays m, s hold one multiplier and one shift (per-
-    tensor quantization, what the quantizer produces): kernels then bake them in as immediates.
-    None for per-channel or non-constant scales."""
+    """What of the constant requantization arrays m, s is one value per tensor, for the kernels to
+    bake in as immediates: (M, s) when both are; (None, s) when only the shift is (per-channel
+    multipliers with one shift: what the quantizer produces); None otherwise (per-channel shifts,
+    non-constant arrays, invalid shifts)."""
     mv, sv = const_numpy(m), const_numpy(s)
-    if mv is None or sv is None or mv.size == 0 or sv.size == 0:
+    if sv is None or sv.size == 0 or sv.min() != sv.max() or not 1 <= int(sv.min()) <= 62:
         return None
-    if mv.min() != mv.max() or sv.min() != sv.max() or not 1 <= int(sv.min()) <= 62:
-        return None
+    if mv is None or mv.size == 0 or mv.min() != mv.max():
+        return None, int(sv.flat[0])
     return int(mv.flat[0]), int(sv.flat[0])
 
 

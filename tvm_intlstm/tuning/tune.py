@@ -257,10 +257,10 @@ def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms
     if task.out_dtype == "int32":
         f = KN.linear_i32(task.K, task.O, True, target=tgt, packed=True)
     else:
-        # as the compiler builds it for the quantizer's models: one multiplier and one shift per
-        # tensor (baked in), shifts in [32, 62] (the values do not change the time)
+        # as the compiler builds it for the quantizer's models: per-channel multipliers and one
+        # shift per tensor (baked in), in [32, 62] (the values do not change the time)
         f = KN.linear_requant(task.K, task.O, task.out_dtype, True, target=tgt, packed=True,
-                              shift_hi=True, scale=(2**30, 40))
+                              shift_hi=True, scale=(None, 40))
     kern = KN.build_kernel(f, tgt)
     from ._ms import make_case  # pylint: disable=import-outside-toplevel
     vec = ("int32", (task.O,))
