@@ -23,6 +23,21 @@ def check_shift(s, lo: int = 0, hi: int = 62) -> int:
     return s
 
 
+def requantizer(shift_hi: bool = False, scale: tuple | None = None):
+    """The requantize (spec 2) of a kernel epilogue, called as rq(acc, M, s, bits):
+    `_tir.requantize_hi` when every shift is known to be in [32, 62] (shift_hi=True, or a baked
+    shift in that range), `_tir.requantize` otherwise. scale=(M, s) bakes a per-tensor multiplier and
+    shift in as immediates (the M, s passed at the call are then ignored); scale=(None, s) bakes only
+    the shift (M is the per-channel value passed at the call)."""
+    from ._tir import requantize, requantize_hi  # pylint: disable=import-outside-toplevel
+    if scale is None:
+        return requantize_hi if shift_hi else requantize
+    M0 = None if scale[0] is None else check_multiplier(scale[0])
+    s0 = check_shift(scale[1], 1, 62)
+    rq = requantize_hi if 32 <= s0 <= 62 else requantize
+    return lambda acc, M, s, bits: rq(acc, M if M0 is None else M0, s0, bits)
+
+
 def vec_split(n: int, width: int) -> tuple[int, int]:
     """(outer, inner) with outer * inner == n and inner the largest divisor of n <= width."""
     n = int(n)

@@ -14,14 +14,13 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import (as_target, check_multiplier, check_shift, finish, has_feature, resolve_isa,
+from ._common import (as_target, finish, has_feature, requantizer, resolve_isa,
                       with_convention as conv)
 from ._gemm import (KC, MMLA_CP, MMLA_RP, ROW_TILE, gemm_macro, gemm_mmla_macro, gemm_outer_macro,
                     mmla_kp, mmla_source_macro, outer_shape, padded_k, u8_source_macro, uses_u8,
                     x16_source)
 
 LIN_NR, LIN_OV = 4, 2      # register tile of the packed linear kernels: 4 rows x 2 x 8 channels
-from ._tir import requantize, requantize_hi
 
 
 def _check_dims(K, O):
@@ -149,12 +148,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
     still parameters, are not read. scale=(None, s): only the shift is one per tensor (what the
     quantizer produces: per-channel multipliers, one shift): the shift and its rounding constant
     become immediates, M is read per channel."""
-    rq = requantize_hi if shift_hi else requantize
-    if scale is not None:
-        M0 = None if scale[0] is None else check_multiplier(scale[0])
-        s0 = check_shift(scale[1], 1, 62)
-        rq_c = requantize_hi if 32 <= s0 <= 62 else requantize
-        rq = lambda acc, M, s, bits: rq_c(acc, M if M0 is None else M0, s0, bits)  # noqa: E731
+    rq = requantizer(shift_hi, scale)
     K, O = _check_dims(in_features, out_features)
     if out_dtype not in ("int8", "int16"):
         raise ValueError(f"out_dtype must be int8 or int16, got {out_dtype}")

@@ -36,7 +36,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import (check_multiplier, check_shift, finish, resolve_isa, vec_split,
+from ._common import (check_multiplier, check_shift, finish, requantizer, resolve_isa, vec_split,
                       with_convention)
 from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
                     x16_source)
@@ -45,7 +45,7 @@ from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows: batch 8
 # step 269 -> 227 us; the u8 route is unchanged), both on the same packed layout (OV = 4).
 REC_OV = 4
-from ._tir import PWL_FRAC, add_sat16, requantize, requantize_hi, rshift_round, sat
+from ._tir import PWL_FRAC, add_sat16, rshift_round, sat
 
 
 def pack_pwl(table) -> np.ndarray:
@@ -125,13 +125,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     JO, JV = vec_split(H, 8)
     ig_shift = 30 - F
 
-    rq = requantize_hi if shift_hi else requantize   # shift_hi: every sh[o] in [32, 62]
-    if gate_scale is not None:   # (M or None, s): immediates for what is one per tensor
-        M0 = None if gate_scale[0] is None else check_multiplier(gate_scale[0])
-        s0 = check_shift(gate_scale[1], 1, 62)
-        rq_c = requantize_hi if 32 <= s0 <= 62 else requantize
-        rq = lambda acc, M, s, bits: rq_c(acc, M if M0 is None else M0, s0, bits)  # noqa: E731
-    rq_out = requantize_hi if 32 <= so <= 62 else requantize   # h = requantize_8(o tanh(c))
+    rq = requantizer(shift_hi, gate_scale)     # the gate products' requantize_16
+    rq_out = requantizer(scale=(mo, so))       # h = requantize_8(o tanh(c)), constants baked
 
     def gate_store(Z, GX, MH, SH, CORR, tt):
         # the u8 route adds its correction; the others do not read CORR
@@ -202,31 +197,23 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
              ACT, TV, BS, LIM):
-        if wide:
+        if wide or u8:   # the micro-kernel's source: h sign-extended, or u = h + 128
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
-                    H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
-            if outer:
-                if B == 1:
-                    gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
-                         gx_addr(GX, tt))
-                else:
-                    gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
-                         gx_addr(GX, tt))
-            else:
-                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
-        elif u8:
-            for b, jo in T.grid(B, JO):
-                for jv in T.vectorized(JV):
-                    H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
-            if B == 1:   # the u8 route is always packed (outer-product form)
+                    if u8:
+                        H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
+                    else:
+                        H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+        # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
+        if outer:
+            if B == 1:
                 gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                      gx_addr(GX, tt))
             else:
                 gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                       gx_addr(GX, tt))
         else:
-            gemm(HT, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
+            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         if fast_pwl:
             # U blocks of 8 channels per iteration, each stage written for all of them: the chain of
             # one block (clamp, index, lookups, cell, tanh(c), h) is long and serial (vpermd has a
@@ -330,7 +317,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             for b, kp in T.grid(B, HP - H):
                 H16[b, H + kp] = T.uint8(0)
         else:
-            H16 = HT  # unused: the micro-kernel reads the int8 state directly
+            H16 = HT  # no scratch: the micro-kernel reads the int8 state directly
         for t in range(TT):
             if reverse:
                 step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
