@@ -400,7 +400,8 @@ def worker(spec_path):
             s = time_interleaved({k: p.fn(k, x) for k in keys}, a.repeat, a.sample_ms / 1e3)
             for k, v in s.items():
                 res["runs"].append({"config": cfg["name"], "B": B, "T": cfg["T"], "peer": k,
-                                    "median": statistics.median(v), "min": min(v), "n": len(v)})
+                                    "median": statistics.median(v), "min": min(v), "n": len(v),
+                                    "rounds": v})
             print(f"[threads={threads}] {cfg['name']} B={B}: " + ", ".join(
                 f"{k} {statistics.median(v) * 1e3:.2f}" for k, v in s.items()) + " ms", flush=True)
         if cfg["name"] == "lstm256x512" and threads == spec["sweep_threads"]:
@@ -492,6 +493,23 @@ def render(a, man, results, command, ghz, wall, tf_version):
                          f"{rr[k]['median'] / rr['tvm_untuned']['median']:.2f} / "
                          f"{rr[k]['median'] / rr['tvm_w7']['median']:.2f}")
         cells.append(f"{rr['tvm_untuned']['median'] / rr['tvm_tuned']['median']:.2f}")
+        L.append(f"| {th} | {cfg['name']} | {B} | " + " | ".join(cells) + " |")
+    L.append("")
+    L.append("tvm_intlstm against ORT dyn-int8 round by round: in each round the systems run back to "
+             "back (a few ms apart), so the ratio of the two times in one round cancels the load "
+             "drift of a shared machine that the medians above carry. Median over the rounds of "
+             "tvm_intlstm's time / ORT's time (< 1: tvm_intlstm faster), and in how many rounds "
+             "tvm_intlstm was faster.")
+    L.append("")
+    L.append("| threads | model | B | untuned / ORT | tuned / ORT | 7-bit / ORT |")
+    L.append("|---:|---|---:|---:|---:|---:|")
+    for th, cfg, B, rr in rows:
+        if "ort_qdyn" not in rr or "rounds" not in rr["ort_qdyn"]:
+            continue
+        cells = []
+        for k in ("tvm_untuned", "tvm_tuned", "tvm_w7"):
+            q = [t / o for t, o in zip(rr[k]["rounds"], rr["ort_qdyn"]["rounds"])]
+            cells.append(f"{statistics.median(q):.2f} ({sum(x < 1 for x in q)}/{len(q)})")
         L.append(f"| {th} | {cfg['name']} | {B} | " + " | ".join(cells) + " |")
     L.append("")
     peak1 = MACS_PER_CYCLE * ghz * 2     # GOP/s per core

@@ -92,14 +92,21 @@ def prepare_weights(func, W, bias=None):
     (W', bias', corr). W' is W packed for the kernel's micro-kernel (or W itself); on the u8 route
     bias' = bias - 128 rowsum(W) (int32) and corr = -128 rowsum(W), else bias' = bias and corr =
     zeros; corr is what `lstm_recurrent` takes after `sh` (linear kernels fold it into the bias).
-    Done once per model at compile time."""
+    A recurrent kernel with `intlstm.gate_interleave` gets W's rows reordered first
+    (`lstm.interleave_gates`). Done once per model at compile time."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     from ._gemm import (pack_mmla, pack_outer, u8_correction,  # pylint: disable=import-outside-toplevel
                         weights_fit_u8)
+    from .lstm import interleave_gates  # pylint: disable=import-outside-toplevel
     u8, ov = kernel_convention(func)
     W = np.asarray(W)
     if W.dtype != np.int8 or W.ndim != 2:
         raise ValueError(f"weights must be int8 [O, K], got {W.dtype} {W.shape}")
+    attrs = func.attrs if func.attrs is not None else {}
+    # the threaded recurrent kernel reads W_h rows gate-interleaved (lstm.interleave_gates); its
+    # corr stays in the natural row order (the kernel indexes it by gate channel)
+    interleave = "intlstm.gate_interleave" in attrs and int(attrs["intlstm.gate_interleave"])
+    Wk = interleave_gates(W) if interleave else W
     corr = np.zeros(W.shape[0], np.int32)
     if u8:
         if not weights_fit_u8(W):
@@ -112,8 +119,8 @@ def prepare_weights(func, W, bias=None):
                 raise ValueError("bias - 128 rowsum(W) leaves int32: use w7=False")
             bias = b.astype(np.int32)
     if ov == -1:
-        return pack_mmla(W), bias, corr
-    return (pack_outer(W, u8, ov) if ov else W), bias, corr
+        return pack_mmla(Wk), bias, corr
+    return (pack_outer(Wk, u8, ov) if ov else Wk), bias, corr
 
 
 def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:

@@ -264,12 +264,20 @@ def pack_outer(W, u8: bool, OV: int) -> np.ndarray:
     return np.ascontiguousarray(Wp.reshape(OG, OC, KQN, kq).transpose(0, 2, 1, 3))
 
 
-def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: int | None = None):
+def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: int | None = None,
+                     parallel: bool = False):
     """Same contract as `gemm_macro` (ACC must be at least [NR * OVT, 8] int32; RED is unused) for W
     packed by `pack_outer(W, u8, OV)` and a source XS zero padded to outer_shape(...)[1] * KQ columns
     (u8: uint8 u = x + 128; else int16). AVX2 only. The register tile is NR rows x OVT (a divisor
     of OV, default OV) vectors of 8 channels: a channel group of the layout is then done in OV / OVT
-    passes, each on whole cache lines of its k steps when OVT * 8 * KQ is a multiple of 64."""
+    passes, each on whole cache lines of its k steps when OVT * 8 * KQ is a multiple of 64.
+
+    parallel=True: the channel groups are a `T.parallel` loop (contiguous ranges per worker of the
+    thread pool, each worker with its own accumulator tile; ACC and `flip` are then unused).
+
+    Optional hooks of the macro call: `pf_out(n, o)` (an address to prefetch for row n, channel o,
+    once per row tile and `pf_step` channels), and `tile_done(og, nb, nrows, tile_args)` (a macro
+    expanded after each row tile nb of channel group og has been stored; needs OVT == OV)."""
     if isa != "avx2":
         raise ValueError(f"the outer-product GEMM is an AVX2 kernel, not {isa!r}")
     OVT = OV if OVT is None else int(OVT)
@@ -298,50 +306,61 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
         i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
         return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, i32(0), i32(3), i32(1))
 
-    def prefetch(W, og, k, line):
-        return prefetch_line(tirx.address_of(W[og, k + ahead, line * 64 // kq, 0]))
-
     @T.macro
-    def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False, pf_out=None):
-        WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
-        for og0 in range(OG):
-            # flip (a PrimExpr) walks the channel groups backwards: the recurrent kernel alternates
-            # direction every step, so a step starts on the groups the previous one read last,
-            # which are still in L2 (W_h is larger than L2 and read once per step)
-            og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
-                        else (OG - 1 - og0 if flip else og0))
-            for oh, nb in T.grid(OV // OVT, (nrows + NR - 1) // NR):
-                for a in T.unroll(NR * OVT):
-                    ACC[a, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
-                if pf_out is not None and oh == 0:
-                    # pf_out(n, o): the address of an int16 input that the store of (n, o) reads
-                    # (the recurrent kernel's gx[t], written long before this step and no longer
-                    # in L1/L2: its loads missed in the epilogue), fetched while the k loop runs
-                    for r in T.unroll(NR):
-                        for c in T.unroll((OC + 31) // 32):
-                            T.evaluate(prefetch_line(pf_out(T.min(nb * NR + r, nrows - 1),
-                                                            T.min(og * OC + c * 32, O - 1))))
-                for k in range(KQN):
-                    if k % line_steps == 0 and oh == 0:
-                        for line in T.unroll(lines):
-                            T.evaluate(prefetch(W, og, k, line))
-                    for r in T.unroll(NR):
-                        for ov in T.unroll(OVT):
-                            ACC[r * OVT + ov, T.Ramp(0, 1, 8)] = ACC[r * OVT + ov, T.Ramp(0, 1, 8)] + madd(
-                                xbcast(XS, n0 + T.min(nb * NR + r, nrows - 1), k),
-                                WF[T.Ramp(((og * KQN + k) * OC + (oh * OVT + ov) * 8) * kq, 1, 8 * kq)])
+    def group(XS, n0, nrows, WF, ACC, store, og, pf_out, tile_done, tile_args, pf_step):
+        """Every row tile of channel group og (the body of the group loop)."""
+        for oh, nb in T.grid(OV // OVT, (nrows + NR - 1) // NR):
+            for a in T.unroll(NR * OVT):
+                ACC[a, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
+            if pf_out is not None and oh == 0:
+                # pf_out(n, o): the address of an int16 input that the store of (n, o) reads
+                # (the recurrent kernel's gx[t], written long before this step and no longer
+                # in L1/L2: its loads missed in the epilogue), fetched while the k loop runs
                 for r in T.unroll(NR):
-                    if nb * NR + r < nrows:
-                        for ov in T.unroll(OVT):
-                            if (og * OV + oh * OVT + ov + 1) * 8 <= O:
-                                for l in T.vectorized(8):
+                    for c in T.unroll((OC + pf_step - 1) // pf_step):
+                        T.evaluate(prefetch_line(pf_out(T.min(nb * NR + r, nrows - 1),
+                                                        T.min(og * OC + c * pf_step, O - 1))))
+            for k in range(KQN):
+                if k % line_steps == 0 and oh == 0:
+                    for line in T.unroll(lines):
+                        T.evaluate(prefetch_line(tirx.address_of(
+                            WF[((og * KQN + k + ahead) * OC + line * 64 // kq) * kq])))
+                for r in T.unroll(NR):
+                    for ov in T.unroll(OVT):
+                        ACC[r * OVT + ov, T.Ramp(0, 1, 8)] = ACC[r * OVT + ov, T.Ramp(0, 1, 8)] + madd(
+                            xbcast(XS, n0 + T.min(nb * NR + r, nrows - 1), k),
+                            WF[T.Ramp(((og * KQN + k) * OC + (oh * OVT + ov) * 8) * kq, 1, 8 * kq)])
+            for r in T.unroll(NR):
+                if nb * NR + r < nrows:
+                    for ov in T.unroll(OVT):
+                        if (og * OV + oh * OVT + ov + 1) * 8 <= O:
+                            for l in T.vectorized(8):
+                                store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
+                                      ACC[r * OVT + ov, l])
+                        else:
+                            for l in range(8):
+                                if (og * OV + oh * OVT + ov) * 8 + l < O:
                                     store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
                                           ACC[r * OVT + ov, l])
-                            else:
-                                for l in range(8):
-                                    if (og * OV + oh * OVT + ov) * 8 + l < O:
-                                        store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
-                                              ACC[r * OVT + ov, l])
+            if tile_done is not None:
+                tile_done(og, nb, nrows, tile_args)
+
+    @T.macro
+    def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False, pf_out=None, tile_done=None,
+             tile_args=None, pf_step=32):
+        WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
+        if parallel:
+            for og in T.parallel(OG):
+                ACCP = T.alloc_buffer((NR * OVT, 8), "int32")   # per worker
+                group(XS, n0, nrows, WF, ACCP, store, og, pf_out, tile_done, tile_args, pf_step)
+        else:
+            for og0 in range(OG):
+                # flip (a PrimExpr) walks the channel groups backwards: the serial recurrent kernel
+                # alternates direction every step, so a step starts on the groups the previous one
+                # read last, which are still in L2 (W_h is larger than L2 and read once per step)
+                og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
+                            else (OG - 1 - og0 if flip else og0))
+                group(XS, n0, nrows, WF, ACC, store, og, pf_out, tile_done, tile_args, pf_step)
 
     return gemm
 

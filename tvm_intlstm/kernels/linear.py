@@ -57,10 +57,11 @@ def uses_mmla(target, isa: str, packed: bool) -> bool:
         as_target(target), "i8mm")
 
 
-def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: bool = False):
+def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: bool = False,
+            parallel: bool = False):
     """The GEMM of a linear kernel: (W shape, source dtype or None, source width, fill macro,
     gemm macro, extra source rows). See _gemm for the micro-kernels, the u8 route (w7) and packed
-    weights."""
+    weights; parallel: the packed AVX2 form splits its channel groups among the thread pool."""
     if mmla:
         # x interleaved in row pairs into an int8 scratch with one spare row (odd N)
         return ((O + 1) // 2, mmla_kp(K) // 8, 2, 8), "int8", mmla_kp(K), mmla_source_macro(K), \
@@ -75,7 +76,7 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: 
         KP = wshape[1] * wshape[3]
         fill = u8_source_macro(K, KP) if u8 else _sext_macro(K, KP)
         return wshape, ("uint8" if u8 else "int16"), KP, fill, gemm_outer_macro(
-            K, O, isa, u8, NR=LIN_NR, OV=LIN_OV), 0
+            K, O, isa, u8, NR=LIN_NR, OV=LIN_OV, parallel=parallel), 0
     gemm = gemm_macro(K, O, isa)
     if x16_source(isa):
         return (O, K), "int16", padded_k(K), _sext_macro(K), gemm, 0
@@ -83,17 +84,21 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: 
 
 
 def linear_i32(in_features: int, out_features: int, bias: bool = True, target=None,
-               isa: str | None = None, w7: bool = False, packed: bool = False):
+               isa: str | None = None, w7: bool = False, packed: bool = False,
+               parallel: bool = False):
     """Final linear layer (spec 5): x int8 [N, K], W int8 [O, K], b int32 [O] -> y int32 [N, O].
 
     Parameters (destination passing): (x, W, b, y), or (x, W, y) with bias=False.
     w7=True promises |W| <= 64 (the caller checks it): on AVX2 the u8 x s8 micro-kernel is used and
     b must be the bias plus `_gemm.u8_correction(W)`. packed=True: on AVX2, W is taken pre-packed
-    (`kernels.prepare_weights`, `_gemm.pack_outer`); elsewhere it changes nothing."""
+    (`kernels.prepare_weights`, `_gemm.pack_outer`); elsewhere it changes nothing.
+    parallel=True (packed AVX2 only): the output channels are split among the worker threads of
+    TVM's pool (one parallel launch per call: for GEMMs with many rows, e.g. an LSTM input
+    projection over T*B rows; a launch costs more than it saves on a few rows)."""
     K, O = _check_dims(in_features, out_features)
     isa = resolve_isa(target, isa)
     mmla = uses_mmla(target, isa, packed)
-    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla)
+    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla, parallel)
     wide = src_dt is not None
 
     if bias:
@@ -136,7 +141,8 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
                    bias: bool = True, target=None, isa: str | None = None, w7: bool = False,
-                   packed: bool = False, shift_hi: bool = False, scale: tuple | None = None):
+                   packed: bool = False, shift_hi: bool = False, scale: tuple | None = None,
+                   parallel: bool = False):
     """Hidden linear / LSTM input projection (spec 5, 2): x int8 [N, K], W int8 [O, K],
     b int32 [O], M int32 [O], s int32 [O] -> y = requantize_N(x W^T + b, M, s), N = 8 or 16.
 
@@ -147,7 +153,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
     immediates (no per-channel loads and 64-bit conversions in the epilogue) and the M / s buffers,
     still parameters, are not read. scale=(None, s): only the shift is one per tensor (what the
     quantizer produces: per-channel multipliers, one shift): the shift and its rounding constant
-    become immediates, M is read per channel."""
+    become immediates, M is read per channel. parallel: as for linear_i32."""
     rq = requantizer(shift_hi, scale)
     K, O = _check_dims(in_features, out_features)
     if out_dtype not in ("int8", "int16"):
@@ -155,7 +161,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
     bits = int(out_dtype[3:])
     isa = resolve_isa(target, isa)
     mmla = uses_mmla(target, isa, packed)
-    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla)
+    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla, parallel)
     wide = src_dt is not None
 
     if bias:

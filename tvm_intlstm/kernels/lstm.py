@@ -20,8 +20,7 @@ can change them without a rebuild.
 PWL tables are packed int32 [3, n+1] (`pack_pwl`): row 0 the knots k_0..k_n, row 1 the bases
 v_0..v_{n-1} (+ one padding 0), row 2 the slopes a_0..a_{n-1} (+ one padding 0).
 
-Schedule: no parallelism inside the time loop (fork/join per step costs more than it gains on
-two cores, DESIGN.md). Per step the gate product is the shared `_gemm` micro-kernel (dot form on
+Schedule, serial form: per step the gate product is the shared `_gemm` micro-kernel (dot form on
 W_h's natural layout, 8 rows per tile; vpmaddwd on AVX2, after sign-extending h into an int16
 scratch; sdot on aarch64 with dotprod; plain vectorizable TIR otherwise), with the requantize and
 gate add fused as its epilogue into an int16 gate scratch z [B, 4H] (packed AVX2 weights: the
@@ -29,6 +28,18 @@ outer-product form, gx[t] prefetched while the products run); then the cell bloc
 over j: on AVX2 with tables of <= 16 pieces, piece index by binary search and table lookups by
 vpermd, two 8-channel blocks interleaved; elsewhere piece index by counting knots and gathers for
 base/slope/knot. The state lives in the h_T / c_T output buffers.
+
+Threaded form (parallel=True, the default where it applies: packed AVX2, H % 8 == 0, H >= 16,
+tables of <= 16 pieces): W_h is packed gate-interleaved (`interleave_gates`: each 32-row channel
+group holds the i, f, g, o rows of 8 units), so a group's products are followed at once by the
+cells of its 8 units (`tile_done` of the outer-product GEMM). The whole time loop runs inside one
+parallel launch: every worker of TVM's thread pool walks the T steps, takes a contiguous range of
+channel groups per step (the same range every step: its part of W_h stays in its core's L2), and a
+barrier (`TVMBackendParallelBarrier`, a spin on a counter, ~0.5 us) ends each step. The new h is
+written to the other half of a double-buffered GEMM source, so no worker overwrites what another
+still reads. One launch per call instead of a fork/join per step (which cost more than it gained
+on two cores); with one worker it is the serial schedule (1.0x +-5 % of the serial form here),
+with two workers on this Zen3 a step takes ~0.55-0.6x as long at batch 1 and 8.
 """
 from __future__ import annotations
 
@@ -67,11 +78,22 @@ def pack_pwl(table) -> np.ndarray:
     return out
 
 
+def interleave_gates(w_h) -> np.ndarray:
+    """int8 [4H, K] gate rows (i, f, g, o blocks of H) -> the threaded form's row order: rows
+    32 j + 8 g + l = gate g of unit 8 j + l (H % 8 == 0), before `_gemm.pack_outer`."""
+    w_h = np.asarray(w_h)
+    G, K = w_h.shape
+    H = G // 4
+    if G != 4 * H or H % 8:
+        raise ValueError(f"gate interleaving needs [4H, K] rows with H % 8 == 0, got {w_h.shape}")
+    return np.ascontiguousarray(w_h.reshape(4, H // 8, 8, K).transpose(1, 0, 2, 3).reshape(G, K))
+
+
 def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces: int = 16,
                    tanh_pieces: int = 16, tanh_c_pieces: int = 16, reverse: bool = False,
                    init_state: bool = False, target=None, isa: str | None = None,
                    w7: bool = False, packed: bool = False, shift_hi: bool = False,
-                   gate_scale: tuple | None = None):
+                   gate_scale: tuple | None = None, parallel: bool = True):
     """PrimFunc of one LSTM direction's recurrence (spec 8). With G = 4 * hidden:
 
     Parameters (destination passing; T, B symbolic int64):
@@ -94,6 +116,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     promises every (mh[o], sh[o]) is (M, s) (per-tensor quantization) and bakes them in as
     immediates (mh / sh stay parameters but are not read); gate_scale=(None, s) bakes only the
     shift (per-channel multipliers, one shift: what the quantizer produces).
+
+    parallel=True (the default) on the packed AVX2 route with H % 8 == 0, H >= 16 and tables of
+    <= 16 pieces: the threaded form (module doc): W_h is then packed gate-interleaved (attribute
+    `intlstm.gate_interleave`, `kernels.prepare_weights` does it). parallel=False keeps the serial
+    form (one thread whatever the pool size).
     """
     H = int(hidden)
     if H <= 0:
@@ -109,12 +136,18 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     isa = resolve_isa(target, isa)
     u8 = uses_u8(isa, w7, packed)
     wide = x16_source(isa, u8)
+    fast_pwl = isa == "avx2" and H % 8 == 0 and max(n_sig, n_tanh, n_tc) <= 16
+    # the threaded form: a channel group of the packed W_h (REC_OV * 8 = 32 rows) holds the i, f, g,
+    # o rows of 8 units, so whoever computes a group's products can also update its units' cells
+    # (at least two groups: a parallel loop of one iteration is simplified away, and codegen then
+    # rejects the launch point around it)
+    fused = bool(parallel) and packed and fast_pwl and REC_OV == 4 and H >= 16
     if packed and isa == "avx2":
         # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
-        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV)
-        gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV)
+        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, parallel=fused)
+        gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, parallel=fused)
         outer = True
     else:
         WS = (G, H)
@@ -128,13 +161,45 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     rq = requantizer(shift_hi, gate_scale)     # the gate products' requantize_16
     rq_out = requantizer(scale=(mo, so))       # h = requantize_8(o tanh(c)), constants baked
 
+    def row_of(o):
+        """The W_h row (gate channel) of packed channel o: the identity, or in the threaded
+        form's gate-interleaved packing, channel group o // 32 = units 8 (o // 32) .. + 8, gate
+        o // 8 % 4 (i, f, g, o)."""
+        return (o // 8 % 4) * H + o // 32 * 8 + o % 8 if fused else o
+
     def gate_store(Z, GX, MH, SH, CORR, tt):
-        # the u8 route adds its correction; the others do not read CORR
-        return lambda n, o, acc: tirx.BufferStore(
-            Z, add_sat16(GX[tt, n, o], rq(acc + CORR[o] if u8 else acc, MH[o], SH[o], 16)), [n, o])
+        # z in packed channel order; the u8 route adds its correction, the others do not read CORR
+        return lambda n, o, acc: tirx.BufferStore(Z, add_sat16(GX[tt, n, row_of(o)], rq(
+            acc + CORR[row_of(o)] if u8 else acc, MH[row_of(o)], SH[row_of(o)], 16)), [n, o])
 
     def gx_addr(GX, tt):
-        return lambda n, o: tirx.address_of(GX[tt, n, o])
+        return lambda n, o: tirx.address_of(GX[tt, n, row_of(o)])
+
+    # where the cell (cell8) finds block u of a call: batch row brow(u), units unit(u) .. + 8, gate g
+    # at Z[brow(u), zcol(u, g) + jv]; valid(u) guards the state stores (row tails of a tile)
+    def rows_fixed(b):
+        return lambda u: b
+
+    def units_natural(jp):
+        return lambda u: (jp * U + u) * 8
+
+    def zcol_natural(jp):
+        return lambda u, g: g * H + (jp * U + u) * 8
+
+    def valid_all():
+        return lambda u: True
+
+    def rows_tile(nb, nrows, NR_):
+        return lambda u: tirx.min(nb * NR_ + u, nrows - 1)
+
+    def units_tile(og):
+        return lambda u: og * 8
+
+    def zcol_tile(og):
+        return lambda u, g: og * 32 + g * 8
+
+    def valid_tile(nb, nrows, NR_):
+        return lambda u: nb * NR_ + u < nrows
 
     def pwl_finish(XC, IDX, TBL, g, jv):
         """spec 7 once the clamped input XC and the piece index IDX are known."""
@@ -145,7 +210,6 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # extract / load / insert, ~24 instructions per 8 lanes) become register lookups, two vpermd
     # of the table's halves and a blend on idx > 7. The tables are copied once per call into TV
     # [3 tables, 3 rows, 16] (padded by repeating the last column) so both halves are in bounds.
-    fast_pwl = isa == "avx2" and JV == 8 and max(n_sig, n_tanh, n_tc) <= 16
     U = 2 if fast_pwl and JO % 2 == 0 else 1
 
     def pwl_vec(XC, IDX, TV, t, g):
@@ -195,9 +259,77 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 3, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
 
     @T.macro
+    def cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, brow, unit, zcol, valid, SRC, nxt):
+        """fast_pwl cell of UU blocks of 8 units (see rows_fixed ...): the stages are written for
+        all blocks at once because the chain of one block (clamp, index, lookups, cell, tanh(c),
+        h) is long and serial (vpermd has a 4-5 cycle latency), and interleaving independent
+        blocks lets the core overlap them (batch-8 cell 28-30 -> 23-27 us; the binary search
+        alone: no change). In the threaded form the new h also goes to SRC rows nxt + b."""
+        for u in T.unroll(UU):
+            for g in T.unroll(4):   # z rows i, f, g, o
+                for jv in T.vectorized(8):
+                    XC[u * 4 + g, jv] = T.max(T.min(T.Cast("int32", Z[brow(u), zcol(u, g) + jv]),
+                                                    LIM[g, 1]), LIM[g, 0])
+        for u in T.unroll(UU):
+            for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
+                bs_index(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g)
+                ACT[u * 4 + g, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0), u * 4 + g)
+        for u in T.unroll(UU):
+            # cell update, written to the state after its tanh input is taken
+            for jv in T.vectorized(8):
+                XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[brow(u), unit(u) + jv]), 15)
+                                    + rshift_round(ACT[u * 4, jv] * ACT[u * 4 + 2, jv], ig_shift), 16)
+            if valid(u):
+                for jv in T.vectorized(8):
+                    CT[brow(u), unit(u) + jv] = T.Cast("int16", XC[u * 4, jv])
+            for jv in T.vectorized(8):
+                XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
+        for u in T.unroll(UU):
+            bs_index(XC, IDX, BS, 2, u * 4)
+            ACT[u * 4 + 2, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 2, u * 4)   # tanh(c)
+        for u in T.unroll(UU):
+            if valid(u):
+                for jv in T.vectorized(8):
+                    HT[brow(u), unit(u) + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
+                    Y[tt, brow(u), unit(u) + jv] = HT[brow(u), unit(u) + jv]
+                    if fused:
+                        if u8:
+                            SRC[nxt + brow(u), unit(u) + jv] = T.Cast(
+                                "uint8", T.Cast("int32", HT[brow(u), unit(u) + jv]) + 128)
+                        else:
+                            SRC[nxt + brow(u), unit(u) + jv] = T.Cast("int16", HT[brow(u), unit(u) + jv])
+
+    def make_cell_tile(NR_):
+        @T.macro
+        def cell_tile(og, nb, nrows, a):
+            # the threaded form's tile_done: the cells of the NR_ rows x 8 units whose gates the row
+            # tile just stored; a = (tt, Z, CT, HT, Y, TV, BS, LIM, SRC, nxt); scratch per worker
+            XCL = T.alloc_buffer((4 * NR_, 8), "int32")
+            IDXL = T.alloc_buffer((4 * NR_, 8), "int32")
+            ACTL = T.alloc_buffer((4 * NR_, 8), "int32")
+            cell8(a[0], a[1], a[2], a[3], a[4], XCL, IDXL, ACTL, a[5], a[6], a[7], NR_,
+                  rows_tile(nb, nrows, NR_), units_tile(og), zcol_tile(og), valid_tile(nb, nrows, NR_),
+                  a[8], a[9])
+        return cell_tile
+
+    cell_tile1 = make_cell_tile(1)
+    cell_tile2 = make_cell_tile(2)
+
+    @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
-             ACT, TV, BS, LIM):
-        if wide or u8:   # the micro-kernel's source: h sign-extended, or u = h + 128
+             ACT, TV, BS, LIM, t):
+        if fused:
+            # the parallel group loop: per group its products, gate epilogue and the cells of its 8
+            # units, whose new h also goes to the other half of the double-buffered source
+            if B == 1:
+                gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
+                     gx_addr(GX, tt), cell_tile1,
+                     (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
+            else:
+                gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
+                      gx_addr(GX, tt), cell_tile2,
+                      (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
+        elif wide or u8:   # the micro-kernel's source: h sign-extended, or u = h + 128
             for b, jo in T.grid(B, JO):
                 for jv in T.vectorized(JV):
                     if u8:
@@ -205,7 +337,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                     else:
                         H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
         # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
-        if outer:
+        if fused:
+            pass
+        elif outer:
             if B == 1:
                 gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                      gx_addr(GX, tt))
@@ -214,35 +348,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                       gx_addr(GX, tt))
         else:
             gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
-        if fast_pwl:
-            # U blocks of 8 channels per iteration, each stage written for all of them: the chain of
-            # one block (clamp, index, lookups, cell, tanh(c), h) is long and serial (vpermd has a
-            # 4-5 cycle latency), and interleaving independent blocks lets the core overlap them:
-            # the cell of a batch-8 step 28-30 -> 23-27 us (the binary search alone: no change)
+        if fused:
+            pass   # done per group in the GEMM's tile_done
+        elif fast_pwl:
             for b, jp in T.grid(B, JO // U):
-                for u in T.unroll(U):
-                    for g in T.unroll(4):   # z rows i, f, g, o
-                        for jv in T.vectorized(8):
-                            XC[u * 4 + g, jv] = T.max(T.min(T.Cast("int32", Z[b, g * H + (jp * U + u) * 8 + jv]),
-                                                            LIM[g, 1]), LIM[g, 0])
-                for u in T.unroll(U):
-                    for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
-                        bs_index(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g)
-                        ACT[u * 4 + g, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0), u * 4 + g)
-                for u in T.unroll(U):
-                    # cell update, written to the state after its tanh input is taken
-                    for jv in T.vectorized(8):
-                        XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[b, (jp * U + u) * 8 + jv]), 15)
-                                            + rshift_round(ACT[u * 4, jv] * ACT[u * 4 + 2, jv], ig_shift), 16)
-                        CT[b, (jp * U + u) * 8 + jv] = T.Cast("int16", XC[u * 4, jv])
-                        XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
-                for u in T.unroll(U):
-                    bs_index(XC, IDX, BS, 2, u * 4)
-                    ACT[u * 4 + 2, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 2, u * 4)   # tanh(c)
-                for u in T.unroll(U):
-                    for jv in T.vectorized(8):
-                        HT[b, (jp * U + u) * 8 + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
-                        Y[tt, b, (jp * U + u) * 8 + jv] = HT[b, (jp * U + u) * 8 + jv]
+                cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
+                      zcol_natural(jp), valid_all(), H16, 0)
         else:
             for b, jo in T.grid(B, JO):
                 # sigmoid of the i, f, o gates (rows 0, 1, 3 of z): ACT[0], ACT[1], ACT[2]
@@ -308,7 +419,29 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 TV[0, r, c] = SIG[r, T.min(c, n_sig)]
                 TV[1, r, c] = TANH[r, T.min(c, n_tanh)]
                 TV[2, r, c] = TANHC[r, T.min(c, n_tc)]
-        if wide:
+        if fused:
+            # source double buffer: rows [0, B) and [B, 2B), the loop's step t (reverse or not)
+            # reads rows (t % 2) B ..
+            H16 = T.alloc_buffer((2 * B, HP), "uint8" if u8 else "int16")
+            for b, kp in T.grid(2 * B, HP - H):
+                H16[b, H + kp] = T.Cast(H16.dtype, 0)
+            for b, jo in T.grid(B, JO):
+                for jv in T.vectorized(JV):
+                    if u8:
+                        H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
+                    else:
+                        H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+            # the time loop runs once in every worker of the thread pool (one launch per call);
+            # each step's group loop is split among them and ends with a barrier, since the next
+            # step reads all of h
+            with T.attr(0, "pragma_parallel_launch_point", 1):
+                for t in range(TT):
+                    with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                        if reverse:
+                            step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
+                        else:
+                            step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
+        elif wide:
             H16 = T.alloc_buffer((B, HP), "int16")
             for b, kp in T.grid(B, HP - H):
                 H16[b, H + kp] = T.int16(0)
@@ -318,11 +451,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 H16[b, H + kp] = T.uint8(0)
         else:
             H16 = HT  # no scratch: the micro-kernel reads the int8 state directly
-        for t in range(TT):
+        for t in range(0 if fused else TT):   # the serial forms
             if reverse:
-                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
+                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
             else:
-                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
+                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
 
     # Two signatures (with/without h0, c0): TVMScript parameter lists are fixed. `corr` is always a
     # parameter; only the u8 route reads it (the others get zeros from `kernels.prepare_weights`).
@@ -386,4 +519,5 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             zero_state(B, HT, CT)
             run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
 
-    return with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)
+    func = with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)
+    return func.with_attr("intlstm.gate_interleave", int(fused))

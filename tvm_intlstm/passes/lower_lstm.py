@@ -25,7 +25,8 @@ class _LowerLSTMMutator(OpLowering):
         gvx, w_x, bias = self._gemm("linear_requant" + ("_hi" if hx else ""), I, G, "int16", w_x,
                                     bias, lambda w7, packed: K.linear_requant(
                                         I, G, "int16", True, target=self.target, w7=w7,
-                                        packed=packed, shift_hi=hx, scale=scx), variant=(scx,))
+                                        packed=packed, shift_hi=hx, scale=scx, parallel=True),
+                                    variant=(scx, "parallel"))
         gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
         # constant W_h (always, from the quantizer): packed for the micro-kernel, and the u8 x s8
