@@ -1,7 +1,7 @@
 """The threaded forms: the recurrent kernel with its time loop run by every worker of TVM's thread
 pool (channel groups split among them, a barrier per step; `kernels.lstm`, parallel=True) and the
 parallel input projection (`linear_requant(parallel=True)`). Bit for bit against the numpy
-reference, in this process (the pool's default size: every core) and in subprocesses with 1 and 3
+reference, in this process (the pool's default size) and in subprocesses with 2 and 3
 workers (3 workers split 5 channel groups 2 / 2 / 1)."""
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ _WORKERS_SCRIPT = textwrap.dedent("""
 
 
 @avx2_only
-@pytest.mark.parametrize("workers", [1, 3])
+@pytest.mark.parametrize("workers", [2, 3])
 def test_threaded_recurrence_worker_counts(workers):
     env = dict(os.environ, TVM_NUM_THREADS=str(workers))
     r = subprocess.run([sys.executable, "-c", _WORKERS_SCRIPT, ROOT], env=env, capture_output=True,

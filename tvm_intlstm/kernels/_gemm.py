@@ -276,8 +276,8 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     thread pool, each worker with its own accumulator tile; ACC and `flip` are then unused).
 
     Optional hooks of the macro call: `pf_out(n, o)` (an address to prefetch for row n, channel o,
-    once per row tile and `pf_step` channels), and `tile_done(og, nb, nrows, tile_args)` (a macro
-    expanded after each row tile nb of channel group og has been stored; needs OVT == OV)."""
+    once per row tile and `pf_step` channels), and `group_done(og, nrows, group_args)` (a macro
+    expanded after every row of channel group og has been stored)."""
     if isa != "avx2":
         raise ValueError(f"the outer-product GEMM is an AVX2 kernel, not {isa!r}")
     OVT = OV if OVT is None else int(OVT)
@@ -307,7 +307,7 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
         return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, i32(0), i32(3), i32(1))
 
     @T.macro
-    def group(XS, n0, nrows, WF, ACC, store, og, pf_out, tile_done, tile_args, pf_step):
+    def group(XS, n0, nrows, WF, ACC, store, og, pf_out, group_done, group_args, pf_step):
         """Every row tile of channel group og (the body of the group loop)."""
         for oh, nb in T.grid(OV // OVT, (nrows + NR - 1) // NR):
             for a in T.unroll(NR * OVT):
@@ -342,17 +342,17 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                                 if (og * OV + oh * OVT + ov) * 8 + l < O:
                                     store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
                                           ACC[r * OVT + ov, l])
-            if tile_done is not None:
-                tile_done(og, nb, nrows, tile_args)
+        if group_done is not None:
+            group_done(og, nrows, group_args)
 
     @T.macro
-    def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False, pf_out=None, tile_done=None,
-             tile_args=None, pf_step=32):
+    def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False, pf_out=None, group_done=None,
+             group_args=None, pf_step=32):
         WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
         if parallel:
             for og in T.parallel(OG):
                 ACCP = T.alloc_buffer((NR * OVT, 8), "int32")   # per worker
-                group(XS, n0, nrows, WF, ACCP, store, og, pf_out, tile_done, tile_args, pf_step)
+                group(XS, n0, nrows, WF, ACCP, store, og, pf_out, group_done, group_args, pf_step)
         else:
             for og0 in range(OG):
                 # flip (a PrimExpr) walks the channel groups backwards: the serial recurrent kernel
@@ -360,7 +360,7 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                 # read last, which are still in L2 (W_h is larger than L2 and read once per step)
                 og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
                             else (OG - 1 - og0 if flip else og0))
-                group(XS, n0, nrows, WF, ACC, store, og, pf_out, tile_done, tile_args, pf_step)
+                group(XS, n0, nrows, WF, ACC, store, og, pf_out, group_done, group_args, pf_step)
 
     return gemm
 

@@ -32,14 +32,16 @@ base/slope/knot. The state lives in the h_T / c_T output buffers.
 Threaded form (parallel=True, the default where it applies: packed AVX2, H % 8 == 0, H >= 16,
 tables of <= 16 pieces): W_h is packed gate-interleaved (`interleave_gates`: each 32-row channel
 group holds the i, f, g, o rows of 8 units), so a group's products are followed at once by the
-cells of its 8 units (`tile_done` of the outer-product GEMM). The whole time loop runs inside one
+cells of its 8 units (`group_done` of the outer-product GEMM). The whole time loop runs inside one
 parallel launch: every worker of TVM's thread pool walks the T steps, takes a contiguous range of
 channel groups per step (the same range every step: its part of W_h stays in its core's L2), and a
 barrier (`TVMBackendParallelBarrier`, a spin on a counter, ~0.5 us) ends each step. The new h is
 written to the other half of a double-buffered GEMM source, so no worker overwrites what another
 still reads. One launch per call instead of a fork/join per step (which cost more than it gained
-on two cores); with one worker it is the serial schedule (1.0x +-5 % of the serial form here),
-with two workers on this Zen3 a step takes ~0.55-0.6x as long at batch 1 and 8.
+on two cores). With one worker it runs the serial schedule on the interleaved layout: as fast as the
+serial form at batch 1, 2-4 % slower at batch 8 (the gate epilogue then reads gx, the multipliers
+and the u8 correction in four streams of 16 bytes instead of one; measured with the layout alone,
+without threads); with two workers on this Zen3 a step takes ~0.55-0.6x as long at batch 1 and 8.
 """
 from __future__ import annotations
 
@@ -299,21 +301,24 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                         else:
                             SRC[nxt + brow(u), unit(u) + jv] = T.Cast("int16", HT[brow(u), unit(u) + jv])
 
-    def make_cell_tile(NR_):
+    def make_cell_group(NR_):
         @T.macro
-        def cell_tile(og, nb, nrows, a):
-            # the threaded form's tile_done: the cells of the NR_ rows x 8 units whose gates the row
-            # tile just stored; a = (tt, Z, CT, HT, Y, TV, BS, LIM, SRC, nxt); scratch per worker
+        def cell_group(og, nrows, a):
+            # the threaded form's group_done: the cells of the group's 8 units in every row, NR_
+            # rows interleaved (after the whole group, not per row tile: consecutive cells then
+            # overlap, -4 % per batch-8 step); a = (tt, Z, CT, HT, Y, TV, BS, LIM, SRC, nxt);
+            # the scratch is per worker
             XCL = T.alloc_buffer((4 * NR_, 8), "int32")
             IDXL = T.alloc_buffer((4 * NR_, 8), "int32")
             ACTL = T.alloc_buffer((4 * NR_, 8), "int32")
-            cell8(a[0], a[1], a[2], a[3], a[4], XCL, IDXL, ACTL, a[5], a[6], a[7], NR_,
-                  rows_tile(nb, nrows, NR_), units_tile(og), zcol_tile(og), valid_tile(nb, nrows, NR_),
-                  a[8], a[9])
-        return cell_tile
+            for nb in range((nrows + NR_ - 1) // NR_):
+                cell8(a[0], a[1], a[2], a[3], a[4], XCL, IDXL, ACTL, a[5], a[6], a[7], NR_,
+                      rows_tile(nb, nrows, NR_), units_tile(og), zcol_tile(og),
+                      valid_tile(nb, nrows, NR_), a[8], a[9])
+        return cell_group
 
-    cell_tile1 = make_cell_tile(1)
-    cell_tile2 = make_cell_tile(2)
+    cell_group1 = make_cell_group(1)
+    cell_group2 = make_cell_group(2)
 
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
@@ -323,11 +328,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             # units, whose new h also goes to the other half of the double-buffered source
             if B == 1:
                 gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
-                     gx_addr(GX, tt), cell_tile1,
+                     gx_addr(GX, tt), cell_group1,
                      (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
             else:
                 gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
-                      gx_addr(GX, tt), cell_tile2,
+                      gx_addr(GX, tt), cell_group2,
                       (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
         elif wide or u8:   # the micro-kernel's source: h sign-extended, or u = h + 128
             for b, jo in T.grid(B, JO):
@@ -349,7 +354,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         else:
             gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         if fused:
-            pass   # done per group in the GEMM's tile_done
+            pass   # done per group in the GEMM's group_done
         elif fast_pwl:
             for b, jp in T.grid(B, JO // U):
                 cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
