@@ -144,11 +144,11 @@ def test_recurrent_forms(rng, H, w7, packed):
     kern = build(f)
     wk, _, corr = K.prepare_weights(f, p.w_h)
     assert corr.any() == (w7 and packed and HOST_ISA == "avx2")
-    consts = [wk, p.mh, p.sh, corr]
+    consts = [wk, K.gate_order(f, p.mh), K.gate_order(f, p.sh), corr]   # the kernel's gate order
     tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
     for T_, B in ((5, 1), (3, 4), (2, 17)):
         gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
-        got = run(kern, [gx, *consts, *tabs],
+        got = run(kern, [K.gate_order(f, gx), *consts, *tabs],
                   [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
         assert_lstm_equal(got, ref_recurrence(gx, p))
 
@@ -165,8 +165,8 @@ def test_recurrent_u8_extreme_state(rng):
     wk, _, corr = K.prepare_weights(f, p.w_h)
     gx = np.where(rng.random((6, 3, 4 * H)) < 0.5, 32767, -32768).astype(np.int16)
     tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
-    got = run(build(f), [gx, wk, p.mh, p.sh, corr] + tabs,
-              [((6, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
+    got = run(build(f), [K.gate_order(f, gx), wk, K.gate_order(f, p.mh), K.gate_order(f, p.sh),
+                         corr] + tabs, [((6, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
     ref = ref_recurrence(gx, p)
     assert_lstm_equal(got, ref)
     assert ref[0].min() < -100 and ref[0].max() > 100   # the state really reaches the extremes
@@ -192,8 +192,8 @@ def test_recurrent_cell_pwl_all_inputs(pieces, mo_so, H):
     gx = np.stack([np.concatenate([np.roll(vals, g * 7, axis=0) for g in range(4)], axis=1),
                    np.concatenate([np.roll(vals, -g * 5, axis=1) for g in range(4)], axis=1)])
     tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
-    got = run(build(f), [gx, wk, p.mh, p.sh, corr] + tabs,
-              [((2, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
+    got = run(build(f), [K.gate_order(f, gx), wk, K.gate_order(f, p.mh), K.gate_order(f, p.sh),
+                         corr] + tabs, [((2, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
     assert_lstm_equal(got, ref_recurrence(gx, p))
 
 
@@ -290,7 +290,8 @@ def test_recurrent_requantize_hi(rng):
         wk, _, corr = K.prepare_weights(f, q.w_h)
         gx = rng.integers(-2**15, 2**15, (7, 3, 4 * H)).astype(np.int16)
         tabs = [K.pack_pwl(t) for t in (q.sig, q.tanh, q.tanh_c)]
-        got = run(build(f), [gx, wk, q.mh, q.sh, corr] + tabs,
+        got = run(build(f), [K.gate_order(f, gx), wk, K.gate_order(f, q.mh),
+                             K.gate_order(f, q.sh), corr] + tabs,
                   [((7, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
         assert_lstm_equal(got, ref_recurrence(gx, q))
 
@@ -338,7 +339,8 @@ def test_recurrent_baked_gate_scale(rng):
         tabs = [K.pack_pwl(t) for t in (q.sig, q.tanh, q.tanh_c)]
         junk = [q.mh if M is None else np.zeros(4 * H, np.int32),      # baked M / s: ignored
                 np.full(4 * H, 3, np.int32)]
-        got = run(build(f), [gx, wk, *junk, corr] + tabs,
+        got = run(build(f), [K.gate_order(f, gx), wk, *(K.gate_order(f, j) for j in junk), corr]
+                  + tabs,
                   [((7, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
         assert_lstm_equal(got, ref_recurrence(gx, q))
 

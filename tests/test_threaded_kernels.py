@@ -39,7 +39,8 @@ def _run_recurrent(func, kern, p, gx, h0=None, c0=None):
     T_, B, _ = gx.shape
     H = p.hidden
     wk, _, corr = K.prepare_weights(func, p.w_h)
-    ins = [gx, wk, p.mh, p.sh, corr] + [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
+    ins = [K.gate_order(func, gx), wk, K.gate_order(func, p.mh), K.gate_order(func, p.sh), corr]
+    ins += [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
     if h0 is not None:
         ins += [h0, c0]
     return run(kern, ins, [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
@@ -49,10 +50,13 @@ def test_interleave_gates_layout(rng):
     H, Kd = 24, 5
     W = rng.integers(-127, 128, (4 * H, Kd)).astype(np.int8)
     Wi = interleave_gates(W)
+    gx = rng.integers(-99, 99, (3, 2, 4 * H))
+    gi = interleave_gates(gx, axis=2)
     for j in range(H // 8):
         for g in range(4):
             for lane in range(8):
                 np.testing.assert_array_equal(Wi[32 * j + 8 * g + lane], W[g * H + 8 * j + lane])
+                np.testing.assert_array_equal(gi[..., 32 * j + 8 * g + lane], gx[..., g * H + 8 * j + lane])
     with pytest.raises(ValueError, match="H % 8"):
         interleave_gates(np.zeros((4 * 20, 3), np.int8))
 
@@ -70,7 +74,11 @@ def test_prepare_weights_follows_the_form(rng, w7):
     assert int(serial.attrs["intlstm.gate_interleave"]) == 0
     wk, _, corr = K.prepare_weights(threaded, p.w_h)
     np.testing.assert_array_equal(wk, pack_outer(interleave_gates(p.w_h), w7, 4))
-    np.testing.assert_array_equal(corr, u8_correction(p.w_h) if w7 else np.zeros(128, np.int32))
+    np.testing.assert_array_equal(corr, interleave_gates(u8_correction(p.w_h)) if w7
+                                  else np.zeros(128, np.int32))
+    gx = rng.integers(-9, 9, (2, 3, 128))
+    np.testing.assert_array_equal(K.gate_order(threaded, gx), interleave_gates(gx, axis=2))
+    np.testing.assert_array_equal(K.gate_order(serial, gx), gx)
     ws, _, _ = K.prepare_weights(serial, p.w_h)
     np.testing.assert_array_equal(ws, pack_outer(p.w_h, w7, 4))
     # too small to split (one channel group) or H % 8 != 0: the serial form
@@ -124,7 +132,8 @@ _WORKERS_SCRIPT = textwrap.dedent("""
         tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
         for T_, B in ((6, 1), (3, 5)):
             gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
-            got = run(kern, [gx, wk, p.mh, p.sh, corr, *tabs],
+            got = run(kern, [K.gate_order(f, gx), wk, K.gate_order(f, p.mh),
+                             K.gate_order(f, p.sh), corr, *tabs],
                       [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
             for g, r in zip(got, ref_recurrence(gx, p)):
                 np.testing.assert_array_equal(g, r)

@@ -273,7 +273,7 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     passes, each on whole cache lines of its k steps when OVT * 8 * KQ is a multiple of 64.
 
     parallel=True: the channel groups are a `T.parallel` loop (contiguous ranges per worker of the
-    thread pool, each worker with its own accumulator tile; ACC and `flip` are then unused).
+    thread pool, each worker with its own accumulator tile; ACC is then unused).
 
     Optional hooks of the macro call: `pf_out(n, o)` (an address to prefetch for row n, channel o,
     once per row tile and `pf_step` channels), and `group_done(og, nrows, group_args)` (a macro
@@ -350,7 +350,11 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
              group_args=None, pf_step=32):
         WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
         if parallel:
-            for og in T.parallel(OG):
+            for og0 in T.parallel(OG):
+                # (a flip here reverses the whole range, so the caller passes one only when the pool
+                # has a single worker: with several it would swap their ranges every step)
+                og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
+                            else (OG - 1 - og0 if flip else og0))
                 ACCP = T.alloc_buffer((NR * OVT, 8), "int32")   # per worker
                 group(XS, n0, nrows, WF, ACCP, store, og, pf_out, group_done, group_args, pf_step)
         else:

@@ -31,17 +31,18 @@ base/slope/knot. The state lives in the h_T / c_T output buffers.
 
 Threaded form (parallel=True, the default where it applies: packed AVX2, H % 8 == 0, H >= 16,
 tables of <= 16 pieces): W_h is packed gate-interleaved (`interleave_gates`: each 32-row channel
-group holds the i, f, g, o rows of 8 units), so a group's products are followed at once by the
+group holds the i, f, g, o rows of 8 units; gx, mh, sh and corr come in the same order, see
+`gate_order`), so a group's products are followed at once by the
 cells of its 8 units (`group_done` of the outer-product GEMM). The whole time loop runs inside one
 parallel launch: every worker of TVM's thread pool walks the T steps, takes a contiguous range of
 channel groups per step (the same range every step: its part of W_h stays in its core's L2), and a
 barrier (`TVMBackendParallelBarrier`, a spin on a counter, ~0.5 us) ends each step. The new h is
 written to the other half of a double-buffered GEMM source, so no worker overwrites what another
 still reads. One launch per call instead of a fork/join per step (which cost more than it gained
-on two cores). With one worker it runs the serial schedule on the interleaved layout: as fast as the
-serial form at batch 1, 2-4 % slower at batch 8 (the gate epilogue then reads gx, the multipliers
-and the u8 correction in four streams of 16 bytes instead of one; measured with the layout alone,
-without threads); with two workers on this Zen3 a step takes ~0.55-0.6x as long at batch 1 and 8.
+on two cores). A pool of one worker walks the groups zig-zag like the serial form and runs within
+~2 % of it (gx and the per-channel constants come in the interleaved order too, so the gate
+epilogue reads one stream, not four); with two workers on this Zen3 a step takes ~0.55-0.6x as
+long at batch 1 and 8.
 """
 from __future__ import annotations
 
@@ -80,15 +81,26 @@ def pack_pwl(table) -> np.ndarray:
     return out
 
 
-def interleave_gates(w_h) -> np.ndarray:
-    """int8 [4H, K] gate rows (i, f, g, o blocks of H) -> the threaded form's row order: rows
-    32 j + 8 g + l = gate g of unit 8 j + l (H % 8 == 0), before `_gemm.pack_outer`."""
-    w_h = np.asarray(w_h)
-    G, K = w_h.shape
+def interleave_gates(a, axis: int = 0) -> np.ndarray:
+    """Gate channels (i, f, g, o blocks of H along `axis`, size 4H) -> the threaded form's order:
+    channel 32 j + 8 g + l = gate g of unit 8 j + l (H % 8 == 0). For W_h ([4H, K], axis 0, before
+    `_gemm.pack_outer`) and for gx / mh / sh / corr (the gate axis)."""
+    a = np.moveaxis(np.asarray(a), axis, 0)
+    G = a.shape[0]
     H = G // 4
     if G != 4 * H or H % 8:
-        raise ValueError(f"gate interleaving needs [4H, K] rows with H % 8 == 0, got {w_h.shape}")
-    return np.ascontiguousarray(w_h.reshape(4, H // 8, 8, K).transpose(1, 0, 2, 3).reshape(G, K))
+        raise ValueError(f"gate interleaving needs 4H channels with H % 8 == 0, got {G}")
+    out = a.reshape(4, H // 8, 8, *a.shape[1:]).swapaxes(0, 1).reshape(a.shape)
+    return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+def gate_order(func, a, axis: int = -1) -> np.ndarray:
+    """`a` (gate channels along `axis`) in the channel order the recurrent kernel `func` reads its
+    gx, mh, sh and corr in: `interleave_gates` for the threaded form, unchanged otherwise."""
+    attrs = func.attrs if func.attrs is not None else {}
+    if "intlstm.gate_interleave" in attrs and int(attrs["intlstm.gate_interleave"]):
+        return interleave_gates(a, axis % np.ndim(a))
+    return np.asarray(a)
 
 
 def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces: int = 16,
@@ -120,9 +132,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     shift (per-channel multipliers, one shift: what the quantizer produces).
 
     parallel=True (the default) on the packed AVX2 route with H % 8 == 0, H >= 16 and tables of
-    <= 16 pieces: the threaded form (module doc): W_h is then packed gate-interleaved (attribute
-    `intlstm.gate_interleave`, `kernels.prepare_weights` does it). parallel=False keeps the serial
-    form (one thread whatever the pool size).
+    <= 16 pieces: the threaded form (module doc). Its gate channels are then gate-interleaved
+    (attribute `intlstm.gate_interleave`): W_h's rows (`kernels.prepare_weights` does it, and
+    returns corr in that order) and the channel axis of gx, mh and sh (`gate_order(func, a)`; the
+    compiler permutes the input projection's rows so that it writes gx in that order).
+    parallel=False keeps the serial form (one thread whatever the pool size).
     """
     H = int(hidden)
     if H <= 0:
@@ -163,19 +177,15 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     rq = requantizer(shift_hi, gate_scale)     # the gate products' requantize_16
     rq_out = requantizer(scale=(mo, so))       # h = requantize_8(o tanh(c)), constants baked
 
-    def row_of(o):
-        """The W_h row (gate channel) of packed channel o: the identity, or in the threaded
-        form's gate-interleaved packing, channel group o // 32 = units 8 (o // 32) .. + 8, gate
-        o // 8 % 4 (i, f, g, o)."""
-        return (o // 8 % 4) * H + o // 32 * 8 + o % 8 if fused else o
-
+    # gx, mh, sh, corr and the GEMM's channels share one order (`gate_order`: natural, or
+    # gate-interleaved in the threaded form), so the gate epilogue reads them contiguously
     def gate_store(Z, GX, MH, SH, CORR, tt):
-        # z in packed channel order; the u8 route adds its correction, the others do not read CORR
-        return lambda n, o, acc: tirx.BufferStore(Z, add_sat16(GX[tt, n, row_of(o)], rq(
-            acc + CORR[row_of(o)] if u8 else acc, MH[row_of(o)], SH[row_of(o)], 16)), [n, o])
+        # the u8 route adds its correction; the others do not read CORR
+        return lambda n, o, acc: tirx.BufferStore(
+            Z, add_sat16(GX[tt, n, o], rq(acc + CORR[o] if u8 else acc, MH[o], SH[o], 16)), [n, o])
 
     def gx_addr(GX, tt):
-        return lambda n, o: tirx.address_of(GX[tt, n, row_of(o)])
+        return lambda n, o: tirx.address_of(GX[tt, n, o])
 
     # where the cell (cell8) finds block u of a call: batch row brow(u), units unit(u) .. + 8, gate g
     # at Z[brow(u), zcol(u, g) + jv]; valid(u) guards the state stores (row tails of a tile)
@@ -322,16 +332,18 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
-             ACT, TV, BS, LIM, t):
+             ACT, TV, BS, LIM, t, solo):
         if fused:
             # the parallel group loop: per group its products, gate epilogue and the cells of its 8
             # units, whose new h also goes to the other half of the double-buffered source
             if B == 1:
-                gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
+                gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                     solo and t % 2 == 1,
                      gx_addr(GX, tt), cell_group1,
                      (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
             else:
-                gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
+                gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                      solo and t % 2 == 1,
                       gx_addr(GX, tt), cell_group2,
                       (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
         elif wide or u8:   # the micro-kernel's source: h sign-extended, or u = h + 128
@@ -438,14 +450,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                         H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
             # the time loop runs once in every worker of the thread pool (one launch per call);
             # each step's group loop is split among them and ends with a barrier, since the next
-            # step reads all of h
+            # step reads all of h. A pool of one worker walks the groups zig-zag as the serial form
+            # does (-3 % per batch-1 step: a step starts where the previous one left W_h in L2)
+            solo = T.call_packed("runtime.NumThreads", dtype="int32") == 1
             with T.attr(0, "pragma_parallel_launch_point", 1):
                 for t in range(TT):
                     with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                         if reverse:
-                            step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
+                            step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
                         else:
-                            step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
+                            step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
         elif wide:
             H16 = T.alloc_buffer((B, HP), "int16")
             for b, kp in T.grid(B, HP - H):
@@ -456,11 +470,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 H16[b, H + kp] = T.uint8(0)
         else:
             H16 = HT  # no scratch: the micro-kernel reads the int8 state directly
+        solo = True
         for t in range(0 if fused else TT):   # the serial forms
             if reverse:
-                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
+                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
             else:
-                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t)
+                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
 
     # Two signatures (with/without h0, c0): TVMScript parameter lists are fixed. `corr` is always a
     # parameter; only the u8 route reads it (the others get zeros from `kernels.prepare_weights`).

@@ -22,26 +22,36 @@ class _LowerLSTMMutator(OpLowering):
         T_, B_ = _shape(x)[:2]
         hx, hh = _shifts_hi(sx), _shifts_hi(sh)
         scx, sch = uniform_scale(mx, sx), uniform_scale(mh, sh)
-        gvx, w_x, bias = self._gemm("linear_requant" + ("_hi" if hx else ""), I, G, "int16", w_x,
-                                    bias, lambda w7, packed: K.linear_requant(
-                                        I, G, "int16", True, target=self.target, w7=w7,
-                                        packed=packed, shift_hi=hx, scale=scx, parallel=True),
-                                    variant=(scx, "parallel"))
-        gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
         # constant W_h (always, from the quantizer): packed for the micro-kernel, and the u8 x s8
         # route when it lies in [-64, 64] on AVX2 (see _lowering._gemm); else the natural layout
         W = const_numpy(w_h)
         packed = W is not None
         w7 = packed and K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
-        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch,
+        # the threaded recurrent kernel reads gx, mh, sh in its gate-interleaved channel order: the
+        # projection then gets its weight rows and per-channel constants in that order (so it
+        # writes gx so), which needs them to be constants (always, from the quantizer)
+        proj = [w_x, bias, mx, sx, mh, sh]
+        consts = [const_numpy(v) for v in proj]
+        threaded = packed and all(c is not None for c in consts)
+        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, threaded,
                str(self.target))
         gv = self._kernel(key, lambda: K.lstm_recurrent(
             H, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
-            shift_hi=hh, gate_scale=sch))
+            shift_hi=hh, gate_scale=sch, parallel=threaded))
+        func = self.cache[("func",) + key]
+        if threaded and int(func.attrs["intlstm.gate_interleave"]):
+            w_x, bias, mx, sx, mh, sh = (relax.const(K.gate_order(func, c, axis=0), str(c.dtype))
+                                         for c in consts)
+        gvx, w_x, bias = self._gemm("linear_requant" + ("_hi" if hx else ""), I, G, "int16", w_x,
+                                    bias, lambda w7, packed: K.linear_requant(
+                                        I, G, "int16", True, target=self.target, w7=w7,
+                                        packed=packed, shift_hi=hx, scale=scx, parallel=True),
+                                    variant=(scx, "parallel"))
+        gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         if packed:
-            wk, _, corr = K.prepare_weights(self.cache[("func",) + key], W)
+            wk, _, corr = K.prepare_weights(func, W)
             w_args = [relax.const(wk, "int8"), mh, sh, relax.const(corr, "int32")]
         else:   # non-constant W_h (never from the quantizer): natural layout, zero correction
             w_args = [w_h, mh, sh, relax.const(np.zeros(4 * H, np.int32), "int32")]
