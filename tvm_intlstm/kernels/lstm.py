@@ -331,6 +331,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     cell_group2 = make_cell_group(2)
 
     @T.macro
+    def fill_source(B, HT, SRC):
+        """The GEMM source from the state: h sign-extended (int16), or u = h + 128 (u8 route)."""
+        for b, jo in T.grid(B, JO):
+            for jv in T.vectorized(JV):
+                if u8:
+                    SRC[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
+                else:
+                    SRC[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+
+    @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
              ACT, TV, BS, LIM, t, solo):
         if fused:
@@ -346,13 +356,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                       solo and t % 2 == 1,
                       gx_addr(GX, tt), cell_group2,
                       (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
-        elif wide or u8:   # the micro-kernel's source: h sign-extended, or u = h + 128
-            for b, jo in T.grid(B, JO):
-                for jv in T.vectorized(JV):
-                    if u8:
-                        H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
-                    else:
-                        H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+        elif wide or u8:
+            fill_source(B, HT, H16)
         # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
         if fused:
             pass
@@ -442,12 +447,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             H16 = T.alloc_buffer((2 * B, HP), "uint8" if u8 else "int16")
             for b, kp in T.grid(2 * B, HP - H):
                 H16[b, H + kp] = T.Cast(H16.dtype, 0)
-            for b, jo in T.grid(B, JO):
-                for jv in T.vectorized(JV):
-                    if u8:
-                        H16[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
-                    else:
-                        H16[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+            fill_source(B, HT, H16)
             # the time loop runs once in every worker of the thread pool (one launch per call);
             # each step's group loop is split among them and ends with a barrier, since the next
             # step reads all of h. A pool of one worker walks the groups zig-zag as the serial form
