@@ -17,7 +17,8 @@ per-channel arrays and PWL tables are buffers. Outputs must not alias inputs (`t
                                                     gx i16[T,B,4H], w_h i8[4H,H], mh, sh i32[4H],
                                                     sig, tanh, tanh_c i32[3,n+1], (h0 i8[B,H],
                                                     c0 i16[B,H]) -> y i8[T,B,H], h_T i8[B,H],
-                                                    c_T i16[B,H]
+                                                    c_T i16[B,H]; the threaded form (parallel=True,
+                                                    AVX2) takes gx, mh, sh in `gate_order(func, .)`
     rescale_8(D, M, s)                              x i8[N,D] -> i8[N,D]
     residual_add(D, Ma, Mb, s)                      a, b i8[N,D] -> i8[N,D]
     pwl_activation(pieces)                          x i16[N], table i32[3,n+1] -> i16[N]
