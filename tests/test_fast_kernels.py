@@ -22,7 +22,7 @@ from tvm_intlstm.quant.fixed_point import quantize_multiplier_array
 from tvm_intlstm.reference import ops
 
 from test_kernels import (TARGET, HOST_ISA, assert_lstm_equal, build, make_lstm,
-                          ref_recurrence, run)
+                          ref_recurrence, run, run_recurrent)
 
 # The run tests use the host target (the u8 route and packing are AVX2-only: elsewhere the same
 # calls give the natural forms, still checked); the instruction checks compile for Zen3.
@@ -142,15 +142,11 @@ def test_recurrent_forms(rng, H, w7, packed):
                          tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
                          w7=w7, packed=packed)
     kern = build(f)
-    wk, _, corr = K.prepare_weights(f, p.w_h)
+    _, _, corr = K.prepare_weights(f, p.w_h)
     assert corr.any() == (w7 and packed and HOST_ISA == "avx2")
-    consts = [wk, K.gate_order(f, p.mh), K.gate_order(f, p.sh), corr]   # the kernel's gate order
-    tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
     for T_, B in ((5, 1), (3, 4), (2, 17)):
         gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
-        got = run(kern, [K.gate_order(f, gx), *consts, *tabs],
-                  [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
-        assert_lstm_equal(got, ref_recurrence(gx, p))
+        assert_lstm_equal(run_recurrent(f, kern, p, gx), ref_recurrence(gx, p))
 
 
 def test_recurrent_u8_extreme_state(rng):
@@ -162,11 +158,8 @@ def test_recurrent_u8_extreme_state(rng):
     f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
                          tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
                          w7=True, packed=True)
-    wk, _, corr = K.prepare_weights(f, p.w_h)
     gx = np.where(rng.random((6, 3, 4 * H)) < 0.5, 32767, -32768).astype(np.int16)
-    tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
-    got = run(build(f), [K.gate_order(f, gx), wk, K.gate_order(f, p.mh), K.gate_order(f, p.sh),
-                         corr] + tabs, [((6, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
+    got = run_recurrent(f, build(f), p, gx)
     ref = ref_recurrence(gx, p)
     assert_lstm_equal(got, ref)
     assert ref[0].min() < -100 and ref[0].max() > 100   # the state really reaches the extremes
@@ -186,15 +179,11 @@ def test_recurrent_cell_pwl_all_inputs(pieces, mo_so, H):
     f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
                          tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
                          w7=True, packed=True)
-    wk, _, corr = K.prepare_weights(f, p.w_h)
     B = 65536 // H
     vals = np.arange(-32768, 32768).astype(np.int16).reshape(B, H)
     gx = np.stack([np.concatenate([np.roll(vals, g * 7, axis=0) for g in range(4)], axis=1),
                    np.concatenate([np.roll(vals, -g * 5, axis=1) for g in range(4)], axis=1)])
-    tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
-    got = run(build(f), [K.gate_order(f, gx), wk, K.gate_order(f, p.mh), K.gate_order(f, p.sh),
-                         corr] + tabs, [((2, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
-    assert_lstm_equal(got, ref_recurrence(gx, p))
+    assert_lstm_equal(run_recurrent(f, build(f), p, gx), ref_recurrence(gx, p))
 
 
 # --------------------------------------------------------------------------- whole models
@@ -287,13 +276,8 @@ def test_recurrent_requantize_hi(rng):
         f = K.lstm_recurrent(H, mo=q.mo, so=q.so, cell_frac=q.cell_frac, sig_pieces=q.sig.pieces,
                              tanh_pieces=q.tanh.pieces, tanh_c_pieces=q.tanh_c.pieces,
                              target=TARGET, w7=w7, packed=True, shift_hi=True)
-        wk, _, corr = K.prepare_weights(f, q.w_h)
         gx = rng.integers(-2**15, 2**15, (7, 3, 4 * H)).astype(np.int16)
-        tabs = [K.pack_pwl(t) for t in (q.sig, q.tanh, q.tanh_c)]
-        got = run(build(f), [K.gate_order(f, gx), wk, K.gate_order(f, q.mh),
-                             K.gate_order(f, q.sh), corr] + tabs,
-                  [((7, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
-        assert_lstm_equal(got, ref_recurrence(gx, q))
+        assert_lstm_equal(run_recurrent(f, build(f), q, gx), ref_recurrence(gx, q))
 
 
 # --------------------------------------------------------------------------- baked per-tensor scales
@@ -334,14 +318,10 @@ def test_recurrent_baked_gate_scale(rng):
         f = K.lstm_recurrent(H, mo=q.mo, so=q.so, cell_frac=q.cell_frac, sig_pieces=q.sig.pieces,
                              tanh_pieces=q.tanh.pieces, tanh_c_pieces=q.tanh_c.pieces,
                              target=TARGET, w7=True, packed=True, gate_scale=(M, s))
-        wk, _, corr = K.prepare_weights(f, q.w_h)
         gx = rng.integers(-2**15, 2**15, (7, 3, 4 * H)).astype(np.int16)
-        tabs = [K.pack_pwl(t) for t in (q.sig, q.tanh, q.tanh_c)]
-        junk = [q.mh if M is None else np.zeros(4 * H, np.int32),      # baked M / s: ignored
-                np.full(4 * H, 3, np.int32)]
-        got = run(build(f), [K.gate_order(f, gx), wk, *(K.gate_order(f, j) for j in junk), corr]
-                  + tabs,
-                  [((7, 3, H), "int8"), ((3, H), "int8"), ((3, H), "int16")])
+        got = run_recurrent(f, build(f), q, gx,      # baked M / s: these buffers are ignored
+                            mh=q.mh if M is None else np.zeros(4 * H, np.int32),
+                            sh=np.full(4 * H, 3, np.int32))
         assert_lstm_equal(got, ref_recurrence(gx, q))
 
 

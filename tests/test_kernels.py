@@ -393,6 +393,21 @@ def run_lstm(kern, p, gx, h0=None, c0=None):
     return run(kern, ins, [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
 
 
+def run_recurrent(func, kern, p, gx, h0=None, c0=None, mh=None, sh=None):
+    """Run a recurrent kernel built from `func` on natural-order gx / p (any form: its weights
+    prepared by `kernels.prepare_weights`, gx, mh, sh put in its `gate_order`); mh / sh override
+    p's (e.g. buffers a baked scale must not read)."""
+    T_, B, _ = gx.shape
+    H = p.hidden
+    wk, _, corr = K.prepare_weights(func, p.w_h)
+    mh, sh = (p.mh if mh is None else mh), (p.sh if sh is None else sh)
+    ins = [K.gate_order(func, gx), wk, K.gate_order(func, mh), K.gate_order(func, sh), corr]
+    ins += [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
+    if h0 is not None:
+        ins += [h0, c0]
+    return run(kern, ins, [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
+
+
 def ref_recurrence(gx, p, reverse=False, h0=None, c0=None):
     """spec 8 from given input gates (which may hold any int16, e.g. extremes)."""
     T_, B, _ = gx.shape

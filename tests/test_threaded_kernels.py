@@ -17,7 +17,8 @@ from tvm_intlstm import kernels as K
 from tvm_intlstm.kernels.lstm import interleave_gates
 from tvm_intlstm.reference import ops
 
-from test_kernels import HOST_ISA, TARGET, assert_lstm_equal, build, make_lstm, ref_recurrence, run
+from test_kernels import (HOST_ISA, TARGET, assert_lstm_equal, build, make_lstm, ref_recurrence,
+                          run, run_recurrent)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 avx2_only = pytest.mark.skipif(HOST_ISA != "avx2", reason="the threaded forms are AVX2 kernels")
@@ -33,17 +34,6 @@ def _recurrent(p, *, w7, reverse=False, init_state=False, parallel=True):
                             sig_pieces=p.sig.pieces, tanh_pieces=p.tanh.pieces,
                             tanh_c_pieces=p.tanh_c.pieces, reverse=reverse, init_state=init_state,
                             target=TARGET, w7=w7, packed=True, parallel=parallel)
-
-
-def _run_recurrent(func, kern, p, gx, h0=None, c0=None):
-    T_, B, _ = gx.shape
-    H = p.hidden
-    wk, _, corr = K.prepare_weights(func, p.w_h)
-    ins = [K.gate_order(func, gx), wk, K.gate_order(func, p.mh), K.gate_order(func, p.sh), corr]
-    ins += [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
-    if h0 is not None:
-        ins += [h0, c0]
-    return run(kern, ins, [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
 
 
 def test_interleave_gates_layout(rng):
@@ -70,8 +60,7 @@ def test_prepare_weights_follows_the_form(rng, w7):
     hi = 63 if w7 else 127
     p = make_lstm(rng, 32, 8, w_h=rng.integers(-hi, hi + 1, (128, 32)).astype(np.int8))
     threaded, serial = _recurrent(p, w7=w7), _recurrent(p, w7=w7, parallel=False)
-    assert int(threaded.attrs["intlstm.gate_interleave"]) == 1
-    assert int(serial.attrs["intlstm.gate_interleave"]) == 0
+    assert K.gate_interleaved(threaded) and not K.gate_interleaved(serial)
     wk, _, corr = K.prepare_weights(threaded, p.w_h)
     np.testing.assert_array_equal(wk, pack_outer(interleave_gates(p.w_h), w7, 4))
     np.testing.assert_array_equal(corr, interleave_gates(u8_correction(p.w_h)) if w7
@@ -84,7 +73,7 @@ def test_prepare_weights_follows_the_form(rng, w7):
     # too small to split (one channel group) or H % 8 != 0: the serial form
     for H in (8, 20):
         q = make_lstm(rng, H, 8)
-        assert int(_recurrent(q, w7=False).attrs["intlstm.gate_interleave"]) == 0
+        assert not K.gate_interleaved(_recurrent(q, w7=False))
 
 
 @avx2_only
@@ -108,8 +97,8 @@ def test_threaded_recurrence(rng, H, w7, reverse, init_state):
             st = dict(h0=rng.integers(-128, 128, (B, H)).astype(np.int8),
                       c0=rng.integers(-2**15, 2**15, (B, H)).astype(np.int16))
         ref = ref_recurrence(gx, p, reverse=reverse, **st)
-        assert_lstm_equal(_run_recurrent(f, kern, p, gx, **st), ref)
-        assert_lstm_equal(_run_recurrent(fs, kern_s, p, gx, **st), ref)
+        assert_lstm_equal(run_recurrent(f, kern, p, gx, **st), ref)
+        assert_lstm_equal(run_recurrent(fs, kern_s, p, gx, **st), ref)
 
 
 _WORKERS_SCRIPT = textwrap.dedent("""
@@ -117,26 +106,19 @@ _WORKERS_SCRIPT = textwrap.dedent("""
     sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
     import numpy as np
     from tvm_intlstm import kernels as K
-    from test_kernels import TARGET, make_lstm, ref_recurrence, run
+    from test_kernels import assert_lstm_equal, make_lstm, ref_recurrence, run_recurrent
+    from test_threaded_kernels import _recurrent
     rng = np.random.default_rng(7)
     H = 40   # 5 channel groups
     for w7 in (True, False):
         hi = 63 if w7 else 127
         p = make_lstm(rng, H, 8, w_h=rng.integers(-hi, hi + 1, (4 * H, H)).astype(np.int8))
-        f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
-                             tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces,
-                             target=TARGET, w7=w7, packed=True)
-        assert int(f.attrs["intlstm.gate_interleave"]) == 1
-        kern = K.build_kernel(f, TARGET)
-        wk, _, corr = K.prepare_weights(f, p.w_h)
-        tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
+        f = _recurrent(p, w7=w7)
+        assert K.gate_interleaved(f)
+        kern = K.build_kernel(f, K.host_target())
         for T_, B in ((6, 1), (3, 5)):
             gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
-            got = run(kern, [K.gate_order(f, gx), wk, K.gate_order(f, p.mh),
-                             K.gate_order(f, p.sh), corr, *tabs],
-                      [((T_, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")])
-            for g, r in zip(got, ref_recurrence(gx, p)):
-                np.testing.assert_array_equal(g, r)
+            assert_lstm_equal(run_recurrent(f, kern, p, gx), ref_recurrence(gx, p))
     print("exact")
 """)
 

@@ -41,7 +41,7 @@ from ._common import as_target, has_feature, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
 from ._gemm import u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
-from .lstm import gate_order, lstm_recurrent, pack_pwl
+from .lstm import gate_interleaved, gate_order, lstm_recurrent, pack_pwl
 from .norm import attention_context, layer_norm, softmax
 
 
@@ -99,15 +99,12 @@ def prepare_weights(func, W, bias=None):
     import numpy as np  # pylint: disable=import-outside-toplevel
     from ._gemm import (pack_mmla, pack_outer, u8_correction,  # pylint: disable=import-outside-toplevel
                         weights_fit_u8)
-    from .lstm import gate_order, interleave_gates  # pylint: disable=import-outside-toplevel
+    from .lstm import gate_order  # pylint: disable=import-outside-toplevel
     u8, ov = kernel_convention(func)
     W = np.asarray(W)
     if W.dtype != np.int8 or W.ndim != 2:
         raise ValueError(f"weights must be int8 [O, K], got {W.dtype} {W.shape}")
-    attrs = func.attrs if func.attrs is not None else {}
-    # the threaded recurrent kernel reads W_h's rows and corr gate-interleaved (lstm.gate_order)
-    interleave = "intlstm.gate_interleave" in attrs and int(attrs["intlstm.gate_interleave"])
-    Wk = interleave_gates(W) if interleave else W
+    Wk = gate_order(func, W, axis=0)   # the threaded recurrent kernel's row order, else W
     corr = np.zeros(W.shape[0], np.int32)
     if u8:
         if not weights_fit_u8(W):
@@ -119,8 +116,7 @@ def prepare_weights(func, W, bias=None):
             if b.size and (b.max() > 2**31 - 1 or b.min() < -(2**31)):
                 raise ValueError("bias - 128 rowsum(W) leaves int32: use w7=False")
             bias = b.astype(np.int32)
-    if interleave:
-        corr = gate_order(func, corr)
+    corr = gate_order(func, corr)
     if ov == -1:
         return pack_mmla(Wk), bias, corr
     return (pack_outer(Wk, u8, ov) if ov else Wk), bias, corr
@@ -151,6 +147,6 @@ __all__ = [
     "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "resolve_isa", "as_target", "Kernel",
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
-    "lstm_recurrent", "pack_pwl", "gate_order",
+    "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved",
     "layer_norm", "softmax", "attention_context",
 ]

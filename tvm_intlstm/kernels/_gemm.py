@@ -306,6 +306,13 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
         i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
         return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, i32(0), i32(3), i32(1))
 
+    def walk(flip, og0):
+        """The channel group at position og0 of the walk: backwards when flip (a PrimExpr or a
+        bool) holds."""
+        if isinstance(flip, bool):
+            return OG - 1 - og0 if flip else og0
+        return tirx.if_then_else(flip, OG - 1 - og0, og0)
+
     @T.macro
     def group(XS, n0, nrows, WF, ACC, store, og, pf_out, group_done, group_args, pf_step):
         """Every row tile of channel group og (the body of the group loop)."""
@@ -353,8 +360,7 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
             for og0 in T.parallel(OG):
                 # (a flip here reverses the whole range, so the caller passes one only when the pool
                 # has a single worker: with several it would swap their ranges every step)
-                og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
-                            else (OG - 1 - og0 if flip else og0))
+                og = T.Bind(walk(flip, og0))
                 ACCP = T.alloc_buffer((NR * OVT, 8), "int32")   # per worker
                 group(XS, n0, nrows, WF, ACCP, store, og, pf_out, group_done, group_args, pf_step)
         else:
@@ -362,8 +368,7 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                 # flip (a PrimExpr) walks the channel groups backwards: the serial recurrent kernel
                 # alternates direction every step, so a step starts on the groups the previous one
                 # read last, which are still in L2 (W_h is larger than L2 and read once per step)
-                og = T.Bind(T.if_then_else(flip, OG - 1 - og0, og0) if not isinstance(flip, bool)
-                            else (OG - 1 - og0 if flip else og0))
+                og = T.Bind(walk(flip, og0))
                 group(XS, n0, nrows, WF, ACC, store, og, pf_out, group_done, group_args, pf_step)
 
     return gemm

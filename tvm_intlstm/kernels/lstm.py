@@ -94,11 +94,17 @@ def interleave_gates(a, axis: int = 0) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
+def gate_interleaved(func) -> bool:
+    """Is `func` a recurrent kernel in the threaded form (attribute `intlstm.gate_interleave`)?"""
+    attrs = func.attrs if func.attrs is not None else {}
+    return "intlstm.gate_interleave" in attrs and bool(int(attrs["intlstm.gate_interleave"]))
+
+
 def gate_order(func, a, axis: int = -1) -> np.ndarray:
     """`a` (gate channels along `axis`) in the channel order the recurrent kernel `func` reads its
-    gx, mh, sh and corr in: `interleave_gates` for the threaded form, unchanged otherwise."""
-    attrs = func.attrs if func.attrs is not None else {}
-    if "intlstm.gate_interleave" in attrs and int(attrs["intlstm.gate_interleave"]):
+    W_h rows, gx, mh, sh and corr in: `interleave_gates` for the threaded form, unchanged
+    otherwise."""
+    if gate_interleaved(func):
         return interleave_gates(a, axis % np.ndim(a))
     return np.asarray(a)
 
@@ -341,27 +347,27 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                     SRC[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
 
     @T.macro
+    def step_threaded(tt, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED, TV, BS, LIM, t, solo):
+        # the parallel group loop: per group its products, gate epilogue and the cells of its 8
+        # units, whose new h also goes to the other half of the double-buffered source (step t
+        # reads rows (t % 2) B ..); a pool of one worker (solo) walks the groups zig-zag
+        if B == 1:
+            gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                 solo and t % 2 == 1, gx_addr(GX, tt), cell_group1,
+                 (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
+        else:
+            gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                  solo and t % 2 == 1, gx_addr(GX, tt), cell_group2,
+                  (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
+
+    @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
-             ACT, TV, BS, LIM, t, solo):
-        if fused:
-            # the parallel group loop: per group its products, gate epilogue and the cells of its 8
-            # units, whose new h also goes to the other half of the double-buffered source
-            if B == 1:
-                gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
-                     solo and t % 2 == 1,
-                     gx_addr(GX, tt), cell_group1,
-                     (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
-            else:
-                gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
-                      solo and t % 2 == 1,
-                      gx_addr(GX, tt), cell_group2,
-                      (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
-        elif wide or u8:
+             ACT, TV, BS, LIM):
+        """One step of the serial forms."""
+        if wide or u8:
             fill_source(B, HT, H16)
         # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
-        if fused:
-            pass
-        elif outer:
+        if outer:
             if B == 1:
                 gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                      gx_addr(GX, tt))
@@ -370,9 +376,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                       gx_addr(GX, tt))
         else:
             gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
-        if fused:
-            pass   # done per group in the GEMM's group_done
-        elif fast_pwl:
+        if fast_pwl:
             for b, jp in T.grid(B, JO // U):
                 cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
                       zcol_natural(jp), valid_all(), H16, 0)
@@ -442,8 +446,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 TV[1, r, c] = TANH[r, T.min(c, n_tanh)]
                 TV[2, r, c] = TANHC[r, T.min(c, n_tc)]
         if fused:
-            # source double buffer: rows [0, B) and [B, 2B), the loop's step t (reverse or not)
-            # reads rows (t % 2) B ..
+            # source double buffer: rows [0, B) and [B, 2B)
             H16 = T.alloc_buffer((2 * B, HP), "uint8" if u8 else "int16")
             for b, kp in T.grid(2 * B, HP - H):
                 H16[b, H + kp] = T.Cast(H16.dtype, 0)
@@ -457,25 +460,27 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 for t in range(TT):
                     with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
                         if reverse:
-                            step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
+                            step_threaded(TT - 1 - t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC,
+                                          RED, TV, BS, LIM, t, solo)
                         else:
-                            step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
-        elif wide:
-            H16 = T.alloc_buffer((B, HP), "int16")
-            for b, kp in T.grid(B, HP - H):
-                H16[b, H + kp] = T.int16(0)
-        elif u8:
-            H16 = T.alloc_buffer((B, HP), "uint8")  # u = h + 128, the u8 micro-kernel's source
-            for b, kp in T.grid(B, HP - H):
-                H16[b, H + kp] = T.uint8(0)
+                            step_threaded(t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED,
+                                          TV, BS, LIM, t, solo)
         else:
-            H16 = HT  # no scratch: the micro-kernel reads the int8 state directly
-        solo = True
-        for t in range(0 if fused else TT):   # the serial forms
-            if reverse:
-                step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
+            if wide:
+                H16 = T.alloc_buffer((B, HP), "int16")
+                for b, kp in T.grid(B, HP - H):
+                    H16[b, H + kp] = T.int16(0)
+            elif u8:
+                H16 = T.alloc_buffer((B, HP), "uint8")  # u = h + 128, the u8 micro-kernel's source
+                for b, kp in T.grid(B, HP - H):
+                    H16[b, H + kp] = T.uint8(0)
             else:
-                step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, t, solo)
+                H16 = HT  # no scratch: the micro-kernel reads the int8 state directly
+            for t in range(TT):
+                if reverse:
+                    step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
+                else:
+                    step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
 
     # Two signatures (with/without h0, c0): TVMScript parameter lists are fixed. `corr` is always a
     # parameter; only the u8 route reads it (the others get zeros from `kernels.prepare_weights`).

@@ -41,7 +41,7 @@ class _LowerLSTMMutator(OpLowering):
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
             shift_hi=hh, gate_scale=sch, parallel=threaded))
         func = self.cache[("func",) + key]
-        if threaded and int(func.attrs["intlstm.gate_interleave"]):
+        if threaded and K.gate_interleaved(func):
             w_x, bias, mx, sx, mh, sh = (relax.const(K.gate_order(func, c, axis=0), str(c.dtype))
                                          for c in consts)
         gvx, w_x, bias = self._gemm("linear_requant" + ("_hi" if hx else ""), I, G, "int16", w_x,
