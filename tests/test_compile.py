@@ -310,3 +310,31 @@ def test_passes_lower_their_own_operator_family():
     full = LowerLSTM(tgt)(half)
     assert "call_dps_packed" not in full.script(show_meta=False)
     VerifyIntegerOnly()(full)
+
+
+class LastStep(nn.Module):
+    """Negative indices: the last time step h[-1] (symbolic T) and the last layer's state h_n[-1]."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 16, num_layers=2)
+        self.a = nn.Linear(16, 4)
+        self.b = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h, (h_n, _) = self.lstm(x)
+        return self.a(h[-1]), self.b(h_n[-1])
+
+
+@pytest.mark.parametrize("target", ["llvm", "host"])
+def test_negative_indices_bitexact(target):
+    """TVM's translator turns x[-1] into take(x, -1, mode="fast"), an out-of-bounds read (a wrong
+    answer, not an error); the importer takes such indices with mode="wrap"."""
+    torch.manual_seed(19)
+    q = til.quantize(LastStep().eval(), [torch.randn(9, 3, 6) * 1.5 for _ in range(2)])
+    cm = til_compile(q, target, (torch.randn(5, 1, 6),), verbose=False)
+    ref = til.reference(q)
+    for T, B in ((1, 1), (3, 2), (8, 3)):
+        x = (torch.randn(T, B, 6) * 1.5).numpy()
+        for got, want in zip(cm(x), ref(x)):
+            np.testing.assert_array_equal(got, want)

@@ -273,10 +273,10 @@ def test_extract_tasks_from_quantized_model():
     from tvm_intlstm.tuning import extract_tasks
 
     class FeatureLSTM(nn.Module):
-        def __init__(self):
+        def __init__(self, H=24):
             super().__init__()
-            self.lstm = nn.LSTM(10, 24)
-            self.mid = nn.Linear(24, 16)
+            self.lstm = nn.LSTM(10, H)
+            self.mid = nn.Linear(H, 16)
             self.head = nn.Linear(16, 5)
 
         def forward(self, x):
@@ -290,6 +290,11 @@ def test_extract_tasks_from_quantized_model():
     assert got == {(10, 96, "int16", 24, "lstm_direction"), (24, 16, "int8", 24, "linear_requant"),
                    (16, 5, "int32", 24, "linear_i32")}
     assert {t.rows for t in extract_tasks(q, (torch.randn(8, 3, 10),), rows=64)} == {64}
+    # 13 units: the compiler pads them to 16 on AVX2, so the projection to tune has 64 channels
+    q13 = til.quantize(FeatureLSTM(13).eval(), [torch.randn(7, 2, 10)])
+    lstm_o = {isa: [t.O for t in extract_tasks(q13, (torch.randn(8, 3, 10),), isa=isa)
+                    if t.source == "lstm_direction"] for isa in (None, "generic", "avx2")}
+    assert lstm_o == {None: [52], "generic": [52], "avx2": [64]}
 
 
 def test_compile_applies_committed_tuning_logs():

@@ -13,6 +13,7 @@ import torch
 from torch.export import Dim, export
 import tvm
 from tvm import relax
+from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch import from_exported_program
 
 OP_PREFIX = "intlstm."
@@ -127,7 +128,34 @@ def export_quantized(qmodel, example_inputs, dynamic: bool = True):
         return export(gm, tuple(example_inputs), dynamic_shapes=dyn)
 
 
+_TAKE = tvm.ir.Op.get("relax.take")
+
+
+def _negative_const(e) -> bool:
+    from ..passes._lowering import const_numpy  # pylint: disable=import-outside-toplevel
+    v = const_numpy(e)
+    return v is not None and bool((v < 0).any())
+
+
+@mutator
+class _WrapNegativeIndices(PyExprMutator):
+    """`x[-1]` (aten.select with a negative index, e.g. the last time step or `h_n[-1]`) comes out
+    of TVM's translator as `R.take(x, -1, mode="fast")`, which reads before the buffer: take it
+    with mode="wrap" instead (index mod size: -1 is the last element), also for symbolic sizes."""
+
+    def visit_call_(self, call):
+        call = super().visit_call_(call)
+        if call.op == _TAKE and str(call.attrs.mode) == "fast" and _negative_const(call.args[1]):
+            return relax.op.take(call.args[0], call.args[1], axis=call.attrs.axis, mode="wrap")
+        return call
+
+
 def import_quantized(qmodel, example_inputs, dynamic: bool = True):
     """Relax IRModule of a quantized model, with our ops as `intlstm.*` placeholder calls."""
     ep = export_quantized(qmodel, example_inputs, dynamic)
-    return from_exported_program(ep, custom_convert_map=CONVERT_MAP, unwrap_unit_return_tuple=True)
+    mod = from_exported_program(ep, custom_convert_map=CONVERT_MAP, unwrap_unit_return_tuple=True)
+    fix = _WrapNegativeIndices(mod)
+    for gv, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            fix.builder_.update_func(gv, fix.visit_expr(func))
+    return fix.builder_.get()

@@ -41,7 +41,7 @@ from ._common import as_target, has_feature, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
 from ._gemm import u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
-from .lstm import gate_interleaved, gate_order, lstm_recurrent, pack_pwl
+from .lstm import gate_interleaved, gate_order, lstm_recurrent, pack_pwl, pad_units, recurrent_units
 from .norm import attention_context, layer_norm, softmax
 
 
@@ -147,6 +147,6 @@ __all__ = [
     "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "resolve_isa", "as_target", "Kernel",
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
-    "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved",
+    "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved", "recurrent_units", "pad_units",
     "layer_norm", "softmax", "attention_context",
 ]

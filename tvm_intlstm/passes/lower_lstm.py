@@ -20,28 +20,37 @@ class _LowerLSTMMutator(OpLowering):
         G, I = (_static(v, "LSTM size") for v in _shape(w_x))
         H = G // 4
         T_, B_ = _shape(x)[:2]
-        hx, hh = _shifts_hi(sx), _shifts_hi(sh)
-        scx, sch = uniform_scale(mx, sx), uniform_scale(mh, sh)
         pieces = [_static(_shape(t)[1], "PWL table") - 1 for t in (sig, tanh, tanh_c)]
         # constant W_h (always, from the quantizer): packed for the micro-kernel, and the u8 x s8
         # route when it lies in [-64, 64] on AVX2 (see _lowering._gemm); else the natural layout
         W = const_numpy(w_h)
         packed = W is not None
+        proj = [w_x, bias, mx, sx, mh, sh]
+        consts = [const_numpy(v) for v in proj]
+        constant = packed and all(c is not None for c in consts)
+        # on AVX2 the recurrent kernel runs a multiple of 8 units (K.recurrent_units): the extra
+        # units get zero weights (W_x and W_h rows, W_h columns) and their outputs are sliced off
+        HP = K.recurrent_units(H, K.resolve_isa(self.target)) if constant else H
+        if HP != H:
+            consts = [K.pad_units(c, H, HP, 0, f)
+                      for c, f in zip(consts, ("zero", "zero", "edge", "edge", "edge", "edge"))]
+            W = np.pad(K.pad_units(W, H, HP, 0), ((0, 0), (0, HP - H)))
+            w_x, bias, mx, sx, mh, sh = (relax.const(c, str(c.dtype)) for c in consts)
+            G = 4 * HP
+        hx, hh = _shifts_hi(sx), _shifts_hi(sh)
+        scx, sch = uniform_scale(mx, sx), uniform_scale(mh, sh)
         w7 = packed and K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
         # the threaded recurrent kernel reads gx, mh, sh in its gate-interleaved channel order: the
         # projection then gets its weight rows and per-channel constants in that order (so it
         # writes gx so), which needs them to be constants (always, from the quantizer)
-        proj = [w_x, bias, mx, sx, mh, sh]
-        consts = [const_numpy(v) for v in proj]
-        threaded = packed and all(c is not None for c in consts)
-        key = ("lstm_recurrent", H, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, threaded,
+        key = ("lstm_recurrent", HP, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, constant,
                str(self.target))
         gv = self._kernel(key, lambda: K.lstm_recurrent(
-            H, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
+            HP, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
-            shift_hi=hh, gate_scale=sch, parallel=threaded))
+            shift_hi=hh, gate_scale=sch, parallel=constant))
         func = self.cache[("func",) + key]
-        if threaded and K.gate_interleaved(func):
+        if constant and K.gate_interleaved(func):
             w_x, bias, mx, sx, mh, sh = (relax.const(K.gate_order(func, c, axis=0), str(c.dtype))
                                          for c in consts)
         gvx, w_x, bias = self._gemm("linear_requant" + ("_hi" if hx else ""), I, G, "int16", w_x,
@@ -55,10 +64,15 @@ class _LowerLSTMMutator(OpLowering):
             w_args = [relax.const(wk, "int8"), mh, sh, relax.const(corr, "int32")]
         else:   # non-constant W_h (never from the quantizer): natural layout, zero correction
             w_args = [w_h, mh, sh, relax.const(np.zeros(4 * H, np.int32), "int32")]
-        out_ty = [relax.TensorType([T_, B_, H], "int8"), relax.TensorType([B_, H], "int8"),
-                  relax.TensorType([B_, H], "int16")]
-        return self.builder_.emit(relax.call_tir(gv, [gx] + w_args + [sig, tanh, tanh_c], out_ty))
-
+        out_ty = [relax.TensorType([T_, B_, HP], "int8"), relax.TensorType([B_, HP], "int8"),
+                  relax.TensorType([B_, HP], "int16")]
+        out = self.builder_.emit(relax.call_tir(gv, [gx] + w_args + [sig, tanh, tanh_c], out_ty))
+        if HP == H:
+            return out
+        return self.builder_.emit(relax.Tuple([
+            self.builder_.emit(relax.op.strided_slice(self.builder_.emit(relax.TupleGetItem(out, i)),
+                                                      axes=[2 if i == 0 else 1], begin=[0], end=[H]))
+            for i in range(3)]))
 
 
 LowerLSTM = lowering_pass(_LowerLSTMMutator, "tvm_intlstm.LowerLSTM")

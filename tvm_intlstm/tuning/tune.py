@@ -114,13 +114,17 @@ def _walk_calls(expr, out):
         _walk_calls(expr.false_branch, out)
 
 
-def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64) -> list[GemmTask]:
+def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
+                      isa: str | None = None) -> list[GemmTask]:
     """GEMM tasks of an imported Relax module (see the module doc). Symbolic row counts become
-    `default_rows`; `rows` overrides every row count."""
+    `default_rows`; `rows` overrides every row count. With the kernels' `isa`, an LSTM input
+    projection has as many gate channels as the compiler gives it for that ISA
+    (`kernels.recurrent_units`: on AVX2 the units are padded to a multiple of 8)."""
     import tvm  # pylint: disable=import-outside-toplevel
     from tvm import relax  # pylint: disable=import-outside-toplevel
 
     from ..frontend.importer import OP_PREFIX  # pylint: disable=import-outside-toplevel
+    from ..kernels import recurrent_units  # pylint: disable=import-outside-toplevel
 
     dps = tvm.ir.Op.get("relax.call_dps_packed")
 
@@ -157,6 +161,8 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64) -> l
                 (O, K), dt, n = shape(a[1]), f"int{bits}", nrows(shape(a[0])[:-1])
             elif op == "lstm_direction":
                 (O, K), dt, n = shape(a[1]), "int16", nrows(shape(a[0])[:2])
+                if isa is not None:
+                    O = 4 * recurrent_units(int(O) // 4, isa)
             else:
                 continue
             t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op)
@@ -166,9 +172,11 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64) -> l
     return sorted(found.values(), key=lambda t: (t.K, t.O, t.out_dtype))
 
 
-def extract_tasks(model, example_inputs, rows: int | None = None) -> list[GemmTask]:
+def extract_tasks(model, example_inputs, rows: int | None = None,
+                  isa: str | None = None) -> list[GemmTask]:
     """The GEMM tasks of a quantized model (tvm_intlstm.quantize / prepare_qat result), with the
-    row counts of `example_inputs` (T*B for an LSTM input projection) unless `rows` is given."""
+    row counts of `example_inputs` (T*B for an LSTM input projection) unless `rows` is given; `isa`
+    as for `tasks_from_module` (tune passes its target's)."""
     import torch  # pylint: disable=import-outside-toplevel
 
     from ..frontend.importer import import_quantized  # pylint: disable=import-outside-toplevel
@@ -180,7 +188,7 @@ def extract_tasks(model, example_inputs, rows: int | None = None) -> list[GemmTa
         example_inputs = (example_inputs,)
     example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
     mod = import_quantized(model, example_inputs, dynamic=False)
-    return tasks_from_module(mod, rows=rows)
+    return tasks_from_module(mod, rows=rows, isa=isa)
 
 
 # --- targets --------------------------------------------------------------------------------------
@@ -481,7 +489,7 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     if tasks is None:
         if model is None or example_inputs is None:
             raise ValueError("tune needs a model and example_inputs, or a list of tasks")
-        tasks = extract_tasks(model, example_inputs, rows=rows)
+        tasks = extract_tasks(model, example_inputs, rows=rows, isa=isa)
     if not tasks:
         say("[tvm_intlstm.tune] the model has no GEMM to tune")
         return []
