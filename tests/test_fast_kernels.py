@@ -166,12 +166,14 @@ def test_recurrent_u8_extreme_state(rng):
 
 
 @pytest.mark.parametrize("pieces,mo_so", [((16, 16, 16), None), ((2, 5, 9), None),
-                                          ((8, 16, 3), None), ((13, 2, 16), (2**30, 20))])
+                                          ((8, 16, 3), None), ((13, 2, 16), (2**30, 20)),
+                                          ((8, 3, 8), None)])
 @pytest.mark.parametrize("H", [8, 32])
 def test_recurrent_cell_pwl_all_inputs(pieces, mo_so, H):
     """The cell's PWL evaluation on every int16 input of every gate (W_h = 0, so z = gx), for
     table sizes that fill the binary-search tables of the AVX2 cell partly (padding knots must
-    never be counted) or exactly (16), H = 8 (one block per iteration) and 32 (two interleaved
+    never be counted) or exactly (16), all of at most 8 pieces (one-register tables, the search
+    one level shorter), H = 8 (one block per iteration) and 32 (two interleaved
     blocks), and an output shift below 32 (the 64-bit requantize of h) as well as above."""
     rng = np.random.default_rng(sum(pieces) + H)
     p0 = make_lstm(rng, H, 4, pieces=pieces, mo_so=mo_so)

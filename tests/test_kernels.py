@@ -7,6 +7,9 @@ PWL input. Kernels with an AVX2 micro-kernel are tested in both forms on an AVX2
 """
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tvm
@@ -715,3 +718,11 @@ def test_bench_script_small():
     assert res["exact"] is True
     assert res["isa"] == HOST_ISA
     assert res["total_us"] > 0 and res["torch_fp32_us"] > 0 and res["recurrent_us"] > 0
+    # the command line: two workers, the serial form alongside (checked bit for bit too), 8 pieces
+    out = subprocess.run([sys.executable, "-m", "tvm_intlstm.kernels.bench_kernels", "--hidden", "16",
+                          "--input", "8", "--steps", "3", "--runs", "2", "--threads", "2", "--w7",
+                          "--pieces", "8", "--compare-serial"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "TVM_NUM_THREADS=2" in out.stdout and "bit-exact vs reference: True" in out.stdout
+    assert ("threaded / serial form" in out.stdout) == (HOST_ISA == "avx2")

@@ -1,12 +1,19 @@
 """Latency of the integer LSTM kernels against PyTorch FP32 nn.LSTM, one thread.
 
     python -m tvm_intlstm.kernels.bench_kernels [--hidden 512 --input 256 --steps 64 --batch 1]
+        [--w7] [--pieces 16] [--threads 1] [--compare-serial]
 
 Measures, for one LSTM direction: the batched input projection (linear_requant to int16 over all
 T*B rows) plus the fused recurrent kernel, each the median of several runs, after checking the
 result bit for bit against the numpy reference; and torch.nn.LSTM(I, H) in FP32 on the same input
 sizes with torch.set_num_threads(1). The machine is shared: the figures are medians, and the
 script prints the load average so that a noisy run can be recognised.
+
+--threads N sizes TVM's thread pool (TVM_NUM_THREADS; the threaded recurrent kernel and the
+projection split their channel groups among the workers); --compare-serial also builds the
+recurrent kernel's serial form (`lstm_recurrent(parallel=False)`) and times both in the same
+interleaved rounds (where the threaded form applies: AVX2, packed, H % 8 == 0, H >= 16, tables
+of <= 16 pieces); --pieces sets the size of the PWL tables (<= 8: one-register tables).
 """
 from __future__ import annotations
 
@@ -54,26 +61,33 @@ def _time_us(fn, runs: int, inner: int) -> tuple[float, float]:
 
 
 def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, check=True,
-          verbose=True, w7=False, packed=True):
+          verbose=True, w7=False, packed=True, pieces=16, compare_serial=False):
     import tvm
     import torch
 
-    from . import (build_kernel, host_target, linear_requant, lstm_recurrent, pack_pwl,
-                   prepare_weights, resolve_isa)
+    from . import (build_kernel, gate_interleaved, host_target, linear_requant, lstm_recurrent,
+                   pack_pwl, prepare_weights, resolve_isa)
     from ._gemm import uses_u8
     from ..reference import ops
 
     tgt = target if target is not None else host_target()
-    p = make_params(H, I, wmax=64 if w7 else 127)
+    p = make_params(H, I, pieces=pieces, wmax=64 if w7 else 127)
     G = 4 * H
     t0 = time.perf_counter()
     isa = resolve_isa(tgt, isa)
     u8 = uses_u8(isa, w7, packed)
     gx_f = linear_requant(I, G, "int16", isa=isa, w7=w7, packed=packed)
-    rec_f = lstm_recurrent(
-        H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
-        tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, isa=isa, w7=w7, packed=packed)
+    def recurrent(parallel):
+        return lstm_recurrent(
+            H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
+            tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, isa=isa, w7=w7,
+            packed=packed, parallel=parallel)
+
+    rec_f = recurrent(True)
     gx_k, rec_k = build_kernel(gx_f, tgt), build_kernel(rec_f, tgt)
+    # the serial form, where the default is the threaded one
+    ser_f = recurrent(False) if compare_serial and gate_interleaved(rec_f) else None
+    ser_k = build_kernel(ser_f, tgt) if ser_f is not None else None
     build_s = time.perf_counter() - t0
 
     rng = np.random.default_rng(1)
@@ -101,11 +115,25 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
 
     run_gx()
     run_rec()
+    if ser_k is not None:   # the serial form reads gx, W_h, mh, sh in the natural gate order
+        w_xs, bias_s, _ = prepare_weights(gx_f, p.w_x, p.bias)
+        gx_s = nd(np.zeros((T * B, G), np.int16))
+        gx_k(x2, nd(w_xs), nd(bias_s), nd(p.mx), nd(p.sx), gx_s)
+        gx_s3 = gx_s._create_view((T, B, G))
+        w_hs, _, corr_s = prepare_weights(ser_f, p.w_h)
+        ser_consts = [nd(w_hs), nd(p.mh), nd(p.sh), nd(corr_s)]
+        ys, hTs, cTs = (nd(np.zeros(a.shape, a.dtype)) for a in (y.numpy(), hT.numpy(), cT.numpy()))
+
+        def run_ser():
+            ser_k(gx_s3, *ser_consts, *tabs, ys, hTs, cTs)
+
+        run_ser()
     exact = None
     if check:
         y_ref, h_ref, c_ref = ops.lstm_direction(x, p)
-        exact = bool((y.numpy() == y_ref).all() and (hT.numpy() == h_ref).all()
-                     and (cT.numpy() == c_ref).all())
+        outs = [(y, hT, cT)] + ([(ys, hTs, cTs)] if ser_k is not None else [])
+        exact = all(bool((a.numpy() == y_ref).all() and (h.numpy() == h_ref).all()
+                         and (c.numpy() == c_ref).all()) for a, h, c in outs)
         if not exact:
             raise AssertionError("TVM kernels disagree with the numpy reference")
 
@@ -123,31 +151,43 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
 
     run_torch()
     # interleave the measurements so that a change of machine load hits all of them alike
-    acc = {"gx": [], "rec": [], "total": [], "torch": []}
+    fns = [("gx", run_gx), ("rec", run_rec), ("total", run_both), ("torch", run_torch)]
+    if ser_k is not None:
+        fns.insert(2, ("serial", run_ser))
+    acc = {k: [] for k, _ in fns}
     for _ in range(runs):
-        for key, fn in (("gx", run_gx), ("rec", run_rec), ("total", run_both),
-                        ("torch", run_torch)):
+        for key, fn in fns:
             acc[key].append(_time_us(fn, 1, inner))
     med = {k: float(np.median([v[0] for v in vals])) for k, vals in acc.items()}
     best = {k: float(np.min([v[1] for v in vals])) for k, vals in acc.items()}
+    # the per-round ratio (robust to load drifting between rounds)
+    ser_ratio = (float(np.median([a[0] / b[0] for a, b in zip(acc["rec"], acc["serial"])]))
+                 if ser_k is not None else None)
 
     res = dict(H=H, I=I, T=T, B=B, gx_us=med["gx"], recurrent_us=med["rec"],
                total_us=med["total"], per_step_us=med["rec"] / T, torch_fp32_us=med["torch"],
                min_us=best, build_s=build_s, exact=exact, isa=isa,
-               load=os.getloadavg())
+               threads=int(os.environ.get("TVM_NUM_THREADS", "0") or 0),
+               threaded=gate_interleaved(rec_f), serial_us=med.get("serial"),
+               threaded_vs_serial=ser_ratio, load=os.getloadavg())
     if verbose:
-        print(f"LSTM {I}->{H}, T={T}, B={B}, one thread, target {tgt}, isa {res['isa']}"
+        print(f"LSTM {I}->{H}, T={T}, B={B}, TVM_NUM_THREADS={os.environ.get('TVM_NUM_THREADS')}, "
+              f"target {tgt}, isa {res['isa']}, {pieces}-piece PWL tables"
               + (", u8 x s8 kernel (weights in [-64, 64])" if u8 else "")
               + (", packed weights" if packed else ", natural weight layout"))
         print(f"  bit-exact vs reference: {exact}; build {build_s:.1f} s")
         print(f"  {'':40s} {'median':>9s} {'min':>9s}  (us per call, {runs} runs)")
         rows = [("gx = linear_requant int16 " + f"({T * B}x{I}x{G})", "gx"),
-                (f"recurrent kernel ({T} steps)", "rec"),
-                ("TVM integer total (gx + recurrent)", "total"),
-                ("PyTorch FP32 nn.LSTM", "torch")]
+                (f"recurrent kernel ({T} steps)" + (", threaded form" if res["threaded"] else ""),
+                 "rec")]
+        if ser_k is not None:
+            rows.append(("recurrent kernel, serial form", "serial"))
+        rows += [("TVM integer total (gx + recurrent)", "total"), ("PyTorch FP32 nn.LSTM", "torch")]
         for label, key in rows:
             print(f"  {label:40s} {med[key]:9.1f} {best[key]:9.1f}")
         print(f"  recurrent per step: {med['rec'] / T:.1f} us (min {best['rec'] / T:.1f})")
+        if ser_ratio is not None:
+            print(f"  threaded / serial form, per round: {ser_ratio:.3f} (median of {runs})")
         print(f"  PyTorch FP32 / TVM integer: {med['torch'] / med['total']:.2f}x (median), "
               f"{best['torch'] / best['total']:.2f}x (min); load average "
               f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (shared machine)")
@@ -167,9 +207,19 @@ def main(argv=None):
     ap.add_argument("--w7", action="store_true",
                     help="weights in [-64, 64] (QuantConfig(weight_bits=7)): the u8 x s8 AVX2 kernel")
     ap.add_argument("--natural", action="store_true", help="weights in natural layout (not packed)")
+    ap.add_argument("--pieces", type=int, default=16, help="pieces of the PWL tables (2..64)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="workers of TVM's thread pool (TVM_NUM_THREADS; default 1)")
+    ap.add_argument("--compare-serial", action="store_true",
+                    help="also time the recurrent kernel's serial form (parallel=False)")
     a = ap.parse_args(argv)
+    if a.threads is not None:
+        if a.threads < 1:
+            ap.error("--threads must be >= 1")
+        # read by TVM's pool when a kernel first runs, i.e. after this
+        os.environ["TVM_NUM_THREADS"] = str(a.threads)
     bench(a.hidden, a.input, a.steps, a.batch, runs=a.runs, target=a.target, isa=a.isa, w7=a.w7,
-          packed=not a.natural)
+          packed=not a.natural, pieces=a.pieces, compare_serial=a.compare_serial)
 
 
 if __name__ == "__main__":

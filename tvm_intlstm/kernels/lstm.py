@@ -253,6 +253,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # of the table's halves and a blend on idx > 7. The tables are copied once per call into TV
     # [3 tables, 3 rows, 16] (padded by repeating the last column) so both halves are in bounds.
     U = 2 if fast_pwl and JO % 2 == 0 else 1
+    # tables of <= 8 pieces (QuantConfig(pwl_pieces=8)) fit one register: one vpermd per lookup, no
+    # blend, and the binary search starts one level down (k_8 is never counted)
+    small = max(n_sig, n_tanh, n_tc) <= 8
 
     def pwl_vec(XC, IDX, TV, t, g):
         """pwl_finish for the 8 lanes of row g at once, table t of TV (fast_pwl only)."""
@@ -262,6 +265,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         def look(r):
             lo = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
                                             TV[t, r, tirx.Ramp(0, 1, 8)], idx)
+            if small:
+                return lo
             hi = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
                                             TV[t, r, tirx.Ramp(8, 1, 8)], idx)
             return tirx.Select(hi_half, hi, lo)
@@ -295,8 +300,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     @T.macro
     def bs_index(XC, IDX, BS, t, g):
-        IDX[g, T.Ramp(0, 1, 8)] = T.Cast("int32x8", XC[g, T.Ramp(0, 1, 8)] > BS[t, 0, T.Ramp(0, 1, 8)])
-        IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 1, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
+        if small:   # b3 = 0; level 1's knot is k_4 for every lane
+            IDX[g, T.Ramp(0, 1, 8)] = T.Cast("int32x8", XC[g, T.Ramp(0, 1, 8)] > T.Broadcast(BS[t, 1, 0], 8))
+        else:
+            IDX[g, T.Ramp(0, 1, 8)] = T.Cast("int32x8", XC[g, T.Ramp(0, 1, 8)] > BS[t, 0, T.Ramp(0, 1, 8)])
+            IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 1, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
         IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 2, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
         IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 3, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
 
