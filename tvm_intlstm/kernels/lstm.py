@@ -39,10 +39,14 @@ channel groups per step (the same range every step: its part of W_h stays in its
 barrier (`TVMBackendParallelBarrier`, a spin on a counter, ~0.5 us) ends each step. The new h is
 written to the other half of a double-buffered GEMM source, so no worker overwrites what another
 still reads. One launch per call instead of a fork/join per step (which cost more than it gained
-on two cores). A pool of one worker walks the groups zig-zag like the serial form and runs within
-~2 % of it (gx and the per-channel constants come in the interleaved order too, so the gate
-epilogue reads one stream, not four); with two workers on this Zen3 a step takes ~0.55-0.6x as
-long at batch 1 and 8.
+on two cores). A pool of one worker (the kernel asks `runtime.NumThreads`) runs no launch: at
+batch 1 it walks the groups zig-zag like the serial form (0.97x of the serial form's time per
+step), with several batch rows it schedules each step as the serial form does, all products then
+all cells (`step_solo`; the cells right after each group's products were ~4-9 % slower per batch-8
+step). gx and the per-channel constants come in the interleaved order too, so the gate epilogue
+reads one stream, not four. With two workers on this Zen3 a step takes ~0.55-0.6x as long at
+batch 1 and 8. `python -m tvm_intlstm.kernels.bench_kernels --w7 --compare-serial [--batch 8]
+[--threads 2]` times the forms side by side.
 """
 from __future__ import annotations
 
@@ -194,6 +198,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
         gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, parallel=fused)
         gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, parallel=fused)
+        # the threaded form's steps on a pool of one worker with several batch rows (step_solo)
+        gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV) if fused else None
         outer = True
     else:
         WS = (G, H)
@@ -227,6 +233,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     def zcol_natural(jp):
         return lambda u, g: g * H + (jp * U + u) * 8
+
+    def zcol_interleaved(jp):
+        return lambda u, g: (jp * U + u) * 32 + g * 8
 
     def valid_all():
         return lambda u: True
@@ -393,6 +402,19 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                   (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
 
     @T.macro
+    def step_solo(tt, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS,
+                  LIM, t):
+        # a step of the threaded form's layout (gate-interleaved channels, double-buffered source)
+        # scheduled as the serial form: all products, then all cells, two 8-unit blocks
+        # interleaved; with one worker and several batch rows this is faster than a group's cells
+        # right after its products (batch 8: ~4 % per step), at batch 1 it is not
+        gemm2_solo(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), t % 2 == 1,
+                   gx_addr(GX, tt))
+        for b, jp in T.grid(B, JO // U):
+            cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
+                  zcol_interleaved(jp), valid_all(), H16, ((t + 1) % 2) * B)
+
+    @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
              ACT, TV, BS, LIM):
         """One step of the serial forms."""
@@ -488,15 +510,24 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             # step reads all of h. A pool of one worker walks the groups zig-zag as the serial form
             # does (-3 % per batch-1 step: a step starts where the previous one left W_h in L2)
             solo = T.call_packed("runtime.NumThreads", dtype="int32") == 1
-            with T.attr(0, "pragma_parallel_launch_point", 1):
+            if solo and B > 1:
                 for t in range(TT):
-                    with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
-                        if reverse:
-                            step_threaded(TT - 1 - t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC,
-                                          RED, TV, BS, LIM, t, solo)
-                        else:
-                            step_threaded(t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED,
-                                          TV, BS, LIM, t, solo)
+                    if reverse:
+                        step_solo(TT - 1 - t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED,
+                                  XC, IDX, ACT, TV, BS, LIM, t)
+                    else:
+                        step_solo(t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
+                                  ACT, TV, BS, LIM, t)
+            else:
+                with T.attr(0, "pragma_parallel_launch_point", 1):
+                    for t in range(TT):
+                        with T.attr(0, "pragma_parallel_barrier_when_finish", 1):
+                            if reverse:
+                                step_threaded(TT - 1 - t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z,
+                                              ACC, RED, TV, BS, LIM, t, solo)
+                            else:
+                                step_threaded(t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC,
+                                              RED, TV, BS, LIM, t, solo)
         else:
             if wide:
                 H16 = T.alloc_buffer((B, HP), "int16")
