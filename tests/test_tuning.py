@@ -4,6 +4,7 @@ foreign target). A handful of trials only: the real tuning runs are offline (tun
 import json
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 
@@ -297,7 +298,7 @@ def test_extract_tasks_from_quantized_model():
     assert lstm_o == {None: [52], "generic": [52], "avx2": [64]}
 
 
-def test_compile_applies_committed_tuning_logs():
+def test_compile_applies_committed_tuning_logs(tmp_path):
     """compile(..., tuning_logs=tuning_logs/znver3) uses the tuned, pre-packed GEMM for the
     256->512 LSTM's input projection and stays bit-exact with the reference."""
     import os
@@ -319,7 +320,22 @@ def test_compile_applies_committed_tuning_logs():
     q = til.quantize(L().eval(), [torch.randn(6, 2, 256)])
     logs = os.path.join(os.path.dirname(__file__), "..", "tuning_logs", "znver3")
     cm = til.compile(q, "llvm -mcpu=znver3", (torch.randn(8, 2, 256),), tuning_logs=logs, verbose=False)
-    assert "tuned_linear_requant" in cm.ir_module.script(show_meta=False)
+    text = cm.ir_module.script(show_meta=False)
+    assert "tuned_linear_requant" in text
+    # the tuned kernel replacing the (threaded) LSTM input projection is threaded too
+    tuned = [f for gv, f in cm.ir_module.functions_items() if gv.name_hint.startswith("tuned_linear")]
+    assert len(tuned) == 1 and "T.parallel" in tuned[0].script()
     for T, B in ((8, 2), (3, 1)):
         x = torch.randn(T, B, 256)
         np.testing.assert_array_equal(cm(x.numpy()), til.reference(q)(x.numpy()))
+    # ... and bit-exact with two workers
+    x = torch.randn(9, 3, 256).numpy()
+    lib = cm.export_library(str(tmp_path / "tuned.so"))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", til.reference(q)(x))
+    code = ("import sys, numpy as np, tvm_intlstm as til; d = sys.argv[1]; "
+            "y = til.load(d + '/tuned.so')(np.load(d + '/x.npy')); "
+            "assert (y == np.load(d + '/y.npy')).all(); print('exact')")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, TVM_NUM_THREADS="2"))
+    assert r.returncode == 0 and r.stdout.strip().endswith("exact"), r.stdout + r.stderr

@@ -108,10 +108,14 @@ class OpLowering(PyExprMutator):
             if folded is None or folded.max() > 2**31 - 1 or folded.min() < -(2**31):
                 w7 = False   # the corrected bias would leave int32: take the exact 8-bit route
         if self.tuned is not None and not w7:
-            hit = self.tuned.for_weight(Kf, O, dt, w)
+            # the default kernels of LSTM input projections use the thread pool (variant
+            # "parallel"): their tuned replacements do too
+            par = "parallel" in variant
+            hit = self.tuned.for_weight(Kf, O, dt, w, parallel=par)
             if hit is not None:
                 func, wp = hit
-                return self._kernel(("tuned_" + kind, Kf, O, dt, str(self.target)), lambda: func), wp, b
+                return self._kernel(("tuned_" + kind, Kf, O, dt, par, str(self.target)),
+                                    lambda: func), wp, b
         key = (kind, Kf, O, dt, w7, True, *variant, str(self.target))
         gv = self._kernel(key, lambda: make_default(w7, True))
         wk, bk, _ = K.prepare_weights(self.cache[("func",) + key], W, const_numpy(b))

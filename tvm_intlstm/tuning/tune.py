@@ -622,17 +622,21 @@ class TunedKernels:
         e = self._best.get((int(K), int(O), str(out_dtype)))
         return None if e is None else e[1] * 1e6
 
-    def get(self, K, O, out_dtype):
+    def get(self, K, O, out_dtype, parallel: bool = False):
+        """parallel=True: the replayed schedule's outermost loop (the output-channel panels, o0 of
+        `gemm.schedule_gemm`) becomes a parallel loop, split among TVM's thread pool like the
+        default kernels of LSTM input projections (the trials were measured on one thread)."""
         key = (int(K), int(O), str(out_dtype))
         if key not in self._best:
             return None
-        if key not in self._cache:
-            self._cache[key] = self._replay(key)
-        return self._cache[key]
+        ck = key + (bool(parallel),)
+        if ck not in self._cache:
+            self._cache[ck] = self._replay(key, bool(parallel))
+        return self._cache[ck]
 
     __call__ = get
 
-    def for_weight(self, K, O, out_dtype, w):
+    def for_weight(self, K, O, out_dtype, w, parallel: bool = False):
         """For the compiler: (tuned PrimFunc, packed weight constant) for a GEMM whose weight `w`
         is a constant (relax.const) int8 [O, K], or None (not tuned, or a weight that is not a constant:
         use the default kernel with `w` as it is). Call the kernel with the packed constant in
@@ -644,12 +648,12 @@ class TunedKernels:
         W = const_numpy(w)
         if W is None:
             return None
-        func = self.get(K, O, out_dtype)
+        func = self.get(K, O, out_dtype, parallel)
         if func is None:
             return None
         return func, relax.const(G.pack_weights(W), "int8")
 
-    def _replay(self, key):
+    def _replay(self, key, parallel=False):
         import tvm  # pylint: disable=import-outside-toplevel
         from tvm import s_tir  # pylint: disable=import-outside-toplevel
 
@@ -661,6 +665,8 @@ class TunedKernels:
             sch = s_tir.Schedule(tvm.IRModule({"main": func}))
             rec.trace.apply_to_schedule(sch, remove_postproc=True)
             out = sch.mod["main"]
+            if parallel:   # (after tensorize the product block is "gemm_init" + "gemm_update_o")
+                out = _parallel_loop(out, sch.get(sch.get_loops(sch.get_sblock("gemm_init"))[0]))
         except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
             warnings.warn(f"tuned schedule of GEMM K={K} O={O} {dt} (tuned at N={rows}) from "
                           f"{self.log_dir} does not apply to the kernel ({type(e).__name__}: "
@@ -670,6 +676,21 @@ class TunedKernels:
         name = "linear_i32" if dt == "int32" else "linear_requant"
         return (out.without_attr(GEMM_ATTR).with_attr("global_symbol", name)
                 .with_attr("intlstm.isa", self.isa).with_attr("intlstm.tuned", 1))
+
+
+def _parallel_loop(func, loop):
+    """`func` with the serial loop `loop` (a For of it) made parallel. Used on the output-channel
+    panel loop of a replayed GEMM schedule, whose iterations write disjoint output columns (the
+    schedule primitive refuses it because of the tensorized reduction block under it). By the
+    printed script: TVM 0.27's Python API has no statement rewriter."""
+    from tvm.script import from_source  # pylint: disable=import-outside-toplevel
+
+    name = loop.loop_var.name
+    src = func.script()
+    head = f"for {name} in range({loop.extent}):"
+    if src.count(head) != 1:
+        raise ValueError(f"loop {name} not found once in the scheduled kernel")
+    return from_source(src.replace(head, f"for {name} in T.parallel({loop.extent}):"))
 
 
 def apply_tuning_logs(log_dir, target) -> TunedKernels:
