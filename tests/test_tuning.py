@@ -266,7 +266,7 @@ def test_missing_logs_fall_back(tmp_path):
         assert apply_tuning_logs(None, TARGET).get(*TASK.key) is None
 
 
-def test_extract_tasks_from_quantized_model():
+def test_extract_tasks_from_quantized_model(tmp_path):
     import torch
     from torch import nn
 
@@ -296,6 +296,16 @@ def test_extract_tasks_from_quantized_model():
     lstm_o = {isa: [t.O for t in extract_tasks(q13, (torch.randn(8, 3, 10),), isa=isa)
                     if t.source == "lstm_direction"] for isa in (None, "generic", "avx2")}
     assert lstm_o == {None: [52], "generic": [52], "avx2": [64]}
+    assert not any(t.u8_weights for t in tasks)
+    # 7-bit weights: the compiler takes the u8 x s8 kernels on AVX2, so tune has nothing to do
+    q7 = til.quantize(FeatureLSTM().eval(), [torch.randn(7, 2, 10)], til.QuantConfig(weight_bits=7))
+    t7 = extract_tasks(q7, (torch.randn(8, 3, 10),))
+    assert len(t7) == 3 and all(t.u8_weights for t in t7)
+    if resolve_isa(TARGET) == "avx2":
+        msgs = []
+        assert tune(q7, TARGET, (torch.randn(8, 3, 10),), trials=1, log_dir=str(tmp_path / "db"),
+                    log=msgs.append) == []
+        assert any("nothing to tune" in m for m in msgs) and not (tmp_path / "db").exists()
 
 
 def test_compile_applies_committed_tuning_logs(tmp_path):

@@ -49,6 +49,7 @@ import os
 import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +79,8 @@ class GemmTask:
     out_dtype: str     # "int8" / "int16" (requantizing) or "int32" (final linear)
     rows: int          # the static N the task is tuned for
     source: str = ""   # where it comes from, e.g. "lstm_direction" (for the progress lines)
+    u8_weights: bool = False   # its weights lie in [-64, 64]: on AVX2 the compiler then uses the
+                               # hand-written u8 x s8 kernel, never a tuned one (`tune` skips it)
 
     @property
     def key(self) -> tuple:
@@ -124,7 +127,8 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
     from tvm import relax  # pylint: disable=import-outside-toplevel
 
     from ..frontend.importer import OP_PREFIX  # pylint: disable=import-outside-toplevel
-    from ..kernels import recurrent_units  # pylint: disable=import-outside-toplevel
+    from ..kernels import recurrent_units, weights_fit_u8  # pylint: disable=import-outside-toplevel
+    from ..passes._lowering import const_numpy  # pylint: disable=import-outside-toplevel
 
     dps = tvm.ir.Op.get("relax.call_dps_packed")
 
@@ -165,10 +169,14 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
                     O = 4 * recurrent_units(int(O) // 4, isa)
             else:
                 continue
-            t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op)
+            W = const_numpy(a[1])
+            u8 = W is not None and weights_fit_u8(W)
+            t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op, u8)
             old = found.get(t.key)
-            if old is None or t.rows > old.rows:
-                found[t.key] = t
+            if old is not None:   # one GEMM shape, several layers: tuned unless all take u8
+                t = dataclasses.replace(max(t, old, key=lambda g: g.rows),
+                                        u8_weights=t.u8_weights and old.u8_weights)
+            found[t.key] = t
     return sorted(found.values(), key=lambda t: (t.K, t.O, t.out_dtype))
 
 
@@ -490,6 +498,17 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
         if model is None or example_inputs is None:
             raise ValueError("tune needs a model and example_inputs, or a list of tasks")
         tasks = extract_tasks(model, example_inputs, rows=rows, isa=isa)
+        if isa == "avx2":
+            for t in tasks:
+                if t.u8_weights:
+                    say(f"[tvm_intlstm.tune] {t.name} ({t.source}): weights within [-64, 64] "
+                        "(e.g. QuantConfig(weight_bits=7)) take the hand-written u8 x s8 kernel, "
+                        "which is not tuned: skipped")
+            tasks = [t for t in tasks if not t.u8_weights]
+            if not tasks:
+                say("[tvm_intlstm.tune] nothing to tune: every GEMM of the model takes the u8 x s8 "
+                    "kernel")
+                return []
     if not tasks:
         say("[tvm_intlstm.tune] the model has no GEMM to tune")
         return []
