@@ -168,19 +168,23 @@ def test_recurrent_u8_extreme_state(rng):
 @pytest.mark.parametrize("pieces,mo_so", [((16, 16, 16), None), ((2, 5, 9), None),
                                           ((8, 16, 3), None), ((13, 2, 16), (2**30, 20)),
                                           ((8, 3, 8), None)])
-@pytest.mark.parametrize("H", [8, 32])
-def test_recurrent_cell_pwl_all_inputs(pieces, mo_so, H):
+@pytest.mark.parametrize("H,fold", [(8, False), (32, False), (32, True)])
+def test_recurrent_cell_pwl_all_inputs(pieces, mo_so, H, fold):
     """The cell's PWL evaluation on every int16 input of every gate (W_h = 0, so z = gx), for
     table sizes that fill the binary-search tables of the AVX2 cell partly (padding knots must
     never be counted) or exactly (16), all of at most 8 pieces (one-register tables, the search
     one level shorter), H = 8 (one block per iteration) and 32 (two interleaved
-    blocks), and an output shift below 32 (the 64-bit requantize of h) as well as above."""
+    blocks), and an output shift below 32 (the 64-bit requantize of h) as well as above; fold: the
+    folded PWL form ((a x + c) >> 14, `kernels.pwl_foldable`)."""
     rng = np.random.default_rng(sum(pieces) + H)
     p0 = make_lstm(rng, H, 4, pieces=pieces, mo_so=mo_so)
     p = dataclasses.replace(p0, w_h=np.zeros_like(p0.w_h))
+    if fold:
+        assert all(K.pwl_foldable(t) for t in (p.sig, p.tanh, p.tanh_c))
     f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
                          tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
-                         w7=True, packed=True)
+                         w7=True, packed=True, pwl_fold=fold)
+    assert int(f.attrs["intlstm.pwl_fold"]) == int(fold and HOST_ISA == "avx2")
     B = 65536 // H
     vals = np.arange(-32768, 32768).astype(np.int16).reshape(B, H)
     gx = np.stack([np.concatenate([np.roll(vals, g * 7, axis=0) for g in range(4)], axis=1),
@@ -383,3 +387,22 @@ def test_i8mm_packing_and_build_checks(rng):
     # without i8mm, or without packing, the sdot form on natural weights
     assert K.kernel_convention(K.linear_i32(Kd, O, True, target=rpi5, packed=True)) == (False, 0)
     assert K.kernel_convention(K.linear_i32(Kd, O, True, target=i8mm)) == (False, 0)
+
+
+def test_pwl_foldable():
+    """The folded PWL form needs a (x - k) + 2^13 + 2^14 v inside int32 over every piece."""
+    from tvm_intlstm.quant.pwl import fit_pwl
+    for f, frac in (("sigmoid", 12), ("tanh", 12), ("tanh", 8), ("tanh", 15)):
+        for n in (2, 8, 16, 64):
+            assert K.pwl_foldable(fit_pwl(f, n, frac))
+    t = K.pack_pwl(fit_pwl("tanh", 4, 12))
+    assert K.pwl_foldable(t)
+    big = t.copy()
+    big[1, 0] = 2**20            # a base spec 7 allows, 2^14 v leaves int32
+    assert not K.pwl_foldable(big)
+    edge = t.copy()
+    edge[1, :] = 0
+    edge[2, 0] = (2**31 - 1 - 2**13) // int(edge[0, 1] - edge[0, 0])   # the largest slope that fits
+    assert K.pwl_foldable(edge)
+    edge[2, 0] += 1
+    assert not K.pwl_foldable(edge)

@@ -81,6 +81,7 @@ def test_lowering_pads_and_slices():
     low = LowerLSTM(tgt)(LowerLinear(tgt)(LowerBoundary(tgt)(mod)))
     rec = [f for gv, f in low.functions_items() if gv.name_hint.startswith("lstm_recurrent")]
     assert len(rec) == 2 and all(K.gate_interleaved(f) for f in rec)   # the threaded form ...
+    assert all(int(f.attrs["intlstm.pwl_fold"]) for f in rec)           # (and the folded PWL form)
     main = low["main"].script(show_meta=False)
     calls = [ln for ln in main.splitlines() if "R.call_tir(lstm_recurrent" in ln]
     assert len(calls) == 2

@@ -41,7 +41,8 @@ from ._common import as_target, has_feature, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
 from ._gemm import u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
-from .lstm import gate_interleaved, gate_order, lstm_recurrent, pack_pwl, pad_units, recurrent_units
+from .lstm import (gate_interleaved, gate_order, lstm_recurrent, pack_pwl, pad_units, pwl_foldable,
+                   recurrent_units)
 from .norm import attention_context, layer_norm, softmax
 
 
@@ -148,5 +149,6 @@ __all__ = [
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
     "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved", "recurrent_units", "pad_units",
+    "pwl_foldable",
     "layer_norm", "softmax", "attention_context",
 ]

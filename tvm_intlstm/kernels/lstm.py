@@ -113,6 +113,21 @@ def gate_order(func, a, axis: int = -1) -> np.ndarray:
     return np.asarray(a)
 
 
+def pwl_foldable(table) -> bool:
+    """Can the AVX2 cell evaluate this PWL table (spec 7) as (a_i x + c_i) >> 14 with
+    c_i = 2^13 - a_i k_i + 2^14 v_i (int32, wrapping)? That equals v_i + rshift_round(a_i (x - k_i),
+    14) exactly when a_i (x - k_i) + 2^13 + 2^14 v_i stays in int32 over the piece (x in
+    [k_i, k_(i+1)]): then the intermediate wrap-around cancels. True for every fitted sigmoid /
+    tanh table (|v| <= 2^15); spec 7 allows |v| up to 2^20, hence the check. `table`: a PWLTable
+    or a packed int32 [3, n+1] array (`pack_pwl`)."""
+    t = pack_pwl(table) if hasattr(table, "knots") else np.asarray(table)
+    k, v, a = (t[r].astype(np.int64) for r in range(3))
+    n = t.shape[1] - 1
+    lo = 2**13 + 2**14 * v[:n]
+    hi = lo + a[:n] * (k[1:] - k[:n])
+    return bool(np.all(np.minimum(lo, hi) >= -(2**31)) and np.all(np.maximum(lo, hi) <= 2**31 - 1))
+
+
 def recurrent_units(hidden: int, isa: str) -> int:
     """How many units the recurrent kernel of an LSTM with `hidden` units should run: on AVX2 the
     next multiple of 8 (the fast cell and the threaded form work on blocks of 8 units; a 650-unit
@@ -141,7 +156,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                    tanh_pieces: int = 16, tanh_c_pieces: int = 16, reverse: bool = False,
                    init_state: bool = False, target=None, isa: str | None = None,
                    w7: bool = False, packed: bool = False, shift_hi: bool = False,
-                   gate_scale: tuple | None = None, parallel: bool = True):
+                   gate_scale: tuple | None = None, parallel: bool = True,
+                   pwl_fold: bool = False):
     """PrimFunc of one LSTM direction's recurrence (spec 8). With G = 4 * hidden:
 
     Parameters (destination passing; T, B symbolic int64):
@@ -171,6 +187,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     returns corr in that order) and the channel axis of gx, mh and sh (`gate_order(func, a)`; the
     compiler permutes the input projection's rows so that it writes gx in that order).
     parallel=False keeps the serial form (one thread whatever the pool size).
+
+    pwl_fold=True promises `pwl_foldable` of all three tables: the AVX2 cell (tables of <= 16
+    pieces) then evaluates each PWL as (a x + c) >> 14 from two table lookups (slope, and c with the
+    knot, base and rounding folded in, computed per call from the tables) instead of three plus a
+    subtraction and the rounding add.
     """
     H = int(hidden)
     if H <= 0:
@@ -265,6 +286,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # tables of <= 8 pieces (QuantConfig(pwl_pieces=8)) fit one register: one vpermd per lookup, no
     # blend, and the binary search starts one level down (k_8 is never counted)
     small = max(n_sig, n_tanh, n_tc) <= 8
+    fold = bool(pwl_fold) and fast_pwl
 
     def pwl_vec(XC, IDX, TV, t, g):
         """pwl_finish for the 8 lanes of row g at once, table t of TV (fast_pwl only)."""
@@ -280,6 +302,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                                             TV[t, r, tirx.Ramp(8, 1, 8)], idx)
             return tirx.Select(hi_half, hi, lo)
 
+        if fold:   # TV row 1 holds c = 2^13 - a k + 2^14 v; the product and sum wrap (uint32)
+            u = tirx.Cast("uint32x8", look(2)) * tirx.Cast("uint32x8", XC[g, tirx.Ramp(0, 1, 8)]) \
+                + tirx.Cast("uint32x8", look(1))
+            return sat(tirx.Cast("int32x8", u) >> tirx.Broadcast(tirx.const(PWL_FRAC, "int32"), 8), 16)
         return sat(look(1) + rshift_round(look(2) * (XC[g, tirx.Ramp(0, 1, 8)] - look(0)), PWL_FRAC), 16)
 
     # fast_pwl piece index (spec 7: i = #{j in 1..n-1 : xc >= k_j}) by a 4-level binary search on
@@ -499,6 +525,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 TV[0, r, c] = SIG[r, T.min(c, n_sig)]
                 TV[1, r, c] = TANH[r, T.min(c, n_tanh)]
                 TV[2, r, c] = TANHC[r, T.min(c, n_tc)]
+            if fold:   # row 1: c = 2^13 - a k + 2^14 v, in wrapping uint32 arithmetic
+                for t, c in T.grid(3, 16):
+                    TV[t, 1, c] = T.Cast("int32", T.Cast("uint32", TV[t, 1, c]) * T.uint32(16384)
+                                         + T.uint32(8192)
+                                         - T.Cast("uint32", TV[t, 2, c]) * T.Cast("uint32", TV[t, 0, c]))
         if fused:
             # source double buffer: rows [0, B) and [B, 2B)
             H16 = T.alloc_buffer((2 * B, HP), "uint8" if u8 else "int16")
@@ -608,4 +639,4 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
 
     func = with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)
-    return func.with_attr("intlstm.gate_interleave", int(fused))
+    return func.with_attr("intlstm.gate_interleave", int(fused)).with_attr("intlstm.pwl_fold", int(fold))

@@ -43,12 +43,15 @@ class _LowerLSTMMutator(OpLowering):
         # the threaded recurrent kernel reads gx, mh, sh in its gate-interleaved channel order: the
         # projection then gets its weight rows and per-channel constants in that order (so it
         # writes gx so), which needs them to be constants (always, from the quantizer)
+        # constant PWL tables (always, from the quantizer) that allow it: the cell's folded form
+        tables = [const_numpy(t) for t in (sig, tanh, tanh_c)]
+        fold = all(t is not None and K.pwl_foldable(t) for t in tables)
         key = ("lstm_recurrent", HP, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, constant,
-               str(self.target))
+               fold, str(self.target))
         gv = self._kernel(key, lambda: K.lstm_recurrent(
             HP, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
-            shift_hi=hh, gate_scale=sch, parallel=constant))
+            shift_hi=hh, gate_scale=sch, parallel=constant, pwl_fold=fold))
         func = self.cache[("func",) + key]
         if constant and K.gate_interleaved(func):
             w_x, bias, mx, sx, mh, sh = (relax.const(K.gate_order(func, c, axis=0), str(c.dtype))
