@@ -55,7 +55,7 @@ class TwoLayer(nn.Module):
 
 
 @avx2_only
-@pytest.mark.parametrize("bits", [8, 7])
+@pytest.mark.parametrize("bits", [7])   # (8-bit padded layers: test_compile's random models, H = 9, 12, 20)
 def test_padded_lstm_bitexact(bits):
     torch.manual_seed(11 + bits)
     m = TwoLayer().eval()
