@@ -25,6 +25,9 @@ class _LowerLSTMMutator(OpLowering):
         # route when it lies in [-64, 64] on AVX2 (see _lowering._gemm); else the natural layout
         W = const_numpy(w_h)
         packed = W is not None
+        # the threaded recurrent kernel reads gx, mh, sh in its gate-interleaved channel order: the
+        # projection then gets its weight rows and per-channel constants in that order (so it
+        # writes gx so), which needs them to be constants (always, from the quantizer)
         proj = [w_x, bias, mx, sx, mh, sh]
         consts = [const_numpy(v) for v in proj]
         constant = packed and all(c is not None for c in consts)
@@ -40,9 +43,6 @@ class _LowerLSTMMutator(OpLowering):
         hx, hh = _shifts_hi(sx), _shifts_hi(sh)
         scx, sch = uniform_scale(mx, sx), uniform_scale(mh, sh)
         w7 = packed and K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
-        # the threaded recurrent kernel reads gx, mh, sh in its gate-interleaved channel order: the
-        # projection then gets its weight rows and per-channel constants in that order (so it
-        # writes gx so), which needs them to be constants (always, from the quantizer)
         # constant PWL tables (always, from the quantizer) that allow it: the cell's folded form
         tables = [const_numpy(t) for t in (sig, tanh, tanh_c)]
         fold = all(t is not None and K.pwl_foldable(t) for t in tables)
