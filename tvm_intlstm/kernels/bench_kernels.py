@@ -94,44 +94,34 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
     x = rng.integers(-128, 128, (T, B, I)).astype(np.int8)
     nd = tvm.runtime.tensor
     x2 = nd(x.reshape(T * B, I))
-    # the projection writes gx in the recurrent kernel's gate order (its rows permuted alike)
-    from .lstm import gate_order  # pylint: disable=import-outside-toplevel
-    w_x, bias, _ = prepare_weights(gx_f, gate_order(rec_f, p.w_x, axis=0), gate_order(rec_f, p.bias))
-    wx, b, mx, sx = nd(w_x), nd(bias), nd(gate_order(rec_f, p.mx)), nd(gate_order(rec_f, p.sx))
-    gx = nd(np.zeros((T * B, G), np.int16))
-    gx3 = gx._create_view((T, B, G))  # same memory: the recurrent kernel reads what gx wrote
-    w_h, _, corr = prepare_weights(rec_f, p.w_h)
-    rec_consts = [nd(w_h), nd(gate_order(rec_f, p.mh)), nd(gate_order(rec_f, p.sh)), nd(corr)]
     tabs = [nd(pack_pwl(t)) for t in (p.sig, p.tanh, p.tanh_c)]
-    y = nd(np.zeros((T, B, H), np.int8))
-    hT = nd(np.zeros((B, H), np.int8))
-    cT = nd(np.zeros((B, H), np.int16))
 
-    def run_gx():
-        gx_k(x2, wx, b, mx, sx, gx)
+    def wire(f, k):
+        """(run the projection, run recurrent kernel k, its outputs) for the form f: the projection
+        writes gx in f's gate order (its rows and constants permuted alike, `gate_order`)."""
+        from .lstm import gate_order  # pylint: disable=import-outside-toplevel
+        w_x, bias, _ = prepare_weights(gx_f, gate_order(f, p.w_x, axis=0), gate_order(f, p.bias))
+        proj = [nd(w_x), nd(bias), nd(gate_order(f, p.mx)), nd(gate_order(f, p.sx))]
+        gx = nd(np.zeros((T * B, G), np.int16))
+        gx3 = gx._create_view((T, B, G))  # same memory: the recurrent kernel reads what gx wrote
+        w_h, _, corr = prepare_weights(f, p.w_h)
+        consts = [nd(w_h), nd(gate_order(f, p.mh)), nd(gate_order(f, p.sh)), nd(corr)]
+        outs = (nd(np.zeros((T, B, H), np.int8)), nd(np.zeros((B, H), np.int8)),
+                nd(np.zeros((B, H), np.int16)))
+        return (lambda: gx_k(x2, *proj, gx)), (lambda: k(gx3, *consts, *tabs, *outs)), outs
 
-    def run_rec():
-        rec_k(gx3, *rec_consts, *tabs, y, hT, cT)
-
+    run_gx, run_rec, rec_outs = wire(rec_f, rec_k)
     run_gx()
     run_rec()
+    outs = [rec_outs]
     if ser_k is not None:   # the serial form reads gx, W_h, mh, sh in the natural gate order
-        w_xs, bias_s, _ = prepare_weights(gx_f, p.w_x, p.bias)
-        gx_s = nd(np.zeros((T * B, G), np.int16))
-        gx_k(x2, nd(w_xs), nd(bias_s), nd(p.mx), nd(p.sx), gx_s)
-        gx_s3 = gx_s._create_view((T, B, G))
-        w_hs, _, corr_s = prepare_weights(ser_f, p.w_h)
-        ser_consts = [nd(w_hs), nd(p.mh), nd(p.sh), nd(corr_s)]
-        ys, hTs, cTs = (nd(np.zeros(a.shape, a.dtype)) for a in (y.numpy(), hT.numpy(), cT.numpy()))
-
-        def run_ser():
-            ser_k(gx_s3, *ser_consts, *tabs, ys, hTs, cTs)
-
+        run_gx_s, run_ser, ser_outs = wire(ser_f, ser_k)
+        run_gx_s()
         run_ser()
+        outs.append(ser_outs)
     exact = None
     if check:
         y_ref, h_ref, c_ref = ops.lstm_direction(x, p)
-        outs = [(y, hT, cT)] + ([(ys, hTs, cTs)] if ser_k is not None else [])
         exact = all(bool((a.numpy() == y_ref).all() and (h.numpy() == h_ref).all()
                          and (c.numpy() == c_ref).all()) for a, h, c in outs)
         if not exact:

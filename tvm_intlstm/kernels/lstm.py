@@ -39,9 +39,9 @@ channel groups per step (the same range every step: its part of W_h stays in its
 barrier (`TVMBackendParallelBarrier`, a spin on a counter, ~0.5 us) ends each step. The new h is
 written to the other half of a double-buffered GEMM source, so no worker overwrites what another
 still reads. One launch per call instead of a fork/join per step (which cost more than it gained
-on two cores). A pool of one worker (the kernel asks `runtime.NumThreads`) runs no launch: at
-batch 1 it walks the groups zig-zag like the serial form (0.97x of the serial form's time per
-step), with several batch rows it schedules each step as the serial form does, all products then
+on two cores). A pool of one worker (the kernel asks `runtime.NumThreads`): at batch 1 it walks
+the groups zig-zag like the serial form (0.97x of the serial form's time per step); with several
+batch rows it runs no launch and schedules each step as the serial form does, all products then
 all cells (`step_solo`; the cells right after each group's products were ~4-9 % slower per batch-8
 step). gx and the per-channel constants come in the interleaved order too, so the gate epilogue
 reads one stream, not four. With two workers on this Zen3 a step takes ~0.55-0.6x as long at
@@ -417,14 +417,15 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     def step_threaded(tt, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED, TV, BS, LIM, t, solo):
         # the parallel group loop: per group its products, gate epilogue and the cells of its 8
         # units, whose new h also goes to the other half of the double-buffered source (step t
-        # reads rows (t % 2) B ..); a pool of one worker (solo) walks the groups zig-zag
+        # reads rows (t % 2) B ..); a pool of one worker (solo, batch 1 here: several rows take
+        # step_solo) walks the groups zig-zag
         if B == 1:
             gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
                  solo and t % 2 == 1, gx_addr(GX, tt), cell_group1,
                  (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
         else:
-            gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
-                  solo and t % 2 == 1, gx_addr(GX, tt), cell_group2,
+            gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
+                  gx_addr(GX, tt), cell_group2,
                   (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
 
     @T.macro
@@ -538,8 +539,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             fill_source(B, HT, H16)
             # the time loop runs once in every worker of the thread pool (one launch per call);
             # each step's group loop is split among them and ends with a barrier, since the next
-            # step reads all of h. A pool of one worker walks the groups zig-zag as the serial form
-            # does (-3 % per batch-1 step: a step starts where the previous one left W_h in L2)
+            # step reads all of h. A pool of one worker with several batch rows runs step_solo
+            # instead (no launch); at batch 1 its one worker walks the groups zig-zag as the serial
+            # form does (-3 % per step: a step starts where the previous one left W_h in L2)
             solo = T.call_packed("runtime.NumThreads", dtype="int32") == 1
             if solo and B > 1:
                 for t in range(TT):

@@ -67,6 +67,22 @@ def uniform_scale(m, s):
     return int(mv.flat[0]), int(sv.flat[0])
 
 
+def u8_route(W, b, isa: str) -> bool:
+    """Does a GEMM with constant int8 weights W (numpy, or None when not constant) and bias `b` (a
+    relax expr or None) take the u8 x s8 kernel? On AVX2 when W lies in [-64, 64] and the bias
+    corrected by -128 rowsum(W) (what that kernel adds) stays in int32; a non-constant bias keeps
+    the exact 8-bit route. The one decision the lowering and `tune`'s task list share."""
+    if W is None or isa != "avx2" or not K.weights_fit_u8(W):
+        return False
+    if b is None:
+        return True
+    bn = const_numpy(b)
+    if bn is None:
+        return False
+    folded = bn.astype(np.int64) + K.u8_correction(W)
+    return bool(folded.max() <= 2**31 - 1 and folded.min() >= -(2**31))
+
+
 def _with_root_block(func):
     """Relax analyses (e.g. the reshape-pattern check of RewriteDataflowReshape) expect a PrimFunc
     body to be a root block; hand-written loop-nest kernels get an empty one wrapped around them."""
@@ -101,12 +117,7 @@ class OpLowering(PyExprMutator):
         if W is None:
             return self._kernel((kind, Kf, O, dt, False, False, *variant, str(self.target)),
                                 lambda: make_default(False, False)), w, b
-        w7 = K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
-        if w7 and b is not None:
-            bn = const_numpy(b)
-            folded = None if bn is None else bn.astype(np.int64) + K.u8_correction(W)
-            if folded is None or folded.max() > 2**31 - 1 or folded.min() < -(2**31):
-                w7 = False   # the corrected bias would leave int32: take the exact 8-bit route
+        w7 = u8_route(W, b, K.resolve_isa(self.target))
         if self.tuned is not None and not w7:
             # the default kernels of LSTM input projections use the thread pool (variant
             # "parallel"): their tuned replacements do too

@@ -9,7 +9,7 @@ from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
 from ._lowering import (OpLowering, const_numpy, _prim, _shape, _shifts_hi, _static,
-                        lowering_pass, uniform_scale)
+                        lowering_pass, u8_route, uniform_scale)
 
 
 @mutator
@@ -33,7 +33,8 @@ class _LowerLSTMMutator(OpLowering):
         constant = packed and all(c is not None for c in consts)
         # on AVX2 the recurrent kernel runs a multiple of 8 units (K.recurrent_units): the extra
         # units get zero weights (W_x and W_h rows, W_h columns) and their outputs are sliced off
-        HP = K.recurrent_units(H, K.resolve_isa(self.target)) if constant else H
+        isa = K.resolve_isa(self.target)
+        HP = K.recurrent_units(H, isa) if constant else H
         if HP != H:
             consts = [K.pad_units(c, H, HP, 0, f)
                       for c, f in zip(consts, ("zero", "zero", "edge", "edge", "edge", "edge"))]
@@ -42,7 +43,7 @@ class _LowerLSTMMutator(OpLowering):
             G = 4 * HP
         hx, hh = _shifts_hi(sx), _shifts_hi(sh)
         scx, sch = uniform_scale(mx, sx), uniform_scale(mh, sh)
-        w7 = packed and K.weights_fit_u8(W) and K.resolve_isa(self.target) == "avx2"
+        w7 = u8_route(W, None, isa)   # (W_h: its correction is the kernel's corr input)
         # constant PWL tables (always, from the quantizer) that allow it: the cell's folded form
         tables = [const_numpy(t) for t in (sig, tanh, tanh_c)]
         fold = all(t is not None and K.pwl_foldable(t) for t in tables)

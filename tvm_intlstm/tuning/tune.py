@@ -79,8 +79,8 @@ class GemmTask:
     out_dtype: str     # "int8" / "int16" (requantizing) or "int32" (final linear)
     rows: int          # the static N the task is tuned for
     source: str = ""   # where it comes from, e.g. "lstm_direction" (for the progress lines)
-    u8_weights: bool = False   # its weights lie in [-64, 64]: on AVX2 the compiler then uses the
-                               # hand-written u8 x s8 kernel, never a tuned one (`tune` skips it)
+    u8_weights: bool = False   # on AVX2 the compiler gives it the hand-written u8 x s8 kernel
+                               # (`passes._lowering.u8_route`), never a tuned one (`tune` skips it)
 
     @property
     def key(self) -> tuple:
@@ -127,8 +127,8 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
     from tvm import relax  # pylint: disable=import-outside-toplevel
 
     from ..frontend.importer import OP_PREFIX  # pylint: disable=import-outside-toplevel
-    from ..kernels import recurrent_units, weights_fit_u8  # pylint: disable=import-outside-toplevel
-    from ..passes._lowering import const_numpy  # pylint: disable=import-outside-toplevel
+    from ..kernels import recurrent_units  # pylint: disable=import-outside-toplevel
+    from ..passes._lowering import const_numpy, u8_route  # pylint: disable=import-outside-toplevel
 
     dps = tvm.ir.Op.get("relax.call_dps_packed")
 
@@ -169,8 +169,8 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
                     O = 4 * recurrent_units(int(O) // 4, isa)
             else:
                 continue
-            W = const_numpy(a[1])
-            u8 = W is not None and weights_fit_u8(W)
+            # (what the lowering decides on AVX2, from the weights and the bias it corrects)
+            u8 = u8_route(const_numpy(a[1]), a[3] if op == "lstm_direction" else a[2], "avx2")
             t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op, u8)
             old = found.get(t.key)
             if old is not None:   # one GEMM shape, several layers: tuned unless all take u8
