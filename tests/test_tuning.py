@@ -174,8 +174,8 @@ def test_tuned_kernel_through_relax_call_tir(tuned_dir):
 def test_for_weight(tuned_dir):
     tk = apply_tuning_logs(tuned_dir, TARGET)
     W = np.random.default_rng(0).integers(-127, 128, (TASK.O, TASK.K)).astype(np.int8)
-    func, wp = tk.for_weight(*TASK.key, relax.const(W, "int8"))
-    assert func is not None and np.array_equal(wp.value.numpy(), pack_weights(W))
+    func, wp, b = tk.for_weight(*TASK.key, relax.const(W, "int8"))
+    assert func is not None and np.array_equal(wp.value.numpy(), pack_weights(W)) and b is None
     assert tk.for_weight(*TASK.key, relax.Var("w", relax.TensorType([TASK.O, TASK.K], "int8"))) \
         is None
     assert tk.for_weight(TASK.K, TASK.O, "int8", relax.const(W, "int8")) is None
@@ -297,15 +297,66 @@ def test_extract_tasks_from_quantized_model(tmp_path):
                     if t.source == "lstm_direction"] for isa in (None, "generic", "avx2")}
     assert lstm_o == {None: [52], "generic": [52], "avx2": [64]}
     assert not any(t.u8_weights for t in tasks)
-    # 7-bit weights: the compiler takes the u8 x s8 kernels on AVX2, so tune has nothing to do
+    # 7-bit weights: on AVX2 the compiler takes the u8 x s8 kernels (tuned as such, see below)
     q7 = til.quantize(FeatureLSTM().eval(), [torch.randn(7, 2, 10)], til.QuantConfig(weight_bits=7))
     t7 = extract_tasks(q7, (torch.randn(8, 3, 10),))
     assert len(t7) == 3 and all(t.u8_weights for t in t7)
-    if resolve_isa(TARGET) == "avx2":
-        msgs = []
-        assert tune(q7, TARGET, (torch.randn(8, 3, 10),), trials=1, log_dir=str(tmp_path / "db"),
-                    log=msgs.append) == []
-        assert any("nothing to tune" in m for m in msgs) and not (tmp_path / "db").exists()
+
+
+def test_tune_and_apply_7bit_model(tmp_path):
+    """QuantConfig(weight_bits=7) on AVX2: tune tunes the model's GEMMs as the u8 x s8 (vpmaddubsw)
+    block kernel (workload layout o8k4w7, every trial checked bit for bit on 7-bit weights), its
+    records apply to GEMMs on the u8 route only (not to an 8-bit model of the same shapes), and the
+    compiled model with them is bit-exact with the reference."""
+    import torch
+    from torch import nn
+
+    import tvm_intlstm as til
+    from tvm_intlstm.tuning.x86_wide import INTRIN_AVX2_U8S7
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(12, 16)
+            self.head = nn.Linear(16, 5)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0])
+
+    torch.manual_seed(1)
+    model = M().eval()
+    calib = [torch.randn(7, 2, 12) for _ in range(2)]
+    q7 = til.quantize(model, calib, til.QuantConfig(weight_bits=7))
+    ex = (torch.randn(8, 2, 12),)
+    d = str(tmp_path / "db")
+    msgs = []
+    rep = tune(q7, TARGET, ex, trials=2, trials_per_iter=2, log_dir=d, seed=0, log=msgs.append)
+    assert sum("tuned as the u8 x s8 (vpmaddubsw) kernel" in m for m in msgs) == 2
+    assert len(rep) == 2 and all(r["trials_run"] == 2 and r["best_us"] > 0 for r in rep)
+    from tvm_intlstm.tuning.tune import _records, open_database
+    assert {r[0][4] for r in _records(open_database(d))} == {True}     # the o8k4w7 workloads
+    assert INTRIN_AVX2_U8S7 in "".join(_lines(d, RECORD_FILE))
+    with open(os.path.join(d, "defaults.json")) as f:
+        measured = json.load(f)
+    assert all(k.endswith(",w7") for v in measured.values() for k in v)
+    # (2 trials rarely beat the default kernel: pretend it took 1 s so that the records apply)
+    with open(os.path.join(d, "defaults.json"), "w") as f:
+        json.dump({t: {k: 1.0 for k in v} for t, v in measured.items()}, f)
+    tk = apply_tuning_logs(d, TARGET)
+    assert tk.keys() == [(12, 64, "int16", "w7"), (16, 5, "int32", "w7")]
+    assert tk.get(12, 64, "int16") is None and tk.get(12, 64, "int16", w7=True) is not None
+    cm = til.compile(q7, TARGET, ex, tuning_logs=d, verbose=False)
+    tuned = [gv.name_hint for gv, _ in cm.ir_module.functions_items()
+             if gv.name_hint.startswith("tuned_")]
+    assert len(tuned) == 2, tuned
+    ref = til.reference(q7)
+    for T, B in ((8, 2), (3, 1), (13, 3)):
+        x = (torch.randn(T, B, 12) * 3).numpy()
+        np.testing.assert_array_equal(cm(x), ref(x))
+    # an 8-bit model of the same shapes: these records are not for its GEMMs
+    q8 = til.quantize(model, calib)
+    cm8 = til.compile(q8, TARGET, ex, tuning_logs=d, verbose=False)
+    assert not any(gv.name_hint.startswith("tuned_") for gv, _ in cm8.ir_module.functions_items())
 
 
 def test_compile_applies_committed_tuning_logs(tmp_path):

@@ -26,13 +26,13 @@ ZNVER3 = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
 KINDS = ("random", "min", "max", "mixed")
 
 
-def _data(N, K, O, dtype, kind="random", seed=0):
+def _data(N, K, O, dtype, kind="random", seed=0, wmax=127):
     """Spec-valid inputs and the reference output: random, x all -128 ("min"), x all 127 ("max"),
-    or rows alternating -128/127 ("mixed"); the extreme kinds take |W| = 127 and saturate."""
+    or rows alternating -128/127 ("mixed"); the extreme kinds take |W| = wmax and saturate."""
     rng = np.random.default_rng(seed)
     if kind == "random":
         x = rng.integers(-128, 128, (N, K)).astype(np.int8)
-        W = rng.integers(-127, 128, (O, K)).astype(np.int8)
+        W = rng.integers(-wmax, wmax + 1, (O, K)).astype(np.int8)
         b = rng.integers(-(2**20), 2**20, O).astype(np.int32)
         M = rng.integers(2**30, 2**31 - 1, O).astype(np.int32)
         s = None       # per channel, below: most outputs in range, some saturated
@@ -40,9 +40,9 @@ def _data(N, K, O, dtype, kind="random", seed=0):
         x = np.full((N, K), -128 if kind == "min" else 127, np.int8)
         if kind == "mixed":
             x[1::2] = -128
-        W = np.where(rng.random((O, K)) < 0.5, -127, 127).astype(np.int8)
-        W[0] = 127           # an all-positive and an all-negative row: the largest |rowsum|
-        W[-1] = -127
+        W = np.where(rng.random((O, K)) < 0.5, -wmax, wmax).astype(np.int8)
+        W[0] = wmax          # an all-positive and an all-negative row: the largest |rowsum|
+        W[-1] = -wmax
         b = rng.choice(np.array([-(2**30), 2**30, 0], np.int32), O).astype(np.int32)
         M = np.full(O, 2**31 - 1, np.int32)
         s = rng.integers(1, 3, O).astype(np.int32)
@@ -71,8 +71,8 @@ def _compile(sch, target):
     return tvm.compile(tvm.IRModule({"gemm": func}), target=target)
 
 
-def _run(ex, N, K, O, dtype, kind, seed, lanes=16):
-    x, W, b, req, ref = _data(N, K, O, dtype, kind, seed)
+def _run(ex, N, K, O, dtype, kind, seed, lanes=16, wmax=127):
+    x, W, b, req, ref = _data(N, K, O, dtype, kind, seed, wmax)
     Wp, bc = XW.prepare_weights_wide("avx512_vnni", W, b, lanes=lanes)
     args = [tvm.runtime.tensor(a) for a in (x, Wp, bc) + tuple(req)]
     args.append(tvm.runtime.empty((N, O), dtype, tvm.cpu()))
@@ -179,6 +179,25 @@ def test_pmaddwd_u8s8_step_bit_exact_8_lanes(K, O, dtype):
     acc = R.linear_acc(x, W)
     ref = acc if dtype == "int32" else R.requantize(acc, np.full(O, 2**30), np.full(O, 20), 16)
     assert np.array_equal(args[-1].numpy(), ref)
+
+
+@pytest.mark.parametrize("K,O,dtype", [(40, 20, "int16"), (64, 32, "int32")])
+def test_pmaddubsw_step_bit_exact_for_7bit_weights(K, O, dtype):
+    """The 7-bit intrinsic (isa avx2_w7: vpmaddubsw, then vpmaddwd by ones; what tune uses for
+    QuantConfig(weight_bits=7) GEMMs): exact for weights in [-64, 64] at every extreme of x, and
+    wrong with full-range weights (vpmaddubsw saturates: 2 * 255 * 127 > 2^15), which is why only
+    GEMMs on the u8 route get it."""
+    func = XW.gemm_blocks_wide(K, O, dtype, name="main", lanes=8)
+    sch = _schedule(func, XW.W7_ISA, O, {"nt": 4, "unroll": 64})
+    assert XW.INTRIN_AVX2_U8S7 in str(sch.trace)
+    ex = _compile(sch, HOST)
+    assert "vpmaddubsw" in _asm(ex)
+    for i, (N, kind) in enumerate([(3, "random"), (8, "min"), (5, "max"), (17, "mixed")]):
+        y, ref = _run(ex, N, K, O, dtype, kind, seed=i, lanes=8, wmax=64)
+        assert np.array_equal(y, ref), (N, kind)
+    if dtype == "int32":     # (a requantized output would saturate both ways)
+        y, ref = _run(ex, 5, K, O, dtype, "max", seed=0, lanes=8, wmax=127)
+        assert not np.array_equal(y[:, 0], ref[:, 0])
 
 
 def test_trace_tuned_at_static_n_replays_on_symbolic_n():

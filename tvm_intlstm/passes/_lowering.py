@@ -106,10 +106,13 @@ class OpLowering(PyExprMutator):
         """(GlobalVar, weight arg, bias arg) of a GEMM kernel for weight `w` [O, K] and bias `b`.
 
         For constant weights (every model the quantizer produces), in order of preference:
-        - weights within [-64, 64] (e.g. QuantConfig(weight_bits=7)) on AVX2: the u8 x s8 kernel
-          (exact for such weights, half the instructions), packed weights, bias - 128 rowsum(W);
-        - a tuned kernel from the tuning logs (with its pre-packed weights);
+        - a tuned kernel from the tuning logs (with its pre-packed weights), for weights within
+          [-64, 64] on AVX2 one tuned as the u8 x s8 kernel (`u8_route`, bias - 128 rowsum(W));
+        - weights within [-64, 64] (e.g. QuantConfig(weight_bits=7)) on AVX2: the hand-written
+          u8 x s8 kernel (exact for such weights, half the instructions), packed weights, bias -
+          128 rowsum(W);
         - the default kernel with weights packed for its micro-kernel.
+        (apply_tuning_logs drops tuned kernels that were slower than the default one when tuned.)
         `make_default(w7, packed)` makes the default PrimFunc; `variant` (hashable) tells apart
         default kernels specialized on more than the shapes (e.g. baked scales). Non-constant
         weights get the default kernel on the natural layout."""
@@ -118,15 +121,15 @@ class OpLowering(PyExprMutator):
             return self._kernel((kind, Kf, O, dt, False, False, *variant, str(self.target)),
                                 lambda: make_default(False, False)), w, b
         w7 = u8_route(W, b, K.resolve_isa(self.target))
-        if self.tuned is not None and not w7:
+        if self.tuned is not None:
             # the default kernels of LSTM input projections use the thread pool (variant
             # "parallel"): their tuned replacements do too
             par = "parallel" in variant
-            hit = self.tuned.for_weight(Kf, O, dt, w, parallel=par)
+            hit = self.tuned.for_weight(Kf, O, dt, w, parallel=par, bias=b, w7=w7)
             if hit is not None:
-                func, wp = hit
-                return self._kernel(("tuned_" + kind, Kf, O, dt, par, str(self.target)),
-                                    lambda: func), wp, b
+                func, wp, bk = hit
+                return self._kernel(("tuned_" + kind, Kf, O, dt, par, w7, str(self.target)),
+                                    lambda: func), wp, bk
         key = (kind, Kf, O, dt, w7, True, *variant, str(self.target))
         gv = self._kernel(key, lambda: make_default(w7, True))
         wk, bk, _ = K.prepare_weights(self.cache[("func",) + key], W, const_numpy(b))

@@ -115,12 +115,13 @@ def _classes():
         schedule is reported as an error, never recorded as a result."""
 
         def __init__(self, number: int = 0, repeat: int = 3, min_repeat_ms: int = 50,
-                     check: bool = True):
+                     check: bool = True, weight_max: int = 127):
             super().__init__()
             self.number = number
             self.repeat = repeat
             self.min_repeat_ms = min_repeat_ms
             self.check = check
+            self.weight_max = weight_max   # 64 for the 7-bit (vpmaddubsw) tasks
             self._cases: dict = {}
 
         def run(self, runner_inputs):
@@ -142,7 +143,7 @@ def _classes():
 
         def _case(self, sig):
             if sig not in self._cases:
-                self._cases[sig] = make_case(sig)
+                self._cases[sig] = make_case(sig, self.weight_max)
             return self._cases[sig]
 
         def _measure(self, ex, sig):
@@ -325,9 +326,10 @@ def _rpc_classes():
         per session that died. A server that cannot be reached raises RPCConnectError (kept in
         `.fatal` too)."""
 
-        def __init__(self, config: RPCConfig, log=None):
+        def __init__(self, config: RPCConfig, log=None, weight_max: int = 127):
             super().__init__()
             self.config = config
+            self.weight_max = weight_max
             self.log = log or (lambda _msg: None)
             self.fatal = None
             self.sessions = 0
@@ -355,7 +357,7 @@ def _rpc_classes():
 
         def _case(self, sig):
             if sig not in self._cases:
-                self._cases[sig] = make_case(sig)
+                self._cases[sig] = make_case(sig, self.weight_max)
             return self._cases[sig]
 
         def _connect(self):
@@ -488,21 +490,28 @@ def classes():
     return _CLS
 
 
-def make_case(sig):
+def make_case(sig, weight_max: int = 127):
     """Valid inputs and the reference output for a GEMM kernel signature [(dtype, shape), ...]:
     (x, W, b, M, s, y) for requantizing kernels, (x, W, b, y) for int32 ones; W packed when its
-    shape is 4-D (gemm_blocks(packed=True))."""
+    shape is 4-D: [., ., 8, 2] for gemm_blocks(packed=True), [., ., lanes, 4] for the u8 kernels
+    of x86_wide (which also take the corrected bias). Weights in [-weight_max, weight_max] (64 for
+    the 7-bit vpmaddubsw tasks, whose kernels are exact only there)."""
     from ..reference import ops as R  # pylint: disable=import-outside-toplevel
 
     from .gemm import pack_weights  # pylint: disable=import-outside-toplevel
+    from .x86_wide import KQUAD, prepare_weights_wide  # pylint: disable=import-outside-toplevel
 
     rng = np.random.default_rng(12345)
     (_, (N, K)), (_, wshape), (_, (O,)) = sig[0], sig[1], sig[2]
     x = rng.integers(-128, 128, (N, K)).astype(np.int8)
-    W = rng.integers(-127, 128, (O, K)).astype(np.int8)
-    wk = pack_weights(W) if len(wshape) == 4 else W
+    wm = int(weight_max)
+    W = rng.integers(-wm, wm + 1, (O, K)).astype(np.int8)
     b = rng.integers(-(2**20), 2**20, O).astype(np.int32)
     acc = R.linear_acc(x, W, b)
+    if len(wshape) == 4 and wshape[3] == KQUAD:
+        wk, b = prepare_weights_wide("avx2", W, b, lanes=wshape[2])
+    else:
+        wk = pack_weights(W) if len(wshape) == 4 else W
     if len(sig) == 6:
         M = rng.integers(2**30, 2**31 - 1, O).astype(np.int32)
         s = rng.integers(8, 24, O).astype(np.int32)

@@ -4,6 +4,7 @@
         --trials 200 --log-dir tuning_logs/znver3
     tvm-intlstm tune --gemm 256,2048,int16,64 --target "llvm -mcpu=znver3" --trials 200 \\
         --log-dir tuning_logs/znver3          # one GEMM (K, O, out dtype, rows), no model needed
+    (`--gemm 256,2048,int16,512,w7`: the same GEMM with 7-bit weights, the u8 x s8 kernel)
 
 For a board (aarch64), measure over TVM RPC: run `python -m tvm.exec.rpc_server --host 0.0.0.0
 --port 9090` on the board, then
@@ -32,20 +33,23 @@ def _shape(s: str):
 
 
 def _gemm(s: str):
-    parts = s.split(",")
+    parts = [p.strip() for p in s.split(",")]
+    w7 = len(parts) > 3 and parts[-1] == "w7"
+    if w7:
+        parts = parts[:-1]
     try:
         if len(parts) not in (3, 4):
             raise ValueError
-        K, O, dt = int(parts[0]), int(parts[1]), parts[2].strip()
+        K, O, dt = int(parts[0]), int(parts[1]), parts[2]
         rows = int(parts[3]) if len(parts) == 4 else 64
         if dt not in ("int8", "int16", "int32") or K <= 0 or O <= 0 or rows <= 0:
             raise ValueError
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"--gemm takes K,O,DTYPE[,ROWS] with DTYPE int8/int16/int32, got {s!r}") from None
+            f"--gemm takes K,O,DTYPE[,ROWS][,w7] with DTYPE int8/int16/int32, got {s!r}") from None
     from .tune import GemmTask  # pylint: disable=import-outside-toplevel
 
-    return GemmTask(K, O, dt, rows, "--gemm")
+    return GemmTask(K, O, dt, rows, "--gemm", u8_weights=w7)
 
 
 def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -58,7 +62,9 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
                     help="shape of one example input (once per input), e.g. 64,1,256: the row "
                          "counts (T*B) of the GEMMs come from it")
     ap.add_argument("--gemm", type=_gemm, action="append", default=[],
-                    help="tune this GEMM instead of a model's: K,O,DTYPE[,ROWS] (ROWS default 64)")
+                    help="tune this GEMM instead of a model's: K,O,DTYPE[,ROWS][,w7] (ROWS "
+                         "default 64; w7: weights in [-64, 64], the u8 x s8 kernel of "
+                         "QuantConfig(weight_bits=7) models on AVX2)")
     ap.add_argument("--target", default="llvm", help='e.g. "llvm -mcpu=znver3" or a JSON dict')
     ap.add_argument("--trials", type=int, default=64, help="trials per task (default 64)")
     ap.add_argument("--trials-per-iter", type=int, default=16)

@@ -15,7 +15,10 @@ Tuning. Each task is the static-N block-form kernel `gemm.gemm_blocks(K, O, out_
 (the workload, named `gemm_k{K}_o{O}_{dtype}_n{rows}`), tuned with the hand-written design space
 `gemm.schedule_gemm` (a MetaSchedule ScheduleFn space), the evolutionary search, the xgboost cost
 model if xgboost is installed (a random one otherwise), and the in-process builder/runner of `_ms`
-(which also checks every candidate bit for bit against the numpy reference).
+(which also checks every candidate bit for bit against the numpy reference). A GEMM whose constant
+weights lie in [-64, 64] (`GemmTask.u8_weights`; on AVX2 the compiler's u8 route) is its own task:
+the u8 block kernel `x86_wide.gemm_blocks_wide(..., lanes=8)` tensorized with vpmaddubsw
+(`x86_wide.W7_ISA`), trials on 7-bit weights, records keyed `(K, O, dtype, "w7")`.
 
 Database. MetaSchedule's JSONDatabase in `log_dir` (database_workload.json,
 database_tuning_record.json): one JSON line per workload / measured trial, only ever appended.
@@ -55,12 +58,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import gemm as G
+from . import x86_wide
 from ._ms import RPCConfig, classes, fast_tensor_intrin, rpc_classes, rpc_preflight
 
 WORKLOAD_FILE = "database_workload.json"
 RECORD_FILE = "database_tuning_record.json"
 GEMM_ATTR = "intlstm.gemm"          # "K,O,out_dtype,rows,layout" on every workload function
 LAYOUT = "o8k2"                     # weights pre-packed by gemm.pack_weights
+LAYOUT_W7 = "o8k4w7"                # 7-bit weights: x86_wide.pack_weights_vnni(W, 8), bias'
 
 
 class TuningLogError(ValueError):
@@ -79,8 +84,9 @@ class GemmTask:
     out_dtype: str     # "int8" / "int16" (requantizing) or "int32" (final linear)
     rows: int          # the static N the task is tuned for
     source: str = ""   # where it comes from, e.g. "lstm_direction" (for the progress lines)
-    u8_weights: bool = False   # on AVX2 the compiler gives it the hand-written u8 x s8 kernel
-                               # (`passes._lowering.u8_route`), never a tuned one (`tune` skips it)
+    u8_weights: bool = False   # weights in [-64, 64] and a bias that stays int32 once corrected
+                               # (`passes._lowering.u8_route`): on AVX2 the u8 x s8 (vpmaddubsw)
+                               # kernels, default and tuned (`w7_kernel`)
 
     @property
     def key(self) -> tuple:
@@ -90,14 +96,36 @@ class GemmTask:
     def name(self) -> str:
         return f"gemm_k{self.K}_o{self.O}_{self.out_dtype}_n{self.rows}"
 
-    def workload(self):
-        """The static-N block-form kernel as an IRModule (the MetaSchedule workload)."""
+    def w7_kernel(self, isa: str) -> bool:
+        """Is this task tuned (and applied) as the 7-bit u8 x s8 kernel for kernel isa `isa`?"""
+        return bool(self.u8_weights) and isa == "avx2"
+
+    def workload(self, w7: bool = False):
+        """The static-N block-form kernel as an IRModule (the MetaSchedule workload): the o8k2
+        vpmaddwd kernel, or with w7=True the u8 block kernel of x86_wide (layout o8k4) that the
+        space tensorizes with vpmaddubsw (x86_wide.W7_ISA)."""
         import tvm  # pylint: disable=import-outside-toplevel
 
-        f = G.gemm_blocks(self.K, self.O, self.out_dtype, n_rows=self.rows, name="main",
-                          packed=True)
-        f = f.with_attr(GEMM_ATTR, f"{self.K},{self.O},{self.out_dtype},{self.rows},{LAYOUT}")
+        if w7:
+            f = x86_wide.gemm_blocks_wide(self.K, self.O, self.out_dtype, n_rows=self.rows,
+                                          name="main", lanes=8)
+        else:
+            f = G.gemm_blocks(self.K, self.O, self.out_dtype, n_rows=self.rows, name="main",
+                              packed=True)
+        layout = LAYOUT_W7 if w7 else LAYOUT
+        f = f.with_attr(GEMM_ATTR, f"{self.K},{self.O},{self.out_dtype},{self.rows},{layout}")
         return tvm.IRModule({"main": f})
+
+
+def tuned_key(K, O, out_dtype, w7: bool = False) -> tuple:
+    """The key of a tuned kernel in `TunedKernels` and `kept_default`: (K, O, out_dtype), with a
+    fourth element "w7" for the 7-bit u8 x s8 kernels."""
+    return (int(K), int(O), str(out_dtype)) + (("w7",) if w7 else ())
+
+
+def _default_key(task: "GemmTask", w7: bool) -> str:
+    """The key of `task`'s default-kernel time in defaults.json."""
+    return f"{task.K},{task.O},{task.out_dtype},{task.rows}" + (",w7" if w7 else "")
 
 
 def _walk_calls(expr, out):
@@ -172,12 +200,11 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
             # (what the lowering decides on AVX2, from the weights and the bias it corrects)
             u8 = u8_route(const_numpy(a[1]), a[3] if op == "lstm_direction" else a[2], "avx2")
             t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op, u8)
-            old = found.get(t.key)
-            if old is not None:   # one GEMM shape, several layers: tuned unless all take u8
-                t = dataclasses.replace(max(t, old, key=lambda g: g.rows),
-                                        u8_weights=t.u8_weights and old.u8_weights)
-            found[t.key] = t
-    return sorted(found.values(), key=lambda t: (t.K, t.O, t.out_dtype))
+            old = found.get((t.key, u8))
+            if old is not None:   # one GEMM shape and weight range, several layers: one task
+                t = dataclasses.replace(t, rows=max(t.rows, old.rows))
+            found[(t.key, u8)] = t
+    return sorted(found.values(), key=lambda t: (t.K, t.O, t.out_dtype, t.u8_weights))
 
 
 def extract_tasks(model, example_inputs, rows: int | None = None,
@@ -270,20 +297,21 @@ def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms
     from .. import kernels as KN  # pylint: disable=import-outside-toplevel
 
     tgt = _target(target)
+    w7 = task.w7_kernel(KN.resolve_isa(tgt))
     if task.out_dtype == "int32":
-        f = KN.linear_i32(task.K, task.O, True, target=tgt, packed=True)
+        f = KN.linear_i32(task.K, task.O, True, target=tgt, packed=True, w7=w7)
     else:
         # as the compiler builds it for the quantizer's models: per-channel multipliers and one
         # shift per tensor (baked in), in [32, 62] (the values do not change the time)
         f = KN.linear_requant(task.K, task.O, task.out_dtype, True, target=tgt, packed=True,
-                              shift_hi=True, scale=(None, 40))
+                              shift_hi=True, scale=(None, 40), w7=w7)
     kern = KN.build_kernel(f, tgt)
     from ._ms import make_case  # pylint: disable=import-outside-toplevel
     vec = ("int32", (task.O,))
     sig = ([("int8", (task.rows, task.K)), ("int8", (task.O, task.K)), vec]
            + ([vec, vec] if task.out_dtype != "int32" else [])
            + [(task.out_dtype, (task.rows, task.O))])
-    (x, W, b, *rest), _ = make_case(sig)           # natural W (2-D): the trials' own inputs
+    (x, W, b, *rest), _ = make_case(sig, 64 if w7 else 127)   # natural W (2-D): trials' inputs
     wk, bk, _ = KN.prepare_weights(f, W, b)
     args = [x, wk, bk, *rest]
     out = np.zeros((task.rows, task.O), task.out_dtype)
@@ -298,7 +326,8 @@ def _defaults_path(log_dir: str) -> str:
 
 
 def read_defaults(log_dir: str) -> dict:
-    """{target key string: {"K,O,dtype,rows": seconds}} from defaults.json ({} if absent/bad)."""
+    """{target key string: {"K,O,dtype,rows[,w7]": seconds}} from defaults.json ({} if
+    absent/bad)."""
     import json  # pylint: disable=import-outside-toplevel
     try:
         with open(_defaults_path(log_dir)) as f:
@@ -308,10 +337,10 @@ def read_defaults(log_dir: str) -> dict:
         return {}
 
 
-def _record_default(log_dir: str, tgt, task: "GemmTask", secs: float) -> None:
+def _record_default(log_dir: str, tgt, task: "GemmTask", secs: float, w7: bool = False) -> None:
     import json  # pylint: disable=import-outside-toplevel
     data = read_defaults(log_dir)
-    data.setdefault(_target_str(tgt), {})[f"{task.K},{task.O},{task.out_dtype},{task.rows}"] = secs
+    data.setdefault(_target_str(tgt), {})[_default_key(task, w7)] = secs
     tmp = _defaults_path(log_dir) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -387,14 +416,15 @@ def _gemm_of(workload_mod):
     except Exception:  # noqa: BLE001  # pylint: disable=broad-except
         return None
     parts = s.split(",")
-    if len(parts) != 5 or parts[4] != LAYOUT:
+    if len(parts) != 5 or parts[4] not in (LAYOUT, LAYOUT_W7):
         return None    # another kernel form (e.g. an older database): not ours to replay
     K, O, dt, rows = parts[:4]
-    return int(K), int(O), dt, int(rows)
+    return int(K), int(O), dt, int(rows), parts[4] == LAYOUT_W7
 
 
 def _records(db):
-    """(gemm (K, O, dt, rows) or None, target, mean run seconds or None, record) per record."""
+    """(gemm (K, O, dt, rows, w7) or None, target, mean run seconds or None, record) per
+    record."""
     out = []
     for rec in db.get_all_tuning_records():
         secs = [float(v) for v in rec.run_secs] if rec.run_secs is not None else []
@@ -498,17 +528,10 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
         if model is None or example_inputs is None:
             raise ValueError("tune needs a model and example_inputs, or a list of tasks")
         tasks = extract_tasks(model, example_inputs, rows=rows, isa=isa)
-        if isa == "avx2":
-            for t in tasks:
-                if t.u8_weights:
-                    say(f"[tvm_intlstm.tune] {t.name} ({t.source}): weights within [-64, 64] "
-                        "(e.g. QuantConfig(weight_bits=7)) take the hand-written u8 x s8 kernel, "
-                        "which is not tuned: skipped")
-            tasks = [t for t in tasks if not t.u8_weights]
-            if not tasks:
-                say("[tvm_intlstm.tune] nothing to tune: every GEMM of the model takes the u8 x s8 "
-                    "kernel")
-                return []
+    for t in tasks:
+        if t.w7_kernel(isa):
+            say(f"[tvm_intlstm.tune] {t.name} ({t.source or 'gemm'}): weights within [-64, 64] "
+                "(e.g. QuantConfig(weight_bits=7)): tuned as the u8 x s8 (vpmaddubsw) kernel")
     if not tasks:
         say("[tvm_intlstm.tune] the model has no GEMM to tune")
         return []
@@ -520,12 +543,13 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     def baseline(task, best):
         """The default kernel's time for `task` (measured once per target and task, on this
         machine; not over RPC), recorded for apply_tuning_logs; None if not measurable here."""
-        key = f"{task.K},{task.O},{task.out_dtype},{task.rows}"
+        w7 = task.w7_kernel(isa)
+        key = _default_key(task, w7)
         if key not in known:
             if rpc_cfg is not None:
                 return None
             known[key] = time_default_kernel(task, tgt)
-            _record_default(log_dir, tgt, task, known[key])
+            _record_default(log_dir, tgt, task, known[key], w7)
         d = known[key]
         if best is not None:
             say(f"[tvm_intlstm.tune] {task.name}: default kernel {d * 1e6:.1f} us, best tuned "
@@ -544,14 +568,20 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
             def Builder(_work=work):  # noqa: N802  # pylint: disable=function-redefined
                 return RPCBuilder(_work)
 
-            def Runner():  # noqa: N802  # pylint: disable=function-redefined
-                return RPCRunner(rpc_cfg, say)
+            def Runner(weight_max=127):  # noqa: N802  # pylint: disable=function-redefined
+                return RPCRunner(rpc_cfg, say, weight_max)
 
             probed = False
         for ti, task in enumerate(tasks, 1):
-            mod = task.workload()
-            mine = [r for r in _records(db) if r[0] is not None and r[0][:3] == task.key
-                    and r[0][3] == task.rows and target_key(r[1]) == target_key(tgt)]
+            w7 = task.w7_kernel(isa)
+            mod = task.workload(w7)
+            space_isa = x86_wide.W7_ISA if w7 else isa
+
+            def mine_of(recs, _task=task, _w7=w7):
+                return [r for r in recs if r[0] is not None and r[0][:3] == _task.key
+                        and r[0][3] == _task.rows and r[0][4] == _w7
+                        and target_key(r[1]) == target_key(tgt)]
+            mine = mine_of(_records(db))
             before = len(mine)
             best0 = min([r[2] for r in mine if r[2] is not None], default=None)
             todo = int(trials) - before if resume else int(trials)
@@ -568,9 +598,9 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
             if rpc_cfg is not None and not probed:   # the server first: fail fast if it is not there
                 rpc_preflight(rpc_cfg, tgt, mod, say)
                 probed = True
-            _check_design_space(mod, isa, O_real, task, tgt)
+            _check_design_space(mod, space_isa, O_real, task, tgt)
 
-            def space(sch, _isa=isa, _o=O_real):
+            def space(sch, _isa=space_isa, _o=O_real):
                 return G.design_spaces(sch, _isa, _o)
 
             ctx = ms.TuneContext(
@@ -587,7 +617,7 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
             progress = Progress(label, before + todo, before,
                                 None if best0 is None else best0 * 1e6, say)
             t0 = time.perf_counter()
-            runner = Runner()
+            runner = Runner(weight_max=64 if w7 else 127)
             try:
                 ms.tune_tasks(
                     tasks=[ctx], task_weights=[1.0], work_dir=log_dir,
@@ -602,8 +632,7 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
                 if fatal is not None:   # the RPC server went away: say so, not MetaSchedule's trace
                     raise fatal from None
                 raise
-            mine = [r for r in _records(db) if r[0] is not None and r[0][:3] == task.key
-                    and r[0][3] == task.rows and target_key(r[1]) == target_key(tgt)]
+            mine = mine_of(_records(db))
             best = min([r[2] for r in mine if r[2] is not None], default=None)
             say(f"[tvm_intlstm.tune] {label}: done in {time.perf_counter() - t0:.0f} s, "
                 f"{len(mine)} trials in the database, best "
@@ -618,13 +647,16 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
 class TunedKernels:
     """Tuned GEMM schedules of one database for one target. `get(K, O, out_dtype)` returns the
     scheduled symbolic-N PrimFunc (same interface as kernels.linear_requant / linear_i32 with
-    bias) or None (no record: use the default kernel). Never raises for a bad record."""
+    bias) or None (no record: use the default kernel); `get(..., w7=True)` the one tuned for
+    weights in [-64, 64] (the u8 x s8 vpmaddubsw kernel: packed by x86_wide.pack_weights_vnni(W,
+    8), bias corrected by -128 rowsum(W)). Keys are `tuned_key(K, O, out_dtype, w7)`. Never raises
+    for a bad record."""
 
     def __init__(self, target=None, best=None, isa="generic", log_dir=None):
         self.target = target
         self.log_dir = log_dir
         self.isa = isa
-        self._best = dict(best or {})   # (K, O, dt) -> (rows, mean secs, TuningRecord)
+        self._best = dict(best or {})   # tuned_key -> (rows, mean secs, TuningRecord)
         self._cache: dict = {}
         self.kept_default: list = []   # tuned keys skipped because the default kernel was faster
 
@@ -637,15 +669,16 @@ class TunedKernels:
     def keys(self):
         return sorted(self._best)
 
-    def best_us(self, K, O, out_dtype):
-        e = self._best.get((int(K), int(O), str(out_dtype)))
+    def best_us(self, K, O, out_dtype, w7: bool = False):
+        e = self._best.get(tuned_key(K, O, out_dtype, w7))
         return None if e is None else e[1] * 1e6
 
-    def get(self, K, O, out_dtype, parallel: bool = False):
+    def get(self, K, O, out_dtype, parallel: bool = False, w7: bool = False):
         """parallel=True: the replayed schedule's outermost loop (the output-channel panels, o0 of
         `gemm.schedule_gemm`) becomes a parallel loop, split among TVM's thread pool like the
-        default kernels of LSTM input projections (the trials were measured on one thread)."""
-        key = (int(K), int(O), str(out_dtype))
+        default kernels of LSTM input projections (the trials were measured on one thread).
+        w7=True: the kernel tuned for weights in [-64, 64] (see the class doc)."""
+        key = tuned_key(K, O, out_dtype, w7)
         if key not in self._best:
             return None
         ck = key + (bool(parallel),)
@@ -655,11 +688,14 @@ class TunedKernels:
 
     __call__ = get
 
-    def for_weight(self, K, O, out_dtype, w, parallel: bool = False):
-        """For the compiler: (tuned PrimFunc, packed weight constant) for a GEMM whose weight `w`
-        is a constant (relax.const) int8 [O, K], or None (not tuned, or a weight that is not a constant:
-        use the default kernel with `w` as it is). Call the kernel with the packed constant in
-        place of `w`; every other argument is unchanged."""
+    def for_weight(self, K, O, out_dtype, w, parallel: bool = False, bias=None, w7: bool = False):
+        """For the compiler: (tuned PrimFunc, packed weight constant, bias constant) for a GEMM whose
+        weight `w` is a constant (relax.const) int8 [O, K], or None (not tuned, or a weight that is
+        not a constant: use the default kernel with `w` as it is). Call the kernel with the packed
+        weight and the returned bias in place of `w` and `bias`; every other argument is
+        unchanged. w7=True (the caller checked `passes._lowering.u8_route`): the 7-bit kernel,
+        whose bias is `bias` (a constant, or None for zeros) corrected by -128 rowsum(W); otherwise
+        the bias is returned as it is."""
         from tvm import relax  # pylint: disable=import-outside-toplevel
 
         from ..passes._lowering import const_numpy  # pylint: disable=import-outside-toplevel
@@ -667,27 +703,38 @@ class TunedKernels:
         W = const_numpy(w)
         if W is None:
             return None
-        func = self.get(K, O, out_dtype, parallel)
+        func = self.get(K, O, out_dtype, parallel, w7=w7)
         if func is None:
             return None
-        return func, relax.const(G.pack_weights(W), "int8")
+        if not w7:
+            return func, relax.const(G.pack_weights(W), "int8"), bias
+        b = None if bias is None else const_numpy(bias)
+        if bias is not None and b is None:
+            return None       # (u8_route never sends a non-constant bias here)
+        wp, bc = x86_wide.prepare_weights_wide("avx2", W, b, lanes=8)
+        return func, relax.const(wp, "int8"), relax.const(bc, "int32")
 
     def _replay(self, key, parallel=False):
         import tvm  # pylint: disable=import-outside-toplevel
         from tvm import s_tir  # pylint: disable=import-outside-toplevel
 
-        K, O, dt = key
+        K, O, dt = key[:3]
+        w7 = len(key) == 4
         rows, _, rec = self._best[key]
         try:
             G.register_intrinsics()
-            func = G.gemm_blocks(K, O, dt, n_rows=None, name="main", packed=True)
+            if w7:
+                func = x86_wide.gemm_blocks_wide(K, O, dt, n_rows=None, name="main", lanes=8)
+            else:
+                func = G.gemm_blocks(K, O, dt, n_rows=None, name="main", packed=True)
             sch = s_tir.Schedule(tvm.IRModule({"main": func}))
             rec.trace.apply_to_schedule(sch, remove_postproc=True)
             out = sch.mod["main"]
             if parallel:   # (after tensorize the product block is "gemm_init" + "gemm_update_o")
                 out = _parallel_loop(out, sch.get(sch.get_loops(sch.get_sblock("gemm_init"))[0]))
         except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
-            warnings.warn(f"tuned schedule of GEMM K={K} O={O} {dt} (tuned at N={rows}) from "
+            warnings.warn(f"tuned schedule of GEMM K={K} O={O} {dt}{' (7-bit)' if w7 else ''} "
+                          f"(tuned at N={rows}) from "
                           f"{self.log_dir} does not apply to the kernel ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}); "
                           "using the default kernel", TuningLogWarning, stacklevel=3)
@@ -746,16 +793,17 @@ def apply_tuning_logs(log_dir, target) -> TunedKernels:
         if rtgt is None or target_key(rtgt) != want:
             foreign.add(_target_str(rtgt) if rtgt is not None else "<no target>")
             continue
-        K, O, dt, rows = gemm
-        cur = best.get((K, O, dt))
+        K, O, dt, rows, w7 = gemm
+        key = tuned_key(K, O, dt, w7)
+        cur = best.get(key)
         # prefer the largest tuned row count (the batched case), then the fastest
         if cur is None or (rows, -secs) > (cur[0], -cur[1]):
-            best[(K, O, dt)] = (rows, secs, rec)
+            best[key] = (rows, secs, rec)
     defaults = read_defaults(log_dir).get(_target_str(tgt), {})
     slower = []
     for key in list(best):
         rows, secs, _ = best[key]
-        d = defaults.get(f"{key[0]},{key[1]},{key[2]},{rows}")
+        d = defaults.get(f"{key[0]},{key[1]},{key[2]},{rows}" + (",w7" if len(key) == 4 else ""))
         if d is not None and secs >= d:
             slower.append(key)
             del best[key]   # the default kernel was faster when measured on the tuning machine
@@ -769,5 +817,5 @@ def apply_tuning_logs(log_dir, target) -> TunedKernels:
         warnings.warn(f"tuning database in {log_dir} has no GEMM records; using the default "
                       "kernels", TuningLogWarning, stacklevel=2)
     tk = TunedKernels(tgt, best, isa=isa, log_dir=log_dir)
-    tk.kept_default = sorted(slower)   # (K, O, dtype) whose default kernel beat the best record
+    tk.kept_default = sorted(slower)   # tuned keys whose default kernel beat the best record
     return tk

@@ -53,6 +53,11 @@ The inner 16 x 4 step (16 output channels x 4 k: 16 int32 lanes, 64 weight bytes
 - the same intrinsic body with 8 lanes (INTRIN_AVX2_U8S8, vpmaddwd ymm, weights [OP/8, KP/4, 8, 4],
   `gemm_blocks_wide(..., lanes=8)`, layout "o8k4") runs on AVX2: the tests use it to check that
   intrinsic body's arithmetic bit for bit on an AVX2 host, which cannot execute AVX-512.
+- isa "avx2_w7" (W7_ISA; GEMMs whose weights lie in [-64, 64], QuantConfig(weight_bits=7)):
+  INTRIN_AVX2_U8S7, vpmaddubsw of the broadcast u bytes against the 32 weight bytes, then vpmaddwd
+  by ones, the instruction pair of the AVX2 kernels' u8 route (kernels/_gemm.py). Exact because
+  |w| <= 64 keeps vpmaddubsw's pair sums within int16 (2 * 255 * 64 = 32640); `tune` gives it
+  only to such GEMMs (tune.GemmTask.u8_weights) and measures their trials on 7-bit weights.
 - any other isa: the lanes are vectorized (no tensorize): the plain check of the u8 + packed +
   corrected-bias arithmetic on any host.
 
@@ -86,6 +91,8 @@ TVM_INTRIN_AVX512 = "dot_16x4_avx512"       # TVM's: vpmaddubsw, saturates, NOT 
 INTRIN_VNNI = "tvm_intlstm_avx512_vnni_16x4_u8i8i32"             # ours: vpdpbusd, LLVM 21 or 22
 INTRIN_AVX512_U8S8 = "tvm_intlstm_avx512_pmaddwd_16x4_u8i8i32"   # ours, exact (see module doc)
 INTRIN_AVX2_U8S8 = "tvm_intlstm_avx2_pmaddwd_8x4_u8i8i32"        # the same body on 8 lanes
+INTRIN_AVX2_U8S7 = "tvm_intlstm_avx2_pmaddubsw_8x4_u8s7i32"      # vpmaddubsw, |w| <= 64 only
+W7_ISA = "avx2_w7"    # the tuning isa of GEMMs whose weights lie in [-64, 64] (see intrinsic_for)
 MAX_O_VECTORS = {16: 4, 8: 8}    # vectors per register tile (max_innermost_factor of the o split)
 
 
@@ -314,6 +321,30 @@ def _u8s8_pmaddwd_impl(lanes):
     return impl
 
 
+def _u8s7_pmaddubsw_impl():
+    """u8 x s8 (8 x 4) -> int32x8 with vpmaddubsw + vpmaddwd by ones: the AVX2 kernels' u8 route
+    (kernels/_gemm.py) as a tensor intrinsic. vpmaddubsw saturates its int16 pair sums, so this is
+    exact only for weights in [-64, 64]: |pair| <= 2 * 255 * 64 = 32640 < 2^15. The description is
+    the exact u8 x s8 dot of INTRIN_AVX2_U8S8; the weight bound is the caller's promise (tune gives
+    this intrinsic only to GEMMs whose constant weights fit, `passes._lowering.u8_route`)."""
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((8, 4), "int8", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.Broadcast(a, 8), dtype="uint8x32"),
+                B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
+                T.Broadcast(T.int16(1), 16), dtype="int32x8")
+    return impl
+
+
 def _vnni_impl():
     """vpdpbusd zmm: C += per lane sum of 4 u8 x s8 products, int32, not saturating. The LLVM
     intrinsic's operand types changed in LLVM 22 (llvm-project PR 155194: <16 x i32> -> <64 x i8>
@@ -343,7 +374,8 @@ def _vnni_impl():
 
 
 def register_wide_intrinsics() -> None:
-    """Register INTRIN_VNNI, INTRIN_AVX512_U8S8 and INTRIN_AVX2_U8S8 (once per process; cheap).
+    """Register INTRIN_VNNI, INTRIN_AVX512_U8S8, INTRIN_AVX2_U8S8 and INTRIN_AVX2_U8S7 (once per
+    process; cheap).
     Needed before scheduling and before replaying a trace that tensorizes with them;
     gemm.register_intrinsics() calls it. TVM's own x86 intrinsics are not needed (nor imported);
     `import_tvm_x86_intrinsics()` registers them cheaply if wanted."""
@@ -354,6 +386,8 @@ def register_wide_intrinsics() -> None:
     for name, lanes in ((INTRIN_AVX512_U8S8, 16), (INTRIN_AVX2_U8S8, 8)):
         if TensorIntrin.get(name, allow_missing=True) is None:
             TensorIntrin.register(name, _u8s8_desc(lanes), _u8s8_pmaddwd_impl(lanes))
+    if TensorIntrin.get(INTRIN_AVX2_U8S7, allow_missing=True) is None:
+        TensorIntrin.register(INTRIN_AVX2_U8S7, _u8s8_desc(8), _u8s7_pmaddubsw_impl())
 
 
 def import_tvm_x86_intrinsics():
@@ -368,7 +402,10 @@ def import_tvm_x86_intrinsics():
 
 
 def intrinsic_for(isa: str, lanes: int) -> str | None:
-    """The TensorIntrin that tensorizes the lanes x 4 step for `isa`, or None (vectorize)."""
+    """The TensorIntrin that tensorizes the lanes x 4 step for `isa`, or None (vectorize).
+    W7_ISA ("avx2_w7", weights in [-64, 64]) gets the vpmaddubsw step, the AVX2 kernels' u8 route."""
+    if lanes == 8 and isa == W7_ISA:
+        return INTRIN_AVX2_U8S7
     if lanes == 16 and isa == "avx512_vnni":
         return INTRIN_VNNI
     if lanes == 16 and isa == "avx512":
