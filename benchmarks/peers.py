@@ -10,9 +10,11 @@ The same float nn.LSTM (seeded random weights) on:
   activations) | ONNX Runtime FP32 (torch.onnx.export, TorchScript exporter) | ONNX Runtime
   onnxruntime.quantization.quantize_dynamic (DynamicQuantizeLSTM) | LiteRT full int8 (integer-only
   LSTM; needs --litert-python, see benchmarks/litert_convert.py) | tvm_intlstm untuned and tuned
-  (8-bit weights: the exact full-range vpmaddwd kernels) | tvm_intlstm with 7-bit weights
-  (QuantConfig(weight_bits=7): the u8 x s8 vpmaddubsw kernels, also exact; same model quantized
-  with one weight bit less, its accuracy is in the error table).
+  (8-bit weights: the exact full-range vpmaddwd kernels) | tvm_intlstm with 7-bit weights untuned
+  and tuned (QuantConfig(weight_bits=7): the u8 x s8 vpmaddubsw kernels, also exact; same model
+  quantized with one weight bit less, its accuracy is in the error table). "tuned" = compiled with
+  --tuning-logs (both weight routes have records there; a record slower than the hand-written
+  kernel when it was tuned is not applied, tuning_logs/README.md).
 
 Configs: 1-layer 256->512 LSTM, T=64 and a 2-layer 650-unit LSTM (word-LM size), T=35, batch 1 and 8.
 Time-major float32 input (T, B, I) for every system (LiteRT's Keras model is batch-major: the
@@ -62,7 +64,7 @@ CONFIGS = [
      "T": 35, "batches": [1, 8], "seed": 1},
 ]
 SEQ_SWEEP = [8, 16, 32, 64, 128, 256]          # 256->512, batch 1, one thread
-SWEEP_PEERS = ["torch_fp32", "ort_qdyn", "tvm_tuned", "tvm_w7"]
+SWEEP_PEERS = ["torch_fp32", "ort_qdyn", "tvm_tuned", "tvm_w7", "tvm_w7_tuned"]
 
 PEERS = [
     ("torch_fp32", "PyTorch FP32"),
@@ -73,7 +75,9 @@ PEERS = [
     ("tvm_untuned", "tvm_intlstm untuned"),
     ("tvm_tuned", "tvm_intlstm tuned"),
     ("tvm_w7", "tvm_intlstm 7-bit weights"),
+    ("tvm_w7_tuned", "tvm_intlstm 7-bit tuned"),
 ]
+TVM_KEYS = ("tvm_untuned", "tvm_tuned", "tvm_w7", "tvm_w7_tuned")
 LABEL = dict(PEERS)
 
 # One Zen3 core, AVX2: vpmaddwd ymm issues 2 per cycle (FP0/FP1 multiply pipes), each multiplies
@@ -189,7 +193,8 @@ def prepare(a, work, log):
         p = os.path.join(d, "model_w7.qpt")
         til.save_quantized(q7, p)
         ent["files"]["qpt_w7"] = p
-        for kind, logs, qm in (("untuned", None, q), ("tuned", a.tuning_logs, q), ("w7", None, q7)):
+        for kind, logs, qm in (("untuned", None, q), ("tuned", a.tuning_logs, q), ("w7", None, q7),
+                               ("w7_tuned", a.tuning_logs, q7)):
             t0 = time.time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -271,8 +276,8 @@ class Peers:
         self.qdyn = torch_qdyn(self.model)
         self.q = til.load_quantized(ent["files"]["qpt"])
         q7 = til.load_quantized(ent["files"]["qpt_w7"])
-        self.qs = {"tvm_untuned": self.q, "tvm_tuned": self.q, "tvm_w7": q7}
-        self.cms = {k: til.load(ent["files"][k]) for k in ("tvm_untuned", "tvm_tuned", "tvm_w7")}
+        self.qs = {"tvm_untuned": self.q, "tvm_tuned": self.q, "tvm_w7": q7, "tvm_w7_tuned": q7}
+        self.cms = {k: til.load(ent["files"][k]) for k in TVM_KEYS}
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
@@ -477,7 +482,7 @@ def render(a, man, results, command, ghz, wall, tf_version):
                          + " | ".join(fmt_ms(rr[k]) if k in rr else "n/a" for k in keys) + " |")
     L.append("")
     L.append("Speed-up of tvm_intlstm over each system: that system's median / tvm_intlstm's median "
-             "(> 1: tvm_intlstm is faster), as tuned / untuned / 7-bit weights.")
+             "(> 1: tvm_intlstm is faster), as tuned / untuned / 7-bit / 7-bit tuned.")
     L.append("")
     others = [k for k in keys if not k.startswith("tvm_")]
     L.append("| threads | model | B | " + " | ".join(f"vs {LABEL[k]}" for k in others)
@@ -489,9 +494,8 @@ def render(a, man, results, command, ghz, wall, tf_version):
             if k not in rr:
                 cells.append("n/a")
                 continue
-            cells.append(f"{rr[k]['median'] / rr['tvm_tuned']['median']:.2f} / "
-                         f"{rr[k]['median'] / rr['tvm_untuned']['median']:.2f} / "
-                         f"{rr[k]['median'] / rr['tvm_w7']['median']:.2f}")
+            cells.append(" / ".join(f"{rr[k]['median'] / rr[t]['median']:.2f}"
+                                    for t in ("tvm_tuned", "tvm_untuned", "tvm_w7", "tvm_w7_tuned")))
         cells.append(f"{rr['tvm_untuned']['median'] / rr['tvm_tuned']['median']:.2f}")
         L.append(f"| {th} | {cfg['name']} | {B} | " + " | ".join(cells) + " |")
     L.append("")
@@ -501,13 +505,13 @@ def render(a, man, results, command, ghz, wall, tf_version):
              "tvm_intlstm's time / ORT's time (< 1: tvm_intlstm faster), and in how many rounds "
              "tvm_intlstm was faster.")
     L.append("")
-    L.append("| threads | model | B | untuned / ORT | tuned / ORT | 7-bit / ORT |")
-    L.append("|---:|---|---:|---:|---:|---:|")
+    L.append("| threads | model | B | untuned / ORT | tuned / ORT | 7-bit / ORT | 7-bit tuned / ORT |")
+    L.append("|---:|---|---:|---:|---:|---:|---:|")
     for th, cfg, B, rr in rows:
         if "ort_qdyn" not in rr or "rounds" not in rr["ort_qdyn"]:
             continue
         cells = []
-        for k in ("tvm_untuned", "tvm_tuned", "tvm_w7"):
+        for k in TVM_KEYS:
             q = [t / o for t, o in zip(rr[k]["rounds"], rr["ort_qdyn"]["rounds"])]
             cells.append(f"{statistics.median(q):.2f} ({sum(x < 1 for x in q)}/{len(q)})")
         L.append(f"| {th} | {cfg['name']} | {B} | " + " | ".join(cells) + " |")
@@ -523,15 +527,17 @@ def render(a, man, results, command, ghz, wall, tf_version):
              "recurrent step are extra work, so the floor is not reachable, only a bound).")
     L.append("")
     L.append("| threads | model | B | GOP per call | floor (ms) | tvm tuned median GOP/s | best-round GOP/s "
-             "| % of peak (median) | tvm untuned GOP/s | tvm 7-bit GOP/s | 7-bit % of peak |")
-    L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+             "| % of peak (median) | tvm untuned GOP/s | tvm 7-bit GOP/s | 7-bit % of peak "
+             "| tvm 7-bit tuned GOP/s | 7-bit tuned % of peak |")
+    L.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for th, cfg, B, rr in rows:
         g = gops(cfg, B=B)
         peak = peak1 * th
-        tt, tu, t7 = rr["tvm_tuned"], rr["tvm_untuned"], rr["tvm_w7"]
+        tt, tu, t7, t7t = rr["tvm_tuned"], rr["tvm_untuned"], rr["tvm_w7"], rr["tvm_w7_tuned"]
         L.append(f"| {th} | {cfg['name']} | {B} | {g:.3f} | {g / peak * 1e3:.3f} | "
                  f"{g / tt['median']:.1f} | {g / tt['min']:.1f} | {100 * g / tt['median'] / peak:.0f}% | "
-                 f"{g / tu['median']:.1f} | {g / t7['median']:.1f} | {100 * g / t7['median'] / peak:.0f}% |")
+                 f"{g / tu['median']:.1f} | {g / t7['median']:.1f} | {100 * g / t7['median'] / peak:.0f}% | "
+                 f"{g / t7t['median']:.1f} | {100 * g / t7t['median'] / peak:.0f}% |")
     L.append("")
     L.append("Model files (same weights). tvm_intlstm: the exported `.so` (weights inside) and the "
              "int8 weight bytes of the quantized model (plus its int32 bias/requantization constants "
@@ -540,7 +546,7 @@ def render(a, man, results, command, ghz, wall, tf_version):
     cols = [("fp32_state_dict", "FP32 state dict"), ("torch_qdyn_state_dict", "PyTorch dyn-int8 state dict"),
             ("onnx_fp32", "ONNX FP32"), ("onnx_qdyn", "ONNX dyn-int8"), ("litert_int8", "LiteRT int8 .tflite"),
             ("tvm_untuned_so", "tvm .so untuned"), ("tvm_tuned_so", "tvm .so tuned"),
-            ("tvm_w7_so", "tvm .so 7-bit"),
+            ("tvm_w7_so", "tvm .so 7-bit"), ("tvm_w7_tuned_so", "tvm .so 7-bit tuned"),
             ("int8_weight_bytes", "tvm int8 weights"), ("int_param_bytes", "tvm all int params")]
     L.append("| model | " + " | ".join(c for _, c in cols) + " | .so tuned / FP32 |")
     L.append("|---|" + "---:|" * (len(cols) + 1))
@@ -567,14 +573,15 @@ def render(a, man, results, command, ghz, wall, tf_version):
                  f"ms, median of {a.sweep_repeat} interleaved rounds (min); plot: `{rel(a.plot)}`.")
         L.append("")
         L.append("| T | " + " | ".join(LABEL[k] for k in SWEEP_PEERS) + " | tvm tuned vs PyTorch FP32 "
-                 "| tvm tuned vs ORT dyn-int8 | tvm 7-bit vs ORT dyn-int8 |")
-        L.append("|---:|" + "---:|" * (len(SWEEP_PEERS) + 3))
+                 "| tvm tuned vs ORT dyn-int8 | tvm 7-bit vs ORT dyn-int8 | tvm 7-bit tuned vs ORT dyn-int8 |")
+        L.append("|---:|" + "---:|" * (len(SWEEP_PEERS) + 4))
         for T in SEQ_SWEEP:
             rr = {r["peer"]: r for r in sweep if r["T"] == T}
             L.append(f"| {T} | " + " | ".join(fmt_ms(rr[k]) for k in SWEEP_PEERS)
                      + f" | {rr['torch_fp32']['median'] / rr['tvm_tuned']['median']:.2f}"
                      + f" | {rr['ort_qdyn']['median'] / rr['tvm_tuned']['median']:.2f}"
-                     + f" | {rr['ort_qdyn']['median'] / rr['tvm_w7']['median']:.2f} |")
+                     + f" | {rr['ort_qdyn']['median'] / rr['tvm_w7']['median']:.2f}"
+                     + f" | {rr['ort_qdyn']['median'] / rr['tvm_w7_tuned']['median']:.2f} |")
     n_exact = sum(res["exact_checked"] for res in results)
     notes = sorted({n for res in results for n in res["notes"]})
     L.append("")
@@ -619,7 +626,7 @@ def plot(path, results, threads):
 
     sweep = [r for res in results for r in res["sweep"]]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for k, m in zip(SWEEP_PEERS, "osD^"):
+    for k, m in zip(SWEEP_PEERS, "osD^v"):
         pts = sorted((r["T"], r["median"] * 1e3, r["min"] * 1e3) for r in sweep if r["peer"] == k)
         T = [p[0] for p in pts]
         ax.plot(T, [p[1] for p in pts], marker=m, label=LABEL[k] + " (median)")
