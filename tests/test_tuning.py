@@ -339,6 +339,14 @@ def test_tune_and_apply_7bit_model(tmp_path):
     with open(os.path.join(d, "defaults.json")) as f:
         measured = json.load(f)
     assert all(k.endswith(",w7") for v in measured.values() for k in v)
+    # the default kernel and the best record were timed head to head; apply follows that verdict
+    verdicts = [m for m in msgs if "(interleaved)" in m]
+    assert len(verdicts) == 2
+    real = apply_tuning_logs(d, TARGET)
+    for m, key in zip(sorted(verdicts), [(12, 64, "int16", "w7"), (16, 5, "int32", "w7")]):
+        assert f"gemm_k{key[0]}_o{key[1]}_{key[2]}" in m
+        assert (key in real) == ("the tuned kernel will be used" in m), m
+        assert (key in real.kept_default) == ("the default kernel stays" in m), m
     # (2 trials rarely beat the default kernel: pretend it took 1 s so that the records apply)
     with open(os.path.join(d, "defaults.json"), "w") as f:
         json.dump({t: {k: 1.0 for k in v} for t, v in measured.items()}, f)
