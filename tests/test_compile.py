@@ -338,3 +338,18 @@ def test_negative_indices_bitexact(target):
         x = (torch.randn(T, B, 6) * 1.5).numpy()
         for got, want in zip(cm(x), ref(x)):
             np.testing.assert_array_equal(got, want)
+
+
+def test_weight_route_hint():
+    """compile's progress output suggests 7-bit weights for a full-range 8-bit model on AVX2
+    only (the u8 x s8 kernels are the faster route there; elsewhere both routes run alike)."""
+    from tvm_intlstm.compiler import weight_route_hint
+
+    torch.manual_seed(0)
+    calib = [torch.randn(5, 2, 10) for _ in range(2)]
+    q8 = til.quantize(FeatureLSTM().eval(), calib)
+    q7 = til.quantize(FeatureLSTM().eval(), calib, til.QuantConfig(weight_bits=7))
+    hint = weight_route_hint(q8, "llvm -mcpu=znver3")
+    assert hint is not None and "weight_bits=7" in hint
+    assert weight_route_hint(q7, "llvm -mcpu=znver3") is None
+    assert weight_route_hint(q8, "rpi5") is None and weight_route_hint(q8, "llvm") is None

@@ -147,6 +147,30 @@ def load(path: str | os.PathLike) -> CompiledModule:
                           input_shapes=meta.get("input_shapes"))
 
 
+def weight_route_hint(model, target) -> str | None:
+    """A hint for `compile`'s progress output, or None: on AVX2, a model whose LSTM / linear
+    weights leave [-64, 64] (QuantConfig(weight_bits=8), the default) takes the exact full-range
+    vpmaddwd kernels; 7-bit weights would take the u8 x s8 kernels, ~1.2x faster on this kind of
+    CPU (BENCHMARKS.md), for a little accuracy. Not on other targets (no such difference there)."""
+    from .kernels import resolve_isa
+    from .nn.intmodules import IntLinear, IntLSTM
+    if resolve_isa(_target(target)) != "avx2":
+        return None
+    for m in model.gm.modules():
+        if isinstance(m, IntLinear):
+            ws = [m.w]
+        elif isinstance(m, IntLSTM):
+            ws = [b for n, b in m.named_buffers() if n.endswith(("_w_x", "_w_h"))]
+        else:
+            continue
+        if any(w.numel() and int(w.to(torch.int16).abs().max()) > 64 for w in ws):
+            return ("hint: the weights use the full 8-bit range, so on AVX2 the GEMMs take the exact "
+                    "vpmaddwd kernels; quantized with QuantConfig(weight_bits=7) they would take the "
+                    "u8 x s8 (vpmaddubsw) kernels, ~1.2x faster on this CPU, for ~8 % more output "
+                    "error against FP32 (BENCHMARKS.md)")
+    return None
+
+
 def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True) -> CompiledModule:  # noqa: A001
     """Compile a quantized model (tvm_intlstm.quantize / prepare_qat result) to an integer-only module."""
     from .quant.api import QATModel
@@ -167,6 +191,10 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
     input_shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape.values]
                     for p in mod["main"].params]
     _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
+    if verbose:
+        hint = weight_route_hint(model, tgt)
+        if hint:
+            _log(hint, verbose)
     tuned = None
     if tuning_logs:
         from .tuning import apply_tuning_logs

@@ -683,6 +683,14 @@ class TunedKernels:
     def __len__(self):
         return len(self._best)
 
+    def __repr__(self):
+        def fmt(keys):
+            return ", ".join(f"{k[0]}->{k[1]} {k[2]}" + (" (7-bit)" if len(k) == 4 else "")
+                             for k in keys) or "none"
+        where = _target_str(self.target) if self.target is not None else "no target"
+        return (f"TunedKernels({len(self)} tuned GEMM kernel(s) for {where}: {fmt(self.keys())}; "
+                f"default kernel kept (faster) for: {fmt(self.kept_default)})")
+
     def __contains__(self, key):
         return tuple(key) in self._best
 
