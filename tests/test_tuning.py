@@ -361,10 +361,9 @@ def test_tune_and_apply_7bit_model(tmp_path):
     for T, B in ((8, 2), (3, 1), (13, 3)):
         x = (torch.randn(T, B, 12) * 3).numpy()
         np.testing.assert_array_equal(cm(x), ref(x))
-    # an 8-bit model of the same shapes: these records are not for its GEMMs
-    q8 = til.quantize(model, calib)
-    cm8 = til.compile(q8, TARGET, ex, tuning_logs=d, verbose=False)
-    assert not any(gv.name_hint.startswith("tuned_") for gv, _ in cm8.ir_module.functions_items())
+    # the records are not for 8-bit weights of the same shapes (the lowering asks get(...,
+    # w7=False) for those, asserted None above); nor for weights outside [-64, 64] given w7=True:
+    # _gemm asks w7=True only on the u8 route (passes._lowering.u8_route)
 
 
 def test_compile_applies_committed_tuning_logs(tmp_path):
