@@ -102,7 +102,7 @@ class OpLowering(PyExprMutator):
         self.tuned = tuned  # tvm_intlstm.tuning.TunedKernels or None
         self.cache = {}
 
-    def _gemm(self, kind, Kf, O, dt, w, b, make_default, variant=()):
+    def _gemm(self, kind, Kf, O, dt, w, b, make_default, variant=(), scale=None):
         """(GlobalVar, weight arg, bias arg) of a GEMM kernel for weight `w` [O, K] and bias `b`.
 
         For constant weights (every model the quantizer produces), in order of preference:
@@ -114,7 +114,8 @@ class OpLowering(PyExprMutator):
         - the default kernel with weights packed for its micro-kernel.
         (apply_tuning_logs drops tuned kernels that were slower than the default one when tuned.)
         `make_default(w7, packed)` makes the default PrimFunc; `variant` (hashable) tells apart
-        default kernels specialized on more than the shapes (e.g. baked scales). Non-constant
+        default kernels specialized on more than the shapes (e.g. baked scales); `scale` (the
+        GEMM's `uniform_scale`) is baked into a tuned kernel's epilogue the same way. Non-constant
         weights get the default kernel on the natural layout."""
         W = const_numpy(w)
         if W is None:
@@ -125,10 +126,10 @@ class OpLowering(PyExprMutator):
             # the default kernels of LSTM input projections use the thread pool (variant
             # "parallel"): their tuned replacements do too
             par = "parallel" in variant
-            hit = self.tuned.for_weight(Kf, O, dt, w, parallel=par, bias=b, w7=w7)
+            hit = self.tuned.for_weight(Kf, O, dt, w, parallel=par, bias=b, w7=w7, scale=scale)
             if hit is not None:
                 func, wp, bk = hit
-                return self._kernel(("tuned_" + kind, Kf, O, dt, par, w7, str(self.target)),
+                return self._kernel(("tuned_" + kind, Kf, O, dt, par, w7, scale, str(self.target)),
                                     lambda: func), wp, bk
         key = (kind, Kf, O, dt, w7, True, *variant, str(self.target))
         gv = self._kernel(key, lambda: make_default(w7, True))

@@ -28,7 +28,7 @@ class _LowerLinearMutator(OpLowering):
         gv, w, b = self._gemm("linear_requant" + ("_hi" if hi else ""), Kf, O, dt, w, b,
                               lambda w7, packed: K.linear_requant(
                                   Kf, O, dt, True, target=self.target, w7=w7, packed=packed,
-                                  shift_hi=hi, scale=sc), variant=(sc,))
+                                  shift_hi=hi, scale=sc), variant=(sc,), scale=sc)
         return self._call_rows(gv, x, [w, b, m, s], O, dt)
 
 

@@ -61,7 +61,7 @@ class _LowerLSTMMutator(OpLowering):
                                     bias, lambda w7, packed: K.linear_requant(
                                         I, G, "int16", True, target=self.target, w7=w7,
                                         packed=packed, shift_hi=hx, scale=scx, parallel=True),
-                                    variant=(scx, "parallel"))
+                                    variant=(scx, "parallel"), scale=scx)
         gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         if packed:
             wk, _, corr = K.prepare_weights(func, W)

@@ -17,12 +17,14 @@ import os
 
 
 def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
-    """(default us, tuned us) of one GEMM at N rows, one thread, `rounds` interleaved measurements
-    (medians): the default kernel built as the compiler builds it for the quantizer's models
+    """(default us, tuned us, tuned / default) of one GEMM at N rows, one thread, `rounds`
+    interleaved measurements: the medians of each, and the median of the per-round ratios (the
+    steadier figure on a shared machine). The default kernel built as the compiler builds it for the quantizer's models
     (pre-packed weights, one shift per tensor baked in, like `tune.time_default_kernel`; every
     channel gets that shift here) against the PrimFunc `tuned` (a replayed record). Both are
-    checked bit for bit against the numpy reference first. w7=True: the 7-bit (u8 x s8) kernels,
-    on weights in [-64, 64]."""
+    checked bit for bit against the numpy reference first; replay `tuned` with
+    scale=(None, tune.COMPARE_SHIFT) to compare like with like. w7=True: the 7-bit (u8 x s8)
+    kernels, on weights in [-64, 64]."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tvm  # pylint: disable=import-outside-toplevel
@@ -31,11 +33,11 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
     from ..reference import ops as R  # pylint: disable=import-outside-toplevel
     from ._ms import make_case  # pylint: disable=import-outside-toplevel
     from .gemm import pack_weights  # pylint: disable=import-outside-toplevel
-    from .tune import _target  # pylint: disable=import-outside-toplevel
+    from .tune import COMPARE_SHIFT, _target  # pylint: disable=import-outside-toplevel
     from .x86_wide import prepare_weights_wide  # pylint: disable=import-outside-toplevel
 
     tgt = _target(target)
-    shift = 40
+    shift = COMPARE_SHIFT
     if out_dtype == "int32":
         default = KK.linear_i32(K, O, True, target=tgt, packed=True, w7=w7)
     else:
@@ -64,23 +66,26 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
     for _ in range(int(rounds)):
         td.append(kd.time_us(*args, number=number, repeat=5))
         tt.append(kt.time_us(*targs, number=number, repeat=5))
-    return float(np.median(td)), float(np.median(tt))
+    return (float(np.median(td)), float(np.median(tt)),
+            float(np.median([b / a for a, b in zip(td, tt)])))
 
 
 def bench(log_dir, target, K, O, out_dtype, rows=(64,), rounds=5, log=print, w7=False):
     """`compare` of the database's tuned kernel per row count: [(N, default us, tuned us)]."""
-    from .tune import _target, apply_tuning_logs  # pylint: disable=import-outside-toplevel
+    from .tune import COMPARE_SHIFT, _target, apply_tuning_logs  # pylint: disable=import-outside-toplevel
 
     tgt = _target(target)
-    tuned = apply_tuning_logs(log_dir, tgt).get(K, O, out_dtype, w7=w7)
+    tuned = apply_tuning_logs(log_dir, tgt).get(K, O, out_dtype, w7=w7,
+                                               scale=(None, COMPARE_SHIFT))
     if tuned is None:
         raise ValueError(f"no tuned schedule for K={K} O={O} {out_dtype}{' w7' if w7 else ''} in "
                          f"{log_dir} (or the default kernel was faster when it was tuned)")
     out = []
     for N in rows:
-        d, t = compare(tgt, K, O, out_dtype, N, tuned, w7, rounds)
+        d, t, r = compare(tgt, K, O, out_dtype, N, tuned, w7, rounds)
         log(f"K={K} O={O} {out_dtype}{' w7' if w7 else ''} N={N}: default {d:.1f} us, tuned "
-            f"{t:.1f} us ({d / t:.2f}x), {2 * N * K * O / t / 1e3:.1f} GOP/s tuned")
+            f"{t:.1f} us (per-round ratio tuned / default {r:.3f}), "
+            f"{2 * N * K * O / t / 1e3:.1f} GOP/s tuned")
         out.append((N, d, t))
     return out
 

@@ -53,7 +53,7 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from ..kernels._tir import requantize
+from ..kernels._common import requantizer
 
 KPAIR = 2          # k per vpmaddwd lane
 OVEC = 8           # output channels per int32x8 vector
@@ -70,12 +70,15 @@ def padded(K: int, O: int) -> tuple[int, int]:
 
 def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
                 n_rows: int | None = None, name: str | None = None,
-                packed: bool = False) -> tirx.PrimFunc:
+                packed: bool = False, scale: tuple | None = None) -> tirx.PrimFunc:
     """Block-form linear kernel: (x, W, b, M, s, y) for out_dtype int8/int16, (x, W, b, y) for
     int32 (the final linear layer). n_rows: a static row count (the tuning specialization);
     None gives the symbolic-N kernel the compiler calls. packed: W is passed pre-packed, int8
     [OP/8, KP/2, 8, 2] = pack_weights(W) (done once, at compile time, for constant weights),
-    instead of int8 [O, K] packed on every call."""
+    instead of int8 [O, K] packed on every call. scale: as for kernels.linear_requant ((M, s) or
+    (None, s): a per-tensor multiplier and/or shift baked into the epilogue, which is then as cheap
+    as the default kernel's; the M / s buffers stay parameters). It changes no block or loop, so
+    a trace tuned on one epilogue replays on another."""
     K, O = int(in_features), int(out_features)
     if K <= 0 or O <= 0:
         raise ValueError(f"linear sizes must be positive, got K={K}, O={O}")
@@ -109,9 +112,11 @@ def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
         return tirx.if_then_else(tirx.all(o < O, k < K), tirx.Cast(
             "int16", W[tirx.min(o, O - 1), tirx.min(k, K - 1)]), tirx.const(0, "int16"))
 
+    rq = requantizer(False, scale) if requant else None
+
     def epilogue(acc, Bb, Mb, Sb, o):
         if requant:
-            return requantize(acc + Bb[o], Mb[o], Sb[o], bits)
+            return rq(acc + Bb[o], Mb[o], Sb[o], bits)
         return acc + Bb[o]
 
     @T.prim_func(s_tir=True)

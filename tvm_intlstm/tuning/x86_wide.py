@@ -77,7 +77,7 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from ..kernels._tir import requantize
+from ..kernels._common import requantizer
 from .gemm import NT_CHOICES, ROW_PAD, UNROLL_CHOICES
 
 KQUAD = 4                    # k per step (the 4 bytes of one vpdpbusd lane)
@@ -172,11 +172,12 @@ def prepare_weights_wide(isa: str, W: np.ndarray, bias=None, lanes: int | None =
 # --- the block-form kernel ------------------------------------------------------------------------
 def gemm_blocks_wide(in_features: int, out_features: int, out_dtype: str = "int8",
                      n_rows: int | None = None, name: str | None = None,
-                     lanes: int = LANES) -> tirx.PrimFunc:
+                     lanes: int = LANES, scale: tuple | None = None) -> tirx.PrimFunc:
     """Block-form u8 linear kernel (see the module doc): (x, Wp, b', M, s, y) for int8/int16
     outputs, (x, Wp, b', y) for int32; Wp, b' = prepare_weights_wide(isa, W, b). n_rows: static
-    row count (tuning), None: symbolic N (the compiler's kernel). lanes: 16 (AVX-512) or 8 (the
-    AVX2 check of the same arithmetic)."""
+    row count (tuning), None: symbolic N (the compiler's kernel). lanes: 16 (AVX-512) or 8 (AVX2:
+    the exact check of the same arithmetic, or with isa W7_ISA the 7-bit vpmaddubsw kernel).
+    scale: a baked per-tensor multiplier and/or shift, as for gemm.gemm_blocks."""
     K, O = int(in_features), int(out_features)
     if K <= 0 or O <= 0:
         raise ValueError(f"linear sizes must be positive, got K={K}, O={O}")
@@ -199,9 +200,11 @@ def gemm_blocks_wide(in_features: int, out_features: int, out_dtype: str = "int8
     def wread(W, o, k):
         return tirx.Cast("int32", W[o // lanes, k // KQUAD, o % lanes, k % KQUAD])
 
+    rq = requantizer(False, scale) if requant else None
+
     def epilogue(acc, Bb, Mb, Sb, o):
         if requant:
-            return requantize(acc + Bb[o], Mb[o], Sb[o], bits)
+            return rq(acc + Bb[o], Mb[o], Sb[o], bits)
         return acc + Bb[o]
 
     @T.prim_func(s_tir=True)
