@@ -171,6 +171,19 @@ def test_tuned_kernel_with_baked_scale(tuned_dir, M0, s0):
         assert np.array_equal(args[-1].numpy(), ref), N
 
 
+def test_bench_compares_tuned_and_default(tuned_dir):
+    """`python -m tvm_intlstm.tuning.bench`: both kernels checked bit-exact (compare raises
+    otherwise), one line per row count."""
+    from tvm_intlstm.tuning.bench import bench
+    lines = []
+    out = bench(tuned_dir, TARGET, TASK.K, TASK.O, TASK.out_dtype, rows=(3, 16), rounds=1,
+                log=lines.append)
+    assert [n for n, _, _ in out] == [3, 16] and all(d > 0 and t > 0 for _, d, t in out)
+    assert len(lines) == 2 and "per-round ratio tuned / default" in lines[0]
+    with pytest.raises(ValueError, match="no tuned schedule"):
+        bench(tuned_dir, TARGET, TASK.K, TASK.O, "int8", rows=(3,), rounds=1)
+
+
 def test_tuned_kernel_through_relax_call_tir(tuned_dir):
     """The way LowerIntegerOps uses a kernel: no global_symbol, op_pattern, call_tir, symbolic rows."""
     func = apply_tuning_logs(tuned_dir, TARGET).get(*TASK.key)

@@ -19,12 +19,12 @@ import os
 def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
     """(default us, tuned us, tuned / default) of one GEMM at N rows, one thread, `rounds`
     interleaved measurements: the medians of each, and the median of the per-round ratios (the
-    steadier figure on a shared machine). The default kernel built as the compiler builds it for the quantizer's models
-    (pre-packed weights, one shift per tensor baked in, like `tune.time_default_kernel`; every
-    channel gets that shift here) against the PrimFunc `tuned` (a replayed record). Both are
-    checked bit for bit against the numpy reference first; replay `tuned` with
-    scale=(None, tune.COMPARE_SHIFT) to compare like with like. w7=True: the 7-bit (u8 x s8)
-    kernels, on weights in [-64, 64]."""
+    steadier figure on a shared machine). The default kernel is built as the compiler builds it
+    for the quantizer's models (pre-packed weights, one shift per tensor baked in, like
+    `tune.time_default_kernel`; every channel gets that shift here); `tuned` is a replayed record
+    (replay it with scale=(None, tune.COMPARE_SHIFT) to compare like with like). Both are checked
+    bit for bit against the numpy reference first. w7=True: the 7-bit (u8 x s8) kernels, on
+    weights in [-64, 64]."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")
     import numpy as np  # pylint: disable=import-outside-toplevel
     import tvm  # pylint: disable=import-outside-toplevel
@@ -71,7 +71,8 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
 
 
 def bench(log_dir, target, K, O, out_dtype, rows=(64,), rounds=5, log=print, w7=False):
-    """`compare` of the database's tuned kernel per row count: [(N, default us, tuned us)]."""
+    """`compare` of the database's tuned kernel per row count: [(N, default us, tuned us)]
+    (logs one line per row count)."""
     from .tune import COMPARE_SHIFT, _target, apply_tuning_logs  # pylint: disable=import-outside-toplevel
 
     tgt = _target(target)
