@@ -152,7 +152,7 @@ def weight_route_hint(model, target) -> str | None:
     weights leave [-64, 64] (QuantConfig(weight_bits=8), the default) takes the exact full-range
     vpmaddwd kernels; 7-bit weights would take the u8 x s8 kernels, ~1.2x faster on this kind of
     CPU (BENCHMARKS.md), for a little accuracy. Not on other targets (no such difference there)."""
-    from .kernels import resolve_isa
+    from .kernels import resolve_isa, weights_fit_u8
     from .nn.intmodules import IntLinear, IntLSTM
     if resolve_isa(_target(target)) != "avx2":
         return None
@@ -163,7 +163,7 @@ def weight_route_hint(model, target) -> str | None:
             ws = [b for n, b in m.named_buffers() if n.endswith(("_w_x", "_w_h"))]
         else:
             continue
-        if any(w.numel() and int(w.to(torch.int16).abs().max()) > 64 for w in ws):
+        if any(w.numel() and not weights_fit_u8(w.numpy()) for w in ws):
             return ("hint: the weights use the full 8-bit range, so on AVX2 the GEMMs take the exact "
                     "vpmaddwd kernels; quantized with QuantConfig(weight_bits=7) they would take the "
                     "u8 x s8 (vpmaddubsw) kernels, ~1.2x faster on this CPU, for ~8 % more output "

@@ -20,8 +20,8 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
     """(default us, tuned us, tuned / default) of one GEMM at N rows, one thread, `rounds`
     interleaved measurements: the medians of each, and the median of the per-round ratios (the
     steadier figure on a shared machine). The default kernel is built as the compiler builds it
-    for the quantizer's models (pre-packed weights, one shift per tensor baked in, like
-    `tune.time_default_kernel`; every channel gets that shift here); `tuned` is a replayed record
+    for the quantizer's models (`tune.default_kernel`: pre-packed weights, one shift per tensor
+    baked in; every channel gets that shift here); `tuned` is a replayed record
     (replay it with scale=(None, tune.COMPARE_SHIFT) to compare like with like). Both are checked
     bit for bit against the numpy reference first. w7=True: the 7-bit (u8 x s8) kernels, on
     weights in [-64, 64]."""
@@ -32,27 +32,21 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
     from .. import kernels as KK  # pylint: disable=import-outside-toplevel
     from ..reference import ops as R  # pylint: disable=import-outside-toplevel
     from ._ms import make_case  # pylint: disable=import-outside-toplevel
-    from .gemm import pack_weights  # pylint: disable=import-outside-toplevel
-    from .tune import COMPARE_SHIFT, _target  # pylint: disable=import-outside-toplevel
-    from .x86_wide import prepare_weights_wide  # pylint: disable=import-outside-toplevel
+    from .tune import (COMPARE_SHIFT, _target, default_kernel,  # pylint: disable=import-outside-toplevel
+                       tuned_weights)
 
     tgt = _target(target)
-    shift = COMPARE_SHIFT
-    if out_dtype == "int32":
-        default = KK.linear_i32(K, O, True, target=tgt, packed=True, w7=w7)
-    else:
-        default = KK.linear_requant(K, O, out_dtype, True, target=tgt, packed=True, w7=w7,
-                                    shift_hi=True, scale=(None, shift))
+    default = default_kernel(K, O, out_dtype, tgt, w7)
     kd, kt = KK.build_kernel(default, tgt), KK.build_kernel(tuned, tgt)
     n_in = 3 if out_dtype == "int32" else 5
     sig = tuple([("int8", (N, K)), ("int8", (O, K))] + [("int32", (O,))] * (n_in - 2)
                 + [(out_dtype, (N, O))])
     (x, W, b, *req), ref = make_case(sig, 64 if w7 else 127)
     if req:
-        req[1] = np.full(O, shift, np.int32)
+        req[1] = np.full(O, COMPARE_SHIFT, np.int32)
         ref = R.requantize(R.linear_acc(x, W, b), req[0], req[1], int(out_dtype[3:]))
     wd, bd, _ = KK.prepare_weights(default, W, b)
-    wt, bt = prepare_weights_wide("avx2", W, b, lanes=8) if w7 else (pack_weights(W), b)
+    wt, bt = tuned_weights(W, b, w7)
     nd = tvm.runtime.tensor
     res = tvm.runtime.empty((N, O), out_dtype, tvm.cpu())
     args = [nd(x), nd(wd), nd(bd)] + [nd(r) for r in req] + [res]

@@ -123,9 +123,9 @@ def tuned_key(K, O, out_dtype, w7: bool = False) -> tuple:
     return (int(K), int(O), str(out_dtype)) + (("w7",) if w7 else ())
 
 
-def _default_key(task: "GemmTask", w7: bool) -> str:
-    """The key of `task`'s default-kernel time in defaults.json."""
-    return f"{task.K},{task.O},{task.out_dtype},{task.rows}" + (",w7" if w7 else "")
+def _default_key(K, O, out_dtype, rows, w7: bool) -> str:
+    """The key of a task's default-kernel time in defaults.json."""
+    return f"{K},{O},{out_dtype},{rows}" + (",w7" if w7 else "")
 
 
 def _walk_calls(expr, out):
@@ -285,13 +285,34 @@ def _missing_host_features(tgt) -> list:
 # the compiler would otherwise use. tune() measures that default for each task on the tuning machine
 # and records it in <log_dir>/defaults.json ({target key: {"K,O,dtype,rows[,w7]": seconds}}), on
 # the clock of the best record: default and best tuned kernel are timed interleaved and the file
-# gets best_secs * default / tuned (see tune's `baseline`); apply_tuning_logs() then skips tuned
-# records that are not faster. Re-running tune (even with nothing left to do) re-decides. Logs
-# without the file (older ones) apply as before.
+# gets best_secs * APPLY_MARGIN / (tuned / default) (see tune's `baseline`); apply_tuning_logs()
+# then skips tuned records whose time is not below it. Re-running tune (even with nothing left to
+# do) re-decides. Logs without the file (older ones) apply as before.
 DEFAULTS_FILE = "defaults.json"
 COMPARE_SHIFT = 40       # the per-tensor shift of the default-vs-tuned timings (a typical one)
 COMPARE_ROUNDS = 9       # interleaved rounds of that timing
 APPLY_MARGIN = 0.98      # a record applies if tuned / default (per-round median) is below this
+
+
+def default_kernel(K, O, out_dtype, target, w7: bool = False):
+    """The compiler's default (hand-written, packed-weight) kernel of a GEMM as it builds it for the
+    quantizer's models: per-channel multipliers and one shift per tensor baked in, COMPARE_SHIFT
+    here (in [32, 62]; the value does not change the time). The baseline of tuned kernels."""
+    from .. import kernels as KN  # pylint: disable=import-outside-toplevel
+
+    if out_dtype == "int32":
+        return KN.linear_i32(K, O, True, target=target, packed=True, w7=w7)
+    return KN.linear_requant(K, O, out_dtype, True, target=target, packed=True, w7=w7,
+                             shift_hi=True, scale=(None, COMPARE_SHIFT))
+
+
+def tuned_weights(W, bias, w7: bool = False):
+    """(packed W, bias) as a tuned kernel takes them, from int8 W [O, K] and the bias (numpy, or
+    None for zeros with w7): gemm.pack_weights(W) and the bias unchanged, or for the 7-bit kernels
+    x86_wide.pack_weights_vnni(W, 8) and the bias corrected by -128 rowsum(W)."""
+    if w7:
+        return x86_wide.prepare_weights_wide("avx2", W, bias, lanes=8)
+    return G.pack_weights(W), bias
 
 
 def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms: int = 50) -> float:
@@ -303,13 +324,7 @@ def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms
 
     tgt = _target(target)
     w7 = task.w7_kernel(KN.resolve_isa(tgt))
-    if task.out_dtype == "int32":
-        f = KN.linear_i32(task.K, task.O, True, target=tgt, packed=True, w7=w7)
-    else:
-        # as the compiler builds it for the quantizer's models: per-channel multipliers and one
-        # shift per tensor (baked in), in [32, 62] (the values do not change the time)
-        f = KN.linear_requant(task.K, task.O, task.out_dtype, True, target=tgt, packed=True,
-                              shift_hi=True, scale=(None, 40), w7=w7)
+    f = default_kernel(task.K, task.O, task.out_dtype, tgt, w7)
     kern = KN.build_kernel(f, tgt)
     from ._ms import make_case  # pylint: disable=import-outside-toplevel
     vec = ("int32", (task.O,))
@@ -345,7 +360,8 @@ def read_defaults(log_dir: str) -> dict:
 def _record_default(log_dir: str, tgt, task: "GemmTask", secs: float, w7: bool = False) -> None:
     import json  # pylint: disable=import-outside-toplevel
     data = read_defaults(log_dir)
-    data.setdefault(_target_str(tgt), {})[_default_key(task, w7)] = secs
+    data.setdefault(_target_str(tgt), {})[_default_key(task.K, task.O, task.out_dtype, task.rows,
+                                                       w7)] = secs
     tmp = _defaults_path(log_dir) + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1, sort_keys=True)
@@ -558,7 +574,7 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
         from .bench import compare  # pylint: disable=import-outside-toplevel
 
         w7 = task.w7_kernel(isa)
-        key = _default_key(task, w7)
+        key = _default_key(task.K, task.O, task.out_dtype, task.rows, w7)
         ok = [r for r in mine if r[2] is not None]
         if rpc_cfg is not None:
             return None if key not in known else known[key] * 1e6
@@ -752,11 +768,11 @@ class TunedKernels:
         if func is None:
             return None
         if not w7:
-            return func, relax.const(G.pack_weights(W), "int8"), bias
+            return func, relax.const(tuned_weights(W, None)[0], "int8"), bias
         b = None if bias is None else const_numpy(bias)
         if bias is not None and b is None:
             return None       # (u8_route never sends a non-constant bias here)
-        wp, bc = x86_wide.prepare_weights_wide("avx2", W, b, lanes=8)
+        wp, bc = tuned_weights(W, b, w7=True)
         return func, relax.const(wp, "int8"), relax.const(bc, "int32")
 
     def _replay(self, key, parallel=False, scale=None):
@@ -849,7 +865,7 @@ def apply_tuning_logs(log_dir, target) -> TunedKernels:
     slower = []
     for key in list(best):
         rows, secs, _ = best[key]
-        d = defaults.get(f"{key[0]},{key[1]},{key[2]},{rows}" + (",w7" if len(key) == 4 else ""))
+        d = defaults.get(_default_key(*key[:3], rows, len(key) == 4))
         if d is not None and secs >= d:
             slower.append(key)
             del best[key]   # the default kernel was faster when measured on the tuning machine
