@@ -131,6 +131,20 @@ def test_u8_route_uses_vpmaddubsw_and_exact_route_does_not():
     assert K.kernel_convention(f7) == (True, 2) and K.kernel_convention(f8) == (False, 2)
 
 
+def test_epilogue_requantize_is_a_32x32_multiply():
+    """A GEMM epilogue requantizes acc + bias (or + the u8 correction) with one vpmuldq per 4
+    lanes: written as a plain int32 add, LLVM widened the sum to 64 bits and emulated a 64 x 64
+    multiply (vpmuludq), 2x the epilogue's instructions (`_tir.add_i32`). Baked shift, per-channel
+    multipliers: the compiler's case for LSTM input projections and recurrent gates."""
+    for w7 in (False, True):
+        a = _asm(K.linear_requant(64, 32, "int16", target=AVX2, w7=w7, packed=True, scale=(None, 36)))
+        assert "vpmuldq" in a and "vpmuludq" not in a, f"w7={w7}"
+    rec = K.lstm_recurrent(16, mo=2**30, so=40, cell_frac=11, target=AVX2, w7=True, packed=True,
+                           gate_scale=(None, 36))
+    a = _asm(rec)
+    assert "vpmuldq" in a and "vpmuludq" not in a
+
+
 # --------------------------------------------------------------------------- recurrent kernel
 
 @pytest.mark.parametrize("w7,packed", FORMS)

@@ -19,6 +19,7 @@ from ._common import (as_target, finish, has_feature, requantizer, resolve_isa,
 from ._gemm import (KC, MMLA_CP, MMLA_RP, ROW_TILE, gemm_macro, gemm_mmla_macro, gemm_outer_macro,
                     mmla_kp, mmla_source_macro, outer_shape, padded_k, u8_source_macro, uses_u8,
                     x16_source)
+from ._tir import add_i32
 
 LIN_NR, LIN_OV = 4, 2      # register tile of the packed linear kernels: 4 rows x 2 x 8 channels
 
@@ -184,7 +185,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             else:
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
-                Y, rq(acc + Bb[o], Mb[o], Sb[o], bits), [n, o]))
+                Y, rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits), [n, o]))
     else:
         @T.prim_func
         def linear_requant(x_h: T.handle, w_h: T.handle, m_h: T.handle, s_h: T.handle,

@@ -63,7 +63,7 @@ from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows: batch 8
 # step 269 -> 227 us; the u8 route is unchanged), both on the same packed layout (OV = 4).
 REC_OV = 4
-from ._tir import PWL_FRAC, add_sat16, rshift_round, sat
+from ._tir import PWL_FRAC, add_i32, add_sat16, rshift_round, sat
 
 
 def pack_pwl(table) -> np.ndarray:
@@ -239,7 +239,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     def gate_store(Z, GX, MH, SH, CORR, tt):
         # the u8 route adds its correction; the others do not read CORR
         return lambda n, o, acc: tirx.BufferStore(
-            Z, add_sat16(GX[tt, n, o], rq(acc + CORR[o] if u8 else acc, MH[o], SH[o], 16)), [n, o])
+            Z, add_sat16(GX[tt, n, o], rq(add_i32(acc, CORR[o]) if u8 else acc, MH[o], SH[o], 16)), [n, o])
 
     def gx_addr(GX, tt):
         return lambda n, o: tirx.address_of(GX[tt, n, o])

@@ -54,6 +54,7 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from ..kernels._common import requantizer
+from ..kernels._tir import add_i32
 
 KPAIR = 2          # k per vpmaddwd lane
 OVEC = 8           # output channels per int32x8 vector
@@ -116,7 +117,7 @@ def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
 
     def epilogue(acc, Bb, Mb, Sb, o):
         if requant:
-            return rq(acc + Bb[o], Mb[o], Sb[o], bits)
+            return rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits)
         return acc + Bb[o]
 
     @T.prim_func(s_tir=True)

@@ -78,6 +78,7 @@ from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
 from ..kernels._common import requantizer
+from ..kernels._tir import add_i32
 from .gemm import NT_CHOICES, ROW_PAD, UNROLL_CHOICES
 
 KQUAD = 4                    # k per step (the 4 bytes of one vpdpbusd lane)
@@ -204,7 +205,7 @@ def gemm_blocks_wide(in_features: int, out_features: int, out_dtype: str = "int8
 
     def epilogue(acc, Bb, Mb, Sb, o):
         if requant:
-            return rq(acc + Bb[o], Mb[o], Sb[o], bits)
+            return rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits)
         return acc + Bb[o]
 
     @T.prim_func(s_tir=True)
