@@ -69,6 +69,19 @@ def padded(K: int, O: int) -> tuple[int, int]:
     return (K + KPAIR - 1) // KPAIR * KPAIR, (O + OVEC - 1) // OVEC * OVEC
 
 
+def requant_epilogue(out_dtype: str, scale: tuple | None = None):
+    """The epilogue of the requantizing block kernels (here and `x86_wide.gemm_blocks_wide`):
+    (acc, b, M, s buffers, channel o) -> requantize_N(acc + b[o], M[o], s[o]) (spec 5, 2), with
+    `scale` baked in as for kernels.linear_requant and the sum written with `_tir.add_i32` (so the
+    requantize stays one vpmuldq per 4 lanes). For out_dtype int32 the plain sum acc + b[o] (the
+    requantizing function body is parsed for every dtype, though only returned for int8/int16)."""
+    if out_dtype == "int32":
+        return lambda acc, Bb, Mb, Sb, o: acc + Bb[o]
+    rq = requantizer(False, scale)
+    bits = int(out_dtype[3:])
+    return lambda acc, Bb, Mb, Sb, o: rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits)
+
+
 def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
                 n_rows: int | None = None, name: str | None = None,
                 packed: bool = False, scale: tuple | None = None) -> tirx.PrimFunc:
@@ -97,7 +110,6 @@ def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
         tirx.floordiv(N + (ROW_PAD - 1), ROW_PAD) * ROW_PAD
     if n_rows is not None:
         NP = tirx.IntImm("int64", NP)
-    bits = int(out_dtype[3:])
 
     wshape = (OP // OVEC, KP // KPAIR, OVEC, KPAIR) if packed else (O, K)
     w16shape = (1, 1) if packed else (OP, KP)
@@ -113,12 +125,7 @@ def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
         return tirx.if_then_else(tirx.all(o < O, k < K), tirx.Cast(
             "int16", W[tirx.min(o, O - 1), tirx.min(k, K - 1)]), tirx.const(0, "int16"))
 
-    rq = requantizer(False, scale) if requant else None
-
-    def epilogue(acc, Bb, Mb, Sb, o):
-        if requant:
-            return rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits)
-        return acc + Bb[o]
+    epilogue = requant_epilogue(out_dtype, scale)
 
     @T.prim_func(s_tir=True)
     def gemm_requant(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle, s_h: T.handle,

@@ -77,9 +77,7 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from ..kernels._common import requantizer
-from ..kernels._tir import add_i32
-from .gemm import NT_CHOICES, ROW_PAD, UNROLL_CHOICES
+from .gemm import NT_CHOICES, ROW_PAD, UNROLL_CHOICES, requant_epilogue
 
 KQUAD = 4                    # k per step (the 4 bytes of one vpdpbusd lane)
 LANES = 16                   # output channels per int32x16 zmm vector
@@ -195,18 +193,12 @@ def gemm_blocks_wide(in_features: int, out_features: int, out_dtype: str = "int8
         tirx.floordiv(N + (ROW_PAD - 1), ROW_PAD) * ROW_PAD
     if n_rows is not None:
         NP = tirx.IntImm("int64", NP)
-    bits = int(out_dtype[3:])
     wshape = (OP // lanes, KP // KQUAD, lanes, KQUAD)
 
     def wread(W, o, k):
         return tirx.Cast("int32", W[o // lanes, k // KQUAD, o % lanes, k % KQUAD])
 
-    rq = requantizer(False, scale) if requant else None
-
-    def epilogue(acc, Bb, Mb, Sb, o):
-        if requant:
-            return rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits)
-        return acc + Bb[o]
+    epilogue = requant_epilogue(out_dtype, scale)
 
     @T.prim_func(s_tir=True)
     def gemm_requant(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle, s_h: T.handle,
