@@ -1,7 +1,7 @@
 """tvm_intlstm against its peers, side by side, in one run (issue: fast kernels + autotuning).
 
-    .venv/bin/python benchmarks/peers.py [--threads 1,2] [--repeat 15] [--target "llvm -mcpu=znver3"]
-        [--tuning-logs tuning_logs/znver3] [--litert-python /tmp/tfvenv/bin/python]
+    .venv/bin/python benchmarks/peers.py [--threads 1,2] [--repeat 15] [--target host]
+        [--tuning-logs tuning_logs/<host cpu>] [--litert-python /tmp/tfvenv/bin/python]
         [--md BENCHMARKS.md] [--plot docs/latency_vs_seq.png] [--json results.json]
 
 The same float nn.LSTM (seeded random weights) on:
@@ -10,8 +10,9 @@ The same float nn.LSTM (seeded random weights) on:
   activations) | ONNX Runtime FP32 (torch.onnx.export, TorchScript exporter) | ONNX Runtime
   onnxruntime.quantization.quantize_dynamic (DynamicQuantizeLSTM) | LiteRT full int8 (integer-only
   LSTM; needs --litert-python, see benchmarks/litert_convert.py) | tvm_intlstm untuned and tuned
-  (8-bit weights: the exact full-range vpmaddwd kernels) | tvm_intlstm with 7-bit weights untuned
-  and tuned (QuantConfig(weight_bits=7): the u8 x s8 vpmaddubsw kernels, also exact; same model
+  (8-bit weights: the kernel family the target picks, kernels/isa/: vpdpbusd with VNNI, the exact
+  full-range vpmaddwd kernels on AVX2) | tvm_intlstm with 7-bit weights untuned
+  and tuned (QuantConfig(weight_bits=7): on AVX2 the u8 x s8 vpmaddubsw kernels, also exact; same model
   quantized with one weight bit less, its accuracy is in the error table). "tuned" = compiled with
   --tuning-logs (both weight routes have records there; a record slower than the hand-written
   kernel when it was tuned is not applied, tuning_logs/README.md).
@@ -645,14 +646,21 @@ def plot(path, results, threads):
     fig.savefig(path, dpi=120)
 
 
+def _host_tuning_logs():
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+    d = os.path.join(ROOT, "tuning_logs", str(codegen.llvm_get_system_cpu()))
+    return d if os.path.isdir(d) else None
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--repeat", type=int, default=15, help="interleaved rounds per config")
     ap.add_argument("--sweep-repeat", type=int, default=9, help="rounds per sequence length")
     ap.add_argument("--sample-ms", type=float, default=20.0, help="target time of one sample")
-    ap.add_argument("--target", default="llvm -mcpu=znver3")
-    ap.add_argument("--tuning-logs", default=os.path.join(ROOT, "tuning_logs", "znver3"))
+    # the host and its CPU's committed tuning logs (none for a CPU without a directory there)
+    ap.add_argument("--target", default="host")
+    ap.add_argument("--tuning-logs", default=_host_tuning_logs())
     ap.add_argument("--litert-python", default=os.environ.get("PEERS_LITERT_PYTHON"),
                     help="a Python with tensorflow + tf-keras, for benchmarks/litert_convert.py")
     ap.add_argument("--workdir", default=None, help="artefacts (default: a temporary directory)")

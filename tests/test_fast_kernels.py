@@ -104,7 +104,8 @@ def test_linear_forms_extremes(lin_kernels, w7, packed):
 
 
 def test_u8_route_refuses_wide_weights_and_missing_bias():
-    f = K.linear_requant(32, 8, "int8", target=TARGET, w7=True, packed=True)
+    # (AVX2's u8 route; the x86_vnni family's is exact for every int8 weight: test_kernel_families)
+    f = K.linear_requant(32, 8, "int8", target=AVX2, w7=True, packed=True)
     W = np.zeros((8, 32), np.int8)
     W[3, 5] = 65
     with pytest.raises(ValueError, match=r"\[-64, 64\]"):
@@ -157,7 +158,7 @@ def test_recurrent_forms(rng, H, w7, packed):
                          w7=w7, packed=packed)
     kern = build(f)
     _, _, corr = K.prepare_weights(f, p.w_h)
-    assert corr.any() == (w7 and packed and HOST_ISA == "avx2")
+    assert corr.any() == K.isa.family(HOST_ISA).u8_route(w7, packed)
     for T_, B in ((5, 1), (3, 4), (2, 17)):
         gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
         assert_lstm_equal(run_recurrent(f, kern, p, gx), ref_recurrence(gx, p))
@@ -198,7 +199,7 @@ def test_recurrent_cell_pwl_all_inputs(pieces, mo_so, H, fold):
     f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
                          tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces, target=TARGET,
                          w7=True, packed=True, pwl_fold=fold)
-    assert int(f.attrs["intlstm.pwl_fold"]) == int(fold and HOST_ISA == "avx2")
+    assert int(f.attrs["intlstm.pwl_fold"]) == int(fold and K.isa.family(HOST_ISA).x86_cell)
     B = 65536 // H
     vals = np.arange(-32768, 32768).astype(np.int16).reshape(B, H)
     gx = np.stack([np.concatenate([np.roll(vals, g * 7, axis=0) for g in range(4)], axis=1),
@@ -240,10 +241,12 @@ def test_compiled_model_weight_bits(weight_bits):
     for T_, B in ((9, 1), (4, 3)):
         x = torch.randn(T_, B, 24, generator=g)
         np.testing.assert_array_equal(cm(x.numpy()), q(x).numpy())
+    asm = _library_asm(cm.executable)
     if HOST_ISA == "avx2":
-        asm = _library_asm(cm.executable)
         assert "vpmaddwd" in asm
         assert ("vpmaddubsw" in asm) == (weight_bits == 7)
+    elif HOST_ISA == "x86_vnni":   # the u8 route for any int8 weight: vpdpbusd, never vpmaddubsw
+        assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
 
 
 def _library_asm(ex):

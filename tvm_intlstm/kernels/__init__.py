@@ -27,16 +27,19 @@ per-channel arrays and PWL tables are buffers. Outputs must not alias inputs (`t
     attention_context(D, Mc, sc)                    p i16[B,Q,K], v i8[B,K,D] -> i8[B,Q,D]
 
 PWL tables are packed int32 [3, n+1] by `pack_pwl(table)`. The generators of the products
-(linear_*, lstm_recurrent) take `target=` (or `isa=`) and pick a micro-kernel: "avx2" (x86 with
-AVX2: vpmaddwd, exact int16 x int16 pair sums), "neon_dotprod" (aarch64 with dotprod: sdot; the
-packed linear kernels use smmla when the target also has i8mm), or "generic" (plain TIR that LLVM
-vectorizes for any target). `build_kernel(func, target)` compiles
+(linear_*, lstm_recurrent) take `target=` (or `isa=`, a family name) and use the kernel family
+(kernels/isa/, one file each) that `isa.pick(target)` chooses from the target's features:
+"x86_vnni" (AVX-VNNI or AVX512-VNNI: vpdpbusd, exact u8 x s8 quads for any int8 weight), "avx2"
+(vpmaddwd, exact int16 pair sums; vpmaddubsw for 7-bit weights), "neon_dotprod" (aarch64 with
+dotprod: sdot; the packed linear kernels use smmla when the target also has i8mm), or "generic"
+(plain TIR that LLVM vectorizes for any target). `build_kernel(func, target)` compiles
 one PrimFunc and returns a callable; `bench_kernels` measures the LSTM against PyTorch FP32.
 """
 from __future__ import annotations
 
 import tvm
 
+from . import isa
 from ._common import as_target, has_feature, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
 from ._gemm import u8_correction, weights_fit_u8
@@ -108,9 +111,11 @@ def prepare_weights(func, W, bias=None):
     Wk = gate_order(func, W, axis=0)   # the threaded recurrent kernel's row order, else W
     corr = np.zeros(W.shape[0], np.int32)
     if u8:
-        if not weights_fit_u8(W):
-            raise ValueError("this kernel was built for weights in [-64, 64] (w7=True) but the "
-                             f"weights reach {int(np.abs(W.astype(np.int32)).max())}")
+        fam = isa.family(func.attrs["intlstm.isa"])
+        if not fam.u8_exact(W):
+            raise ValueError(f"this {fam.name} kernel was built for its u8 route (w7=True), which is "
+                             "not exact for these weights (they reach "
+                             f"{int(np.abs(W.astype(np.int32)).max())}; the avx2 u8 route needs W in [-64, 64])")
         corr = u8_correction(W)
         if bias is not None:
             b = np.asarray(bias, dtype=np.int64) + corr
@@ -126,15 +131,18 @@ def prepare_weights(func, W, bias=None):
 def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
     """Compile one kernel PrimFunc for `target` (a Target, dict, JSON string, kind name or classic
     'llvm -mcpu=...' string). Refuses an AVX2 kernel on a target without AVX2 and any target that
-    enables fast-math (the float boundary of spec 1 must stay IEEE)."""
+    enables fast-math (the float boundary of spec 1 must stay IEEE). A kernel of a family the
+    target cannot run (e.g. an x86_vnni kernel for an AVX2-only target) is refused; a family the
+    target supports but does not prefer (an avx2 kernel for a VNNI target) is fine."""
     tgt = as_target(target)
     for key in ("fast-math", "fast-math-reassoc", "fast-math-contract", "fast-math-arcp",
                 "fast-math-nnan", "fast-math-ninf", "fast-math-nsz"):
         if bool(tgt.attrs.get(key, False)):
             raise ValueError(f"target enables {key}; integer_spec section 1 needs IEEE float32")
-    isa = str(func.attrs["intlstm.isa"]) if func.attrs and "intlstm.isa" in func.attrs else "generic"
-    if isa != "generic" and resolve_isa(tgt) != isa:
-        raise ValueError(f"kernel was generated for isa={isa!r} but target {tgt} does not provide it")
+    fam_name = str(func.attrs["intlstm.isa"]) if func.attrs and "intlstm.isa" in func.attrs else "generic"
+    if isa.family(fam_name) not in isa.supported(tgt):
+        raise ValueError(f"kernel was generated for isa={fam_name!r} but target {tgt} does not "
+                         "provide it")
     if kernel_convention(func)[1] == -1 and not has_feature(tgt, "i8mm"):
         raise ValueError(f"kernel was generated for aarch64 i8mm (smmla) but target {tgt} does not "
                          "provide i8mm")
@@ -145,7 +153,7 @@ def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
 
 
 __all__ = [
-    "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "resolve_isa", "as_target", "Kernel",
+    "isa", "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "resolve_isa", "as_target", "Kernel",
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
     "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved", "recurrent_units", "pad_units",

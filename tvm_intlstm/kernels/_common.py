@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import tvm
 
-INT32_MAX = 2**31 - 1
+from . import isa as _isa
 
-# ISAs with a dedicated micro-kernel. "generic" is plain TIR that LLVM vectorizes for any target.
-ISAS = ("generic", "avx2", "neon_dotprod")
+INT32_MAX = 2**31 - 1
 
 
 def check_multiplier(M) -> int:
@@ -50,27 +49,14 @@ def vec_split(n: int, width: int) -> tuple[int, int]:
 
 
 def resolve_isa(target=None, isa: str | None = None) -> str:
-    """Pick the micro-kernel ISA: explicit `isa`, else from `target` (AVX2 x86 -> 'avx2'), else
-    'generic'. `target` may be a tvm.target.Target, a JSON-like dict or a target string."""
+    """The kernel family (kernels/isa/) a generator uses, by name: explicit `isa` (checked), else the
+    family `isa.pick(target)` chooses from the target's features, else 'generic'. `target` may be a
+    tvm.target.Target, a JSON-like dict or a target string."""
     if isa is not None:
-        if isa not in ISAS:
-            raise ValueError(f"isa must be one of {ISAS}, got {isa!r}")
-        return isa
+        return _isa.family(isa).name
     if target is None:
         return "generic"
-    tgt = as_target(target)
-    if tgt.kind.name != "llvm":
-        return "generic"
-    triple = str(tgt.attrs.get("mtriple", "") or "")
-
-    def has(feature):
-        return has_feature(tgt, feature)
-
-    if triple.startswith("aarch64") or triple.startswith("arm64"):
-        return "neon_dotprod" if has("dotprod") else "generic"
-    if triple and not (triple.startswith("x86_64") or triple.startswith("i686")):
-        return "generic"
-    return "avx2" if has("avx2") else "generic"
+    return _isa.pick(target).name
 
 
 def has_feature(target, feature: str) -> bool:
@@ -120,5 +106,5 @@ def with_convention(func, isa: str, w7: bool, packed: bool, ov: int, mmla: bool 
     needs a target with i8mm). `kernels.prepare_weights` and `build_kernel` read them."""
     from ._gemm import uses_u8  # pylint: disable=import-outside-toplevel
     u8 = uses_u8(isa, w7, packed)
-    pack = int(ov) if (packed and isa == "avx2") else (-1 if mmla else 0)
+    pack = int(ov) if (packed and _isa.family(isa).outer) else (-1 if mmla else 0)
     return func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", pack)

@@ -10,18 +10,17 @@ and hands each accumulator to `store(n, o, acc)`, a Python callable returning th
 the epilogue (bias, requantization, gate add, ...). The store is called inside an 8-lane
 vectorized loop over o for full tiles, and as a scalar for the O % 8 remaining rows.
 
-The source XS is, by ISA (`x16_source(isa)`):
-- "avx2": an int16 scratch [rows, padded_k(K)] holding the int8 activations sign-extended (and
-  zero padded): per 16 k one vpmovsxbw of each weight row + vpmaddwd + vpaddd.
-
-The u8 x s8 route (weights known to lie in [-64, 64], W7_MAX; packed weights only, see
-`gemm_outer_macro`): a uint8 source u = x + 128; vpmaddubsw (u8 x s8 -> int16 pair sums) + vpmaddwd
-against ones (-> int32) + vpaddd per 32 multiply-adds, half the instructions of the vpmaddwd route.
-vpmaddubsw saturates its pair sums, which cannot happen here: |u0 w0 + u1 w1| <= 2 * 255 * 64 = 32640
-< 32767. The accumulator is then sum_k W[o, k] u[n, k] = acc + 128 rowsum(W[o]); the caller's `store`
-adds the correction -128 rowsum(W[o]) (`u8_correction`), folded into the bias where there is one.
-- "neon_dotprod": the int8 activations themselves: per 16 k one sdot per weight row.
+The source XS is, by the kernel family's dot-form micro-kernel (`x16_source(isa)`, kernels/isa/):
+- "vpmaddwd" (x86 families): an int16 scratch [rows, padded_k(K)] holding the int8 activations
+  sign-extended (and zero padded): per 16 k one vpmovsxbw of each weight row + vpmaddwd + vpaddd.
+- "sdot" (neon_dotprod): the int8 activations themselves: per 16 k one sdot per weight row.
 - "generic": the int8 activations; int32 lanes of 8 that LLVM vectorizes for any target.
+
+The u8 x s8 route (packed weights only, see `gemm_outer_macro`; the family decides for which
+weights it is exact, `KernelFamily.u8_exact`: AVX2's vpmaddubsw for weights in [-64, 64],
+vpdpbusd for every int8 weight): a uint8 source u = x + 128. The accumulator is then
+sum_k W[o, k] u[n, k] = acc + 128 rowsum(W[o]); the caller's `store` adds the correction
+-128 rowsum(W[o]) (`u8_correction`), folded into the bias where there is one.
 
 k remainder (K not a multiple of the chunk: 16 for vpmaddwd / sdot, 8 for the generic form and
 the O % 8 tail rows): one more vector chunk over the in-bounds window [K - chunk, K) of W and of
@@ -40,13 +39,14 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import _x86
+from . import isa as _isa
 from ._common import vec_split
 
 ROW_TILE = 8      # outputs per micro-tile (rows of W)
 KC = 16           # k per vector chunk (and the X16 padding unit)
 KC8 = 32          # vector width of the u8 source fill
 NB = 16           # rows of XS per cache block
-W7_MAX = 64       # |W| bound under which the u8 x s8 AVX2 kernel is exact (see module doc)
+W7_MAX = _isa.avx2.W7_MAX   # |W| bound under which AVX2's u8 x s8 kernel is exact
 
 
 def u8_correction(W) -> np.ndarray:
@@ -54,16 +54,17 @@ def u8_correction(W) -> np.ndarray:
     return (-128 * np.asarray(W, dtype=np.int64).sum(axis=1)).astype(np.int32)
 
 
-def weights_fit_u8(W) -> bool:
-    """Are all weights within [-W7_MAX, W7_MAX] (the u8 x s8 kernel is exact for them)?"""
-    W = np.asarray(W)
-    return W.size > 0 and int(np.abs(W.astype(np.int32)).max()) <= W7_MAX
+def weights_fit_u8(W, isa: str = "avx2") -> bool:
+    """Is the u8 x s8 micro-kernel of family `isa` exact for the int8 weights W (AVX2: all within
+    [-W7_MAX, W7_MAX]; x86_vnni: any)?"""
+    return _isa.family(isa).u8_exact(W)
 
 
 def uses_u8(isa: str, w7: bool, packed: bool = True) -> bool:
-    """Does the kernel take the u8 route (and so need the u8_correction)? Only packed AVX2 kernels
-    do; elsewhere w7 (a promise about the weights) changes nothing."""
-    return bool(w7) and bool(packed) and isa == "avx2"
+    """Does the kernel take the u8 route (and so need the u8_correction)? Packed kernels of a family
+    with a u8 route (avx2, x86_vnni) do when generated with w7=True (the caller checked
+    `weights_fit_u8(W, isa)`); elsewhere w7 changes nothing."""
+    return _isa.family(isa).u8_route(w7, packed)
 
 
 def padded_k(K: int) -> int:
@@ -71,8 +72,8 @@ def padded_k(K: int) -> int:
 
 
 def x16_source(isa: str, u8: bool = False) -> bool:
-    """Does the ISA's micro-kernel read an int16 (sign-extended, padded) copy of the activations?"""
-    return isa == "avx2" and not u8
+    """Does the family's micro-kernel read an int16 (sign-extended, padded) copy of the activations?"""
+    return _isa.family(isa).dot == "vpmaddwd" and not u8
 
 
 def u8_source_macro(K: int, KP: int | None = None):
@@ -92,10 +93,6 @@ def u8_source_macro(K: int, KP: int | None = None):
     return to_u8
 
 
-def _pmaddubsw(u, w):
-    return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u, w)
-
-
 def _sdot(acc, a, b):
     return tirx.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", acc, a, b)
 
@@ -106,8 +103,9 @@ def _addp(a, b):
 
 def gemm_macro(K: int, O: int, isa: str):
     OT, OR = divmod(O, ROW_TILE)
-    use_avx2 = isa == "avx2"
-    use_sdot = isa == "neon_dotprod"
+    dot = _isa.family(isa).dot
+    use_avx2 = dot == "vpmaddwd"
+    use_sdot = dot == "sdot"
     kstep = KC if (use_avx2 or use_sdot) else 8
     KV = K // kstep                   # full vector chunks
     KT0 = KV * kstep                  # start of the k remainder
@@ -268,7 +266,8 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                      parallel: bool = False, prefetch_w: bool = True):
     """Same contract as `gemm_macro` (ACC must be at least [NR * OVT, 8] int32; RED is unused) for W
     packed by `pack_outer(W, u8, OV)` and a source XS zero padded to outer_shape(...)[1] * KQ columns
-    (u8: uint8 u = x + 128; else int16). AVX2 only. The register tile is NR rows x OVT (a divisor
+    (u8: uint8 u = x + 128; else int16). Families with `outer` (x86); the step of a k quad / pair is
+    the family's `outer_step` (AVX2: vpmaddwd / vpmaddubsw; x86_vnni: vpdpbusd). The register tile is NR rows x OVT (a divisor
     of OV, default OV) vectors of 8 channels: a channel group of the layout is then done in OV / OVT
     passes, each on whole cache lines of its k steps when OVT * 8 * KQ is a multiple of 64.
 
@@ -283,8 +282,9 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     Optional hooks of the macro call: `pf_out(n, o)` (an address to prefetch for row n, channel o,
     once per row tile and `pf_step` channels), and `group_done(og, nrows, group_args)` (a macro
     expanded after every row of channel group og has been stored)."""
-    if isa != "avx2":
-        raise ValueError(f"the outer-product GEMM is an AVX2 kernel, not {isa!r}")
+    fam = _isa.family(isa)
+    if not fam.outer:
+        raise ValueError(f"the outer-product GEMM is an x86 kernel; family {isa!r} has none")
     OVT = OV if OVT is None else int(OVT)
     if OV % OVT:
         raise ValueError(f"OVT={OVT} must divide OV={OV}")
@@ -293,7 +293,6 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     OG, KQN, OC, _ = outer_shape(K, O, use_u8, OV)
     lanes_x = 32 if use_u8 else 16      # x lanes of one ymm (u8 / int16)
     xdt = "uint8" if use_u8 else "int16"
-    ones16 = tirx.Broadcast(tirx.const(1, "int16"), 16)
     line_steps = max(1, 64 // (OC * kq))   # k steps per 64-byte line of a tile
     lines = max(1, OC * kq // 64)          # lines per k step
     ahead = max(1, PF_BYTES // (OC * kq))
@@ -302,10 +301,6 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
         word = tirx.reinterpret("int32", XS[n, tirx.Ramp(k * kq, 1, kq)])
         return tirx.reinterpret(f"{xdt}x{lanes_x}", tirx.Broadcast(word, 8))
 
-    def madd(xb, w8):
-        if use_u8:
-            return _x86.pmaddwd(_pmaddubsw(xb, w8), ones16)
-        return _x86.pmaddwd(tirx.Cast("int16x16", w8), xb)
 
     def prefetch_line(addr):
         i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
@@ -339,9 +334,11 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                             WF[((og * KQN + k + ahead) * OC + line * 64 // kq) * kq])))
                 for r in T.unroll(NR):
                     for ov in T.unroll(OVT):
-                        ACC[r * OVT + ov, T.Ramp(0, 1, 8)] = ACC[r * OVT + ov, T.Ramp(0, 1, 8)] + madd(
+                        ACC[r * OVT + ov, T.Ramp(0, 1, 8)] = fam.outer_step(
+                            ACC[r * OVT + ov, T.Ramp(0, 1, 8)],
                             xbcast(XS, n0 + T.min(nb * NR + r, nrows - 1), k),
-                            WF[T.Ramp(((og * KQN + k) * OC + (oh * OVT + ov) * 8) * kq, 1, 8 * kq)])
+                            WF[T.Ramp(((og * KQN + k) * OC + (oh * OVT + ov) * 8) * kq, 1, 8 * kq)],
+                            use_u8)
             for r in T.unroll(NR):
                 if nb * NR + r < nrows:
                     for ov in T.unroll(OVT):

@@ -1,9 +1,11 @@
-"""AVX2 building blocks (explicit LLVM x86 intrinsics), used when the target has AVX2.
+"""x86 building blocks (explicit LLVM x86 intrinsics) of the AVX2 and VNNI kernel families.
 
-Only exact instructions are used: vpmaddwd (int16 x int16 -> int32, pair sums, exact for every
+Each is used only where it is exact: vpmaddwd (int16 x int16 -> int32, pair sums, exact for every
 int16 input; its only overflow case, all four operands -32768, cannot occur with int8-extended
-data) and vphaddd (wrapping int32 adds, exact because the spec bounds every accumulator).
-vpmaddubsw is NOT used: it saturates its int16 pair sums (DESIGN.md, Kernels).
+data); vphaddd (wrapping int32 adds, exact because the spec bounds every accumulator); vpmaddubsw
+(u8 x s8 -> int16 pair sums, which SATURATE: exact only for weights in [-64, 64], the AVX2 family's
+7-bit route, see kernels/isa/avx2.py); vpdpbusd (four u8 x s8 products added to an int32 lane, no
+intermediate saturation: exact for every int8 weight).
 """
 from __future__ import annotations
 
@@ -35,3 +37,15 @@ def hsum8(accs):
     q0 = phaddd(p[0], p[1])   # [r0 r1 r2 r3 (lo halves) | r0 r1 r2 r3 (hi halves)]
     q1 = phaddd(p[2], p[3])
     return _halves_sum(q0, q1)
+
+
+def pmaddubsw(u, w):
+    """uint8x32, int8x32 -> int16x16: lane i = sat16(u[2i] w[2i] + u[2i+1] w[2i+1])."""
+    return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u, w)
+
+
+def vpdpbusd(acc, u, w):
+    """int32x8 acc, int8x32 u (the bytes of a uint8 vector), int8x32 w -> int32x8: lane i = acc[i] +
+    sum_j uint8(u[4i+j]) w[4i+j] (wrapping). LLVM 22 types the byte operands <32 x i8> (older
+    LLVMs took <8 x i32>); the same intrinsic selects AVX-VNNI's VEX or AVX512-VNNI's EVEX form."""
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, u, w)

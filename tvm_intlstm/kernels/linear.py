@@ -5,17 +5,18 @@
   LSTM input projection gx = requantize_16(x W_x^T + b, Mx, sx), run over all T*B rows at once).
 
 The product is `_gemm.gemm_macro` (tiles of 8 weight rows, rows of x in L1-sized blocks): vpmaddwd
-on AVX2 targets (x is then sign-extended once into an int16 scratch [N, Kp]), sdot on aarch64
+on x86 targets (x is then sign-extended once into an int16 scratch [N, Kp]), sdot on aarch64
 targets with dotprod, plain vectorizable TIR otherwise; with packed weights, the outer-product
-form on AVX2 and the smmla form on aarch64 with i8mm (`_gemm.gemm_mmla_macro`).
+form on x86 (AVX2 vpmaddwd / vpmaddubsw, VNNI vpdpbusd: the family's step, kernels/isa/) and the
+smmla form on aarch64 with i8mm (`_gemm.gemm_mmla_macro`).
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import (as_target, finish, has_feature, requantizer, resolve_isa,
-                      with_convention as conv)
+from . import isa as _isa
+from ._common import finish, requantizer, resolve_isa, with_convention as conv
 from ._gemm import (KC, MMLA_CP, MMLA_RP, ROW_TILE, gemm_macro, gemm_mmla_macro, gemm_outer_macro,
                     mmla_kp, mmla_source_macro, outer_shape, padded_k, u8_source_macro, uses_u8,
                     x16_source)
@@ -54,8 +55,7 @@ def _sext_macro(K: int, KP: int | None = None):
 
 def uses_mmla(target, isa: str, packed: bool) -> bool:
     """Packed linear kernels for aarch64 targets with i8mm take the smmla form (`_gemm.gemm_mmla_macro`)."""
-    return bool(packed) and isa == "neon_dotprod" and target is not None and has_feature(
-        as_target(target), "i8mm")
+    return bool(packed) and _isa.family(isa).mmla(target)
 
 
 def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: bool = False,
@@ -71,7 +71,7 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: 
     if u8 and not bias:
         raise ValueError("the u8 kernel (w7=True) needs a bias input: pass "
                          "bias + _gemm.u8_correction(W) (zeros + correction without a bias)")
-    if packed and isa == "avx2":
+    if packed and _isa.family(isa).outer:
         # many rows (T*B for an input projection): the outer-product form, 4 rows x 16 channels
         wshape = outer_shape(K, O, u8, LIN_OV)
         KP = wshape[1] * wshape[3]
@@ -90,9 +90,10 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
     """Final linear layer (spec 5): x int8 [N, K], W int8 [O, K], b int32 [O] -> y int32 [N, O].
 
     Parameters (destination passing): (x, W, b, y), or (x, W, y) with bias=False.
-    w7=True promises |W| <= 64 (the caller checks it): on AVX2 the u8 x s8 micro-kernel is used and
-    b must be the bias plus `_gemm.u8_correction(W)`. packed=True: on AVX2, W is taken pre-packed
-    (`kernels.prepare_weights`, `_gemm.pack_outer`); elsewhere it changes nothing.
+    w7=True promises the family's u8 x s8 micro-kernel is exact for W (`weights_fit_u8(W, isa)`:
+    |W| <= 64 on AVX2, any W with VNNI; the caller checks it): packed kernels then take the u8 route
+    and b must be the bias plus `_gemm.u8_correction(W)`. packed=True: on x86, W is taken
+    pre-packed (`kernels.prepare_weights`, `_gemm.pack_outer`); elsewhere it changes nothing.
     parallel=True (packed AVX2 only): the output channels are split among the worker threads of
     TVM's pool (one parallel launch per call: for GEMMs with many rows, e.g. an LSTM input
     projection over T*B rows; a launch costs more than it saves on a few rows)."""

@@ -54,6 +54,7 @@ import numpy as np
 from tvm import tirx
 from tvm.script import tirx as T
 
+from . import isa as _isa
 from ._common import (check_multiplier, check_shift, finish, requantizer, resolve_isa, vec_split,
                       with_convention)
 from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
@@ -129,11 +130,13 @@ def pwl_foldable(table) -> bool:
 
 
 def recurrent_units(hidden: int, isa: str) -> int:
-    """How many units the recurrent kernel of an LSTM with `hidden` units should run: on AVX2 the
-    next multiple of 8 (the fast cell and the threaded form work on blocks of 8 units; a 650-unit
-    step takes ~0.8x as long padded to 656 as unpadded), else `hidden`. See `pad_units`."""
+    """How many units the recurrent kernel of an LSTM with `hidden` units should run: on x86 the
+    next multiple of 8 (the family's `unit_block`: the fast cell and the threaded form work on
+    blocks of 8 units; a 650-unit step takes ~0.8x as long padded to 656 as unpadded), else
+    `hidden`. See `pad_units`."""
     H = int(hidden)
-    return (H + 7) // 8 * 8 if isa == "avx2" else H
+    blk = _isa.family(isa).unit_block
+    return (H + blk - 1) // blk * blk
 
 
 def pad_units(a, hidden: int, units: int, axis: int = 0, fill: str = "zero") -> np.ndarray:
@@ -205,15 +208,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         if not 1 <= n <= 64:
             raise ValueError(f"PWL piece counts must be in 1..64, got {n}")
     isa = resolve_isa(target, isa)
+    fam = _isa.family(isa)
     u8 = uses_u8(isa, w7, packed)
     wide = x16_source(isa, u8)
-    fast_pwl = isa == "avx2" and H % 8 == 0 and max(n_sig, n_tanh, n_tc) <= 16
+    fast_pwl = fam.x86_cell and H % 8 == 0 and max(n_sig, n_tanh, n_tc) <= 16
     # the threaded form: a channel group of the packed W_h (REC_OV * 8 = 32 rows) holds the i, f, g,
     # o rows of 8 units, so whoever computes a group's products can also update its units' cells
     # (at least two groups: a parallel loop of one iteration is simplified away, and codegen then
     # rejects the launch point around it)
-    fused = bool(parallel) and packed and fast_pwl and REC_OV == 4 and H >= 16
-    if packed and isa == "avx2":
+    fused = bool(parallel) and packed and fam.threaded and fast_pwl and REC_OV == 4 and H >= 16
+    if packed and fam.outer:
         # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent

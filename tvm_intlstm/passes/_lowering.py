@@ -69,10 +69,11 @@ def uniform_scale(m, s):
 
 def u8_route(W, b, isa: str) -> bool:
     """Does a GEMM with constant int8 weights W (numpy, or None when not constant) and bias `b` (a
-    relax expr or None) take the u8 x s8 kernel? On AVX2 when W lies in [-64, 64] and the bias
-    corrected by -128 rowsum(W) (what that kernel adds) stays in int32; a non-constant bias keeps
-    the exact 8-bit route. The one decision the lowering and `tune`'s task list share."""
-    if W is None or isa != "avx2" or not K.weights_fit_u8(W):
+    relax expr or None) take the u8 x s8 kernel? When the kernel family has a u8 route exact for W
+    (`KernelFamily.u8_exact`: AVX2 for W in [-64, 64], x86_vnni for any W) and the bias corrected
+    by -128 rowsum(W) (what that kernel adds) stays in int32; a non-constant bias keeps the exact
+    int16 route. The one decision the lowering and `tune`'s task list share."""
+    if W is None or not K.isa.family(isa).u8_route(True, True) or not K.weights_fit_u8(W, isa):
         return False
     if b is None:
         return True

@@ -482,6 +482,7 @@ class TargetFeatures:
     has_avx512: bool = False  # AVX-512 F and BW (what int8 AVX-512 kernels need)
     has_vnni: bool = False  # AVX-512 VNNI (vpdpbusd on zmm), as TVM's x86 VNNI intrinsic uses
     has_avxvnni: bool = False  # AVX-VNNI (VEX-encoded vpdpbusd on ymm, Alder Lake, Zen 5)
+    has_avx512vl: bool = False  # AVX-512 VL (EVEX forms, e.g. of vpdpbusd, on ymm)
     has_neon: bool = False
     has_dotprod: bool = False  # sdot/udot
     has_i8mm: bool = False  # smmla/ummla/usdot
@@ -594,6 +595,7 @@ def target_features(target: TargetSpec) -> TargetFeatures:
             has_avx512="avx512f" in feats and "avx512bw" in feats,
             has_vnni="avx512vnni" in feats,
             has_avxvnni="avxvnni" in feats,
+            has_avx512vl="avx512vl" in feats,
         )
     return TargetFeatures(
         **common,

@@ -97,8 +97,20 @@ class GemmTask:
         return f"gemm_k{self.K}_o{self.O}_{self.out_dtype}_n{self.rows}"
 
     def w7_kernel(self, isa: str) -> bool:
-        """Is this task tuned (and applied) as the 7-bit u8 x s8 kernel for kernel isa `isa`?"""
-        return bool(self.u8_weights) and isa == "avx2"
+        """Is this task tuned (and applied) as the u8 x s8 kernel for kernel family `isa` (AVX2's
+        7-bit vpmaddubsw kernel, x86_vnni's vpdpbusd kernel)? Records so tuned are keyed 'w7'."""
+        from ..kernels import isa as families  # pylint: disable=import-outside-toplevel
+        return bool(self.u8_weights) and families.family(isa).u8_route(True, True)
+
+    def space_isa(self, isa: str) -> str | None:
+        """The design space (tuning.gemm / x86_wide isa name) of this task for kernel family `isa`."""
+        from ..kernels import isa as families  # pylint: disable=import-outside-toplevel
+        return families.family(isa).tuning_isa(self.w7_kernel(isa))
+
+    def trial_weight_max(self, isa: str) -> int:
+        """Bound of the random weights of the trials: 64 where the space's micro-kernel is only
+        exact for 7-bit weights (AVX2's vpmaddubsw), else the full 127."""
+        return 64 if self.space_isa(isa) == x86_wide.W7_ISA else 127
 
     def workload(self, w7: bool = False):
         """The static-N block-form kernel as an IRModule (the MetaSchedule workload): the o8k2
@@ -198,7 +210,8 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
             else:
                 continue
             # (what the lowering decides on AVX2, from the weights and the bias it corrects)
-            u8 = u8_route(const_numpy(a[1]), a[3] if op == "lstm_direction" else a[2], "avx2")
+            u8 = u8_route(const_numpy(a[1]), a[3] if op == "lstm_direction" else a[2],
+                          isa or "avx2")
             t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op, u8)
             old = found.get((t.key, u8))
             if old is not None:   # one GEMM shape and weight range, several layers: one task
@@ -323,7 +336,8 @@ def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms
     from .. import kernels as KN  # pylint: disable=import-outside-toplevel
 
     tgt = _target(target)
-    w7 = task.w7_kernel(KN.resolve_isa(tgt))
+    isa = KN.resolve_isa(tgt)
+    w7 = task.w7_kernel(isa)
     f = default_kernel(task.K, task.O, task.out_dtype, tgt, w7)
     kern = KN.build_kernel(f, tgt)
     from ._ms import make_case  # pylint: disable=import-outside-toplevel
@@ -331,7 +345,7 @@ def time_default_kernel(task: "GemmTask", target, repeat: int = 5, min_repeat_ms
     sig = ([("int8", (task.rows, task.K)), ("int8", (task.O, task.K)), vec]
            + ([vec, vec] if task.out_dtype != "int32" else [])
            + [(task.out_dtype, (task.rows, task.O))])
-    (x, W, b, *rest), _ = make_case(sig, 64 if w7 else 127)   # natural W (2-D): trials' inputs
+    (x, W, b, *rest), _ = make_case(sig, task.trial_weight_max(isa))   # natural W: trials' inputs
     wk, bk, _ = KN.prepare_weights(f, W, b)
     args = [x, wk, bk, *rest]
     out = np.zeros((task.rows, task.O), task.out_dtype)
@@ -622,7 +636,7 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
         for ti, task in enumerate(tasks, 1):
             w7 = task.w7_kernel(isa)
             mod = task.workload(w7)
-            space_isa = x86_wide.W7_ISA if w7 else isa
+            space_isa = task.space_isa(isa)
 
             def mine_of(recs, _task=task, _w7=w7):
                 return [r for r in recs if r[0] is not None and r[0][:3] == _task.key
@@ -664,7 +678,7 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
             progress = Progress(label, before + todo, before,
                                 None if best0 is None else best0 * 1e6, say)
             t0 = time.perf_counter()
-            runner = Runner(weight_max=64 if w7 else 127)
+            runner = Runner(weight_max=task.trial_weight_max(isa))
             try:
                 ms.tune_tasks(
                     tasks=[ctx], task_weights=[1.0], work_dir=log_dir,

@@ -92,6 +92,8 @@ INTRIN_AVX512_U8S8 = "tvm_intlstm_avx512_pmaddwd_16x4_u8i8i32"   # ours, exact (
 INTRIN_AVX2_U8S8 = "tvm_intlstm_avx2_pmaddwd_8x4_u8i8i32"        # the same body on 8 lanes
 INTRIN_AVX2_U8S7 = "tvm_intlstm_avx2_pmaddubsw_8x4_u8s7i32"      # vpmaddubsw, |w| <= 64 only
 W7_ISA = "avx2_w7"    # the tuning isa of GEMMs whose weights lie in [-64, 64] (see intrinsic_for)
+INTRIN_VNNI256 = "tvm_intlstm_vnni_8x4_u8i8i32"  # vpdpbusd ymm (AVX-VNNI / AVX512-VNNI+VL), any W
+VNNI256_ISA = "x86_vnni_u8"   # the tuning isa of the x86_vnni family's u8-route GEMMs (o8k4)
 MAX_O_VECTORS = {16: 4, 8: 8}    # vectors per register tile (max_innermost_factor of the o split)
 
 
@@ -341,6 +343,31 @@ def _u8s7_pmaddubsw_impl():
     return impl
 
 
+def _vnni256_impl():
+    """vpdpbusd ymm: the x86_vnni kernel family's step (kernels/isa/x86_vnni.py) on 8 lanes, exact
+    for every int8 weight (no intermediate saturation). Operand types as for `_vnni_impl`."""
+    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
+
+    byte_operands = int(codegen.llvm_version_major()) >= 22
+    a_dt, b_dt = ("uint8x32", "int8x32") if byte_operands else ("int32x8", "int32x8")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
+             B: T.Buffer((8, 4), "int8", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
+                C.vload([0], dtype="int32x8"),
+                T.reinterpret(T.Broadcast(a, 8), dtype=a_dt),
+                T.reinterpret(B.vload([0, 0], dtype="int8x32"), dtype=b_dt),
+                dtype="int32x8")
+    return impl
+
+
 def _vnni_impl():
     """vpdpbusd zmm: C += per lane sum of 4 u8 x s8 products, int32, not saturating. The LLVM
     intrinsic's operand types changed in LLVM 22 (llvm-project PR 155194: <16 x i32> -> <64 x i8>
@@ -384,6 +411,8 @@ def register_wide_intrinsics() -> None:
             TensorIntrin.register(name, _u8s8_desc(lanes), _u8s8_pmaddwd_impl(lanes))
     if TensorIntrin.get(INTRIN_AVX2_U8S7, allow_missing=True) is None:
         TensorIntrin.register(INTRIN_AVX2_U8S7, _u8s8_desc(8), _u8s7_pmaddubsw_impl())
+    if TensorIntrin.get(INTRIN_VNNI256, allow_missing=True) is None:
+        TensorIntrin.register(INTRIN_VNNI256, _u8s8_desc(8), _vnni256_impl())
 
 
 def import_tvm_x86_intrinsics():
@@ -399,9 +428,12 @@ def import_tvm_x86_intrinsics():
 
 def intrinsic_for(isa: str, lanes: int) -> str | None:
     """The TensorIntrin that tensorizes the lanes x 4 step for `isa`, or None (vectorize).
-    W7_ISA ("avx2_w7", weights in [-64, 64]) gets the vpmaddubsw step, the AVX2 kernels' u8 route."""
+    W7_ISA ("avx2_w7", weights in [-64, 64]) gets the vpmaddubsw step, the AVX2 kernels' u8 route;
+    VNNI256_ISA ("x86_vnni_u8") the vpdpbusd ymm step, the x86_vnni kernels' u8 route."""
     if lanes == 8 and isa == W7_ISA:
         return INTRIN_AVX2_U8S7
+    if lanes == 8 and isa == VNNI256_ISA:
+        return INTRIN_VNNI256
     if lanes == 16 and isa == "avx512_vnni":
         return INTRIN_VNNI
     if lanes == 16 and isa == "avx512":

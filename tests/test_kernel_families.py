@@ -1,0 +1,195 @@
+"""Every x86 kernel family (kernels/isa/) against the numpy reference, picked by target features.
+
+Each family is exercised through a representative target; a target whose features this CPU lacks
+(decided from the features, never the CPU name) is compiled and its assembly checked instead of
+run. `test_families_report` prints which families ran here and which were only compiled
+(`pytest -rA` or `-s` shows it).
+
+The x86_vnni family's u8 route (u = x + 128, vpdpbusd, -128 rowsum(W) added back) must be exact
+for FULL-RANGE int8 weights (-128 included), unlike AVX2's vpmaddubsw route (|W| <= 64): the
+extremes below (x = -128 / 127 against weights of -128 / 127, biases placing results on the int32
+limits) are the cases a saturating or wrapping step would get wrong.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import tvm_intlstm as til
+from tvm_intlstm import kernels as K
+from tvm_intlstm.quant.fixed_point import quantize_multiplier_array
+from tvm_intlstm.reference import ops
+from tvm_intlstm.target import parse_target
+from tvm_intlstm.tuning.tune import _is_host_runnable
+
+from test_kernels import assert_lstm_equal, make_lstm, ref_recurrence, run, run_recurrent
+
+# family -> representative targets (AVX-VNNI's VEX form and AVX512-VNNI's EVEX form both)
+FAMILY_TARGETS = [
+    ("generic", "llvm -mcpu=x86-64"),
+    ("avx2", "llvm -mcpu=haswell"),
+    ("x86_vnni", "llvm -mcpu=x86-64-v3 -mattr=+avxvnni"),
+    ("x86_vnni", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
+]
+RUNNABLE = {t: _is_host_runnable(parse_target(t)) for _, t in FAMILY_TARGETS}
+SIGNATURE = {"avx2": "vpmaddwd", "x86_vnni": "vpdpbusd"}   # the GEMM step's instruction
+IDS = [t.split(" ", 1)[1] for _, t in FAMILY_TARGETS]
+
+
+def test_families_report():
+    """Which families ran here and which were compile-checked only (shown with -rA / -s)."""
+    ran = [f"{f} ({t})" for f, t in FAMILY_TARGETS if RUNNABLE[t]]
+    compiled = [f"{f} ({t})" for f, t in FAMILY_TARGETS if not RUNNABLE[t]]
+    print(f"\nkernel families run on this CPU: {', '.join(ran) or 'none'}; compile-checked only: "
+          f"{', '.join(compiled) or 'none'}")
+    assert RUNNABLE["llvm -mcpu=x86-64"]   # the generic family always runs on an x86 host
+
+
+@pytest.mark.parametrize("target,want", [
+    ("llvm -mcpu=znver3", "avx2"), ("llvm -mcpu=haswell", "avx2"),
+    ("llvm -mcpu=skylake-avx512", "avx2"),          # AVX-512 without VNNI
+    ("llvm -mcpu=icelake-server", "x86_vnni"), ("llvm -mcpu=sapphirerapids", "x86_vnni"),
+    ("llvm -mcpu=znver4", "x86_vnni"), ("llvm -mcpu=alderlake", "x86_vnni"),   # AVX-VNNI
+    ("llvm -mcpu=znver5 -mattr=-avxvnni,-avx512vnni", "avx2"),   # features, not the name
+    ("llvm -mcpu=x86-64", "generic"), ("rpi5", "neon_dotprod"), ("rpi4", "generic"),
+])
+def test_pick_from_features(target, want):
+    assert K.isa.pick(parse_target(target)).name == want
+    assert K.resolve_isa(parse_target(target)) == want
+
+
+def test_build_accepts_supported_and_refuses_unsupported_family():
+    f_avx2 = K.linear_i32(16, 8, isa="avx2", packed=True)
+    f_vnni = K.linear_i32(16, 8, isa="x86_vnni", packed=True, w7=True)
+    K.build_kernel(f_avx2, "llvm -mcpu=icelake-server")   # a VNNI target runs AVX2 kernels too
+    with pytest.raises(ValueError, match="x86_vnni"):
+        K.build_kernel(f_vnni, "llvm -mcpu=znver3")
+
+
+_built: dict = {}
+
+
+def _kernel(func, target):
+    """(PrimFunc, built kernel or None when not runnable here): a target this CPU cannot run is
+    only compiled, and its GEMM step instruction checked in the assembly."""
+    key = (func.script(), target)
+    if key not in _built:
+        k = K.build_kernel(func, target)
+        fam = str(func.attrs["intlstm.isa"])
+        if fam in SIGNATURE:
+            asm = k.module.inspect_source("asm")
+            assert SIGNATURE[fam] in asm, f"{fam} kernel without {SIGNATURE[fam]}"
+            if fam == "x86_vnni" and int(func.attrs["intlstm.u8"]):
+                assert "vpmaddubsw" not in asm
+        _built[key] = k if RUNNABLE[target] else None
+    return _built[key]
+
+
+def _full_range_weights(rng, O, Kd):
+    W = rng.integers(-128, 128, (O, Kd)).astype(np.int8)
+    W[0] = -128
+    W[1 % O] = 127
+    return W
+
+
+@pytest.mark.parametrize("fam,target", FAMILY_TARGETS, ids=IDS)
+@pytest.mark.parametrize("Kd,O", [(33, 13), (256, 40), (7, 9)])
+def test_linear_full_range(fam, target, Kd, O):
+    rng = np.random.default_rng(Kd * 1000 + O)
+    W = _full_range_weights(rng, O, Kd)
+    u8 = K.isa.family(fam).u8_exact(W)
+    assert u8 == (fam == "x86_vnni")
+    M, s = quantize_multiplier_array(np.exp(rng.uniform(np.log(2**-20), np.log(0.5), O)))
+    x = rng.integers(-128, 128, (17, Kd)).astype(np.int8)
+    x[0], x[1] = -128, 127
+    b = rng.integers(-2**20, 2**20, O).astype(np.int32)
+    for dt in ("int32", "int8", "int16"):
+        f = (K.linear_i32(Kd, O, target=target, w7=u8, packed=True) if dt == "int32" else
+             K.linear_requant(Kd, O, dt, target=target, w7=u8, packed=True))
+        assert str(f.attrs["intlstm.isa"]) == fam
+        k = _kernel(f, target)
+        if k is None:
+            continue
+        wk, bk, _ = K.prepare_weights(f, W, b)
+        for n in (1, 2, 8, 17):
+            extra = [] if dt == "int32" else [M, s]
+            got = run(k, [x[:n], wk, bk, *extra], [((n, O), dt)])
+            ref = (ops.linear(x[:n], W, b) if dt == "int32" else
+                   ops.requantize(ops.linear_acc(x[:n], W, b), M, s, int(dt[3:])))
+            np.testing.assert_array_equal(got, ref, err_msg=f"{fam} {dt} rows={n}")
+
+
+@pytest.mark.parametrize("fam,target", FAMILY_TARGETS, ids=IDS)
+def test_linear_int32_limits(fam, target):
+    """Results exactly on INT32_MAX / INT32_MIN with weights at -128 / 127 and x at -128 / 127."""
+    Kd, O = 650, 20
+    W = np.full((O, Kd), 127, np.int8)
+    W[1::2] = -128
+    W[3, ::2] = -128
+    x = np.stack([np.full(Kd, 127), np.full(Kd, -128), np.zeros(Kd),
+                  np.tile([127, -128], Kd)[:Kd]]).astype(np.int8)
+    acc0 = ops.linear(x, W)
+    b = np.zeros(O, np.int64)
+    b[0] = 2**31 - 1 - acc0[0, 0]
+    b[2] = -(2**31) - acc0[1, 2]
+    b = b.astype(np.int32)
+    u8 = K.isa.family(fam).u8_exact(W) and K.isa.u8_weights_fit_int32(W, b)
+    f = K.linear_i32(Kd, O, target=target, w7=u8, packed=True)
+    k = _kernel(f, target)
+    if k is not None:
+        wk, bk, _ = K.prepare_weights(f, W, b)
+        np.testing.assert_array_equal(run(k, [x, wk, bk], [((4, O), "int32")]),
+                                      ops.linear(x, W, b))
+
+
+@pytest.mark.parametrize("fam,target", FAMILY_TARGETS, ids=IDS)
+@pytest.mark.parametrize("H", [8, 21, 64])
+def test_recurrent_full_range(fam, target, H):
+    rng = np.random.default_rng(H)
+    w_h = _full_range_weights(rng, 4 * H, H)
+    p = make_lstm(rng, H, 12, w_h=w_h)
+    u8 = K.isa.family(fam).u8_exact(w_h)
+    for parallel in (False, True):
+        f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
+                             tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces,
+                             target=target, w7=u8, packed=True, parallel=parallel)
+        k = _kernel(f, target)
+        if k is None:
+            continue
+        for T_, B in ((1, 1), (5, 2), (3, 8), (2, 17)):
+            gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
+            gx[0, 0, :] = -2**15   # saturating gate adds
+            assert_lstm_equal(run_recurrent(f, k, p, gx), ref_recurrence(gx, p))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(30, 16)
+        self.lstm = torch.nn.LSTM(16, 21, num_layers=2, bidirectional=True)
+        self.fc = torch.nn.Linear(42, 11)
+
+    def forward(self, x):
+        return self.fc(self.lstm(self.emb(x))[0])
+
+
+@pytest.mark.parametrize("target", ["llvm -mcpu=x86-64-v3 -mattr=+avxvnni",
+                                    "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"])
+def test_whole_model_vnni_8bit(target):
+    """A stacked bidirectional model with the default 8-bit weights on the x86_vnni family: every
+    GEMM takes the u8 route (vpdpbusd, no vpmaddubsw) and the module equals the reference."""
+    torch.manual_seed(5)
+    net = _Net().eval()
+    g = torch.Generator().manual_seed(6)
+    calib = [torch.randint(0, 30, (9, 3), generator=g) for _ in range(2)]
+    q = til.quantize(net, calib)
+    cm = til.compile(q, target=target, example_inputs=(calib[0],), verbose=False)
+    from test_fast_kernels import _library_asm
+    asm = _library_asm(cm.executable)
+    assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+    if not RUNNABLE[target]:
+        return
+    for T_, B in ((1, 1), (7, 2), (4, 17)):
+        x = torch.randint(0, 30, (T_, B), generator=g)
+        np.testing.assert_array_equal(cm(x.numpy()), q(x).numpy())
