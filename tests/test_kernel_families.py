@@ -25,16 +25,20 @@ from tvm_intlstm.tuning.tune import _is_host_runnable
 
 from test_kernels import assert_lstm_equal, make_lstm, ref_recurrence, run, run_recurrent
 
-# family -> representative targets (AVX-VNNI's VEX form and AVX512-VNNI's EVEX form both)
+# family -> representative targets (x86_vnni in AVX-VNNI's VEX form and AVX512-VNNI's EVEX ymm
+# form: the generators get isa= explicitly, a target may run several families)
 FAMILY_TARGETS = [
     ("generic", "llvm -mcpu=x86-64"),
     ("avx2", "llvm -mcpu=haswell"),
     ("x86_vnni", "llvm -mcpu=x86-64-v3 -mattr=+avxvnni"),
     ("x86_vnni", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
+    ("avx512_vnni", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
 ]
 RUNNABLE = {t: _is_host_runnable(parse_target(t)) for _, t in FAMILY_TARGETS}
-SIGNATURE = {"avx2": "vpmaddwd", "x86_vnni": "vpdpbusd"}   # the GEMM step's instruction
-IDS = [t.split(" ", 1)[1] for _, t in FAMILY_TARGETS]
+# the GEMM step's instruction (as it appears in the assembly)
+SIGNATURE = {"avx2": "vpmaddwd", "x86_vnni": "vpdpbusd", "avx512_vnni": "vpdpbusd\t%zmm"}
+VNNI = ("x86_vnni", "avx512_vnni")
+IDS = [f"{f}-{t.split(' ', 1)[1]}" for f, t in FAMILY_TARGETS]
 
 
 def test_families_report():
@@ -49,9 +53,10 @@ def test_families_report():
 @pytest.mark.parametrize("target,want", [
     ("llvm -mcpu=znver3", "avx2"), ("llvm -mcpu=haswell", "avx2"),
     ("llvm -mcpu=skylake-avx512", "avx2"),          # AVX-512 without VNNI
-    ("llvm -mcpu=icelake-server", "x86_vnni"), ("llvm -mcpu=sapphirerapids", "x86_vnni"),
-    ("llvm -mcpu=znver4", "x86_vnni"), ("llvm -mcpu=alderlake", "x86_vnni"),   # AVX-VNNI
-    ("llvm -mcpu=znver5 -mattr=-avxvnni,-avx512vnni", "avx2"),   # features, not the name
+    ("llvm -mcpu=icelake-server", "avx512_vnni"), ("llvm -mcpu=sapphirerapids", "avx512_vnni"),
+    ("llvm -mcpu=znver4", "avx512_vnni"), ("llvm -mcpu=alderlake", "x86_vnni"),   # AVX-VNNI
+    ("llvm -mcpu=znver5 -mattr=-avx512vnni", "x86_vnni"),        # features, not the name
+    ("llvm -mcpu=znver5 -mattr=-avxvnni,-avx512vnni", "avx2"),
     ("llvm -mcpu=x86-64", "generic"), ("rpi5", "neon_dotprod"), ("rpi4", "generic"),
 ])
 def test_pick_from_features(target, want):
@@ -62,9 +67,13 @@ def test_pick_from_features(target, want):
 def test_build_accepts_supported_and_refuses_unsupported_family():
     f_avx2 = K.linear_i32(16, 8, isa="avx2", packed=True)
     f_vnni = K.linear_i32(16, 8, isa="x86_vnni", packed=True, w7=True)
+    f_512 = K.linear_i32(16, 8, isa="avx512_vnni", packed=True, w7=True)
     K.build_kernel(f_avx2, "llvm -mcpu=icelake-server")   # a VNNI target runs AVX2 kernels too
+    K.build_kernel(f_vnni, "llvm -mcpu=icelake-server")
     with pytest.raises(ValueError, match="x86_vnni"):
         K.build_kernel(f_vnni, "llvm -mcpu=znver3")
+    with pytest.raises(ValueError, match="avx512_vnni"):
+        K.build_kernel(f_512, "llvm -mcpu=alderlake")        # AVX-VNNI only: no zmm
 
 
 _built: dict = {}
@@ -80,7 +89,7 @@ def _kernel(func, target):
         if fam in SIGNATURE:
             asm = k.module.inspect_source("asm")
             assert SIGNATURE[fam] in asm, f"{fam} kernel without {SIGNATURE[fam]}"
-            if fam == "x86_vnni" and int(func.attrs["intlstm.u8"]):
+            if fam in VNNI and int(func.attrs["intlstm.u8"]):
                 assert "vpmaddubsw" not in asm
         _built[key] = k if RUNNABLE[target] else None
     return _built[key]
@@ -99,14 +108,14 @@ def test_linear_full_range(fam, target, Kd, O):
     rng = np.random.default_rng(Kd * 1000 + O)
     W = _full_range_weights(rng, O, Kd)
     u8 = K.isa.family(fam).u8_exact(W)
-    assert u8 == (fam == "x86_vnni")
+    assert u8 == (fam in VNNI)
     M, s = quantize_multiplier_array(np.exp(rng.uniform(np.log(2**-20), np.log(0.5), O)))
     x = rng.integers(-128, 128, (17, Kd)).astype(np.int8)
     x[0], x[1] = -128, 127
     b = rng.integers(-2**20, 2**20, O).astype(np.int32)
     for dt in ("int32", "int8", "int16"):
-        f = (K.linear_i32(Kd, O, target=target, w7=u8, packed=True) if dt == "int32" else
-             K.linear_requant(Kd, O, dt, target=target, w7=u8, packed=True))
+        f = (K.linear_i32(Kd, O, target=target, isa=fam, w7=u8, packed=True) if dt == "int32" else
+             K.linear_requant(Kd, O, dt, target=target, isa=fam, w7=u8, packed=True))
         assert str(f.attrs["intlstm.isa"]) == fam
         k = _kernel(f, target)
         if k is None:
@@ -135,7 +144,7 @@ def test_linear_int32_limits(fam, target):
     b[2] = -(2**31) - acc0[1, 2]
     b = b.astype(np.int32)
     u8 = K.isa.family(fam).u8_exact(W) and K.isa.u8_weights_fit_int32(W, b)
-    f = K.linear_i32(Kd, O, target=target, w7=u8, packed=True)
+    f = K.linear_i32(Kd, O, target=target, isa=fam, w7=u8, packed=True)
     k = _kernel(f, target)
     if k is not None:
         wk, bk, _ = K.prepare_weights(f, W, b)
@@ -153,7 +162,7 @@ def test_recurrent_full_range(fam, target, H):
     for parallel in (False, True):
         f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
                              tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces,
-                             target=target, w7=u8, packed=True, parallel=parallel)
+                             target=target, isa=fam, w7=u8, packed=True, parallel=parallel)
         k = _kernel(f, target)
         if k is None:
             continue
@@ -177,8 +186,9 @@ class _Net(torch.nn.Module):
 @pytest.mark.parametrize("target", ["llvm -mcpu=x86-64-v3 -mattr=+avxvnni",
                                     "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"])
 def test_whole_model_vnni_8bit(target):
-    """A stacked bidirectional model with the default 8-bit weights on the x86_vnni family: every
-    GEMM takes the u8 route (vpdpbusd, no vpmaddubsw) and the module equals the reference."""
+    """A stacked bidirectional model with the default 8-bit weights on the VNNI families (x86_vnni,
+    avx512_vnni): every GEMM takes the u8 route (vpdpbusd, no vpmaddubsw) and the module equals
+    the reference."""
     torch.manual_seed(5)
     net = _Net().eval()
     g = torch.Generator().manual_seed(6)

@@ -350,7 +350,7 @@ def test_tune_and_apply_7bit_model(tmp_path):
     from torch import nn
 
     import tvm_intlstm as til
-    from tvm_intlstm.tuning.x86_wide import INTRIN_AVX2_U8S7
+    from tvm_intlstm.tuning.x86_wide import INTRIN_AVX2_U8S7, INTRIN_VNNI256
 
     class M(nn.Module):
         def __init__(self):
@@ -369,11 +369,14 @@ def test_tune_and_apply_7bit_model(tmp_path):
     d = str(tmp_path / "db")
     msgs = []
     rep = tune(q7, TARGET, ex, trials=2, trials_per_iter=2, log_dir=d, seed=0, log=msgs.append)
-    assert sum("tuned as the u8 x s8 (vpmaddubsw) kernel" in m for m in msgs) == 2
+    # (the u8 route's kernel is the family's: vpmaddubsw on AVX2, vpdpbusd on a VNNI host)
+    vnni = ISA in ("x86_vnni", "avx512_vnni")
+    assert sum((f"tuned as the u8 x s8 kernel of the {ISA} family" if vnni else
+                "tuned as the u8 x s8 (vpmaddubsw) kernel") in m for m in msgs) == 2
     assert len(rep) == 2 and all(r["trials_run"] == 2 and r["best_us"] > 0 for r in rep)
     from tvm_intlstm.tuning.tune import _records, open_database
     assert {r[0][4] for r in _records(open_database(d))} == {True}     # the o8k4w7 workloads
-    assert INTRIN_AVX2_U8S7 in "".join(_lines(d, RECORD_FILE))
+    assert (INTRIN_VNNI256 if vnni else INTRIN_AVX2_U8S7) in "".join(_lines(d, RECORD_FILE))
     with open(os.path.join(d, "defaults.json")) as f:
         measured = json.load(f)
     assert all(k.endswith(",w7") for v in measured.values() for k in v)

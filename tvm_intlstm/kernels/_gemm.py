@@ -297,9 +297,14 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     lines = max(1, OC * kq // 64)          # lines per k step
     ahead = max(1, PF_BYTES // (OC * kq))
 
+    # vectors of 8 channels per step instruction: 2 for a family with 16-lane (zmm) steps on the u8
+    # route (one vpdpbusd zmm covers two adjacent 8-channel vectors of the layout, 64 contiguous
+    # weight bytes per k quad), when the register tile holds an even number of them
+    VM = fam.vec_lanes // 8 if use_u8 and OVT % (fam.vec_lanes // 8) == 0 else 1
+
     def xbcast(XS, n, k):
         word = tirx.reinterpret("int32", XS[n, tirx.Ramp(k * kq, 1, kq)])
-        return tirx.reinterpret(f"{xdt}x{lanes_x}", tirx.Broadcast(word, 8))
+        return tirx.reinterpret(f"{xdt}x{lanes_x * VM}", tirx.Broadcast(word, 8 * VM))
 
 
     def prefetch_line(addr):
@@ -327,17 +332,19 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                     for c in T.unroll((OC + pf_step - 1) // pf_step):
                         T.evaluate(prefetch_line(pf_out(T.min(nb * NR + r, nrows - 1),
                                                         T.min(og * OC + c * pf_step, O - 1))))
+            ACCF = T.decl_buffer((NR * OVT * 8,), "int32", data=ACC.data)   # VM vectors at once
             for k in range(KQN):
                 if prefetch_w and k % line_steps == 0 and oh == 0:
                     for line in T.unroll(lines):
                         T.evaluate(prefetch_line(tirx.address_of(
                             WF[((og * KQN + k + ahead) * OC + line * 64 // kq) * kq])))
                 for r in T.unroll(NR):
-                    for ov in T.unroll(OVT):
-                        ACC[r * OVT + ov, T.Ramp(0, 1, 8)] = fam.outer_step(
-                            ACC[r * OVT + ov, T.Ramp(0, 1, 8)],
+                    for ov in T.unroll(OVT // VM):
+                        ACCF[T.Ramp((r * OVT + ov * VM) * 8, 1, 8 * VM)] = fam.outer_step(
+                            ACCF[T.Ramp((r * OVT + ov * VM) * 8, 1, 8 * VM)],
                             xbcast(XS, n0 + T.min(nb * NR + r, nrows - 1), k),
-                            WF[T.Ramp(((og * KQN + k) * OC + (oh * OVT + ov) * 8) * kq, 1, 8 * kq)],
+                            WF[T.Ramp(((og * KQN + k) * OC + (oh * OVT + ov * VM) * 8) * kq, 1,
+                                      8 * VM * kq)],
                             use_u8)
             for r in T.unroll(NR):
                 if nb * NR + r < nrows:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from tvm import tirx
 
+from ._tir import lanes_of
+
 
 def pmaddwd(a, b):
     """int16x16, int16x16 -> int32x8: lane i = a[2i] b[2i] + a[2i+1] b[2i+1]."""
@@ -45,7 +47,10 @@ def pmaddubsw(u, w):
 
 
 def vpdpbusd(acc, u, w):
-    """int32x8 acc, int8x32 u (the bytes of a uint8 vector), int8x32 w -> int32x8: lane i = acc[i] +
+    """int32x8 acc, int8x32 u (the bytes of a uint8 vector), int8x32 w -> int32x8 (or x16 / x64 for
+    zmm): lane i = acc[i] +
     sum_j uint8(u[4i+j]) w[4i+j] (wrapping). LLVM 22 types the byte operands <32 x i8> (older
     LLVMs took <8 x i32>); the same intrinsic selects AVX-VNNI's VEX or AVX512-VNNI's EVEX form."""
-    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc, u, w)
+    lanes = lanes_of(acc)     # 8 (ymm) or 16 (zmm: int8x64 operands, AVX512-VNNI)
+    return tirx.call_llvm_pure_intrin(f"int32x{lanes}", f"llvm.x86.avx512.vpdpbusd.{32 * lanes}",
+                                      acc, u, w)

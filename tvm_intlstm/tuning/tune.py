@@ -565,8 +565,10 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
         tasks = extract_tasks(model, example_inputs, rows=rows, isa=isa)
     for t in tasks:
         if t.w7_kernel(isa):
-            say(f"[tvm_intlstm.tune] {t.name} ({t.source or 'gemm'}): weights within [-64, 64] "
-                "(e.g. QuantConfig(weight_bits=7)): tuned as the u8 x s8 (vpmaddubsw) kernel")
+            say(f"[tvm_intlstm.tune] {t.name} ({t.source or 'gemm'}): "
+                + ("weights within [-64, 64] (e.g. QuantConfig(weight_bits=7)): tuned as the u8 x "
+                   "s8 (vpmaddubsw) kernel" if t.space_isa(isa) == x86_wide.W7_ISA else
+                   f"tuned as the u8 x s8 kernel of the {isa} family ({t.space_isa(isa)})"))
     if not tasks:
         say("[tvm_intlstm.tune] the model has no GEMM to tune")
         return []

@@ -10,7 +10,8 @@ object instead of comparing instruction-set names:
     generic           generic.py      anything                            plain TIR, LLVM vectorizes
     avx2              avx2.py         AVX2                                vpmaddwd (int16 pairs);
                                                                           vpmaddubsw for 7-bit weights
-    x86_vnni          x86_vnni.py     AVX-VNNI, or AVX512-VNNI + VL       vpdpbusd (u8 x s8, any int8 W)
+    avx512_vnni       avx512_vnni.py  AVX512-VNNI + F/BW/VL               vpdpbusd zmm (64 per instruction)
+    x86_vnni          x86_vnni.py     AVX-VNNI, or AVX512-VNNI + VL       vpdpbusd ymm (u8 x s8, any int8 W)
     neon_dotprod      neon_dotprod.py aarch64 dotprod                     sdot (smmla with i8mm)
 
 `pick(target)` returns the supported family of highest priority; `family(name)` looks one up by the
@@ -36,6 +37,7 @@ class KernelFamily:
     x86_cell = False        # the recurrent kernel's AVX2 cell (vpermd table lookups, 8-unit blocks)
     unit_block = 1          # the recurrent kernel pads its units to a multiple of this
     threaded = False        # has the threaded recurrent form (one parallel launch per call)
+    vec_lanes = 8           # int32 lanes of the outer-product GEMM's step on the u8 route (8: ymm)
 
     def supports(self, f) -> bool:
         """Can a target with `TargetFeatures` f run this family's kernels?"""
@@ -135,4 +137,4 @@ def u8_weights_fit_int32(W, bias) -> bool:
 
 
 # the families (each file registers its object)
-from . import generic, avx2, x86_vnni, neon_dotprod  # noqa: E402,F401  pylint: disable=wrong-import-position
+from . import generic, avx2, x86_vnni, avx512_vnni, neon_dotprod  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -1,0 +1,30 @@
+"""x86 AVX512-VNNI on 512-bit vectors: the x86_vnni family with its GEMM step widened to zmm, one
+vpdpbusd per 64 multiply-adds (16 int32 lanes = two adjacent 8-channel vectors of the packed
+layout, whose 64 weight bytes per k quad are contiguous). Packing, the u8 correction, the cell and
+the threaded form are unchanged (the cell stays on 8-unit ymm blocks). CPUs that run zmm at full
+width (Zen 5) or double-pumped (Zen 4) or on two ports (Xeon Ice Lake / Sapphire Rapids) all halve
+the step's instruction count; `-mattr=-avx512vnni` falls back to x86_vnni (ymm) where AVX-VNNI
+exists."""
+from tvm import tirx
+
+from .. import _x86
+from .._tir import lanes_of
+from . import register
+from .x86_vnni import X86VNNI
+
+
+class AVX512VNNI(X86VNNI):
+    name = "avx512_vnni"
+    priority = 30
+    vec_lanes = 16
+
+    def supports(self, f) -> bool:
+        return f.has_avx512 and f.has_avx512vl and f.has_vnni
+
+    def outer_step(self, acc, xb, w, u8: bool):
+        if u8 and lanes_of(acc) == 16:
+            return _x86.vpdpbusd(acc, tirx.reinterpret("int8x64", xb), w)
+        return super().outer_step(acc, xb, w, u8)
+
+
+AVX512_VNNI = register(AVX512VNNI())
