@@ -81,9 +81,16 @@ PEERS = [
 TVM_KEYS = ("tvm_untuned", "tvm_tuned", "tvm_w7", "tvm_w7_tuned")
 LABEL = dict(PEERS)
 
-# One Zen3 core, AVX2: vpmaddwd ymm issues 2 per cycle (FP0/FP1 multiply pipes), each multiplies
-# 16 int16 pairs and adds adjacent products into 8 int32 lanes = 16 multiply-adds per instruction.
-MACS_PER_CYCLE = 2 * 16
+# The int8 multiply-adds per cycle of one core, by the kernel family the target gets (kernels/isa/):
+# (multiply-adds per cycle, how). AVX2: vpmaddwd ymm issues 2 per cycle (two multiply pipes), 16
+# int16 products each. VNNI: vpdpbusd, 32 (ymm) / 64 (zmm) u8 x s8 products, counted at 2 per cycle
+# (two VNNI-capable pipes on Ice Lake / Sapphire Rapids Xeons and Zen 4 / Zen 5; a core with fewer
+# reaches less, so the floor stays a bound). benchmarks/isa_rates.c and vnni_rates.c measure them.
+PEAK_MACS = {
+    "avx2": (2 * 16, "2 `vpmaddwd` ymm per cycle x 16 int16 multiply-adds"),
+    "x86_vnni": (2 * 32, "2 `vpdpbusd` ymm per cycle x 32 u8 x s8 multiply-adds"),
+    "avx512_vnni": (2 * 64, "2 `vpdpbusd` zmm per cycle x 64 u8 x s8 multiply-adds"),
+}
 
 
 def gops(cfg, T=None, B=1):
@@ -517,14 +524,18 @@ def render(a, man, results, command, ghz, wall, tf_version):
             cells.append(f"{statistics.median(q):.2f} ({sum(x < 1 for x in q)}/{len(q)})")
         L.append(f"| {th} | {cfg['name']} | {B} | " + " | ".join(cells) + " |")
     L.append("")
-    peak1 = MACS_PER_CYCLE * ghz * 2     # GOP/s per core
+    from tvm_intlstm.kernels import isa as families
+    from tvm_intlstm.target import parse_target
+    fam = families.pick(parse_target(a.target)).name
+    macs, how = PEAK_MACS.get(fam, PEAK_MACS["avx2"])
+    peak1 = macs * ghz * 2     # GOP/s per core
     L.append("Achieved int8 throughput of tvm_intlstm tuned, counting 2 operations per multiply-add: "
-             "GOP per call = sum over layers of T x B x 4H x (I_l + H) x 2. Physical floor: one Zen3 "
-             f"core with AVX2 issues 2 `vpmaddwd` ymm per cycle x 16 int16 multiply-adds each "
-             f"(8 int32 lanes x 2 products) = {MACS_PER_CYCLE} int8 multiply-adds per cycle; at the "
-             f"{ghz:.2f} GHz that /proc/cpuinfo reports, {MACS_PER_CYCLE} x {ghz:.2f} GHz x 2 = "
+             "GOP per call = sum over layers of T x B x 4H x (I_l + H) x 2. Physical floor: the "
+             f"target `{a.target}` gets the `{fam}` kernel family (docs/compiler.md); one core issues "
+             f"{how} = {macs} int8 multiply-adds per cycle; at the "
+             f"{ghz:.2f} GHz that /proc/cpuinfo reports, {macs} x {ghz:.2f} GHz x 2 = "
              f"**{peak1:.0f} GOP/s per core** (x threads for the floor below; boost clocks would "
-             "raise it, and the sign extension int8->int16, accumulation adds and the sequential "
+             "raise it, and the u8 / int16 conversions, accumulation adds and the sequential "
              "recurrent step are extra work, so the floor is not reachable, only a bound).")
     L.append("")
     L.append("| threads | model | B | GOP per call | floor (ms) | tvm tuned median GOP/s | best-round GOP/s "
