@@ -154,6 +154,16 @@ PRESETS: dict[str, Preset] = {
             "x86-64 with AVX-512 VNNI (Cascade Lake and later Xeons, Ice Lake, Zen 4)",
             {"kind": "llvm", "mtriple": _X64, "mcpu": "cascadelake"},
         ),
+        # named x86 server/client CPUs (the kernel family follows their features, docs/compiler.md)
+        *[Preset(cpu, desc, {"kind": "llvm", "mtriple": _X64, "mcpu": cpu}) for cpu, desc in (
+            ("znver3", "AMD Zen 3 (EPYC Milan, Ryzen 5000): AVX2 -> avx2 kernels"),
+            ("znver4", "AMD Zen 4 (EPYC Genoa, Ryzen 7000): AVX-512 VNNI -> avx512_vnni kernels"),
+            ("znver5", "AMD Zen 5 (EPYC Turin, Ryzen 9000): AVX-512 VNNI -> avx512_vnni kernels"),
+            ("icelake-server", "Intel Xeon Ice Lake-SP: AVX-512 VNNI -> avx512_vnni kernels"),
+            ("sapphirerapids", "Intel Xeon Sapphire Rapids / Emerald Rapids: AVX-512 VNNI (and AMX, "
+                               "not used yet) -> avx512_vnni kernels"),
+            ("alderlake", "Intel Core 12th-14th gen (Alder / Raptor Lake): AVX-VNNI -> x86_vnni kernels"),
+        )],
         Preset(
             "host",
             "this machine's CPU as LLVM detects it (triple, -mcpu and core count)",
