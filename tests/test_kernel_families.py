@@ -166,7 +166,7 @@ def test_recurrent_full_range(fam, target, H):
         k = _kernel(f, target)
         if k is None:
             continue
-        for T_, B in ((1, 1), (5, 2), (3, 8), (2, 17)):
+        for T_, B in ((1, 1), (5, 2), (2, 4), (3, 8), (2, 12), (2, 16), (2, 17)):   # row tiles 8, 4, 2
             gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
             gx[0, 0, :] = -2**15   # saturating gate adds
             assert_lstm_equal(run_recurrent(f, k, p, gx), ref_recurrence(gx, p))

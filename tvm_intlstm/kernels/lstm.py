@@ -229,13 +229,20 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # the threaded form's steps on a pool of one worker with several batch rows (step_solo)
         gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV,
                                       prefetch_w=False) if fused else None
+        # taller row tiles where the family has the registers (the 32 zmm of AVX-512): more rows
+        # share each weight load. Used by the one-worker steps (serial form, step_solo) when the
+        # batch is a multiple of the tile height (a tile's missing rows would be computed anyway)
+        gemm8, gemm4 = (gemm_outer_macro(H, G, isa, u8, NR=nr, OV=REC_OV, prefetch_w=False)
+                        if nr in fam.rec_row_tiles else None for nr in (8, 4))
         outer = True
     else:
         WS = (G, H)
         HP = padded_k(H) if wide else H
         gemm = gemm_macro(H, G, isa)
         gemm2 = gemm
+        gemm2_solo = gemm8 = gemm4 = None
         outer = False
+    rows8, rows4 = gemm8 is not None, gemm4 is not None
     JO, JV = vec_split(H, 8)
     ig_shift = 30 - F
 
@@ -443,8 +450,15 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # scheduled as the serial form: all products, then all cells, two 8-unit blocks
         # interleaved; with one worker and several batch rows this is faster than a group's cells
         # right after its products (batch 8: ~4 % per step), at batch 1 it is not
-        gemm2_solo(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), t % 2 == 1,
-                   gx_addr(GX, tt))
+        if rows8 and B % 8 == 0:
+            gemm8(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                  t % 2 == 1, gx_addr(GX, tt))
+        elif rows4 and B % 4 == 0:
+            gemm4(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                  t % 2 == 1, gx_addr(GX, tt))
+        else:
+            gemm2_solo(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                       t % 2 == 1, gx_addr(GX, tt))
         for b, jp in T.grid(B, JO // U):
             cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
                   zcol_interleaved(jp), valid_all(), H16, ((t + 1) % 2) * B)
@@ -460,6 +474,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             if B == 1:
                 gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                      gx_addr(GX, tt))
+            elif rows8 and B % 8 == 0:
+                gemm8(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                      gx_addr(GX, tt))
+            elif rows4 and B % 4 == 0:
+                gemm4(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                      gx_addr(GX, tt))
             else:
                 gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                       gx_addr(GX, tt))
@@ -512,7 +532,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     @T.macro
     def run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT):
         Z = T.alloc_buffer((B, G), "int16")
-        ACC = T.alloc_buffer((ROW_TILE, 8), "int32")
+        ACC = T.alloc_buffer((max(ROW_TILE, max(fam.rec_row_tiles) * REC_OV), 8), "int32")
         RED = T.alloc_buffer((ROW_TILE,), "int32")
         XC = T.alloc_buffer((4 * U, JV), "int32")
         IDX = T.alloc_buffer((4 * U, JV), "int32")

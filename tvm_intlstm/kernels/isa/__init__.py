@@ -38,6 +38,8 @@ class KernelFamily:
     unit_block = 1          # the recurrent kernel pads its units to a multiple of this
     threaded = False        # has the threaded recurrent form (one parallel launch per call)
     vec_lanes = 8           # int32 lanes of the outer-product GEMM's step on the u8 route (8: ymm)
+    rec_row_tiles = (2,)    # batch rows per register tile of the recurrent GEMM (batch > 1) that
+                            # fit the registers; the kernel takes the tallest dividing the batch
 
     def supports(self, f) -> bool:
         """Can a target with `TargetFeatures` f run this family's kernels?"""
