@@ -127,11 +127,9 @@ def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
     """Compile one kernel PrimFunc for `target` (a Target, dict, JSON string, kind name or classic
     'llvm -mcpu=...' string). Refuses an AVX2 kernel on a target without AVX2 and any target that
     enables fast-math (the float boundary of spec 1 must stay IEEE)."""
+    from ..target import check_ieee_float  # pylint: disable=import-outside-toplevel
     tgt = as_target(target)
-    for key in ("fast-math", "fast-math-reassoc", "fast-math-contract", "fast-math-arcp",
-                "fast-math-nnan", "fast-math-ninf", "fast-math-nsz"):
-        if bool(tgt.attrs.get(key, False)):
-            raise ValueError(f"target enables {key}; integer_spec section 1 needs IEEE float32")
+    check_ieee_float(tgt)
     isa = str(func.attrs["intlstm.isa"]) if func.attrs and "intlstm.isa" in func.attrs else "generic"
     if isa != "generic" and resolve_isa(tgt) != isa:
         raise ValueError(f"kernel was generated for isa={isa!r} but target {tgt} does not provide it")
