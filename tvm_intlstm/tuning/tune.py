@@ -347,14 +347,29 @@ def _defaults_path(log_dir: str) -> str:
 
 def read_defaults(log_dir: str) -> dict:
     """{target key string: {"K,O,dtype,rows[,w7]": seconds}} from defaults.json ({} if
-    absent/bad)."""
+    absent or not JSON). Times must be positive finite numbers: a negative, zero or non-finite
+    time would make every tuned record "faster than the default" (or none), silently; such a file
+    raises ValueError naming it."""
     import json  # pylint: disable=import-outside-toplevel
+    import math  # pylint: disable=import-outside-toplevel
+    path = _defaults_path(log_dir)
     try:
-        with open(_defaults_path(log_dir)) as f:
+        with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    for tkey, times in data.items():
+        if not isinstance(times, dict):
+            raise ValueError(f"{path}: entry {tkey!r} must map task keys to default-kernel times in "
+                             f"seconds, got {type(times).__name__}")
+        for k, v in times.items():
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or v <= 0):
+                raise ValueError(f"{path}: default-kernel time {v!r} of {tkey!r} / {k!r} is not a positive "
+                                 "finite number of seconds; fix or delete the file (tune re-measures it)")
+    return data
 
 
 def _record_default(log_dir: str, tgt, task: "GemmTask", secs: float, w7: bool = False) -> None:
@@ -824,7 +839,8 @@ def _parallel_loop(func, loop):
 def apply_tuning_logs(log_dir, target) -> TunedKernels:
     """Load the tuning database in `log_dir` for `target` (see the module doc). Problems give a
     TuningLogWarning and an empty (or partial) TunedKernels: the compiler then uses the default
-    kernels."""
+    kernels. A defaults.json with times that are not positive finite numbers raises ValueError
+    (it would decide silently which records apply)."""
     from ..kernels import resolve_isa  # pylint: disable=import-outside-toplevel
 
     tgt = _target(target)
