@@ -28,6 +28,10 @@ _FUNCS["_operator.getitem"] = operator.getitem
 _METHODS = frozenset(m for m in LAYOUT_METHODS if not m.startswith("_"))
 _OPS = ("placeholder", "call_module", "call_function", "call_method", "output")
 _MAX_DEPTH = 16   # nesting of tuples/lists in one argument
+# an input's name becomes a parameter of fx's generated forward: it must not shadow what that code uses
+# (Python builtins such as `input` are fine: the generated code calls none)
+_RESERVED = frozenset({"self", "torch", "operator", "_operator", "builtins", "fx_pytree", "pytree",
+                       "inf", "nan", "NoneType", "device", "math"})
 
 
 def _fname(f):
@@ -205,9 +209,9 @@ def validate_blob(blob, where: str = "quantized model file") -> None:
         _check_arg(args, names, at)
         pos = args["tuple"]
         if op == "placeholder":
-            if not _is_ident(target) or pos or kwargs:
-                raise ModelFileError(f"{at}: an input must be named by a plain Python identifier, "
-                                     f"got {target!r:.80}")
+            if not _is_ident(target) or target in _RESERVED or pos or kwargs:
+                raise ModelFileError(f"{at}: an input must be named by a plain Python identifier "
+                                     f"(not one of {', '.join(sorted(_RESERVED))}), got {target!r:.80}")
             n_inputs += 1
         elif op == "call_module":
             if not isinstance(target, str) or target not in modules:
