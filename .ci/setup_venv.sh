@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Create or reuse .venv/ in the repo root with tvm_intlstm and its pinned dependencies.
-# Idempotent: a stamp of pyproject.toml's hash skips the install when nothing changed.
+# Install the Debian packages the tests need (.ci/install_apt.sh: aarch64 toolchain, qemu-user,
+# python3.11-doc), then create or reuse .venv/ in the repo root with tvm_intlstm and its pinned
+# dependencies. Idempotent and quick on a second run: one dpkg-query for the packages, and a stamp
+# of pyproject.toml's hash skips the pip install when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash .ci/install_apt.sh
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv" >&2

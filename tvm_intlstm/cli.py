@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -28,6 +29,10 @@ def cmd_compile(a):
     ex = [torch.zeros(s, dtype=torch.int64) if k == "ids" else torch.zeros(s, dtype=torch.float32)
           for s, k in zip(a.example_shape, q.input_kinds)]
     cm = til.compile(q, target=a.target, example_inputs=tuple(ex), tuning_logs=a.tuning_logs)
+    parent = os.path.dirname(os.path.abspath(a.output))
+    if not os.path.isdir(parent):   # -o into a missing directory: create it, and say so
+        os.makedirs(parent)
+        print(f"created directory {parent} for the output")
     out = cm.export_library(a.output)
     print(f"wrote {out} (+ {out}.json); target {cm.target}")
 
@@ -77,9 +82,10 @@ def main(argv=None):
     build_parser(t)
     t.set_defaults(func=run_tune)
     a = ap.parse_args(argv)
+    from tvm_intlstm.target import ToolchainError
     try:
         a.func(a)
-    except (ValueError, TypeError, IndexError, FileNotFoundError) as e:
+    except (ValueError, TypeError, IndexError, FileNotFoundError, ToolchainError) as e:
         sys.exit(f"error: {e}")
 
 

@@ -56,6 +56,8 @@ class CompiledModule:
                     f"compiled for {arch} ({self.target}); it cannot run on this {host} machine: export it "
                     "(cm.export_library) and run it on the board, under emulation (tvm-intlstm run --emulate "
                     "aarch64 / tvm_intlstm.runtime.emulate.run_emulated) or over RPC (tvm_intlstm.runtime.rpc.run_remote)")
+            from .target import check_runs_on_host
+            check_runs_on_host(self.target, "this module")
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm
 
@@ -123,6 +125,40 @@ def _write_meta(path, cm):
         json.dump(meta, f, indent=1)
 
 
+def check_elf_library(path: str) -> None:
+    """Refuse a file that is not a complete ELF64 shared library before the dynamic loader maps it:
+    a truncated .so (a copy cut short) makes dlopen map pages past the end of the file, and the
+    first touch of them kills the process with SIGBUS. Checks the header, the program headers'
+    PT_LOAD segments and the section header table against the file size."""
+    import struct
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF":
+            raise ValueError(f"{path} is not a loadable TVM module (not an ELF shared library)")
+        if head[4] != 2 or head[5] not in (1, 2):
+            raise ValueError(f"{path} is not a loadable TVM module (not a 64-bit ELF file)")
+        end = "<" if head[5] == 1 else ">"
+        phoff, shoff = struct.unpack_from(end + "QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from(end + "HHHH", head, 0x36)
+        problems = []
+        if phoff + phnum * phentsize > size:
+            problems.append(f"program headers end at byte {phoff + phnum * phentsize}")
+        elif phentsize >= 56:
+            f.seek(phoff)
+            table = f.read(phnum * phentsize)
+            for i in range(phnum):
+                ptype, _, poff, _, _, pfilesz = struct.unpack_from(end + "IIQQQQ", table, i * phentsize)
+                if ptype == 1 and poff + pfilesz > size:  # PT_LOAD
+                    problems.append(f"loadable segment {i} ends at byte {poff + pfilesz}")
+                    break
+        if shnum and shoff + shnum * shentsize > size:
+            problems.append(f"section header table ends at byte {shoff + shnum * shentsize}")
+    if problems:
+        raise ValueError(f"{path} is truncated or corrupt: {'; '.join(problems)}, but the file has "
+                         f"{size} bytes (copy the .so again)")
+
+
 def load(path: str | os.PathLike) -> CompiledModule:
     """Load an exported module (and its .json metadata). The .so is native code: load only files from
     a trusted source."""
@@ -133,16 +169,20 @@ def load(path: str | os.PathLike) -> CompiledModule:
     meta_path = path + ".json"
     if not os.path.isfile(meta_path):
         raise ValueError(f"{path} has no metadata file {meta_path}: export it with CompiledModule.export_library")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    if meta.get("format") != "tvm_intlstm-1":
+    from .runtime.inputs import read_meta
+    meta = read_meta(path)
+    if not isinstance(meta, dict) or meta.get("format") != "tvm_intlstm-1":
         raise ValueError(f"{meta_path} is not a tvm_intlstm module description")
+    target = _target(meta["target"])
+    from .target import check_runs_on_host
+    check_runs_on_host(target, path)   # before the library is mapped: no SIGILL later
+    check_elf_library(path)
     try:
         lib = tvm.runtime.load_module(path)
         ex = relax.VMExecutable(lib) if hasattr(relax, "VMExecutable") else lib
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path} is not a loadable TVM module ({e})") from e
-    return CompiledModule(ex, _target(meta["target"]), meta["input_kinds"], info_from_data(meta["output_info"]),
+    return CompiledModule(ex, target, meta["input_kinds"], info_from_data(meta["output_info"]),
                           vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()},
                           input_shapes=meta.get("input_shapes"))
 
@@ -185,6 +225,8 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
         example_inputs = (example_inputs,)
     example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
     tgt = _target(target)
+    from .target import check_ieee_float
+    check_ieee_float(tgt)
     t0 = time.perf_counter()
     _log("importing (torch.export -> Relax)", verbose)
     mod = import_quantized(model, example_inputs)

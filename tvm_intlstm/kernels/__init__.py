@@ -134,11 +134,9 @@ def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
     enables fast-math (the float boundary of spec 1 must stay IEEE). A kernel of a family the
     target cannot run (e.g. an x86_vnni kernel for an AVX2-only target) is refused; a family the
     target supports but does not prefer (an avx2 kernel for a VNNI target) is fine."""
+    from ..target import check_ieee_float  # pylint: disable=import-outside-toplevel
     tgt = as_target(target)
-    for key in ("fast-math", "fast-math-reassoc", "fast-math-contract", "fast-math-arcp",
-                "fast-math-nnan", "fast-math-ninf", "fast-math-nsz"):
-        if bool(tgt.attrs.get(key, False)):
-            raise ValueError(f"target enables {key}; integer_spec section 1 needs IEEE float32")
+    check_ieee_float(tgt)
     fam_name = str(func.attrs["intlstm.isa"]) if func.attrs and "intlstm.isa" in func.attrs else "generic"
     if isa.family(fam_name) not in isa.supported(tgt):
         raise ValueError(f"kernel was generated for isa={fam_name!r} but target {tgt} does not "

@@ -31,6 +31,9 @@ class RangeObserver(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor):
+        if x.numel() and not bool(torch.isfinite(x).all()):
+            raise ValueError("an activation became non-finite (NaN or inf) during calibration; it would "
+                             "poison the observed range: check the model's weights and the calibration data")
         if x.numel():
             self.max_abs.copy_(torch.maximum(self.max_abs, x.detach().abs().max().float()))
         self.seen += 1
@@ -213,6 +216,11 @@ class QuantLSTM(QuantModule):
                                       "starts from zero state")
         if x.dim() != 3:
             raise ValueError(f"nn.LSTM input must be 3-D (batched), got shape {tuple(x.shape)}")
+        T = x.shape[1] if self.lstm.batch_first else x.shape[0]
+        if T == 0 or x.numel() == 0:
+            raise ValueError(f"nn.LSTM input of shape {tuple(x.shape)} is empty (sequence length {T}): "
+                             "calibration and training batches need at least one time step and one "
+                             "sequence")
 
     # observe: exact float LSTM, unrolled to record the cell state of every step ------------------
     def forward_observe(self, x, hx=None):

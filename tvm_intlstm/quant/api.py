@@ -1,8 +1,10 @@
 """Public quantization API: quantize (PTQ), prepare_qat (QAT), convert."""
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -10,8 +12,37 @@ from . import graph
 from .config import QuantConfig
 
 
-def _as_args(batch):
-    return tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+def _as_args(batch, i: int = 0):
+    """The model arguments of one calibration batch as tensors (numpy arrays are accepted)."""
+    args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+    out = []
+    for k, a in enumerate(args):
+        if isinstance(a, np.ndarray):
+            a = torch.from_numpy(np.ascontiguousarray(a))
+        elif not isinstance(a, torch.Tensor):
+            raise TypeError(f"calibration batch {i}, input {k}: expected a torch.Tensor or numpy array, "
+                            f"got {type(a).__name__}")
+        if a.is_floating_point() and not bool(torch.isfinite(a).all()):
+            bad = int((~torch.isfinite(a)).sum())
+            raise ValueError(f"calibration batch {i}, input {k} contains {bad} non-finite value(s) (NaN or "
+                             "inf); they would poison the observed ranges: clean or drop them")
+        out.append(a)
+    return tuple(out)
+
+
+def _warn_zero_ranges(prepared):
+    """warnings.warn for every observer that saw data but only zeros (its scale falls back)."""
+    from ..nn.modules import RangeObserver
+    zero = [name for name, m in prepared.named_modules()
+            if isinstance(m, RangeObserver) and int(m.seen) > 0 and float(m.max_abs) == 0.0]
+    if zero:
+        warnings.warn(f"calibration saw only zeros at {', '.join(zero)}: their quantization scale "
+                      "falls back to 1/127 (give calibration data that exercises the model)",
+                      CalibrationWarning, stacklevel=3)
+
+
+class CalibrationWarning(UserWarning):
+    """Calibration data that gives no usable range for some activation."""
 
 
 def _check_float_model(model: nn.Module):
@@ -41,10 +72,11 @@ class QATModel(nn.Module):
     def forward(self, *args):
         if self.training:
             if self._observed < self.config.qat_observe_batches:
-                out = self.prepared(*args)
+                out = self.prepared(*_as_args(args, self._observed))
                 self._observed += 1
                 if self._observed >= self.config.qat_observe_batches:
                     graph.set_mode(self.prepared, "qat")
+                    _warn_zero_ranges(self.prepared)
                 return out
             self._cache = None
             return self.prepared(*args)
@@ -68,10 +100,11 @@ def _calibrate(prepared, calib_data: Iterable) -> int:
     prepared.eval()
     n = 0
     for batch in calib_data:
-        prepared(*_as_args(batch))
+        prepared(*_as_args(batch, n))
         n += 1
     if n == 0:
         raise ValueError("calib_data is empty: give at least one batch of representative inputs")
+    _warn_zero_ranges(prepared)
     return n
 
 

@@ -1,8 +1,14 @@
 """Save and load quantized models as data only: integer tensors, numbers and strings, loadable with
-`torch.load(weights_only=True)` (no pickled code). The fx graph is stored as a node list whose
-functions come from a fixed whitelist."""
+`torch.load(weights_only=True)` (no pickled code). The fx graph is stored as a node list that
+`load_quantized` validates against an allow-list before building anything from it (torch.fx turns
+a graph into Python source, so a name or a method taken from the file unchecked would be code):
+node kinds, call_function targets (the layout functions and getitem), call_method names (the
+layout methods, no dunder methods), module classes, and Python identifiers for every node,
+placeholder, module and keyword-argument name. Anything else is refused with an error naming the
+offending node."""
 from __future__ import annotations
 
+import keyword
 import operator
 import os
 
@@ -11,7 +17,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn import intmodules as im
-from .graph import LAYOUT_FUNCS, QuantizedModel, info_from_data, info_to_data
+from .graph import LAYOUT_FUNCS, LAYOUT_METHODS, QuantizedModel, info_from_data, info_to_data
 
 FORMAT = "tvm_intlstm.quantized/1"
 _MODULES = {c.__name__: c for c in (im.IntInput, im.IntEmbedding, im.IntLinear, im.IntLSTM, im.IntLayerNorm,
@@ -19,6 +25,13 @@ _MODULES = {c.__name__: c for c in (im.IntInput, im.IntEmbedding, im.IntLinear, 
 _MODULES["Identity"] = nn.Identity
 _FUNCS = {f"{getattr(f, '__module__', '') or 'torch'}.{f.__name__}": f for f in LAYOUT_FUNCS}
 _FUNCS["_operator.getitem"] = operator.getitem
+_METHODS = frozenset(m for m in LAYOUT_METHODS if not m.startswith("_"))
+_OPS = ("placeholder", "call_module", "call_function", "call_method", "output")
+_MAX_DEPTH = 16   # nesting of tuples/lists in one argument
+# an input's name becomes a parameter of fx's generated forward: it must not shadow what that code uses
+# (Python builtins such as `input` are fine: the generated code calls none)
+_RESERVED = frozenset({"self", "torch", "operator", "_operator", "builtins", "fx_pytree", "pytree",
+                       "inf", "nan", "NoneType", "device", "math"})
 
 
 def _fname(f):
@@ -96,15 +109,160 @@ def save_quantized(qmodel: QuantizedModel, path) -> str:
     return path
 
 
+class ModelFileError(ValueError):
+    """A quantized model file that is not valid data (the message names the file and the node)."""
+
+
+def _is_ident(name) -> bool:
+    """A plain Python identifier: not a keyword, not a dunder name."""
+    return (isinstance(name, str) and name.isidentifier() and not keyword.iskeyword(name)
+            and not (name.startswith("__") and name.endswith("__")))
+
+
+def _is_dotted(name) -> bool:
+    return isinstance(name, str) and bool(name) and all(_is_ident(p) for p in name.split("."))
+
+
+def _check_arg(a, names: set, where: str, depth: int = 0) -> None:
+    """An encoded graph argument: numbers, strings, None, lists, {"tuple": [...]},
+    {"slice": [start, stop, step]} or {"node": name} of an earlier node."""
+    if depth > _MAX_DEPTH:
+        raise ModelFileError(f"{where}: arguments nested too deeply")
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return
+    if isinstance(a, list):
+        for x in a:
+            _check_arg(x, names, where, depth + 1)
+        return
+    if isinstance(a, dict) and len(a) == 1:
+        (key, val), = a.items()
+        if key == "node":
+            if not isinstance(val, str) or val not in names:
+                raise ModelFileError(f"{where}: refers to {val!r}, which is not an earlier node")
+            return
+        if key == "slice":
+            if not (isinstance(val, list) and len(val) == 3
+                    and all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in val)):
+                raise ModelFileError(f"{where}: malformed slice {val!r}")
+            return
+        if key == "tuple" and isinstance(val, list):
+            for x in val:
+                _check_arg(x, names, where, depth + 1)
+            return
+    raise ModelFileError(f"{where}: argument of unexpected form {a!r:.80}")
+
+
+def _check_module_spec(name, spec, where: str) -> None:
+    if not _is_dotted(name):
+        raise ModelFileError(f"{where}: module name {name!r:.80} is not a dotted Python identifier")
+    if not isinstance(spec, dict) or set(spec) != {"class", "attrs", "buffers"}:
+        raise ModelFileError(f"{where}: module {name!r}: malformed description")
+    if not isinstance(spec["class"], str) or spec["class"] not in _MODULES:
+        raise ModelFileError(f"{where}: module {name!r}: unknown module type {spec['class']!r:.80}")
+    if not isinstance(spec["attrs"], dict) or not isinstance(spec["buffers"], dict):
+        raise ModelFileError(f"{where}: module {name!r}: malformed attributes")
+    for k in spec["attrs"]:
+        if not _is_ident(k) or k.startswith("_") or k == "training":
+            raise ModelFileError(f"{where}: module {name!r}: attribute name {k!r:.80} is not allowed")
+    for k, v in spec["buffers"].items():
+        if not _is_ident(k) or k.startswith("_") or not isinstance(v, torch.Tensor):
+            raise ModelFileError(f"{where}: module {name!r}: buffer {k!r:.80} is not allowed")
+
+
+def validate_blob(blob, where: str = "quantized model file") -> None:
+    """Check a loaded model file's content against the allow-list (see the module docstring);
+    raises ModelFileError naming `where` and the offending node or module."""
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise ModelFileError(f"{where} is not a tvm_intlstm quantized model file (format {FORMAT})")
+    for key, typ in (("nodes", list), ("modules", dict), ("output_info", dict), ("input_kinds", list)):
+        if not isinstance(blob.get(key), typ):
+            raise ModelFileError(f"{where}: missing or malformed {key!r}")
+    modules = blob["modules"]
+    for name, spec in modules.items():
+        _check_module_spec(name, spec, where)
+    names: set = set()
+    n_inputs = 0
+    nodes = blob["nodes"]
+    for i, e in enumerate(nodes):
+        if not isinstance(e, dict):
+            raise ModelFileError(f"{where}: node {i} is not a node description")
+        op, name = e.get("op"), e.get("name")
+        at = f"{where}: node {i} ({name!r:.80}, {op!r:.40})"
+        if not isinstance(op, str) or op not in _OPS:
+            raise ModelFileError(f"{at}: node kind {op!r:.80} is not allowed (allowed: {', '.join(_OPS)})")
+        allowed_keys = {"op", "name", "args", "kwargs"} | ({"target"} if op != "output" else set())
+        if not set(e) <= allowed_keys or not {"op", "name", "args", "kwargs"} <= set(e):
+            raise ModelFileError(f"{at}: unexpected fields {sorted(map(str, e))}")
+        if not _is_ident(name):
+            raise ModelFileError(f"{at}: node name is not a Python identifier")
+        if name in names:
+            raise ModelFileError(f"{at}: duplicate node name")
+        args, kwargs, target = e["args"], e["kwargs"], e.get("target")
+        if not (isinstance(args, dict) and set(args) == {"tuple"} and isinstance(args["tuple"], list)):
+            raise ModelFileError(f"{at}: malformed argument list")
+        if not isinstance(kwargs, dict):
+            raise ModelFileError(f"{at}: malformed keyword arguments")
+        for k, v in kwargs.items():
+            if not _is_ident(k):
+                raise ModelFileError(f"{at}: keyword argument name {k!r:.80} is not a Python identifier")
+            _check_arg(v, names, at)
+        _check_arg(args, names, at)
+        pos = args["tuple"]
+        if op == "placeholder":
+            if not _is_ident(target) or target in _RESERVED or pos or kwargs:
+                raise ModelFileError(f"{at}: an input must be named by a plain Python identifier "
+                                     f"(not one of {', '.join(sorted(_RESERVED))}), got {target!r:.80}")
+            n_inputs += 1
+        elif op == "call_module":
+            if not isinstance(target, str) or target not in modules:
+                raise ModelFileError(f"{at}: calls module {target!r:.80}, which the file does not define")
+        elif op == "call_function":
+            if not isinstance(target, str) or target not in _FUNCS:
+                raise ModelFileError(f"{at}: function {target!r:.80} is not allowed in a quantized "
+                                     f"model file (allowed: {', '.join(sorted(_FUNCS))})")
+            if not pos or not (isinstance(pos[0], dict) and "node" in pos[0]):
+                raise ModelFileError(f"{at}: a function must be applied to an earlier node")
+        elif op == "call_method":
+            if not isinstance(target, str) or target not in _METHODS:
+                raise ModelFileError(f"{at}: method {target!r:.80} is not allowed in a quantized model "
+                                     f"file (allowed: {', '.join(sorted(_METHODS))})")
+            if not pos or not (isinstance(pos[0], dict) and "node" in pos[0]):
+                raise ModelFileError(f"{at}: a method must be called on an earlier node")
+        elif op == "output":
+            if i != len(nodes) - 1 or len(pos) != 1 or kwargs:
+                raise ModelFileError(f"{at}: the output must be the last node, with one argument")
+        names.add(name)
+    if not nodes or nodes[-1].get("op") != "output":
+        raise ModelFileError(f"{where}: the node list does not end with an output node")
+    kinds = blob["input_kinds"]
+    if len(kinds) != n_inputs or any(k not in ("ids", "float") for k in kinds):
+        raise ModelFileError(f"{where}: input_kinds {kinds!r:.80} do not match the {n_inputs} inputs")
+
+
 def load_quantized(path) -> QuantizedModel:
-    """Read a file written by save_quantized (weights_only: no code is unpickled)."""
+    """Read a file written by save_quantized. Data only: torch.load(weights_only=True) unpickles
+    no code, and the graph is validated against an allow-list (`validate_blob`) before it is built;
+    a file that does not pass raises ModelFileError (a ValueError) naming the offending node."""
     path = os.fspath(path)
     try:
         blob = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path} is not a tvm_intlstm quantized model file ({type(e).__name__}: {e})") from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a tvm_intlstm quantized model file (format {FORMAT})")
+    try:
+        validate_blob(blob, path)
+    except ModelFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a form validate_blob did not foresee: still refused
+        raise ModelFileError(f"{path}: malformed quantized model file ({type(e).__name__}: {e})") from e
+    try:
+        return _build(blob)
+    except ModelFileError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a validated but inconsistent file
+        raise ModelFileError(f"{path}: inconsistent quantized model file ({type(e).__name__}: {e})") from e
+
+
+def _build(blob) -> QuantizedModel:
     root = nn.Module()
     for name, spec in blob["modules"].items():
         *parents, last = name.split(".")
@@ -117,22 +275,18 @@ def load_quantized(path) -> QuantizedModel:
     g = fx.Graph()
     env = {}
     for e in blob["nodes"]:
-        args, kwargs = _dec(e["args"], env), _dec(e["kwargs"], env)
-        args = args if isinstance(args, tuple) else tuple(args)
+        args = _dec(e["args"], env)
+        kwargs = {k: _dec(v, env) for k, v in e["kwargs"].items()}
         if e["op"] == "placeholder":
             n = g.placeholder(e["target"])
         elif e["op"] == "call_module":
             n = g.call_module(e["target"], args, kwargs)
         elif e["op"] == "call_function":
-            if e["target"] not in _FUNCS:
-                raise ValueError(f"function {e['target']!r} is not allowed in a quantized model file")
             n = g.call_function(_FUNCS[e["target"]], args, kwargs)
         elif e["op"] == "call_method":
             n = g.call_method(e["target"], args, kwargs)
-        elif e["op"] == "output":
+        else:  # output (validate_blob allows nothing else)
             n = g.output(args[0])
-        else:
-            raise ValueError(f"unexpected node kind {e['op']!r}")
         env[e["name"]] = n
     g.lint()
     gm = fx.GraphModule(root, g)

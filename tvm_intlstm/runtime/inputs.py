@@ -50,7 +50,11 @@ def read_meta(lib_path) -> Optional[dict]:
     p = Path(str(lib_path) + ".json")
     if not p.is_file():
         return None
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{p} is not a valid tvm_intlstm module description (corrupt JSON: {e}); "
+                         "export the module again with CompiledModule.export_library") from e
 
 
 def check_inputs_for_library(lib_path, inputs: Iterable) -> list[np.ndarray]:

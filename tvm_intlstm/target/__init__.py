@@ -41,6 +41,10 @@ __all__ = [
     "CROSS_CXX_ENV",
     "parse_target",
     "target_features",
+    "check_ieee_float",
+    "host_cpu_features",
+    "missing_host_features",
+    "check_runs_on_host",
     "target_to_dict",
     "target_to_string",
     "is_aarch64",
@@ -410,7 +414,30 @@ def _check_features_known(target, spec: Any) -> None:
         have = codegen.llvm_get_cpu_features(target)
     except Exception:  # pragma: no cover - LLVM without the target's backend
         return
-    unknown = [f for f in wanted if f not in have]
+    missing = [f for f in wanted if f not in have]
+    if not missing:
+        return
+    # A '+feature' LLVM knows can still be off: a '-feature' it depends on switches it off too
+    # (e.g. +avx512f,-avx2). Tell that apart from a misspelt or foreign feature.
+    from tvm.target import Target
+
+    plus_only = dict(target.export())
+    plus_only["mattr"] = [m for m in mattr if m.startswith("+")]
+    for key in ("feature", "keys"):
+        plus_only.pop(key, None)
+    try:
+        known = {str(f) for f in codegen.llvm_get_cpu_features(Target(plus_only))}
+    except Exception:  # pragma: no cover
+        known = set()
+    switched_off = [f for f in missing if f in known]
+    unknown = [f for f in missing if f not in known]
+    if switched_off:
+        minus = [m for m in mattr if m.startswith("-")]
+        raise TargetError(
+            f"contradictory -mattr in {spec!r}: {', '.join('+' + f for f in switched_off)} "
+            f"cannot be enabled together with {', '.join(minus) or 'the other features'} "
+            f"(LLVM switches off every feature that depends on a disabled one); drop one of them"
+        )
     if unknown:
         arch = _arch(target)
         hint = "+neon,+dotprod,+i8mm" if arch == "aarch64" else "+avx2,+fma,+avx512vnni"
@@ -473,6 +500,28 @@ def parse_target(spec: TargetSpec):
         )
     _check_features_known(target, spec)
     return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Float semantics
+# ----------------------------------------------------------------------------------------------
+
+#: LLVM target options that relax IEEE float semantics.
+FAST_MATH_OPTIONS = ("fast-math", "fast-math-reassoc", "fast-math-contract", "fast-math-arcp",
+                     "fast-math-nnan", "fast-math-ninf", "fast-math-nsz")
+
+
+def check_ieee_float(target) -> None:
+    """Refuse a target that enables fast-math (any ``-fast-math*`` option): the float boundary of
+    docs/integer_spec.md section 1 (input quantization) must stay IEEE float32, else rounding ties
+    come out differently from the reference. Used by ``tvm_intlstm.compile`` and
+    ``kernels.build_kernel``. Raises :class:`TargetError`."""
+    for key in FAST_MATH_OPTIONS:
+        if bool(target.attrs.get(key, False)):
+            raise TargetError(
+                f"target {target} enables -{key}; tvm_intlstm needs IEEE float32 for the "
+                "input quantization (docs/integer_spec.md section 1): drop the fast-math option"
+            )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -613,6 +662,83 @@ def target_features(target: TargetSpec) -> TargetFeatures:
         has_dotprod="dotprod" in feats,
         has_i8mm="i8mm" in feats,
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# Can this machine run code built for a target?
+# ----------------------------------------------------------------------------------------------
+
+# Instruction-set features whose instructions LLVM may emit for a target (in tvm_intlstm's kernels
+# or in its own vectorized code), as LLVM names them -> as Linux names them in /proc/cpuinfo
+# ("flags" on x86, "Features" on aarch64). A module built for a target with one of these that the
+# CPU lacks dies with SIGILL (e.g. znver3 builds use the AMD-only sse4a `insertq`). Features that
+# only tune scheduling, or that compilers never emit on their own, are not checked.
+_X86_CPUINFO = {
+    "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt", "avx": "avx",
+    "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2", "lzcnt": "abm",
+    "movbe": "movbe", "sse4a": "sse4a", "fma4": "fma4", "xop": "xop", "tbm": "tbm",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512dq": "avx512dq",
+    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16",
+    "avx512vbmi": "avx512vbmi", "avx512vbmi2": "avx512_vbmi2", "avx512fp16": "avx512_fp16",
+    "avx512ifma": "avx512ifma", "avx512bitalg": "avx512_bitalg",
+    "avx512vpopcntdq": "avx512_vpopcntdq", "avxvnni": "avx_vnni",
+    "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
+}
+_A64_CPUINFO = {
+    "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "i8mm": "i8mm", "bf16": "bf16",
+    "sve": "sve", "sve2": "sve2",
+}
+
+
+def host_cpu_features(cpuinfo: str | None = None) -> set[str] | None:
+    """The instruction-set flags of this machine's CPU as /proc/cpuinfo lists them (x86 "flags",
+    aarch64 "Features"), or None when they cannot be read. `cpuinfo` overrides the file's text."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return None
+    for line in cpuinfo.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip().lower() in ("flags", "features"):
+            return set(value.split())
+    return None
+
+
+def missing_host_features(target: TargetSpec, cpuinfo: str | None = None) -> list[str] | None:
+    """LLVM feature names that code built for `target` may use and this CPU lacks ([] if none),
+    or None when the question does not apply (the target is for another architecture, or the
+    host's features cannot be read)."""
+    from tvm.target import codegen
+
+    target = parse_target(target)
+    arch = _arch(target)
+    if cpuinfo is None and arch != host_arch():
+        return None
+    table = _X86_CPUINFO if arch == "x86_64" else _A64_CPUINFO
+    have = host_cpu_features(cpuinfo)
+    if have is None:
+        return None
+    try:
+        wanted = {str(f) for f in codegen.llvm_get_cpu_features(target)}
+    except Exception:  # pragma: no cover - LLVM without that backend
+        return None
+    return sorted(f for f in wanted if f in table and table[f] not in have)
+
+
+def check_runs_on_host(target: TargetSpec, what: str = "this module") -> None:
+    """Raise :class:`TargetError` when code built for `target` needs CPU features this machine
+    lacks (it would die with SIGILL). Does nothing for other architectures (cross builds)."""
+    missing = missing_host_features(target)
+    if missing:
+        target = parse_target(target)
+        raise TargetError(
+            f"{what} was built for {target_to_string(target)}, which needs CPU feature(s) "
+            f"{', '.join(missing)} that this CPU lacks (running it would die with an illegal "
+            f"instruction); compile it for this machine (target \"host\" or \"llvm\") or run it "
+            f"on a CPU that has them"
+        )
 
 
 def is_aarch64(target: TargetSpec) -> bool:

@@ -278,19 +278,12 @@ def _is_host_runnable(tgt) -> bool:
     return same_arch and not _missing_host_features(tgt)
 
 
-# instruction-set features whose absence on the host makes a target's code die with SIGILL here
-_ISA_FEATURES = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512vnni", "avxvnni",
-                 "amx-int8", "dotprod", "i8mm", "sve")
-
-
 def _missing_host_features(tgt) -> list:
     """Features the target's code may use that this machine's CPU lacks (e.g. tuning for
-    `-mcpu=cascadelake` on a Zen3: the in-process runner would execute AVX-512 and die)."""
-    from ..kernels import host_target  # pylint: disable=import-outside-toplevel
-    from ..kernels._common import has_feature  # pylint: disable=import-outside-toplevel
-
-    host = host_target()
-    return [f for f in _ISA_FEATURES if has_feature(tgt, f) and not has_feature(host, f)]
+    `-mcpu=cascadelake` on a Zen3: the in-process runner would execute AVX-512 and die); the one
+    check of tvm_intlstm.target, from /proc/cpuinfo."""
+    from ..target import missing_host_features  # pylint: disable=import-outside-toplevel
+    return missing_host_features(tgt) or []
 
 
 # --- the default kernel as the baseline -------------------------------------------------------------
@@ -361,14 +354,29 @@ def _defaults_path(log_dir: str) -> str:
 
 def read_defaults(log_dir: str) -> dict:
     """{target key string: {"K,O,dtype,rows[,w7]": seconds}} from defaults.json ({} if
-    absent/bad)."""
+    absent or not JSON). Times must be positive finite numbers: a negative, zero or non-finite
+    time would make every tuned record "faster than the default" (or none), silently; such a file
+    raises ValueError naming it."""
     import json  # pylint: disable=import-outside-toplevel
+    import math  # pylint: disable=import-outside-toplevel
+    path = _defaults_path(log_dir)
     try:
-        with open(_defaults_path(log_dir)) as f:
+        with open(path) as f:
             data = json.load(f)
-        return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
+    if not isinstance(data, dict):
+        return {}
+    for tkey, times in data.items():
+        if not isinstance(times, dict):
+            raise ValueError(f"{path}: entry {tkey!r} must map task keys to default-kernel times in "
+                             f"seconds, got {type(times).__name__}")
+        for k, v in times.items():
+            if (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                    or v <= 0):
+                raise ValueError(f"{path}: default-kernel time {v!r} of {tkey!r} / {k!r} is not a positive "
+                                 "finite number of seconds; fix or delete the file (tune re-measures it)")
+    return data
 
 
 def _record_default(log_dir: str, tgt, task: "GemmTask", secs: float, w7: bool = False) -> None:
@@ -840,7 +848,8 @@ def _parallel_loop(func, loop):
 def apply_tuning_logs(log_dir, target) -> TunedKernels:
     """Load the tuning database in `log_dir` for `target` (see the module doc). Problems give a
     TuningLogWarning and an empty (or partial) TunedKernels: the compiler then uses the default
-    kernels."""
+    kernels. A defaults.json with times that are not positive finite numbers raises ValueError
+    (it would decide silently which records apply)."""
     from ..kernels import resolve_isa  # pylint: disable=import-outside-toplevel
 
     tgt = _target(target)
