@@ -44,9 +44,9 @@ the groups zig-zag like the serial form (0.97x of the serial form's time per ste
 batch rows it runs no launch and schedules each step as the serial form does, all products then
 all cells (`step_solo`; the cells right after each group's products were ~4-9 % slower per batch-8
 step). gx and the per-channel constants come in the interleaved order too, so the gate epilogue
-reads one stream, not four. With two workers on this Zen3 a step takes ~0.55-0.6x as long at
-batch 1 and 8. `python -m tvm_intlstm.kernels.bench_kernels --w7 --compare-serial [--batch 8]
-[--threads 2]` times the forms side by side.
+reads one stream, not four. Two workers take ~0.55-0.6x as long per step at batch 1 and 8 on a
+Zen 3 core pair (BENCHMARKS.md). `python -m tvm_intlstm.kernels.bench_kernels --w7
+--compare-serial [--batch 8] [--threads 2]` times the forms side by side.
 """
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_
                     x16_source)
 
 # Register tiles of the packed recurrent GEMV: 1 row x 4 x 8 channels for batch 1, 2 rows x 4 x 8
-# for larger batches (the sign extension of the vpmaddwd route is then shared by two rows: batch 8
-# step 269 -> 227 us; the u8 route is unchanged), both on the same packed layout (OV = 4).
+# for larger batches (the sign extension of the vpmaddwd route is then shared by two rows), or
+# the family's taller tiles (`KernelFamily.rec_row_tiles`), all on the same packed layout (OV = 4).
 REC_OV = 4
 from ._tir import PWL_FRAC, add_i32, add_sat16, rshift_round, sat
 

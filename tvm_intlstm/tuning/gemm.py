@@ -34,7 +34,7 @@ The design space (`schedule_gemm`, used as a MetaSchedule ScheduleFn space) make
 - on AVX2 targets the (8 channels x 2 k) step is tensorized with INTRIN_AVX2_PMADDWD:
   one vpmaddwd of the broadcast int16 pair of x against 8 packed weight pairs (exact for every
   int16 input but (-32768)^2 * 2, which int8-extended data never reach). vpmaddubsw is NOT used
-  (it saturates with full-range int8 operands, DESIGN.md). Elsewhere the 8 lanes are vectorized;
+  (it saturates with full-range int8 operands, kernels/isa/avx2.py). Elsewhere the 8 lanes are vectorized;
 - the epilogue (bias, requantize) is computed per row tile from the accumulator tile
   (`reverse_compute_at`), vectorized by 8 over the output channels;
 - `pragma_auto_unroll_max_step` sampled from UNROLL_CHOICES on the gemm block.

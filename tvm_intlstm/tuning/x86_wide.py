@@ -37,7 +37,7 @@ The inner 16 x 4 step (16 output channels x 4 k: 16 int32 lanes, 64 weight bytes
   types from codegen.llvm_version_major().
 - isa "avx512" (AVX-512BW without VNNI, e.g. skylake-avx512): NOT TVM's `dot_16x4_avx512`, which
   is vpmaddubsw (u8 x s8 pair sums SATURATED to int16: u = 255, w = 127 gives 2 * 32385 = 64770 >
-  32767) then vpmaddwd by ones: wrong for full-range int8 (DESIGN.md, "vpmaddubsw saturates").
+  32767) then vpmaddwd by ones: wrong for full-range int8 (kernels/isa/avx2.py).
   Ours, INTRIN_AVX512_U8S8: the 64 weight bytes are read as int16x32 (element 2i = w[i,0] |
   w[i,1] << 8, element 2i+1 = w[i,2] | w[i,3] << 8); (e << 8) >> 8 and e >> 8 (arithmetic, int16)
   sign-extend the even and the odd bytes, and two vpmaddwd zmm against the broadcast int16 pairs
