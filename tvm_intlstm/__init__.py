@@ -5,13 +5,37 @@
     y_ref  = tvm_intlstm.reference(qmodel)(x)   # numpy oracle, bit for bit equal
     cm     = tvm_intlstm.compile(qmodel, target="llvm -mcpu=znver3", example_inputs=(x,))
     y_tvm  = cm(x)                              # integer-only TVM module, same bits
-"""
-from .quant import (QuantConfig, quantize, prepare_qat, convert, QuantizedModel, UnsupportedModelError,  # noqa: F401
-                    save_quantized, load_quantized)
-from .reference.model import reference  # noqa: F401
-from .compiler import compile, load, CompiledModule  # noqa: F401,A004
-from .tuning._ms import RPCConfig  # noqa: F401  (tune(..., rpc=RPCConfig(...)))
 
+The package imports lazily (PEP 562): `import tvm_intlstm.reference.ops` (the numpy oracle) needs
+neither torch nor tvm; the API below loads its module on first use.
+"""
+from __future__ import annotations
+
+import importlib
+
+# public name -> module that defines it (relative to this package)
+_LAZY = {
+    "QuantConfig": ".quant", "quantize": ".quant", "prepare_qat": ".quant", "convert": ".quant",
+    "QuantizedModel": ".quant", "UnsupportedModelError": ".quant", "save_quantized": ".quant",
+    "load_quantized": ".quant",
+    "compile": ".compiler", "load": ".compiler", "CompiledModule": ".compiler",
+    "RPCConfig": ".tuning._ms",     # tune(..., rpc=RPCConfig(...))
+}
+__all__ = sorted(_LAZY) + ["reference", "tune"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value      # later look-ups skip this function
+        return value
+    if name == "reference":          # the subpackage, callable as reference(qmodel)
+        return importlib.import_module(".reference", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
 
 
 def tune(*args, **kwargs):
