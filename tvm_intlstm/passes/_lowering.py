@@ -125,8 +125,8 @@ class OpLowering(PyExprMutator):
                                 lambda: make_default(False, False)), w, b
         w7 = u8_route(W, b, K.resolve_isa(self.target))
         if self.tuned is not None:
-            # the default kernels of LSTM input projections use the thread pool (variant
-            # "parallel"): their tuned replacements do too
+            # with compile(threads=True) the default kernels of LSTM input projections use the
+            # thread pool (variant "parallel"): their tuned replacements do too
             par = "parallel" in variant
             hit = self.tuned.for_weight(Kf, O, dt, w, parallel=par, bias=b, w7=w7, scale=scale)
             if hit is not None:
