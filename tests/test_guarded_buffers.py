@@ -17,7 +17,13 @@ otherwise its kernels are only compiled (test_compile_check; it passes, it is no
 Which families ran and which were only compiled: test_family_summary (printed with -rA or -s, and
 recorded as the `families` property) and the test ids (`run-...` / `compile-only-...`).
 
-Shapes are odd on purpose: K = 13, 77; O = 19, 41; H = 20 (24 for the threaded form, which needs
+Forms: linear_i32 / linear_requant (int8 and int16 out) natural, packed, 7-bit (w7) natural and
+packed, parallel, without bias, shift_hi, a baked per-tensor scale, generic; lstm_recurrent generic,
+serial (natural, packed, 7-bit), threaded (parallel=True), reverse + init_state, the fast path
+(shift_hi, folded PWL, baked gate shift); quantize_input, embedding (int64 / int32 ids), rescale_8,
+residual_add, pwl_activation, layer_norm, softmax (static lengths and symbolic), attention_context.
+The native forms use the target's own micro-kernel ISA (`kernels.resolve_isa`), the generic ones
+run on every family. Shapes are odd on purpose: K = 13, 77; O = 19, 41; H = 20 (24 for the threaded form, which needs
 H % 8 == 0); D = 13; rows 1, 3 and 17; softmax lengths 1, 5, 7, 9, 13, 33. Every kernel is built
 once per target (`_kernel`, cached).
 """
@@ -154,26 +160,38 @@ class Case:
         return not (self.native and isa == "generic")
 
 
-def _linear_calls(K_, O, kind, w7):
+def _linear_calls(K_, O, kind, w7, bias=True, scales="channel"):
+    """scales: "channel" (per-channel M and s), "hi" (shifts in [32, 62], for shift_hi=True),
+    "tensor" (one M and s, for scale=TENSOR_SCALE baked in)."""
     def calls(func, rng):
         hi = 64 if w7 else 127
         W = rng.integers(-hi, hi + 1, (O, K_)).astype(np.int8)
         W[0, :] = -hi
-        b = rng.integers(-2**20, 2**20, O).astype(np.int32)
-        M, s = quantize_multiplier_array(rng.uniform(0.001, 0.02, O))
+        b = rng.integers(-2**20, 2**20, O).astype(np.int32) if bias else None
+        if scales == "tensor":
+            M, s = np.full(O, TENSOR_SCALE[0], np.int32), np.full(O, TENSOR_SCALE[1], np.int32)
+        elif scales == "hi":
+            M = rng.integers(2**29, 2**31 - 1, O).astype(np.int32)
+            s = rng.integers(36, 42, O).astype(np.int32)
+        else:
+            M, s = quantize_multiplier_array(rng.uniform(0.001, 0.02, O))
         Wk, bk, _ = K.prepare_weights(func, W, b)
+        wargs = [Wk] + ([bk] if bias else [])
         out = []
         for n in ROWS:
             x = rng.integers(-128, 128, (n, K_)).astype(np.int8)
             x[0, :3] = [-128, 127, -128]
             if kind == "i32":
-                out.append(([x, Wk, bk], [((n, O), "int32")], [ops.linear_acc(x, W, b)]))
+                out.append(([x] + wargs, [((n, O), "int32")], [ops.linear_acc(x, W, b)]))
             else:
                 dt = "int8" if kind == "rq8" else "int16"
                 ref = ops.requantize(ops.linear_acc(x, W, b), M, s, 8 if kind == "rq8" else 16)
-                out.append(([x, Wk, bk, M, s], [((n, O), dt)], [ref]))
+                out.append(([x] + wargs + [M, s], [((n, O), dt)], [ref]))
         return out
     return calls
+
+
+TENSOR_SCALE = quantize_multiplier(0.0071)
 
 
 def _linear_cases():
@@ -187,6 +205,15 @@ def _linear_cases():
                      ("packed_w7", dict(packed=True, w7=True), True),
                      ("natural_w7", dict(w7=True), True),
                      ("packed_parallel", dict(packed=True, parallel=True), True)]
+            if (K_, O) == (13, 19):
+                forms += [("generic_nobias", dict(isa="generic", bias=False), False),
+                          ("packed_nobias", dict(packed=True, bias=False), True)]
+                if kind != "i32":
+                    forms += [("packed_shift_hi", dict(packed=True, shift_hi=True), True),
+                              ("packed_w7_tensor_scale", dict(packed=True, w7=True,
+                                                              scale=TENSOR_SCALE), True),
+                              ("generic_tensor_scale", dict(isa="generic", scale=TENSOR_SCALE),
+                               False)]
             for fname, kw, native in forms:
                 def make(target, K_=K_, O=O, kind=kind, kw=kw):
                     kw = dict(kw)
@@ -194,8 +221,10 @@ def _linear_cases():
                     if kind == "i32":
                         return K.linear_i32(K_, O, **kw)
                     return K.linear_requant(K_, O, "int8" if kind == "rq8" else "int16", **kw)
+                scales = "tensor" if "scale" in kw else "hi" if kw.get("shift_hi") else "channel"
                 cases.append(Case(f"linear_{kind}_{K_}x{O}_{fname}", make,
-                                  _linear_calls(K_, O, kind, "w7" in fname), native))
+                                  _linear_calls(K_, O, kind, "w7" in fname, kw.get("bias", True),
+                                                scales), native))
     return cases
 
 
