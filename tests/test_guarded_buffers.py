@@ -23,9 +23,10 @@ serial (natural, packed, 7-bit), threaded (parallel=True), reverse + init_state,
 (shift_hi, folded PWL, baked gate shift); quantize_input, embedding (int64 / int32 ids), rescale_8,
 residual_add, pwl_activation, layer_norm, softmax (static lengths and symbolic), attention_context.
 The native forms use the target's own micro-kernel ISA (`kernels.resolve_isa`), the generic ones
-run on every family. Shapes are odd on purpose: K = 13, 77; O = 19, 41; H = 20 (24 for the threaded form, which needs
-H % 8 == 0); D = 13; rows 1, 3 and 17; softmax lengths 1, 5, 7, 9, 13, 33. Every kernel is built
-once per target (`_kernel`, cached).
+run on every family. Shapes are odd on purpose: K = 13, 77; O = 19, 41; H = 20 (24 for the
+threaded form, which needs H % 8 == 0); D = 13; rows 1, 3 and 17; softmax lengths 1, 5, 7, 9, 13,
+33. Every kernel is built once per target (`_kernel`, cached). The whole file takes ~1.5 minutes
+of one core.
 """
 from __future__ import annotations
 
