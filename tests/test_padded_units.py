@@ -78,7 +78,7 @@ def test_lowering_pads_and_slices():
     q = til.quantize(TwoLayer().eval(), [torch.randn(5, 2, 6)])
     mod = import_quantized(q, (torch.randn(5, 2, 6),))
     tgt = parse_target(TARGET)
-    low = LowerLSTM(tgt)(LowerLinear(tgt)(LowerBoundary(tgt)(mod)))
+    low = LowerLSTM(tgt, None, True)(LowerLinear(tgt)(LowerBoundary(tgt)(mod)))   # threads=True
     rec = [f for gv, f in low.functions_items() if gv.name_hint.startswith("lstm_recurrent")]
     assert len(rec) == 2 and all(K.gate_interleaved(f) for f in rec)   # the threaded form ...
     assert all(int(f.attrs["intlstm.pwl_fold"]) for f in rec)           # (and the folded PWL form)

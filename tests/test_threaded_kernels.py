@@ -151,3 +151,46 @@ def test_parallel_projection(rng, w7):
         x = rng.integers(-128, 128, (N, Kd)).astype(np.int8)
         got = run(kern, [x, wk, bk, M, s], [((N, O), "int16")])
         np.testing.assert_array_equal(got, ops.requantize(ops.linear_acc(x, W, b), M, s, 16))
+
+
+# --------------------------------------------------------------------------- which form compile picks
+
+def test_threaded_forms_decision():
+    """The thread-pool kernels only when threads were asked for (and the constants allow it)."""
+    from tvm_intlstm.passes.lower_lstm import threaded_forms
+    assert not threaded_forms(False, True) and not threaded_forms(False, False)
+    assert threaded_forms(True, True) and not threaded_forms(True, False)
+
+
+@avx2_only
+def test_compile_picks_serial_unless_threads():
+    """compile() builds a module that never uses the thread pool (serial recurrent kernel, serial
+    input projection) unless threads=True (threaded recurrent form, parallel projection); both
+    bit-exact. A barrier per step collapses on a loaded machine (docs/compiler.md "Threads")."""
+    import torch
+    from torch import nn
+
+    import tvm_intlstm as til
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm = nn.LSTM(12, 24)
+
+        def forward(self, x):
+            return self.lstm(x)[0]
+
+    torch.manual_seed(7)
+    q = til.quantize(M().eval(), [torch.randn(6, 2, 12)])
+    ref = til.reference(q)
+    x = torch.randn(5, 3, 12)
+    for threads in (False, True):
+        cm = til.compile(q, TARGET, (x,), verbose=False, threads=threads)
+        funcs = dict((gv.name_hint, f) for gv, f in cm.ir_module.functions_items())
+        rec = [f for n, f in funcs.items() if n.startswith("lstm_recurrent")]
+        proj = [f for n, f in funcs.items() if n.startswith("linear_requant")]
+        assert len(rec) == 1 and len(proj) == 1, sorted(funcs)
+        assert K.gate_interleaved(rec[0]) == threads
+        assert ("T.parallel" in rec[0].script()) == threads
+        assert ("T.parallel" in proj[0].script()) == threads
+        np.testing.assert_array_equal(cm(x.numpy()), ref(x.numpy()))

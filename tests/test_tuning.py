@@ -435,7 +435,8 @@ def test_compile_applies_committed_tuning_logs(tmp_path):
     logs = str(tmp_path / "znver3")
     shutil.copytree(committed, logs)
     os.remove(os.path.join(logs, "defaults.json"))
-    cm = til.compile(q, "llvm -mcpu=znver3", (torch.randn(8, 2, 256),), tuning_logs=logs, verbose=False)
+    cm = til.compile(q, "llvm -mcpu=znver3", (torch.randn(8, 2, 256),), tuning_logs=logs, verbose=False,
+                     threads=True)
     text = cm.ir_module.script(show_meta=False)
     assert "tuned_linear_requant" in text
     # the tuned kernel replacing the (threaded) LSTM input projection is threaded too

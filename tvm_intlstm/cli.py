@@ -28,7 +28,8 @@ def cmd_compile(a):
         sys.exit(f"error: the model has {len(q.input_kinds)} inputs; give --example-shape once per input")
     ex = [torch.zeros(s, dtype=torch.int64) if k == "ids" else torch.zeros(s, dtype=torch.float32)
           for s, k in zip(a.example_shape, q.input_kinds)]
-    cm = til.compile(q, target=a.target, example_inputs=tuple(ex), tuning_logs=a.tuning_logs)
+    cm = til.compile(q, target=a.target, example_inputs=tuple(ex), tuning_logs=a.tuning_logs,
+                     threads=a.threads)
     parent = os.path.dirname(os.path.abspath(a.output))
     if not os.path.isdir(parent):   # -o into a missing directory: create it, and say so
         os.makedirs(parent)
@@ -68,6 +69,9 @@ def main(argv=None):
     c.add_argument("--example-shape", type=_shape, action="append", required=True,
                    help="shape of one example input, e.g. 1,16 (token ids) or 16,1,40 (features); once per input")
     c.add_argument("--tuning-logs", default=None)
+    c.add_argument("--threads", action="store_true",
+                   help="LSTM kernels that use TVM's thread pool (TVM_NUM_THREADS workers): faster on "
+                        "an idle machine, slower when other processes load the cores (default: off)")
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(func=cmd_compile)
     r = sub.add_parser("run", help="run an exported module on .npy inputs")

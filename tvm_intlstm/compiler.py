@@ -211,8 +211,15 @@ def weight_route_hint(model, target) -> str | None:
     return None
 
 
-def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True) -> CompiledModule:  # noqa: A001
-    """Compile a quantized model (tvm_intlstm.quantize / prepare_qat result) to an integer-only module."""
+def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True,  # noqa: A001
+            threads: bool = False) -> CompiledModule:
+    """Compile a quantized model (tvm_intlstm.quantize / prepare_qat result) to an integer-only module.
+
+    threads=True: the LSTM kernels use TVM's thread pool (`TVM_NUM_THREADS` workers; on AVX2 the
+    threaded recurrent form, a barrier per time step, and the parallel input projection): faster on
+    an otherwise idle machine (~0.55-0.6x the step time with 2 workers on 2 cores), much slower when
+    other processes compete for the cores. The default (False) builds a module that never uses the
+    pool (docs/compiler.md "Threads")."""
     from .quant.api import QATModel
     if isinstance(model, QATModel):
         model = model.convert()
@@ -243,7 +250,7 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
         tuned = apply_tuning_logs(tuning_logs, tgt)
         _log(f"tuning logs {tuning_logs}: {tuned}", verbose)
     with tgt:
-        mod = integer_pipeline(tgt, tuned)(mod)
+        mod = integer_pipeline(tgt, tuned, threads=threads)(mod)
     lowered = mod
     _log("building", verbose)
     ex = tvm.compile(mod, target=tgt)

@@ -79,30 +79,43 @@ def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
     sz = check_shift(sz, 1, 62)
     static_k = length is not None
 
+    # The exponentials go to an int32 row EX, not straight into the int16 output: a workaround for
+    # an LLVM 22 x86 miscompile. With a static length LLVM's loop vectorizer folds the tail of
+    # the exp loop into a masked vector store (e.g. L = 5 at 4 lanes: lanes <1, 0, 0, 0> in the
+    # second iteration); on AVX-512 (BW/VL) the int32 -> int16 narrowing is folded into that store
+    # (a truncating masked store, vpmovdw {k}), and when only one lane is enabled the X86 backend
+    # turns it into a plain scalar store of the *untruncated* int32 lane (`vmovd`): 4 bytes for
+    # a 2-byte element, one int16 written past the row (past the buffer on the last row).
+    # Seen on skylake-avx512 / icelake-server (L = 5, 9, 13) and znver4 (L = 9); the issue's
+    # L = 7 and 33 on sapphirerapids are the same pattern at other vector widths.
+    # (llvm/llvm-project#179489, fixed upstream by #179853.) An int32 store has nothing to
+    # truncate, and the int16 stores happen in the normalization loop, which has an int64
+    # division per element and stays scalar. tests/test_guarded_buffers.py checks every length.
     @T.macro
-    def body(Z, TBL, P, R, K, MX, E, XC):
+    def body(Z, TBL, P, R, K, MX, E, XC, EX):
         for r in range(R):
             MX[0] = Z[r, 0]
             for k in range(K):
                 MX[0] = T.max(MX[0], Z[r, k])
             E[0] = T.int64(0)
             for k in range(K):
-                # d = requantize_16(max(z - m, -2^31)), then e = pwl(exp, d), kept in P (int16)
+                # d = requantize_16(max(z - m, -2^31)), then e = pwl(exp, d), kept in EX (int32,
+                # holding an int16 value)
                 XC[0] = T.max(T.min(T.Cast("int32", requantize(T.Cast("int32", T.max(
                     T.Cast("int64", Z[r, k]) - T.Cast("int64", MX[0]), T.int64(-(2**31)))),
                     Mz, sz, 16)), TBL[0, n]), TBL[0, 0])
                 XC[1] = T.int32(0)
                 for q in range(1, n):
                     XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, q])
-                P[r, k] = T.Cast("int16", sat(TBL[1, XC[1]] + rshift_round(
-                    TBL[2, XC[1]] * (XC[0] - TBL[0, XC[1]]), PWL_FRAC), 16))
-                E[0] = E[0] + T.Cast("int64", P[r, k])
+                EX[k] = sat(TBL[1, XC[1]] + rshift_round(
+                    TBL[2, XC[1]] * (XC[0] - TBL[0, XC[1]]), PWL_FRAC), 16)
+                E[0] = E[0] + T.Cast("int64", EX[k])
             # E > 0 for every valid table (spec 11); the guard only keeps a bad table from
             # dividing by zero
             E[0] = T.max(E[0], T.int64(1))
             for k in range(K):
                 P[r, k] = T.Cast("int16", T.min(T.floordiv(
-                    T.Cast("int64", P[r, k]) * T.int64(1 << 15) + T.floordiv(E[0], T.int64(2)),
+                    T.Cast("int64", EX[k]) * T.int64(1 << 15) + T.floordiv(E[0], T.int64(2)),
                     E[0]), T.int64(32767)))
 
     if static_k:
@@ -120,7 +133,8 @@ def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
             MX = T.alloc_buffer((1,), "int32")
             E = T.alloc_buffer((1,), "int64")
             XC = T.alloc_buffer((2,), "int32")
-            body(Z, TBL, P, R, KS, MX, E, XC)
+            EX = T.alloc_buffer((KS,), "int32")
+            body(Z, TBL, P, R, KS, MX, E, XC, EX)
     else:
         @T.prim_func
         def softmax(z_h: T.handle, t_h: T.handle, p_h: T.handle):
@@ -133,8 +147,9 @@ def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
             MX = T.alloc_buffer((1,), "int32")
             E = T.alloc_buffer((1,), "int64")
             XC = T.alloc_buffer((2,), "int32")
+            EX = T.alloc_buffer((K,), "int32")
             if K > 0:
-                body(Z, TBL, P, R, K, MX, E, XC)
+                body(Z, TBL, P, R, K, MX, E, XC, EX)
 
     return finish(softmax, "softmax")
 

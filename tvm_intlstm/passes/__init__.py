@@ -11,11 +11,13 @@ from .lower_lstm import LowerLSTM
 from .verify_integer_only import FloatOpError, VerifyIntegerOnly
 
 
-def integer_pipeline(target, tuned=None) -> tvm.transform.Pass:
+def integer_pipeline(target, tuned=None, threads: bool = False) -> tvm.transform.Pass:
     """Quantized graph (intlstm.* placeholders) -> TIR kernels, then the integer-only check.
-    `tuned` (tvm_intlstm.tuning.apply_tuning_logs) supplies MetaSchedule-tuned GEMM kernels."""
+    `tuned` (tvm_intlstm.tuning.apply_tuning_logs) supplies MetaSchedule-tuned GEMM kernels;
+    threads=True lets LowerLSTM pick the kernels that use TVM's thread pool (docs/compiler.md)."""
     return tvm.transform.Sequential(
-        [LowerBoundary(target), LowerLinear(target, tuned), LowerLSTM(target, tuned), LowerElementwise(target),
+        [LowerBoundary(target), LowerLinear(target, tuned), LowerLSTM(target, tuned, threads),
+         LowerElementwise(target),
          VerifyIntegerOnly()], name="tvm_intlstm.integer_pipeline")
 
 

@@ -97,10 +97,12 @@ def _with_root_block(func):
 class OpLowering(PyExprMutator):
     """Base mutator: subclasses define `_lower_<op>(args)` for the ops they handle."""
 
-    def __init__(self, mod, target, tuned=None):
+    def __init__(self, mod, target, tuned=None, threads=False):
         super().__init__(mod)
         self.target = target
         self.tuned = tuned  # tvm_intlstm.tuning.TunedKernels or None
+        # use TVM's thread pool (the threaded LSTM forms)? Off unless asked for (`compile(threads=)`)
+        self.threads = bool(threads)
         self.cache = {}
 
     def _gemm(self, kind, Kf, O, dt, w, b, make_default, variant=(), scale=None):
@@ -124,8 +126,8 @@ class OpLowering(PyExprMutator):
                                 lambda: make_default(False, False)), w, b
         w7 = u8_route(W, b, K.resolve_isa(self.target))
         if self.tuned is not None:
-            # the default kernels of LSTM input projections use the thread pool (variant
-            # "parallel"): their tuned replacements do too
+            # with compile(threads=True) the default kernels of LSTM input projections use the
+            # thread pool (variant "parallel"): their tuned replacements do too
             par = "parallel" in variant
             hit = self.tuned.for_weight(Kf, O, dt, w, parallel=par, bias=b, w7=w7, scale=scale)
             if hit is not None:
@@ -186,12 +188,13 @@ def lowering_pass(mutator_cls, name: str):
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     class _Pass:
-        def __init__(self, target, tuned=None):
+        def __init__(self, target, tuned=None, threads=False):
             self.target = target
             self.tuned = tuned
+            self.threads = threads
 
         def transform_module(self, mod: tvm.IRModule, ctx) -> tvm.IRModule:
-            lw = mutator_cls(mod, self.target, self.tuned)
+            lw = mutator_cls(mod, self.target, self.tuned, self.threads)
             for gv, func in mod.functions.items():
                 if isinstance(func, relax.Function):
                     lw.builder_.update_func(gv, lw.visit_expr(func))

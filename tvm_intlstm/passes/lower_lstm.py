@@ -1,6 +1,12 @@
-"""LowerLSTM(target): one LSTM direction -> a batched int8 GEMM for the input projection of all
-time steps (requantized to the int16 gate domain) plus one fused recurrent kernel with the time loop
-inside (recurrent GEMV, PWL sigmoid/tanh from the layer's integer tables, cell and hidden update)."""
+"""LowerLSTM(target, tuned=None, threads=False): one LSTM direction -> a batched int8 GEMM for the
+input projection of all time steps (requantized to the int16 gate domain) plus one fused recurrent
+kernel with the time loop inside (recurrent GEMV, PWL sigmoid/tanh from the layer's integer tables,
+cell and hidden update).
+
+threads=True picks the kernels that use TVM's thread pool where they exist (AVX2: the threaded
+recurrent form, a barrier per time step, and the parallel input projection); the default picks the
+serial forms, which do not slow down when other processes compete for the cores (`threaded_forms`,
+docs/compiler.md "Threads")."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,6 +16,16 @@ from tvm.relax.expr_functor import mutator
 from .. import kernels as K
 from ._lowering import (OpLowering, const_numpy, _prim, _shape, _shifts_hi, _static,
                         lowering_pass, u8_route, uniform_scale)
+
+
+def threaded_forms(threads: bool, constant: bool) -> bool:
+    """Does an LSTM direction get the thread-pool kernels (the threaded recurrent form and the
+    parallel input projection)? Only when threads were asked for (`compile(threads=True)`) and the
+    projection's constants can be permuted to the threaded form's gate order (always, from the
+    quantizer). A barrier per time step collapses when a worker is descheduled: on a 2-core machine
+    with other CPU-bound processes a 22 us call took 0.5-70 ms (issue 16), so it is never the
+    default."""
+    return bool(threads) and bool(constant)
 
 
 @mutator
@@ -31,6 +47,7 @@ class _LowerLSTMMutator(OpLowering):
         proj = [w_x, bias, mx, sx, mh, sh]
         consts = [const_numpy(v) for v in proj]
         constant = packed and all(c is not None for c in consts)
+        threaded = threaded_forms(self.threads, constant)
         # on AVX2 the recurrent kernel runs a multiple of 8 units (K.recurrent_units): the extra
         # units get zero weights (W_x and W_h rows, W_h columns) and their outputs are sliced off
         isa = K.resolve_isa(self.target)
@@ -47,12 +64,12 @@ class _LowerLSTMMutator(OpLowering):
         # constant PWL tables (always, from the quantizer) that allow it: the cell's folded form
         tables = [const_numpy(t) for t in (sig, tanh, tanh_c)]
         fold = all(t is not None and K.pwl_foldable(t) for t in tables)
-        key = ("lstm_recurrent", HP, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, constant,
+        key = ("lstm_recurrent", HP, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, threaded,
                fold, str(self.target))
         gv = self._kernel(key, lambda: K.lstm_recurrent(
             HP, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
-            shift_hi=hh, gate_scale=sch, parallel=constant, pwl_fold=fold))
+            shift_hi=hh, gate_scale=sch, parallel=threaded, pwl_fold=fold))
         func = self.cache[("func",) + key]
         if constant and K.gate_interleaved(func):
             w_x, bias, mx, sx, mh, sh = (relax.const(K.gate_order(func, c, axis=0), str(c.dtype))
@@ -60,8 +77,8 @@ class _LowerLSTMMutator(OpLowering):
         gvx, w_x, bias = self._gemm("linear_requant" + ("_hi" if hx else ""), I, G, "int16", w_x,
                                     bias, lambda w7, packed: K.linear_requant(
                                         I, G, "int16", True, target=self.target, w7=w7,
-                                        packed=packed, shift_hi=hx, scale=scx, parallel=True),
-                                    variant=(scx, "parallel"), scale=scx)
+                                        packed=packed, shift_hi=hx, scale=scx, parallel=threaded),
+                                    variant=(scx, "parallel") if threaded else (scx,), scale=scx)
         gx = self._call_rows(gvx, x, [w_x, bias, mx, sx], G, "int16")
         if packed:
             wk, _, corr = K.prepare_weights(func, W)
