@@ -45,6 +45,7 @@ from tvm_intlstm.quant.fixed_point import (quantize_multiplier, quantize_multipl
                                            quantize_multiplier_array, quantize_multiplier_pair)
 from tvm_intlstm.quant.pwl import fit_pwl
 from tvm_intlstm.reference import ops
+from tvm_intlstm.target import missing_host_features
 
 GUARD = 256                 # guard bytes on each side of a view (at least)
 PATTERNS = (0xA5, 0x5A)
@@ -59,48 +60,19 @@ FAMILIES = [
     ("icelake-server", "llvm -mcpu=icelake-server"),
     ("znver4", "llvm -mcpu=znver4"),
     ("sapphirerapids", "llvm -mcpu=sapphirerapids"),
+    ("alderlake", "llvm -mcpu=alderlake"),      # AVX-VNNI without AVX-512: the x86_vnni family
 ]
 if platform.machine().lower() in ("x86_64", "amd64"):   # what compile() picks on this machine
     FAMILIES.append(("host", f"llvm -mcpu={K.host_target().attrs['mcpu']}"))
 
-# LLVM x86 feature -> /proc/cpuinfo flag (the extensions code generation can use)
-_CPUINFO_FLAG = {
-    "sse3": "pni", "ssse3": "ssse3", "sse4.1": "sse4_1", "sse4.2": "sse4_2", "popcnt": "popcnt",
-    "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c", "bmi": "bmi1", "bmi2": "bmi2",
-    "lzcnt": "abm", "movbe": "movbe", "sse4a": "sse4a", "adx": "adx", "sha": "sha_ni",
-    "xop": "xop", "fma4": "fma4", "tbm": "tbm",
-    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512vl": "avx512vl", "avx512dq": "avx512dq",
-    "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni", "avx512vbmi": "avx512vbmi",
-    "avx512vbmi2": "avx512_vbmi2", "avx512bitalg": "avx512_bitalg",
-    "avx512vpopcntdq": "avx512_vpopcntdq", "avx512ifma": "avx512ifma",
-    "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16", "avxvnni": "avx_vnni",
-    "gfni": "gfni", "vaes": "vaes", "vpclmulqdq": "vpclmulqdq",
-    "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
-}
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_flags() -> frozenset:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
 @functools.lru_cache(maxsize=None)
 def missing_features(target: str) -> tuple:
-    """CPU features the family's code may use that this machine lacks (all of them off x86)."""
+    """CPU features the family's code may use that this machine lacks (all of them off x86):
+    `tvm_intlstm.target.missing_host_features`, the check `til.load` makes."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ("not an x86-64 host",)
-    flags = _cpu_flags()
-    if not flags:
-        return ("no /proc/cpuinfo flags",)
-    tgt = K.as_target(target)
-    return tuple(f for f, flag in _CPUINFO_FLAG.items() if K.has_feature(tgt, f) and flag not in flags)
+    missing = missing_host_features(target)
+    return ("no /proc/cpuinfo flags",) if missing is None else tuple(missing)
 
 
 def runnable(target: str) -> bool:
@@ -294,14 +266,15 @@ def _lstm_cases():
 
         def calls(func, rng, H=H, kw=kw, w7=w7, one_shift=one_shift):
             p = _lstm_params(rng, H, w7, one_shift)
-            if kw.get("parallel") and str(func.attrs["intlstm.isa"]) == "avx2":
+            if kw.get("parallel") and K.isa.family(str(func.attrs["intlstm.isa"])).threaded:
                 assert K.gate_interleaved(func), "expected the threaded form"
             wk, _, corr = K.prepare_weights(func, p.w_h)
             tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
             if kw.get("pwl_fold"):
                 assert all(K.pwl_foldable(t) for t in tabs)
             out = []
-            for T_, B in ((1, 1), (3, 3), (2, 17)):
+            # (batch 4 and 8: the taller recurrent row tiles of the AVX-512 VNNI family)
+            for T_, B in ((1, 1), (3, 3), (1, 4), (2, 8), (2, 17)):
                 gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
                 ins = [K.gate_order(func, gx), wk, K.gate_order(func, p.mh),
                        K.gate_order(func, p.sh), corr] + tabs
@@ -511,5 +484,5 @@ def test_family_summary(record_property):
     text = "guarded-buffer families on this machine:\n" + "\n".join(lines)
     print(text)
     record_property("families", text)
-    if platform.machine().lower() in ("x86_64", "amd64") and _cpu_flags():
+    if platform.machine().lower() in ("x86_64", "amd64") and missing_host_features("llvm") is not None:
         assert runnable("llvm -mcpu=x86-64"), "an x86-64 host must run the baseline family"

@@ -683,6 +683,8 @@ _X86_CPUINFO = {
     "avx512ifma": "avx512ifma", "avx512bitalg": "avx512_bitalg",
     "avx512vpopcntdq": "avx512_vpopcntdq", "avxvnni": "avx_vnni",
     "amx-tile": "amx_tile", "amx-int8": "amx_int8", "amx-bf16": "amx_bf16",
+    "sse3": "pni", "adx": "adx", "sha": "sha_ni", "gfni": "gfni", "vaes": "vaes",
+    "vpclmulqdq": "vpclmulqdq",
 }
 _A64_CPUINFO = {
     "neon": "asimd", "fullfp16": "asimdhp", "dotprod": "asimddp", "i8mm": "i8mm", "bf16": "bf16",
