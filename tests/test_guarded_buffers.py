@@ -47,6 +47,8 @@ from tvm_intlstm.quant.pwl import fit_pwl
 from tvm_intlstm.reference import ops
 from tvm_intlstm.target import missing_host_features
 
+from test_kernels import ref_recurrence
+
 GUARD = 256                 # guard bytes on each side of a view (at least)
 PATTERNS = (0xA5, 0x5A)
 ROWS = (1, 3, 17)
@@ -227,15 +229,7 @@ def _lstm_params(rng, H, w7=False, one_shift=False):
 
 
 def _ref_recurrence(gx, p, reverse=False, h0=None, c0=None):
-    T_, B, _ = gx.shape
-    H = p.hidden
-    h = np.zeros((B, H), np.int8) if h0 is None else h0
-    c = np.zeros((B, H), np.int16) if c0 is None else c0
-    y = np.zeros((T_, B, H), np.int8)
-    for t in (range(T_ - 1, -1, -1) if reverse else range(T_)):
-        h, c = ops.lstm_cell(gx[t], h, c, p)
-        y[t] = h
-    return [y, h, c]
+    return list(ref_recurrence(gx, p, reverse, h0, c0))
 
 
 def _lstm_cases():

@@ -343,33 +343,9 @@ def _u8s7_pmaddubsw_impl():
     return impl
 
 
-def _vnni256_impl():
-    """vpdpbusd ymm: the x86_vnni kernel family's step (kernels/isa/x86_vnni.py) on 8 lanes, exact
-    for every int8 weight (no intermediate saturation). Operand types as for `_vnni_impl`."""
-    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
-
-    byte_operands = int(codegen.llvm_version_major()) >= 22
-    a_dt, b_dt = ("uint8x32", "int8x32") if byte_operands else ("int32x8", "int32x8")
-
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((8, 4), "int8", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
-                C.vload([0], dtype="int32x8"),
-                T.reinterpret(T.Broadcast(a, 8), dtype=a_dt),
-                T.reinterpret(B.vload([0, 0], dtype="int8x32"), dtype=b_dt),
-                dtype="int32x8")
-    return impl
-
-
-def _vnni_impl():
-    """vpdpbusd zmm: C += per lane sum of 4 u8 x s8 products, int32, not saturating. The LLVM
+def _vnni_impl(lanes: int = 16):
+    """vpdpbusd: C += per lane sum of 4 u8 x s8 products, int32, not saturating; lanes 16 (zmm,
+    AVX512-VNNI) or 8 (ymm: the x86_vnni kernel family's step, kernels/isa/x86_vnni.py). The LLVM
     intrinsic's operand types changed in LLVM 22 (llvm-project PR 155194: <16 x i32> -> <64 x i8>
     for the two byte operands); TVM 0.27's own dot_16x4_vnni still passes <16 x i32> and fails
     LLVM's verifier with the wheel's LLVM 22 ("Call parameter type does not match function
@@ -377,22 +353,24 @@ def _vnni_impl():
     from tvm.target import codegen  # pylint: disable=import-outside-toplevel
 
     byte_operands = int(codegen.llvm_version_major()) >= 22
-    a_dt, b_dt = ("uint8x64", "int8x64") if byte_operands else ("int32x16", "int32x16")
+    nb = 4 * lanes
+    a_dt, b_dt = ((f"uint8x{nb}", f"int8x{nb}") if byte_operands else
+                  (f"int32x{lanes}", f"int32x{lanes}"))
+    i32v = f"int32x{lanes}"
+    name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((16, 4), "int8", offset_factor=1),
-             C: T.Buffer((16,), "int32", offset_factor=1)) -> None:
+             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
+             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
-            T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-            T.writes(C[0:16])
+            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
+            T.writes(C[0:lanes])
             a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-                C.vload([0], dtype="int32x16"),
-                T.reinterpret(T.Broadcast(a, 16), dtype=a_dt),
-                T.reinterpret(B.vload([0, 0], dtype="int8x64"), dtype=b_dt),
-                dtype="int32x16")
+            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(name), C.vload([0], dtype=i32v),
+                T.reinterpret(T.Broadcast(a, lanes), dtype=a_dt),
+                T.reinterpret(B.vload([0, 0], dtype=f"int8x{nb}"), dtype=b_dt), dtype=i32v)
     return impl
 
 
@@ -405,14 +383,14 @@ def register_wide_intrinsics() -> None:
     from tvm.s_tir import TensorIntrin  # pylint: disable=import-outside-toplevel
 
     if TensorIntrin.get(INTRIN_VNNI, allow_missing=True) is None:
-        TensorIntrin.register(INTRIN_VNNI, _u8s8_desc(16), _vnni_impl())
+        TensorIntrin.register(INTRIN_VNNI, _u8s8_desc(16), _vnni_impl(16))
     for name, lanes in ((INTRIN_AVX512_U8S8, 16), (INTRIN_AVX2_U8S8, 8)):
         if TensorIntrin.get(name, allow_missing=True) is None:
             TensorIntrin.register(name, _u8s8_desc(lanes), _u8s8_pmaddwd_impl(lanes))
     if TensorIntrin.get(INTRIN_AVX2_U8S7, allow_missing=True) is None:
         TensorIntrin.register(INTRIN_AVX2_U8S7, _u8s8_desc(8), _u8s7_pmaddubsw_impl())
     if TensorIntrin.get(INTRIN_VNNI256, allow_missing=True) is None:
-        TensorIntrin.register(INTRIN_VNNI256, _u8s8_desc(8), _vnni256_impl())
+        TensorIntrin.register(INTRIN_VNNI256, _u8s8_desc(8), _vnni_impl(8))
 
 
 def import_tvm_x86_intrinsics():
