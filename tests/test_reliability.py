@@ -356,7 +356,8 @@ def test_missing_features_from_cpuinfo():
     assert missing_host_features("host") == []
     other = "rpi5" if host_arch() == "x86_64" else "x86-avx2"
     assert missing_host_features(other) is None             # another architecture: a cross build
-    amd = "flags\t\t: fpu sse2 ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 abm movbe popcnt f16c sse4a\n"
+    amd = ("flags\t\t: fpu sse2 pni ssse3 sse4_1 sse4_2 avx avx2 fma bmi1 bmi2 abm movbe popcnt f16c "
+           "adx sha_ni vaes vpclmulqdq sse4a\n")
     intel = amd.replace(" sse4a", "")
     assert missing_host_features("llvm -mcpu=znver3", cpuinfo=amd) == []
     assert missing_host_features("llvm -mcpu=znver3", cpuinfo=intel) == ["sse4a"]
