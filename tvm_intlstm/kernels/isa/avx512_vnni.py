@@ -17,9 +17,11 @@ class AVX512VNNI(X86VNNI):
     name = "avx512_vnni"
     priority = 30
     vec_lanes = 16
-    # 32 zmm registers: recurrent row tiles of up to 8 batch rows x 2 zmm accumulators (the one-
-    # worker steps at batch 8: 0.65x the time of 2-row tiles on a Zen 5 core, BENCHMARKS.md)
-    rec_row_tiles = (8, 4, 2)
+    # 32 zmm registers: recurrent row tiles of 4 batch rows x 2 zmm accumulators where the batch is
+    # a multiple of 4 (whole 256->512 model at batch 8 on a Zen 5 core: 0.80x the time of 2-row
+    # tiles; 8-row tiles were faster in the kernel alone but 1.29x slower in the compiled model,
+    # their 1 KiB accumulator tile no longer a stack buffer; BENCHMARKS.md)
+    rec_row_tiles = (4, 2)
 
     def supports(self, f) -> bool:
         return f.has_avx512 and f.has_avx512vl and f.has_vnni
