@@ -20,7 +20,7 @@ class AVX512VNNI(X86VNNI):
     # 32 zmm registers: recurrent row tiles of 4 batch rows x 2 zmm accumulators where the batch is
     # a multiple of 4 (whole 256->512 model at batch 8 on a Zen 5 core: 0.80x the time of 2-row
     # tiles; 8-row tiles were faster in the kernel alone but 1.29x slower in the compiled model,
-    # their 1 KiB accumulator tile no longer a stack buffer; BENCHMARKS.md)
+    # not explained yet: perhaps as its 1 KiB accumulator tile is no longer a stack buffer)
     rec_row_tiles = (4, 2)
 
     def supports(self, f) -> bool:
