@@ -21,20 +21,43 @@
 
 namespace {
 
-constexpr int L = 16;                              // elements per vector chunk
+#ifdef __AVX512F__
+constexpr int L = 16;                              // elements per vector chunk (one register)
+#else
+constexpr int L = 8;
+#endif
 constexpr float kQ15 = 1.0f / 32768.0f;            // gate / activation scale
 constexpr float kQ15Lo = -1.0f, kQ15Hi = 32767.0f / 32768.0f;
+
+typedef float vf __attribute__((vector_size(4 * L)));
+typedef int32_t vi __attribute__((vector_size(4 * L)));
+static_assert(sizeof(vf) == L * sizeof(float), "vector chunk");
+#if defined(__AVX512F__) || defined(__AVX2__)
+constexpr bool kPermute = true;   // one vpermps per table lookup when the table fits a register
+#else
+constexpr bool kPermute = false;
+#endif
 
 struct Table {  // packed float32 [3, n+1]: knots (n+1); bases (n, padded); slopes (n, padded)
   const float* k;
   const float* v;
   const float* a;
   int64_t n;
+  vf vk, vv, va;  // the first L knots, bases, slopes (used when n <= L)
   explicit Table(const at::Tensor& t) {
     n = t.size(1) - 1;
     k = t.data_ptr<float>();
     v = k + (n + 1);
     a = v + (n + 1);
+    float bk[L] = {}, bv[L] = {}, ba[L] = {};
+    for (int64_t i = 0; i < std::min<int64_t>(n, L); ++i) {
+      bk[i] = k[i];
+      bv[i] = v[i];
+      ba[i] = a[i];
+    }
+    std::memcpy(&vk, bk, sizeof(vf));
+    std::memcpy(&vv, bv, sizeof(vf));
+    std::memcpy(&va, ba, sizeof(vf));
   }
 };
 
@@ -60,12 +83,9 @@ static inline float fq2(float x, float s, float inv_s, float lo, float hi, float
   return xc + (q - xc);
 }
 
-// FloatPWL over a chunk: y (clamped to [-1, 32767/32768]) and dy/dx. The piece search keeps its
+// FloatPWL over a chunk before its final clamp (act_q15): y and dy/dx. The piece search keeps its
 // running selections in vector registers (GCC/Clang vector extensions; split into narrower vectors
 // where the machine has no 64-byte ones), as a loop over pieces through memory would serialise.
-typedef float vf __attribute__((vector_size(4 * L)));
-typedef int32_t vi __attribute__((vector_size(4 * L)));
-static_assert(sizeof(vf) == L * sizeof(float), "vector chunk");
 
 static inline void pwl_chunk(const float* x, const Table& t, float* y, float* dy) {
   vf xv, dd;
@@ -76,13 +96,22 @@ static inline void pwl_chunk(const float* x, const Table& t, float* y, float* dy
     std::memcpy(&dd, d, sizeof(vf));
   }
   vf zero = {};
-  vf vv = zero + t.v[0], aa = zero + t.a[0], kk = zero + t.k[0];
-  for (int64_t p = 1; p < t.n; ++p) {  // the last piece whose knot is <= xc (searchsorted, right)
-    const float kp = t.k[p];
-    vi s = xv >= kp;
-    vv = s ? zero + t.v[p] : vv;
-    aa = s ? zero + t.a[p] : aa;
-    kk = s ? zero + kp : kk;
+  vf vv, aa, kk;
+  if (kPermute && t.n <= L) {  // piece index = #{p >= 1 : k_p <= xc}, then a lane permute of the tables
+    vi cnt = {};
+    for (int64_t p = 1; p < t.n; ++p) cnt -= (xv >= t.k[p]);
+    vv = __builtin_shuffle(t.vv, cnt);
+    aa = __builtin_shuffle(t.va, cnt);
+    kk = __builtin_shuffle(t.vk, cnt);
+  } else {
+    vv = zero + t.v[0], aa = zero + t.a[0], kk = zero + t.k[0];
+    for (int64_t p = 1; p < t.n; ++p) {  // the last piece whose knot is <= xc (searchsorted, right)
+      const float kp = t.k[p];
+      vi s = xv >= kp;
+      vv = s ? zero + t.v[p] : vv;
+      aa = s ? zero + t.a[p] : aa;
+      kk = s ? zero + kp : kk;
+    }
   }
   float v[L], a[L];
   vf vr = vv + aa * (xv - kk);
@@ -91,11 +120,24 @@ static inline void pwl_chunk(const float* x, const Table& t, float* y, float* dy
   float d[L];
   std::memcpy(d, &dd, sizeof(vf));
   for (int l = 0; l < L; ++l) {
-    float in = (v[l] >= kQ15Lo && v[l] <= kQ15Hi) ? 1.0f : 0.0f;
-    float vc = v[l] < kQ15Lo ? kQ15Lo : v[l];
-    y[l] = vc > kQ15Hi ? kQ15Hi : vc;
-    dy[l] = in * a[l] * d[l];
+    y[l] = v[l];
+    dy[l] = a[l] * d[l];
   }
+}
+
+// FloatPWL's clamp to [-1, 32767/32768] then fake_quant(., 2^-15, -32768, 32767), whose bounds are the
+// same: one clip gives both values and the product of their factors (outside 0; at a bound the
+// clamp passes 1 and the fake quant's tie 1/2; inside 1)
+static inline float act_q15(float v, float& d) {
+  float xc = clip_st(v, kQ15Lo, kQ15Hi, d);
+  float q = std::nearbyint(xc * 32768.0f) * kQ15;
+  return xc + (q - xc);
+}
+
+// fake_quant with bounds the argument cannot reach (|f c_{t-1}| <= 32768 s_c and |i g| <= 1 < 2^31 s_c)
+static inline float fq_open(float x, float s, float inv_s) {
+  float q = std::nearbyint(x * inv_s) * s;
+  return x + (q - x);
 }
 
 struct Consts {
@@ -158,7 +200,7 @@ static void step_row(const Consts& K, const Table& sig, const Table& tnh, const 
       pwl_chunk(z[gi], gi == 2 ? tnh : sig, act[gi], dact[gi]);
       for (int l = 0; l < L; ++l) {
         float dq;
-        act[gi][l] = fq2(act[gi][l], kQ15, inv_q15, kQ15Lo, kQ15Hi, dq);
+        act[gi][l] = act_q15(act[gi][l], dq);
         dact[gi][l] = dact[gi][l] * dq * mz[gi][l];
       }
     }
@@ -171,8 +213,8 @@ static void step_row(const Consts& K, const Table& sig, const Table& tnh, const 
     }
     for (int l = 0; l < L; ++l) {
       float d0;
-      float fc = fq2(act[1][l] * cp[l], K.cs, inv_cs, K.big_lo, K.big_hi, d0);
-      float ig = fq2(act[0][l] * act[2][l], K.cs, inv_cs, K.big_lo, K.big_hi, d0);
+      float fc = fq_open(act[1][l] * cp[l], K.cs, inv_cs);
+      float ig = fq_open(act[0][l] * act[2][l], K.cs, inv_cs);
       float s = fc + ig;
       mc[l] = (s >= K.c_lo && s <= K.c_hi) ? 1.0f : 0.0f;
       float sc0 = s < K.c_lo ? K.c_lo : s;
@@ -181,7 +223,7 @@ static void step_row(const Consts& K, const Table& sig, const Table& tnh, const 
     pwl_chunk(c, tnc, tc, dt);
     for (int l = 0; l < L; ++l) {
       float dq, dhq;
-      tc[l] = fq2(tc[l], kQ15, inv_q15, kQ15Lo, kQ15Hi, dq);
+      tc[l] = act_q15(tc[l], dq);
       dt[l] = dt[l] * dq;
       float x = act[3][l] * tc[l];
       float xc = clip_st(x, K.h_lo, K.h_hi, dhq);
