@@ -11,6 +11,7 @@
 // they agree to float rounding (only summation orders differ).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -266,6 +267,28 @@ static Consts make_consts(const std::vector<double>& k) {
 
 static int64_t grain(int64_t H) { return std::max<int64_t>(1, 2048 / std::max<int64_t>(1, 4 * H)); }
 
+// x [M, K] @ w^T for w [N, K] (views allowed) through oneDNN (mkldnn::_linear_pointwise, about 1.5x
+// MKL's sgemm at these shapes on AVX-512 machines) where torch has it, else at::mm. Used for the
+// backward's float products only: forward values never depend on it.
+static at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) {
+  static const c10::OperatorHandle* op = []() -> const c10::OperatorHandle* {
+    auto h = c10::Dispatcher::singleton().findOp(c10::OperatorName("mkldnn::_linear_pointwise", ""));
+    return h ? new c10::OperatorHandle(*h) : nullptr;
+  }();
+  static bool ok = op != nullptr;
+  if (ok) {
+    try {
+      torch::jit::Stack st{x, w, c10::IValue(), std::string("none"), c10::List<std::optional<at::Scalar>>(),
+                           c10::IValue()};
+      op->callBoxed(&st);
+      return st[0].toTensor();
+    } catch (const std::exception&) {
+      ok = false;  // e.g. an unsupported layout: use BLAS from now on
+    }
+  }
+  return at::mm(x, w.t());
+}
+
 // exact integer recurrent product hq [B, H] x q^T (q int8 [4H, H]) into acc int32 [B, 4H]
 static void int_product(at::Tensor& acc, const at::Tensor& hq, const at::Tensor& q) {
   if (q.size(1) >= 8) {  // oneDNN's s8 GEMM (at::_int_mm is wrong for an inner dimension of 1)
@@ -357,6 +380,7 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
                                  const at::Tensor& masks, const at::Tensor& sc, const at::Tensor& dtc,
                                  bool reverse) {
   at::Tensor dy = dy_.contiguous(), wh = wh_.contiguous();
+  at::Tensor wht = wh.t().contiguous();  // [H, 4H]: dh = da @ wh = da @ wht^T
   const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
   auto opt = y.options();
   at::Tensor dp = at::empty({T, B, 4 * H}, opt);
@@ -374,6 +398,7 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;  // the step before t in processing order (s > 0)
     const int64_t o4 = t * B * 4 * H, o1 = t * B * H;
+    if (!dhr.is_contiguous()) dhr = dhr.contiguous();
     const float* pdh = dhr.data_ptr<float>();
     float* pz = dp.data_ptr<float>() + o4;
     float* pa = da.data_ptr<float>() + o4;
@@ -412,14 +437,14 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
         }
       }
     });
-    if (s > 0) at::mm_out(dhr, da[t], wh);
+    if (s > 0) dhr = linear_nt(da[t], wht);
   }
   at::Tensor dwh;
   if (T > 1) {
     // dwh = sum_t da_t^T h_{t-1}: one product over all steps
     at::Tensor dan = reverse ? da.narrow(0, 0, T - 1) : da.narrow(0, 1, T - 1);
     at::Tensor hp = reverse ? y.narrow(0, 1, T - 1) : y.narrow(0, 0, T - 1);
-    dwh = at::mm(dan.reshape({(T - 1) * B, 4 * H}).t(), hp.reshape({(T - 1) * B, H}));
+    dwh = linear_nt(dan.reshape({(T - 1) * B, 4 * H}).t(), hp.reshape({(T - 1) * B, H}).t());
   } else {
     dwh = at::zeros({4 * H, H}, opt);
   }
