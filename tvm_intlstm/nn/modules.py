@@ -287,8 +287,8 @@ class QuantLSTM(QuantModule):
                 T, B, _ = h_in.shape
                 H = w_hh.shape[1]
                 if fused:  # the same step arithmetic as the loop below, in one C++ call (qat_fast.py)
-                    y, c = qat_fast.lstm_direction(h_in @ wx.t() + b, wh, q, m_h, packed, consts,
-                                                   reverse=bool(d))
+                    y, c = qat_fast.lstm_direction(qat_fast.InputProjection.apply(h_in, wx, b), wh, q, m_h,
+                                                   packed, consts, reverse=bool(d))
                     outs.append(y)
                     hs.append(y[0] if d else y[-1])
                     cs.append(c)
