@@ -164,15 +164,15 @@ class _Direction(torch.autograd.Function):
         save = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
         r = torch.ops.intlstm_qat.lstm_fwd(p, q, m, sig, tnh, tnc, consts, reverse, save)
         y, c_last = r[0], r[1]
-        ctx.reverse = reverse
+        ctx.reverse, ctx.consts = reverse, consts
         if save:
-            ctx.save_for_backward(wh, y, *r[2:])
+            ctx.save_for_backward(wh, y, *r[2:], sig, tnh, tnc)
         return y, c_last
 
     @staticmethod
     def backward(ctx, dy, dc):
-        wh, y, gates, dgate, masks, sc, dtc = ctx.saved_tensors
-        dp, dwh = torch.ops.intlstm_qat.lstm_bwd(dy, dc, wh, y, gates, dgate, masks, sc, dtc, ctx.reverse)
+        wh, y, *saved = ctx.saved_tensors
+        dp, dwh = torch.ops.intlstm_qat.lstm_bwd(dy, dc, wh, y, *saved, ctx.consts, ctx.reverse)
         return dp, dwh, None, None, None, None, None, None, None
 
 

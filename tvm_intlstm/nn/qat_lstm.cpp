@@ -3,8 +3,9 @@
 //
 // Forward values are the loop path's values bit for bit: the same float32 operations in the same
 // order (fake quantization = clamp, x / s, round half to even, * s, xc + (q - xc); the PWL tables
-// evaluated as v[idx] + a[idx] * (xc - k[idx]); the recurrent product through at::mm as in the loop
-// path). Compile with -ffp-contract=off and without -ffast-math so that nothing is fused or reordered.
+// evaluated as v[idx] + a[idx] * (xc - k[idx]); the recurrent product exact, as RecurrentProduct in
+// fake_quant.py). Compile with -ffp-contract=off and without -ffast-math so that nothing is fused or
+// reordered.
 // Gradients are the loop path's autograd gradients: straight-through fake quantization (1 inside the
 // range, 1/2 where torch.minimum/maximum tie at a bound, 0 outside), the PWL slope of the active piece,
 // clamp masks inclusive of the bounds; products are formed in autograd's order where it matters, so
@@ -84,11 +85,12 @@ static inline float fq2(float x, float s, float inv_s, float lo, float hi, float
   return xc + (q - xc);
 }
 
-// FloatPWL over a chunk before its final clamp (act_q15): y and dy/dx. The piece search keeps its
+// FloatPWL over a chunk before its final clamp (act_q15): y, the input clip's factor and the piece
+// index (dy/dx = slope[idx] * factor). The piece search keeps its
 // running selections in vector registers (GCC/Clang vector extensions; split into narrower vectors
 // where the machine has no 64-byte ones), as a loop over pieces through memory would serialise.
 
-static inline void pwl_chunk(const float* x, const Table& t, float* y, float* dy) {
+static inline void pwl_chunk(const float* x, const Table& t, float* y, float* dd_out, int32_t* idx_out) {
   vf xv, dd;
   {
     float xc[L], d[L];
@@ -98,32 +100,27 @@ static inline void pwl_chunk(const float* x, const Table& t, float* y, float* dy
   }
   vf zero = {};
   vf vv, aa, kk;
-  if (kPermute && t.n <= L) {  // piece index = #{p >= 1 : k_p <= xc}, then a lane permute of the tables
-    vi cnt = {};
+  vi cnt = {};  // piece index = #{p >= 1 : k_p <= xc} (searchsorted, right)
+  if (kPermute && t.n <= L) {  // then a lane permute of the tables
     for (int64_t p = 1; p < t.n; ++p) cnt -= (xv >= t.k[p]);
     vv = __builtin_shuffle(t.vv, cnt);
     aa = __builtin_shuffle(t.va, cnt);
     kk = __builtin_shuffle(t.vk, cnt);
   } else {
     vv = zero + t.v[0], aa = zero + t.a[0], kk = zero + t.k[0];
-    for (int64_t p = 1; p < t.n; ++p) {  // the last piece whose knot is <= xc (searchsorted, right)
+    for (int64_t p = 1; p < t.n; ++p) {  // the last piece whose knot is <= xc
       const float kp = t.k[p];
       vi s = xv >= kp;
+      cnt -= s;
       vv = s ? zero + t.v[p] : vv;
       aa = s ? zero + t.a[p] : aa;
       kk = s ? zero + kp : kk;
     }
   }
-  float v[L], a[L];
   vf vr = vv + aa * (xv - kk);
-  std::memcpy(v, &vr, sizeof(vf));
-  std::memcpy(a, &aa, sizeof(vf));
-  float d[L];
-  std::memcpy(d, &dd, sizeof(vf));
-  for (int l = 0; l < L; ++l) {
-    y[l] = v[l];
-    dy[l] = a[l] * d[l];
-  }
+  std::memcpy(y, &vr, sizeof(vf));
+  std::memcpy(dd_out, &dd, sizeof(vf));
+  std::memcpy(idx_out, &cnt, sizeof(vf));
 }
 
 // FloatPWL's clamp to [-1, 32767/32768] then fake_quant(., 2^-15, -32768, 32767), whose bounds are the
@@ -149,19 +146,29 @@ struct Consts {
   float hs, h_lo, h_hi;     // hidden output scale and [-128 hs, 127 hs]
 };
 
-// straight-through factors 0, 1/2, 1 as 2-bit codes
-static inline uint8_t code(float d) { return d == 1.0f ? 2 : (d == 0.5f ? 1 : 0); }
+// straight-through factors 0, 1/2, 1 as 2-bit codes; products of such factors (0, 1/4, 1/2, 1) as code4
+static inline int code(float d) { return d == 1.0f ? 2 : (d == 0.5f ? 1 : 0); }
 static inline float decode(int c) { return 0.5f * (float)c; }
+static inline int code4(float d) { return d == 1.0f ? 3 : (d == 0.5f ? 2 : (d == 0.25f ? 1 : 0)); }
+static inline float decode4(int c) { return c == 3 ? 1.0f : (c == 2 ? 0.5f : (c == 1 ? 0.25f : 0.0f)); }
+
+// Saved for backward, per step and batch row (22 bytes a unit; every value is exact in its integer
+// form: gates and tanh(c) on the 2^-15 grid, c on the 2^-cell_frac grid):
+//   gq [4H] int16: i, f, g, o * 2^15
+//   gi [4H] int16: bits 0-1 recurrent-product factor, 2-3 input-part factor, 4-5 d gate / d z factor
+//                  (PWL input clip x output clip/tie x z clamp), 8-14 PWL piece (d gate / dz = slope * factor)
+//   cq [H] int16: c / 2^-cell_frac;  tq [H] int16: tanh_c(c) * 2^15
+//   ci [H] int16: bits 0-1 h fake-quant factor, bit 2 cell clamp, 4-5 tanh_c factor, 8-14 its PWL piece
 
 struct RowOut {  // per batch row of one step
   float* h;          // [H] hidden output (float, on the s_h grid)
   int8_t* hq;        // [H] its integer value (next step's recurrent product)
   float* c;          // [H] cell state out
-  float* gates;      // [4H] quantized i, f, g, o (save)
-  float* dgate;      // [4H] d gate / d (gx + gh) (save)
-  uint8_t* masks;    // [4H] straight-through codes: recurrent product (bits 0-1), input part (bits 2-3) (save)
-  float* sc;         // [4H] blocks: c, mc, tc, mh (save)
-  float* dtc;        // [H] d tanh_c(c) / dc (save)
+  int16_t* gq;       // saved (above), or null
+  int16_t* gi;
+  int16_t* cq;
+  int16_t* tq;
+  int16_t* ci;
 };
 
 // one step of one batch row: p = input part (before fake quant), acc = integer recurrent product, m = its
@@ -170,11 +177,20 @@ struct RowOut {  // per batch row of one step
 static void step_row(const Consts& K, const Table& sig, const Table& tnh, const Table& tnc, int64_t H,
                      const float* p, const int32_t* acc, const float* m, const float* cprev, const RowOut& o,
                      bool save) {
-  const float inv_gs = 1.0f / K.gs, inv_cs = 1.0f / K.cs, inv_q15 = 32768.0f;
+  const float inv_gs = 1.0f / K.gs, inv_cs = 1.0f / K.cs;
+  // local restrict copies: stores through these cannot alias each other or the RowOut fields
+  float* __restrict o_h = o.h;
+  int8_t* __restrict o_hq = o.hq;
+  float* __restrict o_c = o.c;
+  int16_t* __restrict o_gq = o.gq;
+  int16_t* __restrict o_gi = o.gi;
+  int16_t* __restrict o_cq = o.cq;
+  int16_t* __restrict o_tq = o.tq;
+  int16_t* __restrict o_ci = o.ci;
   for (int64_t j0 = 0; j0 < H; j0 += L) {
     const int len = (int)std::min<int64_t>(L, H - j0);
-    float z[4][L], mz[4][L], act[4][L], dact[4][L];
-    uint8_t mk[4][L];
+    float z[4][L], mz[4][L], act[4][L], dd[4][L];
+    int32_t idx[4][L], mk[4][L];
     for (int gi = 0; gi < 4; ++gi) {
       const int64_t off = gi * H + j0;
       float pv[L], av[L];
@@ -193,19 +209,20 @@ static void step_row(const Consts& K, const Table& sig, const Table& tnh, const 
         float gx = fq2(pv[l], K.gs, inv_gs, K.gs_lo, K.gs_hi, dx);
         float gh = fq2(av[l], K.gs, inv_gs, K.gs_lo, K.gs_hi, dm);
         float zs = gx + gh;
-        mk[gi][l] = (uint8_t)(code(dm) | (code(dx) << 2));
+        mk[gi][l] = code(dm) | (code(dx) << 2);
         mz[gi][l] = (zs >= K.z_lo && zs <= K.z_hi) ? 1.0f : 0.0f;
         float zc = zs < K.z_lo ? K.z_lo : zs;
         z[gi][l] = zc > K.z_hi ? K.z_hi : zc;
       }
-      pwl_chunk(z[gi], gi == 2 ? tnh : sig, act[gi], dact[gi]);
+      pwl_chunk(z[gi], gi == 2 ? tnh : sig, act[gi], dd[gi], idx[gi]);
       for (int l = 0; l < L; ++l) {
         float dq;
         act[gi][l] = act_q15(act[gi][l], dq);
-        dact[gi][l] = dact[gi][l] * dq * mz[gi][l];
+        dd[gi][l] = dd[gi][l] * dq * mz[gi][l];
       }
     }
     float cp[L], c[L], mc[L], tc[L], dt[L], mh[L], hv[L];
+    int32_t tidx[L];
     int8_t kv[L];
     if (len == L) {
       for (int l = 0; l < L; ++l) cp[l] = cprev[j0 + l];
@@ -213,7 +230,6 @@ static void step_row(const Consts& K, const Table& sig, const Table& tnh, const 
       for (int l = 0; l < L; ++l) cp[l] = l < len ? cprev[j0 + l] : 0.0f;
     }
     for (int l = 0; l < L; ++l) {
-      float d0;
       float fc = fq_open(act[1][l] * cp[l], K.cs, inv_cs);
       float ig = fq_open(act[0][l] * act[2][l], K.cs, inv_cs);
       float s = fc + ig;
@@ -221,7 +237,7 @@ static void step_row(const Consts& K, const Table& sig, const Table& tnh, const 
       float sc0 = s < K.c_lo ? K.c_lo : s;
       c[l] = sc0 > K.c_hi ? K.c_hi : sc0;
     }
-    pwl_chunk(c, tnc, tc, dt);
+    pwl_chunk(c, tnc, tc, dt, tidx);
     for (int l = 0; l < L; ++l) {
       float dq, dhq;
       tc[l] = act_q15(tc[l], dq);
@@ -234,24 +250,33 @@ static void step_row(const Consts& K, const Table& sig, const Table& tnh, const 
       mh[l] = dhq;
     }
     for (int l = 0; l < len; ++l) {
-      o.h[j0 + l] = hv[l];
-      o.hq[j0 + l] = kv[l];
-      o.c[j0 + l] = c[l];
+      o_h[j0 + l] = hv[l];
+      o_hq[j0 + l] = kv[l];
+      o_c[j0 + l] = c[l];
     }
     if (save) {
       for (int gi = 0; gi < 4; ++gi) {
+        int16_t q[L], inf[L];
+        for (int l = 0; l < L; ++l) {
+          q[l] = (int16_t)std::nearbyint(act[gi][l] * 32768.0f);
+          inf[l] = (int16_t)(mk[gi][l] | (code4(dd[gi][l]) << 4) | (idx[gi][l] << 8));
+        }
         const int64_t off = gi * H + j0;
         for (int l = 0; l < len; ++l) {
-          o.gates[off + l] = act[gi][l];
-          o.dgate[off + l] = dact[gi][l];
-          o.masks[off + l] = mk[gi][l];
+          o_gq[off + l] = q[l];
+          o_gi[off + l] = inf[l];
         }
       }
+      int16_t cqv[L], tqv[L], civ[L];
+      for (int l = 0; l < L; ++l) {
+        cqv[l] = (int16_t)std::nearbyint(c[l] * inv_cs);
+        tqv[l] = (int16_t)std::nearbyint(tc[l] * 32768.0f);
+        civ[l] = (int16_t)(code(mh[l]) | ((mc[l] != 0.0f) << 2) | (code4(dt[l]) << 4) | (tidx[l] << 8));
+      }
       for (int l = 0; l < len; ++l) {
-        o.sc[H + j0 + l] = mc[l];
-        o.sc[2 * H + j0 + l] = tc[l];
-        o.sc[3 * H + j0 + l] = mh[l];
-        o.dtc[j0 + l] = dt[l];
+        o_cq[j0 + l] = cqv[l];
+        o_tq[j0 + l] = tqv[l];
+        o_ci[j0 + l] = civ[l];
       }
     }
   }
@@ -299,8 +324,8 @@ static void int_product(at::Tensor& acc, const at::Tensor& hq, const at::Tensor&
 }
 
 // Forward of one direction. p [T, B, 4H]: input part x W_x^T + b before its fake quantization;
-// wh [4H, H] fake-quantized recurrent weight = q * s_w (q int8); m [4H] = s_h * s_w (float32).
-// Returns y [T, B, H], c_T [B, H] and, if save, what backward needs.
+// q int8 [4H, H]: the recurrent weight's integers; m [4H] = s_h * s_w (float32).
+// Returns y [T, B, H], c_T [B, H] and, if save, the saved tensors (gq, gi, cq, tq, ci; see above).
 std::vector<at::Tensor> lstm_fwd(const at::Tensor& p_, const at::Tensor& q_, const at::Tensor& m_,
                                  const at::Tensor& sig_, const at::Tensor& tnh_, const at::Tensor& tnc_,
                                  std::vector<double> consts, bool reverse, bool save) {
@@ -310,77 +335,72 @@ std::vector<at::Tensor> lstm_fwd(const at::Tensor& p_, const at::Tensor& q_, con
   at::Tensor sigt = sig_.contiguous(), tnht = tnh_.contiguous(), tnct = tnc_.contiguous();
   const Consts K = make_consts(consts);
   const Table sig(sigt), tnh(tnht), tnc(tnct);
+  TORCH_CHECK(sig.n <= 64 && tnh.n <= 64 && tnc.n <= 64, "qat_lstm: at most 64 PWL pieces");
   const int64_t T = p.size(0), B = p.size(1), H = q.size(1);
   TORCH_CHECK(p.size(2) == 4 * H && q.size(0) == 4 * H && m.numel() == 4 * H, "qat_lstm: shape mismatch");
   auto opt = p.options();
   at::Tensor y = at::empty({T, B, H}, opt);
-  at::Tensor cbuf = at::empty({save ? 0 : 2, B, H}, opt);  // ping-pong cell state when not saving
-  at::Tensor gates, dgate, masks, sc, dtc;
+  at::Tensor cbuf = at::zeros({3, B, H}, opt);  // c_0 = 0, then ping-pong cell states
+  at::Tensor gq, gi, cq, tq, ci;
   if (save) {
-    gates = at::empty({T, B, 4 * H}, opt);
-    dgate = at::empty({T, B, 4 * H}, opt);
-    masks = at::empty({T, B, 4 * H}, opt.dtype(at::kByte));
-    sc = at::empty({T, B, 4 * H}, opt);
-    dtc = at::empty({T, B, H}, opt);
+    auto o16 = opt.dtype(at::kShort);
+    gq = at::empty({T, B, 4 * H}, o16);
+    gi = at::empty({T, B, 4 * H}, o16);
+    cq = at::empty({T, B, H}, o16);
+    tq = at::empty({T, B, H}, o16);
+    ci = at::empty({T, B, H}, o16);
   }
   at::Tensor acc = at::empty({B, 4 * H}, opt.dtype(at::kInt));
   at::Tensor hq = at::zeros({B, H}, opt.dtype(at::kChar));
-  at::Tensor c0 = at::zeros({B, H}, opt);
   const float* pp = p.data_ptr<float>();
   const float* pm = m.data_ptr<float>();
-  const float* pcprev = c0.data_ptr<float>();
-  float* pclast = nullptr;
+  float* pcb = cbuf.data_ptr<float>();
+  const float* pcprev = pcb;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     if (s > 0) int_product(acc, hq, q);
     const int32_t* pa = s > 0 ? acc.data_ptr<int32_t>() : nullptr;
     const int64_t o4 = t * B * 4 * H, o1 = t * B * H;
-    float* pc = save ? sc.data_ptr<float>() + o4 : cbuf.data_ptr<float>() + (s % 2) * B * H;  // c_t
+    float* pc = pcb + (1 + s % 2) * B * H;  // c_t
     float* py = y.data_ptr<float>() + o1;
     int8_t* phq = hq.data_ptr<int8_t>();
     const float* pcp = pcprev;
-    const int64_t cstride = save ? 4 * H : H;  // row stride of the cell-state rows
     at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r4 = b * 4 * H, r1 = b * H;
         RowOut o;
         o.h = py + r1;
         o.hq = phq + r1;
-        o.c = pc + b * cstride;
-        if (save) {
-          o.gates = gates.data_ptr<float>() + o4 + r4;
-          o.dgate = dgate.data_ptr<float>() + o4 + r4;
-          o.masks = masks.data_ptr<uint8_t>() + o4 + r4;
-          o.sc = pc + r4;
-          o.dtc = dtc.data_ptr<float>() + o1 + r1;
-        }
-        step_row(K, sig, tnh, tnc, H, pp + o4 + r4, pa ? pa + r4 : nullptr, pm,
-                 pcp + (s > 0 ? b * cstride : r1), o, save);
+        o.c = pc + r1;
+        o.gq = save ? gq.data_ptr<int16_t>() + o4 + r4 : nullptr;
+        o.gi = save ? gi.data_ptr<int16_t>() + o4 + r4 : nullptr;
+        o.cq = save ? cq.data_ptr<int16_t>() + o1 + r1 : nullptr;
+        o.tq = save ? tq.data_ptr<int16_t>() + o1 + r1 : nullptr;
+        o.ci = save ? ci.data_ptr<int16_t>() + o1 + r1 : nullptr;
+        step_row(K, sig, tnh, tnc, H, pp + o4 + r4, pa ? pa + r4 : nullptr, pm, pcp + r1, o, save);
       }
     });
     pcprev = pc;
-    pclast = pc;
   }
   at::Tensor c_last = at::empty({B, H}, opt);
-  if (T > 0) {
-    const int64_t cstride = save ? 4 * H : H;
-    for (int64_t b = 0; b < B; ++b)
-      std::copy(pclast + b * cstride, pclast + b * cstride + H, c_last.data_ptr<float>() + b * H);
-  } else {
-    c_last.zero_();
-  }
+  std::copy(pcprev, pcprev + B * H, c_last.data_ptr<float>());
   if (!save) return {y, c_last};
-  return {y, c_last, gates, dgate, masks, sc, dtc};
+  return {y, c_last, gq, gi, cq, tq, ci};
 }
 
 // Backward of one direction: dy [T, B, H] (grad of y), dc [B, H] (grad of c_T), wh the fake-quantized
-// recurrent weight. Returns dp [T, B, 4H] (grad of the input part before its fake quant), dwh [4H, H].
+// recurrent weight, y and the saved tensors of lstm_fwd, its tables and constants.
+// Returns dp [T, B, 4H] (grad of the input part before its fake quant), dwh [4H, H].
 std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::Tensor>& dc_, const at::Tensor& wh_,
-                                 const at::Tensor& y, const at::Tensor& gates, const at::Tensor& dgate,
-                                 const at::Tensor& masks, const at::Tensor& sc, const at::Tensor& dtc,
-                                 bool reverse) {
+                                 const at::Tensor& y, const at::Tensor& gq, const at::Tensor& gi,
+                                 const at::Tensor& cq, const at::Tensor& tq, const at::Tensor& ci,
+                                 const at::Tensor& sig_, const at::Tensor& tnh_, const at::Tensor& tnc_,
+                                 std::vector<double> consts, bool reverse) {
   at::Tensor dy = dy_.contiguous(), wh = wh_.contiguous();
   at::Tensor wht = wh.t().contiguous();  // [H, 4H]: dh = da @ wh = da @ wht^T
+  at::Tensor sigt = sig_.contiguous(), tnht = tnh_.contiguous(), tnct = tnc_.contiguous();
+  const Consts K = make_consts(consts);
+  const Table sig(sigt), tnh(tnht), tnc(tnct);
   const int64_t T = y.size(0), B = y.size(1), H = y.size(2);
   auto opt = y.options();
   at::Tensor dp = at::empty({T, B, 4 * H}, opt);
@@ -388,12 +408,13 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
   at::Tensor dhr = at::zeros({B, H}, opt);  // recurrent part of dh_t
   at::Tensor dcc = (dc_.has_value() && dc_->defined()) ? dc_->contiguous().clone() : at::zeros({B, H}, opt);
   const float* pdy = dy.data_ptr<float>();
-  const float* pg0 = gates.data_ptr<float>();
-  const float* pd0 = dgate.data_ptr<float>();
-  const uint8_t* pm0 = masks.data_ptr<uint8_t>();
-  const float* ps0 = sc.data_ptr<float>();
-  const float* pt0 = dtc.data_ptr<float>();
+  const int16_t* pgq = gq.data_ptr<int16_t>();
+  const int16_t* pgi = gi.data_ptr<int16_t>();
+  const int16_t* pcq = cq.data_ptr<int16_t>();
+  const int16_t* ptq = tq.data_ptr<int16_t>();
+  const int16_t* pci = ci.data_ptr<int16_t>();
   float* pdc = dcc.data_ptr<float>();
+  const float* slope[4] = {sig.a, sig.a, tnh.a, sig.a};
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t tp = reverse ? t + 1 : t - 1;  // the step before t in processing order (s > 0)
@@ -405,34 +426,40 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
     at::parallel_for(0, B, grain(H), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t r4 = b * 4 * H, r1 = b * H;
-        const float* g = pg0 + o4 + r4;
-        const float* dg = pd0 + o4 + r4;
-        const uint8_t* mk = pm0 + o4 + r4;
-        const float* S = ps0 + o4 + r4;  // c, mc, tc, mh
-        const float* dt = pt0 + o1 + r1;
-        const float* cp = s > 0 ? ps0 + tp * B * 4 * H + r4 : nullptr;  // c_{t-1}
+        const int16_t* g = pgq + o4 + r4;
+        const int16_t* gf = pgi + o4 + r4;
+        const int16_t* cqr = pcq + o1 + r1;
+        const int16_t* tqr = ptq + o1 + r1;
+        const int16_t* cir = pci + o1 + r1;
+        const int16_t* cp = s > 0 ? pcq + tp * B * H + r1 : nullptr;  // c_{t-1}
         const float* dyr = pdy + o1 + r1;
         const float* dhr_ = pdh + r1;
         float* dcr = pdc + r1;
         float* z = pz + r4;
         float* ar = pa + r4;
         for (int64_t j = 0; j < H; ++j) {
+          const int cinfo = cir[j];
+          const float gi_ = g[j] * kQ15, gf_ = g[H + j] * kQ15, gg_ = g[2 * H + j] * kQ15,
+                      go_ = g[3 * H + j] * kQ15;
+          const float tc = tqr[j] * kQ15;
           float dh = dyr[j] + dhr_[j];
-          float P = dh * S[3 * H + j];              // through the h fake quant
-          float d_o = P * S[2 * H + j];             // d(o * tc) / do = tc
-          float d_tc = P * g[3 * H + j];            // ... / dtc = o
-          float dct = dcr[j] + d_tc * dt[j];        // grad of c_t (next step's f * c and tanh(c))
-          float dpre = dct * S[H + j];              // through the cell saturation
-          float cprev = cp ? cp[j] : 0.0f;
+          float P = dh * decode(cinfo & 3);         // through the h fake quant
+          float d_o = P * tc;                       // d(o * tc) / do = tc
+          float d_tc = P * go_;                     // ... / dtc = o
+          float dtcf = tnc.a[(cinfo >> 8) & 127] * decode4((cinfo >> 4) & 3);
+          float dct = dcr[j] + d_tc * dtcf;         // grad of c_t (next step's f * c and tanh(c))
+          float dpre = (cinfo & 4) ? dct : 0.0f * dct;  // through the cell saturation
+          float cprev = cp ? cp[j] * K.cs : 0.0f;
           float d_f = dpre * cprev;
-          float d_i = dpre * g[2 * H + j];
-          float d_g = dpre * g[j];
-          dcr[j] = dpre * g[H + j];                 // grad of c_{t-1}
-          float dz[4] = {d_i * dg[j], d_f * dg[H + j], d_g * dg[2 * H + j], d_o * dg[3 * H + j]};
-          for (int gi = 0; gi < 4; ++gi) {
-            const int c = mk[gi * H + j];
-            z[gi * H + j] = dz[gi] * decode(c >> 2);
-            ar[gi * H + j] = dz[gi] * decode(c & 3);
+          float d_i = dpre * gg_;
+          float d_g = dpre * gi_;
+          dcr[j] = dpre * gf_;                      // grad of c_{t-1}
+          const float dgate[4] = {d_i, d_f, d_g, d_o};
+          for (int k = 0; k < 4; ++k) {
+            const int info = gf[k * H + j];
+            const float dz = dgate[k] * (slope[k][(info >> 8) & 127] * decode4((info >> 4) & 3));
+            z[k * H + j] = dz * decode((info >> 2) & 3);
+            ar[k * H + j] = dz * decode(info & 3);
           }
         }
       }
@@ -456,6 +483,6 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
 TORCH_LIBRARY(intlstm_qat, m) {
   m.def("lstm_fwd(Tensor p, Tensor q, Tensor m, Tensor sig, Tensor tanh, Tensor tanh_c, float[] consts, "
         "bool reverse, bool save) -> Tensor[]", &lstm_fwd);
-  m.def("lstm_bwd(Tensor dy, Tensor? dc, Tensor wh, Tensor y, Tensor gates, Tensor dgate, Tensor masks, "
-        "Tensor sc, Tensor dtc, bool reverse) -> Tensor[]", &lstm_bwd);
+  m.def("lstm_bwd(Tensor dy, Tensor? dc, Tensor wh, Tensor y, Tensor gq, Tensor gi, Tensor cq, Tensor tq, "
+        "Tensor ci, Tensor sig, Tensor tanh, Tensor tanh_c, float[] consts, bool reverse) -> Tensor[]", &lstm_bwd);
 }
