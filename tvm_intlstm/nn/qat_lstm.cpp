@@ -314,13 +314,20 @@ static at::Tensor linear_nt(const at::Tensor& x, const at::Tensor& w) {
   return at::mm(x, w.t());
 }
 
-// exact integer recurrent product hq [B, H] x q^T (q int8 [4H, H]) into acc int32 [B, 4H]
+// exact integer recurrent product hq [B, H] x q^T (q int8 [4H, H]) into acc int32 [B, 4H]: oneDNN's s8
+// GEMM (at::_int_mm; it is wrong for an inner dimension of 1, hence H >= 8), else, or where a torch
+// build has no CPU _int_mm, a float64 product (exact: |sum| < 2^53)
 static void int_product(at::Tensor& acc, const at::Tensor& hq, const at::Tensor& q) {
-  if (q.size(1) >= 8) {  // oneDNN's s8 GEMM (at::_int_mm is wrong for an inner dimension of 1)
-    at::_int_mm_out(acc, hq, q.t());
-  } else {
-    acc.copy_(at::mm(hq.to(at::kDouble), q.to(at::kDouble).t()));
+  static bool int_mm_ok = true;
+  if (int_mm_ok && q.size(1) >= 8) {
+    try {
+      at::_int_mm_out(acc, hq, q.t());
+      return;
+    } catch (const std::exception&) {
+      int_mm_ok = false;
+    }
   }
+  acc.copy_(at::mm(hq.to(at::kDouble), q.to(at::kDouble).t()));
 }
 
 // Forward of one direction. p [T, B, 4H]: input part x W_x^T + b before its fake quantization;
