@@ -22,7 +22,8 @@ class QuantConfig:
     qat_lstm: how QAT (train-mode) LSTM layers run their time loop: 'fused' (the default: one compiled
         C++ forward and backward per layer direction, built at first use, tvm_intlstm/nn/qat_fast.py)
         or 'loop' (the Python loop over time steps, the reference the fused path is tested against;
-        also the fallback when the extension cannot be built). Same values and gradients either way.
+        also the fallback when the extension cannot be built). Same forward values bit for bit either
+        way, gradients equal to float rounding.
     """
 
     pwl_pieces: int = 16
