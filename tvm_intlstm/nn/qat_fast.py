@@ -3,19 +3,23 @@
 `QuantLSTM.forward_fake` with `qat_lstm="loop"` runs a Python loop over time with some forty small
 torch ops per step (and as many autograd nodes). The fused path runs the whole loop of one layer
 direction in one C++ forward call and one C++ backward call (tvm_intlstm/nn/qat_lstm.cpp), wrapped in
-a torch.autograd.Function: per step one `at::mm` for the recurrent product and one pass over the
-gates that fuses the fake quantization, the PWL activations and the cell update; the backward saves
-the per-step straight-through factors and forms the recurrent weight gradient in one product.
+a torch.autograd.Function: per step one exact int8 product for the recurrent part (at::_int_mm; the
+loop path computes the same exact value, fake_quant.RecurrentProduct) and one vectorised pass over
+the gates that fuses the fake quantization of the input part and of the recurrent product, the PWL
+activations, the cell update and the hidden fake quantization. The forward saves, per unit and
+step, the grid values and straight-through factors the backward needs (22 bytes); the backward runs
+the per-step dh products and forms the recurrent weight gradient in one product.
 
 Same numerics as the loop: forward values bit for bit (same float32 operations in the same order),
-gradients to float rounding (summation orders differ). The input projection, weight fake
-quantization and everything outside the recurrence stay ordinary torch ops.
+gradients to float rounding (summation orders differ). The input projection (its forward is the
+loop's expression; InputProjection), the weight fake quantization and everything outside the
+recurrence stay ordinary torch ops.
 
 The extension is compiled at first use with the system C++ compiler (`$CXX` or g++, flags
-below, linked against the installed torch) into ~/.cache/tvm_intlstm (or $TVM_INTLSTM_CACHE) and
-reused afterwards; no network or ninja needed. If it cannot be built, QAT falls back to the loop
+below, linked against the installed torch; ~10 s) into ~/.cache/tvm_intlstm (or $TVM_INTLSTM_CACHE)
+and reused afterwards; no network or ninja needed. If it cannot be built, QAT falls back to the loop
 with a warning. The kernels parallelise over the batch through torch's intra-op pool and the
-products use torch's BLAS, so `torch.set_num_threads` applies as for float training.
+products use torch's oneDNN/BLAS, so `torch.set_num_threads` applies as for float training.
 """
 from __future__ import annotations
 
