@@ -17,11 +17,39 @@ def fake_quant(x: torch.Tensor, scale, lo: int, hi: int) -> torch.Tensor:
     return xc + (torch.round(xc / s) * s - xc).detach()
 
 
+def weight_row_scales(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """Per-output-row scales [O, 1] of fake_quant_weight_per_row."""
+    s = w.detach().abs().amax(dim=1, keepdim=True) / qmax
+    return torch.where(s > 0, s, torch.ones_like(s))
+
+
 def fake_quant_weight_per_row(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:
     """Symmetric per-output-row int8 weight fake quantization (spec 4)."""
-    s = w.detach().abs().amax(dim=1, keepdim=True) / qmax
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    return fake_quant(w, s, -qmax, qmax)
+    return fake_quant(w, weight_row_scales(w, qmax), -qmax, qmax)
+
+
+@torch.no_grad()
+def int_weight_per_row(w: torch.Tensor, s: torch.Tensor, qmax: int = 127) -> torch.Tensor:
+    """The integers of fake_quant_weight_per_row(w) (= q * s), as int8."""
+    xc = torch.maximum(torch.minimum(w, qmax * s), -qmax * s)
+    return torch.round(xc / s).to(torch.int8)
+
+
+class RecurrentProduct(torch.autograd.Function):
+    """h @ wh^T for QAT LSTMs, valued exactly: h = k s_h and wh = q s_w on their integer grids, so the
+    product is the integer product k q^T (exact in float64) times m = s_h s_w (float32), what the
+    integer model computes, and the same in the Python loop and the fused kernel whatever the BLAS
+    summation order. Gradients are those of the float product h @ wh^T."""
+
+    @staticmethod
+    def forward(ctx, h, wh, k, q, m):
+        ctx.save_for_backward(h, wh)
+        return torch.matmul(k.double(), q.double().t()).float() * m
+
+    @staticmethod
+    def backward(ctx, g):
+        h, wh = ctx.saved_tensors
+        return g.mm(wh), h.t().mm(g).t(), None, None, None
 
 
 def fake_quant_weight_per_tensor(w: torch.Tensor, qmax: int = 127) -> torch.Tensor:

@@ -17,7 +17,9 @@ from ..quant.config import QuantConfig
 from ..quant.pwl import fit_pwl
 from ..reference.ops import GATE_FRAC
 from . import intmodules as im
-from .fake_quant import FloatPWL, fake_quant, fake_quant_weight_per_row, fake_quant_weight_per_tensor
+from . import qat_fast
+from .fake_quant import (FloatPWL, RecurrentProduct, fake_quant, fake_quant_weight_per_row,
+                         fake_quant_weight_per_tensor, int_weight_per_row, weight_row_scales)
 from .intops import pack_table
 
 
@@ -257,6 +259,14 @@ class QuantLSTM(QuantModule):
         return out, (torch.stack(hs), torch.stack(cs))
 
     # qat: fake-quantized arithmetic of spec section 8 ---------------------------------------
+    def _use_fused(self, h_in) -> bool:
+        """config.qat_lstm == "fused" and the extension builds (else the loop, with a warning)."""
+        if self.config.qat_lstm != "fused" or h_in.dtype != torch.float32 or h_in.device.type != "cpu":
+            return False
+        if h_in.shape[0] == 0 or h_in.shape[1] == 0:
+            return False
+        return qat_fast.available()
+
     def forward_fake(self, x, hx=None):
         self._check_args(x, hx)
         m = self.lstm
@@ -268,20 +278,36 @@ class QuantLSTM(QuantModule):
             s_h = self.h_obs[li].scale()
             cf = self.cell_frac(li)
             c_s = 2.0**-cf
+            s_h32 = torch.tensor(s_h, dtype=torch.float32)
             sig_t, tanh_t, tanhc_t = (FloatPWL(t) for t in self.tables(li))
+            fused = self._use_fused(h_in)
+            if fused:
+                packed = [qat_fast.pack_float_table(t) for t in (sig_t, tanh_t, tanhc_t)]
+                consts = qat_fast.step_constants(g_s, c_s, s_h)
             outs = []
             for d in range(self.ndir):
                 w_ih, w_hh, b = self._w(li, d)
                 wx = fake_quant_weight_per_row(w_ih, self.wmax)
-                wh = fake_quant_weight_per_row(w_hh, self.wmax)
+                s_w = weight_row_scales(w_hh, self.wmax)
+                wh = fake_quant(w_hh, s_w, -self.wmax, self.wmax)
+                q = int_weight_per_row(w_hh, s_w, self.wmax)
+                m_h = s_h32 * s_w[:, 0]  # the recurrent product's scale per gate row
                 T, B, _ = h_in.shape
                 H = w_hh.shape[1]
+                if fused:  # the same step arithmetic as the loop below, in one C++ call (qat_fast.py)
+                    y, c = qat_fast.lstm_direction(qat_fast.InputProjection.apply(h_in, wx, b), wh, q, m_h,
+                                                   packed, consts, reverse=bool(d))
+                    outs.append(y)
+                    hs.append(y[0] if d else y[-1])
+                    cs.append(c)
+                    continue
                 gx = fake_quant(h_in @ wx.t() + b, g_s, -32768, 32767)
                 h = h_in.new_zeros(B, H)
                 c = h_in.new_zeros(B, H)
                 ys = [None] * T
                 for t in (range(T - 1, -1, -1) if d else range(T)):
-                    gh = fake_quant(h @ wh.t(), g_s, -32768, 32767)
+                    k = torch.round(h.detach() / s_h32)  # h's integers (h = k s_h)
+                    gh = fake_quant(RecurrentProduct.apply(h, wh, k, q, m_h), g_s, -32768, 32767)
                     z = torch.clamp(gx[t] + gh, -8.0, 8.0 - g_s)
                     zi, zf, zg, zo = z.chunk(4, dim=1)
                     i = fake_quant(sig_t(zi), q15, -32768, 32767)

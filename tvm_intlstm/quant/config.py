@@ -19,6 +19,11 @@ class QuantConfig:
         way; 7-bit weights let the x86 AVX2 kernels use vpmaddubsw on unsigned activations, exact
         because |u0 w0 + u1 w1| <= 2 * 255 * 64 fits int16 (about 1.3-1.9x faster GEMMs), at the
         accuracy cost of one weight bit (docs/integer_spec.md section 4, BENCHMARKS.md).
+    qat_lstm: how QAT (train-mode) LSTM layers run their time loop: 'fused' (the default: one compiled
+        C++ forward and backward per layer direction, built at first use, tvm_intlstm/nn/qat_fast.py)
+        or 'loop' (the Python loop over time steps, the reference the fused path is tested against;
+        also the fallback when the extension cannot be built). Same forward values bit for bit either
+        way, gradients equal to float rounding.
     """
 
     pwl_pieces: int = 16
@@ -26,6 +31,7 @@ class QuantConfig:
     cell_frac: Optional[int] = None
     qat_observe_batches: int = 8
     weight_bits: int = 8
+    qat_lstm: str = "fused"
 
     def __post_init__(self):
         if not 2 <= self.pwl_pieces <= 64:
@@ -34,5 +40,7 @@ class QuantConfig:
             raise ValueError(f"pwl_method must be 'adaptive' or 'uniform', got {self.pwl_method!r}")
         if self.weight_bits not in (7, 8):
             raise ValueError(f"weight_bits must be 7 or 8, got {self.weight_bits}")
+        if self.qat_lstm not in ("fused", "loop"):
+            raise ValueError(f"qat_lstm must be 'fused' or 'loop', got {self.qat_lstm!r}")
         if self.cell_frac is not None and not 0 <= self.cell_frac <= 15:
             raise ValueError(f"cell_frac must be in 0..15, got {self.cell_frac}")
