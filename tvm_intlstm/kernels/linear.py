@@ -25,6 +25,13 @@ from ._tir import add_i32
 LIN_NR, LIN_OV = 4, 2      # register tile of the packed linear kernels: 4 rows x 2 x 8 channels
 
 
+def lin_tile(isa: str, packed: bool) -> tuple[int, int]:
+    """(rows, 8-channel vectors) of the packed linear kernels' register tile: the family's
+    `lin_tile` (more registers, a larger tile), else LIN_NR x LIN_OV."""
+    fam = _isa.family(isa)
+    return fam.lin_tile if (packed and fam.lin_tile) else (LIN_NR, LIN_OV)
+
+
 def _check_dims(K, O):
     K, O = int(K), int(O)
     if K <= 0 or O <= 0:
@@ -73,11 +80,12 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: 
                          "bias + _gemm.u8_correction(W) (zeros + correction without a bias)")
     if packed and _isa.family(isa).outer:
         # many rows (T*B for an input projection): the outer-product form, 4 rows x 16 channels
-        wshape = outer_shape(K, O, u8, LIN_OV)
+        NR, OV = lin_tile(isa, packed)
+        wshape = outer_shape(K, O, u8, OV)
         KP = wshape[1] * wshape[3]
         fill = u8_source_macro(K, KP) if u8 else _sext_macro(K, KP)
         return wshape, ("uint8" if u8 else "int16"), KP, fill, gemm_outer_macro(
-            K, O, isa, u8, NR=LIN_NR, OV=LIN_OV, parallel=parallel), 0
+            K, O, isa, u8, NR=NR, OV=OV, parallel=parallel), 0
     gemm = gemm_macro(K, O, isa)
     if x16_source(isa):
         return (O, K), "int16", padded_k(K), _sext_macro(K), gemm, 0
@@ -102,6 +110,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
     mmla = uses_mmla(target, isa, packed)
     WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla, parallel)
     wide = src_dt is not None
+    ACC_ROWS = lin_tile(isa, packed)[0] * lin_tile(isa, packed)[1]
 
     if bias:
         @T.prim_func
@@ -112,7 +121,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             W = T.match_buffer(w_h, WS, "int8")
             Bb = T.match_buffer(b_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N + XR, KP), src_dt)
@@ -129,7 +138,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             X = T.match_buffer(x_h, (N, K), "int8")
             W = T.match_buffer(w_h, WS, "int8")
             Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N + XR, KP), src_dt)
@@ -138,7 +147,8 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
                 XS = X
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(Y, acc, [n, o]))
 
-    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, LIN_OV, mmla=mmla)
+    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, lin_tile(isa, packed)[1],
+                mmla=mmla)
 
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
@@ -165,6 +175,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
     mmla = uses_mmla(target, isa, packed)
     WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla, parallel)
     wide = src_dt is not None
+    ACC_ROWS = lin_tile(isa, packed)[0] * lin_tile(isa, packed)[1]
 
     if bias:
         @T.prim_func
@@ -178,7 +189,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N + XR, KP), src_dt)
@@ -198,7 +209,7 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             Mb = T.match_buffer(m_h, (O,), "int32")
             Sb = T.match_buffer(s_h, (O,), "int32")
             Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((max(ROW_TILE, LIN_NR * LIN_OV, MMLA_RP * MMLA_CP), 8), "int32")
+            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
             RED = T.alloc_buffer((ROW_TILE,), "int32")
             if wide:
                 XS = T.alloc_buffer((N + XR, KP), src_dt)
@@ -208,4 +219,5 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
                 Y, rq(acc, Mb[o], Sb[o], bits), [n, o]))
 
-    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed, LIN_OV, mmla=mmla)
+    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed,
+                lin_tile(isa, packed)[1], mmla=mmla)

@@ -38,6 +38,8 @@ class KernelFamily:
     unit_block = 1          # the recurrent kernel pads its units to a multiple of this
     threaded = False        # has the threaded recurrent form (one parallel launch per call)
     vec_lanes = 8           # int32 lanes of the outer-product GEMM's step on the u8 route (8: ymm)
+    lin_tile = None         # (rows, 8-channel vectors) of the packed linear register tile, None:
+                            # linear.LIN_NR x LIN_OV
     rec_row_tiles = (2,)    # batch rows per register tile of the recurrent GEMM (batch > 1) that
                             # fit the registers; the kernel takes the tallest dividing the batch
 
