@@ -614,22 +614,33 @@ def render(a, man, results, command, ghz, wall, tf_version):
     return "\n".join(L) + "\n"
 
 
-BEGIN, END = "<!-- peers.py:begin (generated) -->", "<!-- peers.py:end -->"
+ANCHOR = "<!-- peers.py: new CPU-class sections go after this line -->"
 
 
-def write_md(path, block):
+def markers(family: str) -> tuple[str, str]:
+    """The BENCHMARKS.md markers of one CPU class's generated tables (one section per kernel
+    family, so that a run on a VNNI machine does not overwrite the AVX2 machine's tables)."""
+    return (f"<!-- peers.py:begin (generated, {family} kernels) -->",
+            f"<!-- peers.py:end ({family} kernels) -->")
+
+
+def write_md(path, block, family, title):
+    begin, end = markers(family)
     text = ""
     if os.path.exists(path):
         with open(path) as f:
             text = f.read()
-    new = f"{BEGIN}\n{block}{END}"
-    if BEGIN in text and END in text:
-        pre, rest = text.split(BEGIN, 1)
-        post = rest.split(END, 1)[1]
+    new = f"{begin}\n{block}{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        post = rest.split(end, 1)[1]
         text = pre + new + post
+    elif ANCHOR in text:     # a new CPU class: its section goes first, after the anchor
+        pre, post = text.split(ANCHOR, 1)
+        text = pre + ANCHOR + f"\n\n### {title}\n\n{new}\n" + post
     else:
         text = ("# Benchmarks\n\n## tvm_intlstm against its peers (`benchmarks/peers.py`)\n\n"
-                + new + "\n" + text)
+                + f"### {title}\n\n" + new + "\n" + text)
     with open(path, "w") as f:
         f.write(text)
 
@@ -734,7 +745,11 @@ def main():
         with open(a.json, "w") as f:
             json.dump({"manifest": man, "results": results}, f, indent=1)
     if a.md:
-        write_md(a.md, block)
+        from tvm_intlstm.kernels import isa as families
+        from tvm_intlstm.target import parse_target
+        fam = families.pick(parse_target(a.target)).name
+        from tvm.target import codegen
+        write_md(a.md, block, fam, f"{machine_name()} ({codegen.llvm_get_system_cpu()}): {fam} kernels")
         log(f"wrote {a.md}")
     if a.plot and any(res["sweep"] for res in results):
         plot(a.plot, results, threads[0])
