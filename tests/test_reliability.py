@@ -339,15 +339,22 @@ def test_calibration_all_zero_warns():
 
 
 def test_module_for_missing_cpu_features_refused(feat_q, tmp_path):
-    """sapphirerapids implies AMX (amx-tile), which this CPU (and any AMD) lacks: the first call and
-    til.load raise, naming the features, before any of the module's code runs."""
-    if host_arch() != "x86_64" or "amx_tile" in open("/proc/cpuinfo").read():
-        pytest.skip("needs an x86 CPU without AMX")
-    cm = til.compile(feat_q, "llvm -mcpu=sapphirerapids", (torch.randn(4, 1, 6),), verbose=False)
-    with pytest.raises(TargetError, match=r"needs CPU feature\(s\) .*amx-tile.*this CPU lacks"):
+    """A module for a CPU with features this one lacks: sapphirerapids implies AMX (amx-tile), which
+    no AMD CPU has; znver3 implies sse4a, which no Intel CPU has (so one of the two is foreign on
+    any x86 host). The first call and til.load raise, naming the features, before any of the
+    module's code runs. (On an aarch64 host the x86 module is a cross build: also refused.)"""
+    amx = "amx_tile" in open("/proc/cpuinfo").read()
+    cpu, feature = ("znver3", "sse4a") if amx else ("sapphirerapids", "amx-tile")
+    cm = til.compile(feat_q, f"llvm -mtriple=x86_64-linux-gnu -mcpu={cpu}", (torch.randn(4, 1, 6),),
+                     verbose=False)
+    if host_arch() != "x86_64":
+        with pytest.raises(RuntimeError, match="cannot run on this"):
+            cm(np.zeros((3, 1, 6), np.float32))
+        return
+    with pytest.raises(TargetError, match=rf"needs CPU feature\(s\) .*{feature}.*this CPU lacks"):
         cm(np.zeros((3, 1, 6), np.float32))
-    path = cm.export_library(tmp_path / "spr.so")       # exporting is not affected
-    with pytest.raises(TargetError, match=r"spr.so was built for .*sapphirerapids.*amx-tile"):
+    path = cm.export_library(tmp_path / "foreign.so")   # exporting is not affected
+    with pytest.raises(TargetError, match=rf"foreign.so was built for .*{cpu}.*{feature}"):
         til.load(path)
 
 
