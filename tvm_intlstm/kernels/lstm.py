@@ -234,15 +234,18 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # batch is a multiple of the tile height (a tile's missing rows would be computed anyway)
         gemm8, gemm4 = (gemm_outer_macro(H, G, isa, u8, NR=nr, OV=REC_OV, prefetch_w=False)
                         if nr in fam.rec_row_tiles else None for nr in (8, 4))
+        # the threaded form's parallel steps with 4-row tiles (cells still per group, 2 rows at once)
+        gemm4p = gemm_outer_macro(H, G, isa, u8, NR=4, OV=REC_OV, parallel=True,
+                                  prefetch_w=False) if fused and 4 in fam.rec_row_tiles else None
         outer = True
     else:
         WS = (G, H)
         HP = padded_k(H) if wide else H
         gemm = gemm_macro(H, G, isa)
         gemm2 = gemm
-        gemm2_solo = gemm8 = gemm4 = None
+        gemm2_solo = gemm8 = gemm4 = gemm4p = None
         outer = False
-    rows8, rows4 = gemm8 is not None, gemm4 is not None
+    rows8, rows4, rows4p = gemm8 is not None, gemm4 is not None, gemm4p is not None
     JO, JV = vec_split(H, 8)
     ig_shift = 30 - F
 
@@ -438,6 +441,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             gemm(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
                  solo and t % 2 == 1, gx_addr(GX, tt), cell_group1,
                  (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
+        elif rows4p and B % 4 == 0:
+            gemm4p(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
+                   gx_addr(GX, tt), cell_group2,
+                   (tt, Z, CT, HT, Y, TV, BS, LIM, H16, ((t + 1) % 2) * B), 8)
         else:
             gemm2(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), False,
                   gx_addr(GX, tt), cell_group2,
