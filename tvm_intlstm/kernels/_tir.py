@@ -20,8 +20,7 @@ from __future__ import annotations
 from tvm import tirx
 from tvm.ir import Expr as PrimExpr
 
-PWL_FRAC = 14
-GATE_FRAC = 12
+from ..spec import GATE_FRAC, PWL_FRAC  # noqa: F401  (re-exported for the kernels)
 
 _RANGES = {
     8: (-(2**7), 2**7 - 1),

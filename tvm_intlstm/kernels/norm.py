@@ -10,9 +10,8 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ._common import check_multiplier, check_shift, finish, vec_split
+from ..spec import LN_FRAC, PROB_FRAC
 from ._tir import PWL_FRAC, requantize, rshift_round, sat, sat_cast
-
-LN_FRAC = 12
 
 
 def layer_norm(features: int, Ml: int, sl: int):
@@ -115,7 +114,7 @@ def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
             E[0] = T.max(E[0], T.int64(1))
             for k in range(K):
                 P[r, k] = T.Cast("int16", T.min(T.floordiv(
-                    T.Cast("int64", EX[k]) * T.int64(1 << 15) + T.floordiv(E[0], T.int64(2)),
+                    T.Cast("int64", EX[k]) * T.int64(1 << PROB_FRAC) + T.floordiv(E[0], T.int64(2)),
                     E[0]), T.int64(32767)))
 
     if static_k:

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..reference.ops import PWL_FRAC
+from ..spec import LN_FRAC, PROB_FRAC, PWL_FRAC
 
 _MAX_K = 2**16
 
@@ -195,7 +195,7 @@ def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, ml: int
     d = D * xi - S
     V = (d * d).sum(dim=-1, keepdim=True)
     r = torch.clamp(isqrt(torch.div(V, D, rounding_mode="floor")), min=1)
-    n = torch.div(2 * d * (1 << 12) + r, 2 * r, rounding_mode="floor")
+    n = torch.div(2 * d * (1 << LN_FRAC) + r, 2 * r, rounding_mode="floor")
     acc = n * gamma.to(torch.int64) + beta.to(torch.int64)
     return sat(rshift_round(acc * ml, sl), 8).to(torch.int8)
 
@@ -214,8 +214,8 @@ def softmax(z: torch.Tensor, mz: int, sz: int, exp_table: torch.Tensor) -> torch
     d16 = requantize(d, mz, sz, 16)
     e = pwl(d16, exp_table).to(torch.int64)
     E = e.sum(dim=-1, keepdim=True)
-    p = torch.clamp(torch.div(e * (1 << 15) + torch.div(E, 2, rounding_mode="floor"), E, rounding_mode="floor"),
-                    max=32767)
+    p = torch.clamp(torch.div(e * (1 << PROB_FRAC) + torch.div(E, 2, rounding_mode="floor"), E,
+                              rounding_mode="floor"), max=32767)
     return p.to(torch.int16)
 
 

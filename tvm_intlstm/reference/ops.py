@@ -10,13 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-INT8 = (-128, 127)
-INT16 = (-32768, 32767)
-INT32 = (-(2**31), 2**31 - 1)
-PWL_FRAC = 14
-GATE_FRAC = 12  # gate domain Q3.12
-LN_FRAC = 12
-SOFTMAX_IN_FRAC = 10
+from ..spec import (GATE_FRAC, INT8, INT16, INT32, LN_FRAC, PROB_FRAC, PWL_FRAC,  # noqa: F401
+                    SOFTMAX_IN_FRAC)
 
 
 def _i64(x) -> np.ndarray:
@@ -254,7 +249,7 @@ def softmax(z, Mz: int, sz: int, exp_table: PWLTable) -> np.ndarray:
     e = _i64(pwl(d16, exp_table))
     E = e.sum(axis=-1, keepdims=True)
     assert np.all(E > 0)
-    p = np.minimum((e * (1 << 15) + E // 2) // E, 32767)
+    p = np.minimum((e * (1 << PROB_FRAC) + E // 2) // E, INT16[1])
     return p.astype(np.int16)
 
 
