@@ -81,22 +81,28 @@ def test_linear_forms_random(lin_kernels, rng, Kd, O, w7, packed):
             np.testing.assert_array_equal(got, ops.requantize(ops.linear_acc(x, W, b), M, s, bits))
 
 
-@pytest.mark.parametrize("w7,packed", FORMS)
-def test_linear_forms_extremes(lin_kernels, w7, packed):
-    """x = 127 / -128 against all-extreme weights (+-64 on the u8 route: vpmaddubsw's pair sums
-    reach 2 * 255 * 64 and -2 * 255 * 64), and biases placing results on INT32_MAX / INT32_MIN."""
-    Kd, O = SHAPES[4]
-    hi = 64 if w7 else 127
+def int32_limit_case(Kd, O, hi, lo):
+    """(x, W, b): x rows of 127 / -128 / 0 / alternating against weights hi / lo (mixed signs
+    within row 3), and a bias placing results [0, 0] on INT32_MAX and [1, 2] on INT32_MIN."""
     W = np.full((O, Kd), hi, np.int8)
-    W[1::2] = -hi
-    W[3, ::2] = -hi   # mixed signs within a row
+    W[1::2] = lo
+    W[3, ::2] = lo
     x = np.stack([np.full(Kd, 127), np.full(Kd, -128), np.zeros(Kd),
                   np.tile([127, -128], Kd)[:Kd]]).astype(np.int8)
     acc0 = ops.linear(x, W)
     b = np.zeros(O, np.int64)
     b[0] = 2**31 - 1 - acc0[0, 0]
     b[2] = -(2**31) - acc0[1, 2]
-    b = b.astype(np.int32)
+    return x, W, b.astype(np.int32)
+
+
+@pytest.mark.parametrize("w7,packed", FORMS)
+def test_linear_forms_extremes(lin_kernels, w7, packed):
+    """x = 127 / -128 against all-extreme weights (+-64 on the u8 route: vpmaddubsw's pair sums
+    reach 2 * 255 * 64 and -2 * 255 * 64), and biases placing results on INT32_MAX / INT32_MIN."""
+    Kd, O = SHAPES[4]
+    hi = 64 if w7 else 127
+    x, W, b = int32_limit_case(Kd, O, hi, -hi)
     ref = ops.linear(x, W, b)
     assert ref[0, 0] == 2**31 - 1 and ref[1, 2] == -(2**31)
     f, k = lin_kernels[(Kd, O, w7, packed, "i32")]

@@ -22,6 +22,7 @@ from tvm_intlstm.quant.fixed_point import quantize_multiplier_array
 from tvm_intlstm.reference import ops
 from tvm_intlstm.target import missing_host_features, parse_target
 
+from test_fast_kernels import int32_limit_case
 from test_kernels import assert_lstm_equal, make_lstm, ref_recurrence, run, run_recurrent
 
 # family -> representative targets (x86_vnni in AVX-VNNI's VEX form and AVX512-VNNI's EVEX ymm
@@ -131,17 +132,8 @@ def test_linear_full_range(fam, target, Kd, O):
 @pytest.mark.parametrize("fam,target", FAMILY_TARGETS, ids=IDS)
 def test_linear_int32_limits(fam, target):
     """Results exactly on INT32_MAX / INT32_MIN with weights at -128 / 127 and x at -128 / 127."""
+    x, W, b = int32_limit_case(650, 20, 127, -128)
     Kd, O = 650, 20
-    W = np.full((O, Kd), 127, np.int8)
-    W[1::2] = -128
-    W[3, ::2] = -128
-    x = np.stack([np.full(Kd, 127), np.full(Kd, -128), np.zeros(Kd),
-                  np.tile([127, -128], Kd)[:Kd]]).astype(np.int8)
-    acc0 = ops.linear(x, W)
-    b = np.zeros(O, np.int64)
-    b[0] = 2**31 - 1 - acc0[0, 0]
-    b[2] = -(2**31) - acc0[1, 2]
-    b = b.astype(np.int32)
     u8 = K.isa.family(fam).u8_exact(W) and K.isa.u8_weights_fit_int32(W, b)
     f = K.linear_i32(Kd, O, target=target, isa=fam, w7=u8, packed=True)
     k = _kernel(f, target)
