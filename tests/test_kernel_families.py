@@ -134,7 +134,7 @@ def test_linear_int32_limits(fam, target):
     """Results exactly on INT32_MAX / INT32_MIN with weights at -128 / 127 and x at -128 / 127."""
     x, W, b = int32_limit_case(650, 20, 127, -128)
     Kd, O = 650, 20
-    u8 = K.isa.family(fam).u8_exact(W) and K.isa.u8_weights_fit_int32(W, b)
+    u8 = K.isa.family(fam).u8_exact(W) and K.u8_bias_fits(W, b)
     f = K.linear_i32(Kd, O, target=target, isa=fam, w7=u8, packed=True)
     k = _kernel(f, target)
     if k is not None:

@@ -42,7 +42,7 @@ import tvm
 from . import isa
 from ._common import as_target, has_feature, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
-from ._gemm import u8_correction, weights_fit_u8
+from ._gemm import u8_bias_fits, u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
 from .lstm import (gate_interleaved, gate_order, lstm_recurrent, pack_pwl, pad_units, pwl_foldable,
                    recurrent_units)
@@ -101,8 +101,7 @@ def prepare_weights(func, W, bias=None):
     (`lstm.gate_order`; its gx, mh and sh must come in that order too). Done once per model at
     compile time."""
     import numpy as np  # pylint: disable=import-outside-toplevel
-    from ._gemm import (pack_mmla, pack_outer, u8_correction,  # pylint: disable=import-outside-toplevel
-                        weights_fit_u8)
+    from ._gemm import pack_mmla, pack_outer  # pylint: disable=import-outside-toplevel
     from .lstm import gate_order  # pylint: disable=import-outside-toplevel
     u8, ov = kernel_convention(func)
     W = np.asarray(W)
@@ -118,10 +117,9 @@ def prepare_weights(func, W, bias=None):
                              f"{int(np.abs(W.astype(np.int32)).max())}; the avx2 u8 route needs W in [-64, 64])")
         corr = u8_correction(W)
         if bias is not None:
-            b = np.asarray(bias, dtype=np.int64) + corr
-            if b.size and (b.max() > 2**31 - 1 or b.min() < -(2**31)):
+            if not u8_bias_fits(W, bias):
                 raise ValueError("bias - 128 rowsum(W) leaves int32: use w7=False")
-            bias = b.astype(np.int32)
+            bias = (np.asarray(bias, dtype=np.int64) + corr).astype(np.int32)
     corr = gate_order(func, corr)
     if ov == -1:
         return pack_mmla(Wk), bias, corr
@@ -151,7 +149,7 @@ def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
 
 
 __all__ = [
-    "isa", "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "resolve_isa", "as_target", "Kernel",
+    "isa", "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "u8_bias_fits", "resolve_isa", "as_target", "Kernel",
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
     "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved", "recurrent_units", "pad_units",

@@ -54,6 +54,15 @@ def u8_correction(W) -> np.ndarray:
     return (-128 * np.asarray(W, dtype=np.int64).sum(axis=1)).astype(np.int32)
 
 
+def u8_bias_fits(W, bias=None) -> bool:
+    """Does the u8 route's folded bias, bias + u8_correction(W) (bias numpy, None = zeros), stay in
+    int32?"""
+    folded = u8_correction(W).astype(np.int64)
+    if bias is not None:
+        folded = folded + np.asarray(bias, dtype=np.int64)
+    return bool(folded.size == 0 or (folded.max() <= 2**31 - 1 and folded.min() >= -(2**31)))
+
+
 def weights_fit_u8(W, isa: str = "avx2") -> bool:
     """Is the u8 x s8 micro-kernel of family `isa` exact for the int8 weights W (AVX2: all within
     [-W7_MAX, W7_MAX]; x86_vnni: any)?"""

@@ -62,7 +62,7 @@ from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_
 
 # Register tiles of the packed recurrent GEMV: 1 row x 4 x 8 channels for batch 1, 2 rows x 4 x 8
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows), or
-# the family's taller tiles (`KernelFamily.rec_row_tiles`), all on the same packed layout (OV = 4).
+# the family's 4-row tiles (`KernelFamily.rec_rows4`), all on the same packed layout (OV = 4).
 REC_OV = 4
 from ._tir import PWL_FRAC, add_i32, add_sat16, rshift_round, sat
 
@@ -229,23 +229,21 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # the threaded form's steps on a pool of one worker with several batch rows (step_solo)
         gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV,
                                       prefetch_w=False) if fused else None
-        # taller row tiles where the family has the registers (the 32 zmm of AVX-512): more rows
-        # share each weight load. Used by the one-worker steps (serial form, step_solo) when the
-        # batch is a multiple of the tile height (a tile's missing rows would be computed anyway)
-        gemm8, gemm4 = (gemm_outer_macro(H, G, isa, u8, NR=nr, OV=REC_OV, prefetch_w=False)
-                        if nr in fam.rec_row_tiles else None for nr in (8, 4))
-        # the threaded form's parallel steps with 4-row tiles (cells still per group, 2 rows at once)
-        gemm4p = gemm_outer_macro(H, G, isa, u8, NR=4, OV=REC_OV, parallel=True,
-                                  prefetch_w=False) if fused and 4 in fam.rec_row_tiles else None
+        # 4-row tiles where the family has the registers (the 32 zmm of AVX-512): more rows share
+        # each weight load. Taken when 4 divides the batch (a tile's missing rows would be computed
+        # anyway); gemm4p is the threaded form's (cells still per group, 2 rows at once)
+        gemm4, gemm4p = (gemm_outer_macro(H, G, isa, u8, NR=4, OV=REC_OV, parallel=par,
+                                          prefetch_w=False) if fam.rec_rows4 else None
+                         for par in (False, fused))
         outer = True
     else:
         WS = (G, H)
         HP = padded_k(H) if wide else H
         gemm = gemm_macro(H, G, isa)
         gemm2 = gemm
-        gemm2_solo = gemm8 = gemm4 = gemm4p = None
+        gemm2_solo = gemm4 = gemm4p = None
         outer = False
-    rows8, rows4, rows4p = gemm8 is not None, gemm4 is not None, gemm4p is not None
+    rows4, rows4p = gemm4 is not None, gemm4p is not None and fused
     JO, JV = vec_split(H, 8)
     ig_shift = 30 - F
 
@@ -457,10 +455,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # scheduled as the serial form: all products, then all cells, two 8-unit blocks
         # interleaved; with one worker and several batch rows this is faster than a group's cells
         # right after its products (batch 8: ~4 % per step), at batch 1 it is not
-        if rows8 and B % 8 == 0:
-            gemm8(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
-                  t % 2 == 1, gx_addr(GX, tt))
-        elif rows4 and B % 4 == 0:
+        if rows4 and B % 4 == 0:
             gemm4(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
                   t % 2 == 1, gx_addr(GX, tt))
         else:
@@ -481,9 +476,6 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             if B == 1:
                 gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                      gx_addr(GX, tt))
-            elif rows8 and B % 8 == 0:
-                gemm8(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
-                      gx_addr(GX, tt))
             elif rows4 and B % 4 == 0:
                 gemm4(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                       gx_addr(GX, tt))
@@ -539,7 +531,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     @T.macro
     def run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT):
         Z = T.alloc_buffer((B, G), "int16")
-        ACC = T.alloc_buffer((max(ROW_TILE, max(fam.rec_row_tiles) * REC_OV), 8), "int32")
+        ACC = T.alloc_buffer((max(ROW_TILE, (4 if fam.rec_rows4 else 2) * REC_OV), 8), "int32")
         RED = T.alloc_buffer((ROW_TILE,), "int32")
         XC = T.alloc_buffer((4 * U, JV), "int32")
         IDX = T.alloc_buffer((4 * U, JV), "int32")

@@ -10,7 +10,6 @@ row-wise kernels (a free reshape).
 """
 from __future__ import annotations
 
-import numpy as np
 import tvm
 from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator
@@ -78,10 +77,7 @@ def u8_route(W, b, isa: str) -> bool:
     if b is None:
         return True
     bn = const_numpy(b)
-    if bn is None:
-        return False
-    folded = bn.astype(np.int64) + K.u8_correction(W)
-    return bool(folded.max() <= 2**31 - 1 and folded.min() >= -(2**31))
+    return bn is not None and K.u8_bias_fits(W, bn)
 
 
 def _with_root_block(func):

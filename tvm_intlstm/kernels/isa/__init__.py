@@ -21,8 +21,6 @@ to add a kernel family").
 """
 from __future__ import annotations
 
-import numpy as np
-
 _FAMILIES: dict[str, "KernelFamily"] = {}
 
 
@@ -40,8 +38,8 @@ class KernelFamily:
     vec_lanes = 8           # int32 lanes of the outer-product GEMM's step on the u8 route (8: ymm)
     lin_tile = None         # (rows, 8-channel vectors) of the packed linear register tile, None:
                             # linear.LIN_NR x LIN_OV
-    rec_row_tiles = (2,)    # batch rows per register tile of the recurrent GEMM (batch > 1) that
-                            # fit the registers; the kernel takes the tallest dividing the batch
+    rec_rows4 = False       # recurrent GEMM (batch > 1) also in 4-row register tiles (taken when 4
+                            # divides the batch; else 2-row tiles): needs 32 vector registers
 
     def supports(self, f) -> bool:
         """Can a target with `TargetFeatures` f run this family's kernels?"""
@@ -130,14 +128,6 @@ def pick(target) -> KernelFamily:
     if key not in _PICKED:
         _PICKED[key] = supported(tgt)[0]
     return _PICKED[key]
-
-
-def u8_weights_fit_int32(W, bias) -> bool:
-    """Does bias - 128 rowsum(W) (the u8 route's folded bias) stay in int32? bias: numpy or None."""
-    folded = -128 * np.asarray(W, dtype=np.int64).sum(axis=1)
-    if bias is not None:
-        folded = folded + np.asarray(bias, dtype=np.int64)
-    return bool(folded.size == 0 or (folded.max() <= 2**31 - 1 and folded.min() >= -(2**31)))
 
 
 # the families (each file registers its object)

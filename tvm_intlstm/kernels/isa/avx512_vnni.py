@@ -21,7 +21,7 @@ class AVX512VNNI(X86VNNI):
     # a multiple of 4 (whole 256->512 model at batch 8 on a Zen 5 core: 0.80x the time of 2-row
     # tiles; 8-row tiles were faster in the kernel alone but 1.29x slower in the compiled model,
     # not explained yet: perhaps as its 1 KiB accumulator tile is no longer a stack buffer)
-    rec_row_tiles = (4, 2)
+    rec_rows4 = True
     # linear kernels / input projections: 6 rows x 4 vectors of 8 channels (12 zmm accumulators):
     # 256->2048 over 512 rows 1099 -> 618 us (870 GOP/s), 650->2624 over 280 rows 1895 -> 1004 us
     # on a Zen 5 core (8 x 4 is as fast; 4 x 4 0.63x, the default 4 x 2 1.0x)
