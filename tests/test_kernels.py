@@ -7,6 +7,7 @@ PWL input. Kernels with an AVX2 micro-kernel are tested in both forms on an AVX2
 """
 from __future__ import annotations
 
+import pathlib
 import subprocess
 import sys
 
@@ -711,15 +712,20 @@ def test_aarch64_dotprod_kernels_under_qemu(rng, tmp_path):
 
 
 def test_bench_script_small():
-    """bench_kernels runs end to end (bit-exact check included) on a small LSTM."""
-    from tvm_intlstm.kernels import bench_kernels
+    """benchmarks/bench_kernels.py runs end to end (bit-exact check included) on a small LSTM."""
+    import importlib.util
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", script)
+    bench_kernels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_kernels)
 
     res = bench_kernels.bench(H=16, I=8, T=3, B=2, runs=2, inner=1, target=TARGET, verbose=False)
     assert res["exact"] is True
     assert res["isa"] == HOST_ISA
     assert res["total_us"] > 0 and res["torch_fp32_us"] > 0 and res["recurrent_us"] > 0
     # the command line: two workers, the serial form alongside (checked bit for bit too), 8 pieces
-    out = subprocess.run([sys.executable, "-m", "tvm_intlstm.kernels.bench_kernels", "--hidden", "16",
+    out = subprocess.run([sys.executable, str(script), "--hidden", "16",
                           "--input", "8", "--steps", "3", "--runs", "2", "--threads", "2", "--w7",
                           "--pieces", "8", "--compare-serial"], capture_output=True, text=True,
                          timeout=600)

@@ -33,7 +33,7 @@ PWL tables are packed int32 [3, n+1] by `pack_pwl(table)`. The generators of the
 (vpmaddwd, exact int16 pair sums; vpmaddubsw for 7-bit weights), "neon_dotprod" (aarch64 with
 dotprod: sdot; the packed linear kernels use smmla when the target also has i8mm), or "generic"
 (plain TIR that LLVM vectorizes for any target). `build_kernel(func, target)` compiles
-one PrimFunc and returns a callable; `bench_kernels` measures the LSTM against PyTorch FP32.
+one PrimFunc and returns a callable; `benchmarks/bench_kernels.py` measures the LSTM against PyTorch FP32.
 """
 from __future__ import annotations
 

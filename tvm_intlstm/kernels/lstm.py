@@ -45,7 +45,7 @@ batch rows it runs no launch and schedules each step as the serial form does, al
 all cells (`step_solo`; the cells right after each group's products were ~4-9 % slower per batch-8
 step). gx and the per-channel constants come in the interleaved order too, so the gate epilogue
 reads one stream, not four. Two workers take ~0.55-0.6x as long per step at batch 1 and 8 on a
-Zen 3 core pair (BENCHMARKS.md). `python -m tvm_intlstm.kernels.bench_kernels --w7
+Zen 3 core pair (BENCHMARKS.md). `python benchmarks/bench_kernels.py --w7
 --compare-serial [--batch 8] [--threads 2]` times the forms side by side.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Latency of the integer LSTM kernels against PyTorch FP32 nn.LSTM, one thread.
 
-    python -m tvm_intlstm.kernels.bench_kernels [--hidden 512 --input 256 --steps 64 --batch 1]
+    .venv/bin/python benchmarks/bench_kernels.py [--hidden 512 --input 256 --steps 64 --batch 1]
         [--w7] [--pieces 16] [--threads 1] [--compare-serial]
 
 Measures, for one LSTM direction: the batched input projection (linear_requant to int16 over all
@@ -25,16 +25,23 @@ import argparse  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import tvm  # noqa: E402
+
+from tvm_intlstm.kernels import (build_kernel, gate_interleaved, host_target,  # noqa: E402
+                                 linear_requant, lstm_recurrent, pack_pwl, prepare_weights,
+                                 resolve_isa)
+from tvm_intlstm.kernels._gemm import uses_u8  # noqa: E402
+from tvm_intlstm.kernels.lstm import gate_order  # noqa: E402
+from tvm_intlstm.quant.fixed_point import quantize_multiplier, quantize_multiplier_array  # noqa: E402
+from tvm_intlstm.quant.pwl import fit_pwl  # noqa: E402
+from tvm_intlstm.reference import ops  # noqa: E402
 
 
 def make_params(H: int, I: int, pieces: int = 16, cell_frac: int = 11, seed: int = 0,
                 wmax: int = 127):
     """A random but realistic integer LSTM direction (spec 8) with fitted PWL tables, weights in
     [-wmax, wmax] (64: weights that the u8 x s8 AVX2 kernel takes, QuantConfig(weight_bits=7))."""
-    from ..quant.fixed_point import quantize_multiplier, quantize_multiplier_array
-    from ..quant.pwl import fit_pwl
-    from ..reference import ops
-
     rng = np.random.default_rng(seed)
     G = 4 * H
     mx, sx = quantize_multiplier_array(rng.uniform(0.01, 0.1, G))
@@ -62,14 +69,6 @@ def _time_us(fn, runs: int, inner: int) -> tuple[float, float]:
 
 def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, check=True,
           verbose=True, w7=False, packed=True, pieces=16, compare_serial=False):
-    import tvm
-    import torch
-
-    from . import (build_kernel, gate_interleaved, host_target, linear_requant, lstm_recurrent,
-                   pack_pwl, prepare_weights, resolve_isa)
-    from ._gemm import uses_u8
-    from ..reference import ops
-
     tgt = target if target is not None else host_target()
     p = make_params(H, I, pieces=pieces, wmax=64 if w7 else 127)
     G = 4 * H
@@ -99,7 +98,6 @@ def bench(H=512, I=256, T=64, B=1, runs=15, inner=3, target=None, isa=None, chec
     def wire(f, k):
         """(run the projection, run recurrent kernel k, its outputs) for the form f: the projection
         writes gx in f's gate order (its rows and constants permuted alike, `gate_order`)."""
-        from .lstm import gate_order  # pylint: disable=import-outside-toplevel
         w_x, bias, _ = prepare_weights(gx_f, gate_order(f, p.w_x, axis=0), gate_order(f, p.bias))
         proj = [nd(w_x), nd(bias), nd(gate_order(f, p.mx)), nd(gate_order(f, p.sx))]
         gx = nd(np.zeros((T * B, G), np.int16))
