@@ -13,12 +13,14 @@ The PWL evaluation (spec 7) is not a single expression here: an expression with 
 terms, inlined into its uses, made TVM's CompactBufferAllocation pass take minutes (it
 substitutes bound values into index expressions). The kernels count the piece index in a small
 stack buffer instead (`for q in T.unroll(1, n): IDX[v] += XC[v] >= knot[q]`), which LLVM keeps
-in registers.
+in registers, and finish with `pwl_piece` once the index is known. The integer square root
+(spec 10) is a statement sequence too: the macro `isqrt_into`.
 """
 from __future__ import annotations
 
 from tvm import tirx
 from tvm.ir import Expr as PrimExpr
+from tvm.script import tirx as T
 
 from ..spec import GATE_FRAC, PWL_FRAC  # noqa: F401  (re-exported for the kernels)
 
@@ -138,3 +140,26 @@ def requantize_hi(acc, M, s, bits: int) -> PrimExpr:
 def add_sat16(a, b) -> PrimExpr:
     """add_sat_16 (spec 3): int32 sum, saturated, int16 result."""
     return sat_cast(cast("int32", a) + cast("int32", b), 16)
+
+
+def pwl_piece(table, idx, xc) -> PrimExpr:
+    """spec 7 once the clamped input xc and its piece index idx are known:
+    sat_16(v_i + rshift_round(a_i (xc - k_i), PWL_FRAC)) for a packed table (rows: knots, bases,
+    slopes; `lstm.pack_pwl`). `table` is a buffer (or a buffer view) indexed [row, idx]; idx and xc
+    are scalar or vector int32 expressions."""
+    return sat(table[1, idx] + rshift_round(table[2, idx] * (xc - table[0, idx]), PWL_FRAC), 16)
+
+
+@T.macro
+def isqrt_into(ISQ, v):
+    """isqrt (spec 10) of the int64 value v into ISQ[1], with ISQ an int64 [2] scratch buffer
+    ([remaining value, result]): the reference's 31 rounds of the binary digit-by-digit method
+    (`reference.ops.isqrt`), v in [0, 2^62). The result is floor(sqrt(v)) (not yet clamped to 1)."""
+    ISQ[0] = v
+    ISQ[1] = T.int64(0)
+    for i in T.unroll(31):
+        if ISQ[0] >= ISQ[1] + (T.int64(1) << T.Cast("int64", 60 - 2 * i)):
+            ISQ[0] = ISQ[0] - (ISQ[1] + (T.int64(1) << T.Cast("int64", 60 - 2 * i)))
+            ISQ[1] = (ISQ[1] >> T.int64(1)) + (T.int64(1) << T.Cast("int64", 60 - 2 * i))
+        else:
+            ISQ[1] = ISQ[1] >> T.int64(1)

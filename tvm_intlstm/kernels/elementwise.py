@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
-from ._tir import PWL_FRAC, rshift_round, sat, sat_cast
+from ._tir import pwl_piece, requantize, rshift_round, sat_cast
 from ._common import check_multiplier, check_shift, finish, vec_split
 
 
@@ -86,8 +86,7 @@ def rescale_8(features: int, M: int, s: int):
         Y = T.match_buffer(y_h, (N, D), "int8")
         for n, do in T.grid(N, DO):
             for dv in T.vectorized(DV):
-                Y[n, do * DV + dv] = sat_cast(
-                    rshift_round(T.Cast("int64", X[n, do * DV + dv]) * T.int64(M), s), 8)
+                Y[n, do * DV + dv] = requantize(X[n, do * DV + dv], M, s, 8)
 
     return finish(rescale_8, "rescale_8")
 
@@ -132,8 +131,7 @@ def pwl_activation(pieces: int):
             for v in T.vectorized(lanes):
                 IDX[v] = IDX[v] + T.Cast("int32", XC[v] >= TBL[0, q])
         for v in T.vectorized(lanes):
-            Y[base + v] = T.Cast("int16", sat(TBL[1, IDX[v]] + rshift_round(
-                TBL[2, IDX[v]] * (XC[v] - TBL[0, IDX[v]]), PWL_FRAC), 16))
+            Y[base + v] = T.Cast("int16", pwl_piece(TBL, IDX[v], XC[v]))
 
     @T.prim_func
     def pwl_activation(x_h: T.handle, t_h: T.handle, y_h: T.handle):

@@ -64,7 +64,7 @@ from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows), or
 # the family's 4-row tiles (`KernelFamily.rec_rows4`), all on the same packed layout (OV = 4).
 REC_OV = 4
-from ._tir import PWL_FRAC, add_i32, add_sat16, rshift_round, sat
+from ._tir import PWL_FRAC, add_i32, add_sat16, pwl_piece, rshift_round, sat
 
 
 def pack_pwl(table) -> np.ndarray:
@@ -291,8 +291,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     def pwl_finish(XC, IDX, TBL, g, jv):
         """spec 7 once the clamped input XC and the piece index IDX are known."""
-        idx = IDX[g, jv]
-        return sat(TBL[1, idx] + rshift_round(TBL[2, idx] * (XC[g, jv] - TBL[0, idx]), PWL_FRAC), 16)
+        return pwl_piece(TBL, IDX[g, jv], XC[g, jv])
 
     # AVX2 with tables of <= 16 pieces: the per-lane table reads (which LLVM scalarizes into
     # extract / load / insert, ~24 instructions per 8 lanes) become register lookups, two vpermd

@@ -2,8 +2,8 @@
 
 Row reductions are written as serial loops over one-element stack accumulators, which LLVM
 promotes to registers and vectorizes (sums, max); element-wise parts use `T.vectorized` where
-the extent is static. The integer square root is the fixed 31-round binary digit-by-digit loop of
-the reference (`reference.ops.isqrt`).
+the extent is static. The integer square root is `_tir.isqrt_into`, the fixed 31-round binary
+digit-by-digit loop of the reference (`reference.ops.isqrt`).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tvm.script import tirx as T
 
 from ._common import check_multiplier, check_shift, finish, vec_split
 from ..spec import LN_FRAC, PROB_FRAC
-from ._tir import PWL_FRAC, requantize, rshift_round, sat, sat_cast
+from ._tir import isqrt_into, pwl_piece, requantize, rshift_round, sat_cast
 
 
 def layer_norm(features: int, Ml: int, sl: int):
@@ -45,15 +45,7 @@ def layer_norm(features: int, Ml: int, sl: int):
             for k in range(D):
                 V[0] = V[0] + (T.int64(D) * T.Cast("int64", X[n, k]) - S[0]) * (
                     T.int64(D) * T.Cast("int64", X[n, k]) - S[0])
-            # isqrt(V // D): 31 rounds of the binary digit-by-digit method
-            ISQ[0] = T.floordiv(V[0], T.int64(D))
-            ISQ[1] = T.int64(0)
-            for i in T.unroll(31):
-                if ISQ[0] >= ISQ[1] + (T.int64(1) << T.Cast("int64", 60 - 2 * i)):
-                    ISQ[0] = ISQ[0] - (ISQ[1] + (T.int64(1) << T.Cast("int64", 60 - 2 * i)))
-                    ISQ[1] = (ISQ[1] >> T.int64(1)) + (T.int64(1) << T.Cast("int64", 60 - 2 * i))
-                else:
-                    ISQ[1] = ISQ[1] >> T.int64(1)
+            isqrt_into(ISQ, T.floordiv(V[0], T.int64(D)))
             ISQ[1] = T.max(ISQ[1], T.int64(1))
             for k in range(D):
                 Y[n, k] = sat_cast(rshift_round(
@@ -106,8 +98,7 @@ def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
                 XC[1] = T.int32(0)
                 for q in range(1, n):
                     XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, q])
-                EX[k] = sat(TBL[1, XC[1]] + rshift_round(
-                    TBL[2, XC[1]] * (XC[0] - TBL[0, XC[1]]), PWL_FRAC), 16)
+                EX[k] = pwl_piece(TBL, XC[1], XC[0])
                 E[0] = E[0] + T.Cast("int64", EX[k])
             # E > 0 for every valid table (spec 11); the guard only keeps a bad table from
             # dividing by zero
