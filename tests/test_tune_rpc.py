@@ -43,8 +43,8 @@ from tvm_intlstm.tuning import (GemmTask, RPCConfig, RPCTuningError, TuningLogWa
 from tvm_intlstm.tuning import gemm as G
 from tvm_intlstm.tuning._ms import rpc_classes
 from tvm_intlstm.tuning.cli import cli_tune
-from tvm_intlstm.tuning.tune import (RECORD_FILE, WORKLOAD_FILE, _records, open_database,
-                                     target_key)
+from tvm_intlstm.tuning.database import RECORD_FILE, WORKLOAD_FILE, open_database, records
+from tvm_intlstm.tuning.targets import target_key
 
 TARGET = "rpi5"                     # cortex-a76 +dotprod: runs on qemu -cpu cortex-a76
 TRIALS = 3
@@ -125,7 +125,7 @@ def _lines(d, f):
         return fh.read().splitlines()
 
 
-def test_rpc_tuning_writes_measured_records(tuned, model):
+def test_rpc_tuning_writes_measuredrecords(tuned, model):
     d, report = tuned["dir"], tuned["report"]
     # the LSTM's input projection (16 -> 4*32, int16) and the head (32 -> 8, int32)
     assert {(r["task"].K, r["task"].O, r["task"].out_dtype) for r in report} == \
@@ -136,7 +136,7 @@ def test_rpc_tuning_writes_measured_records(tuned, model):
     recs = [json.loads(line) for line in _lines(d, RECORD_FILE)]
     assert len(recs) == 2 * TRIALS
     want = target_key(parse_target(TARGET))
-    db = _records(open_database(d))
+    db = records(open_database(d))
     assert len(db) == 2 * TRIALS
     for gemm, rtgt, secs, _ in db:
         assert gemm is not None and target_key(rtgt) == want
@@ -221,7 +221,7 @@ def test_tune_x86_over_python_rpc_server(tmp_path):
         server.terminate()
     assert rep[0]["trials_run"] == TRIALS and rep[0]["best_us"] > 0
     assert "0 failed" in "\n".join(lines)
-    assert all(r[2] is not None for r in _records(open_database(str(tmp_path / "db"))))
+    assert all(r[2] is not None for r in records(open_database(str(tmp_path / "db"))))
     func = apply_tuning_logs(str(tmp_path / "db"), target).get(*task.key)
     k = build_kernel(func, parse_target(target))
     rng = np.random.default_rng(1)

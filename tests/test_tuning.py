@@ -20,7 +20,7 @@ from tvm_intlstm.tuning import (GemmTask, TuningLogError, TuningLogWarning, appl
                                 gemm_blocks, register_intrinsics, schedule_gemm, tune)
 from tvm_intlstm.tuning.cli import cli_tune
 from tvm_intlstm.tuning.gemm import pack_weights
-from tvm_intlstm.tuning.tune import RECORD_FILE, WORKLOAD_FILE
+from tvm_intlstm.tuning.database import RECORD_FILE, WORKLOAD_FILE
 
 from tvm.target import codegen  # noqa: E402
 
@@ -274,16 +274,16 @@ def test_foreign_target_ignored_with_warning(tuned_dir):
 def test_tuning_refuses_x86_targets_this_cpu_cannot_run(tmp_path):
     """An AVX-512 target on an AVX2-only host would run its trials here and die with SIGILL:
     refused up front, naming the missing features (the CI machines are AVX2-only Zen3)."""
-    from tvm_intlstm.tuning.tune import _missing_host_features
+    from tvm_intlstm.tuning.targets import missing_host_features
     from tvm_intlstm.kernels import as_target
-    missing = _missing_host_features(as_target("llvm -mcpu=cascadelake"))
+    missing = missing_host_features(as_target("llvm -mcpu=cascadelake"))
     if not missing:     # an AVX-512 VNNI host: the target is runnable and nothing is refused
         return
     assert "avx512f" in missing
     with pytest.raises(ValueError, match="lacks avx512"):
         tune(None, "llvm -mcpu=cascadelake", tasks=[TASK], trials=2, log_dir=str(tmp_path),
              verbose=False)
-    assert _missing_host_features(as_target(TARGET)) == []
+    assert missing_host_features(as_target(TARGET)) == []
 
 
 def test_pack_weights_layout():
@@ -374,8 +374,8 @@ def test_tune_and_apply_7bit_model(tmp_path):
     assert sum((f"tuned as the u8 x s8 kernel of the {ISA} family" if vnni else
                 "tuned as the u8 x s8 (vpmaddubsw) kernel") in m for m in msgs) == 2
     assert len(rep) == 2 and all(r["trials_run"] == 2 and r["best_us"] > 0 for r in rep)
-    from tvm_intlstm.tuning.tune import _records, open_database
-    assert {r[0][4] for r in _records(open_database(d))} == {True}     # the o8k4w7 workloads
+    from tvm_intlstm.tuning.database import open_database, records
+    assert {r[0][4] for r in records(open_database(d))} == {True}     # the o8k4w7 workloads
     assert (INTRIN_VNNI256 if vnni else INTRIN_AVX2_U8S7) in "".join(_lines(d, RECORD_FILE))
     with open(os.path.join(d, "defaults.json")) as f:
         measured = json.load(f)

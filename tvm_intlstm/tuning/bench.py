@@ -20,9 +20,9 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
     """(default us, tuned us, tuned / default) of one GEMM at N rows, one thread, `rounds`
     interleaved measurements: the medians of each, and the median of the per-round ratios (the
     steadier figure on a shared machine). The default kernel is built as the compiler builds it
-    for the quantizer's models (`tune.default_kernel`: pre-packed weights, one shift per tensor
+    for the quantizer's models (`baselines.default_kernel`: pre-packed weights, one shift per tensor
     baked in; every channel gets that shift here); `tuned` is a replayed record
-    (replay it with scale=(None, tune.COMPARE_SHIFT) to compare like with like). Both are checked
+    (replay it with scale=(None, baselines.COMPARE_SHIFT) to compare like with like). Both are checked
     bit for bit against the numpy reference first. w7=True: the 7-bit (u8 x s8) kernels, on
     weights in [-64, 64]."""
     os.environ.setdefault("TVM_NUM_THREADS", "1")
@@ -32,10 +32,11 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
     from .. import kernels as KK  # pylint: disable=import-outside-toplevel
     from ..reference import ops as R  # pylint: disable=import-outside-toplevel
     from ._ms import make_case  # pylint: disable=import-outside-toplevel
-    from .tune import (COMPARE_SHIFT, _target, default_kernel,  # pylint: disable=import-outside-toplevel
-                       tuned_weights)
+    from .baselines import (COMPARE_SHIFT, default_kernel,  # pylint: disable=import-outside-toplevel
+                            tuned_weights)
+    from .targets import as_target  # pylint: disable=import-outside-toplevel
 
-    tgt = _target(target)
+    tgt = as_target(target)
     default = default_kernel(K, O, out_dtype, tgt, w7)
     kd, kt = KK.build_kernel(default, tgt), KK.build_kernel(tuned, tgt)
     n_in = 3 if out_dtype == "int32" else 5
@@ -67,9 +68,11 @@ def compare(target, K, O, out_dtype, N, tuned, w7=False, rounds=5):
 def bench(log_dir, target, K, O, out_dtype, rows=(64,), rounds=5, log=print, w7=False):
     """`compare` of the database's tuned kernel per row count: [(N, default us, tuned us)]
     (logs one line per row count)."""
-    from .tune import COMPARE_SHIFT, _target, apply_tuning_logs  # pylint: disable=import-outside-toplevel
+    from .baselines import COMPARE_SHIFT  # pylint: disable=import-outside-toplevel
+    from .replay import apply_tuning_logs  # pylint: disable=import-outside-toplevel
+    from .targets import as_target  # pylint: disable=import-outside-toplevel
 
-    tgt = _target(target)
+    tgt = as_target(target)
     tuned = apply_tuning_logs(log_dir, tgt).get(K, O, out_dtype, w7=w7,
                                                scale=(None, COMPARE_SHIFT))
     if tuned is None:

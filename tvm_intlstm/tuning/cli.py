@@ -47,7 +47,7 @@ def _gemm(s: str):
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"--gemm takes K,O,DTYPE[,ROWS][,w7] with DTYPE int8/int16/int32, got {s!r}") from None
-    from .tune import GemmTask  # pylint: disable=import-outside-toplevel
+    from .tasks import GemmTask  # pylint: disable=import-outside-toplevel
 
     return GemmTask(K, O, dt, rows, "--gemm", u8_weights=w7)
 
@@ -109,7 +109,8 @@ def run_tune(a) -> int:
     from ..runtime.rpc import RPCConnectError  # pylint: disable=import-outside-toplevel
     from ..target import ToolchainError  # pylint: disable=import-outside-toplevel
     from ._ms import RPCTuningError  # pylint: disable=import-outside-toplevel
-    from .tune import TuningLogError, tune  # pylint: disable=import-outside-toplevel
+    from .database import TuningLogError  # pylint: disable=import-outside-toplevel
+    from .tune import tune  # pylint: disable=import-outside-toplevel
 
     rpc = _rpc_config(a)
     tasks = list(a.gemm) or None
@@ -129,7 +130,7 @@ def run_tune(a) -> int:
                         else torch.zeros(s, dtype=torch.float32)
                         for s, k in zip(a.example_shape, model.input_kinds))
     elif a.rows:
-        from .tune import GemmTask  # pylint: disable=import-outside-toplevel
+        from .tasks import GemmTask  # pylint: disable=import-outside-toplevel
 
         tasks = [GemmTask(t.K, t.O, t.out_dtype, a.rows, t.source) for t in tasks]
     try:

@@ -57,7 +57,7 @@ The inner 16 x 4 step (16 output channels x 4 k: 16 int32 lanes, 64 weight bytes
   INTRIN_AVX2_U8S7, vpmaddubsw of the broadcast u bytes against the 32 weight bytes, then vpmaddwd
   by ones, the instruction pair of the AVX2 kernels' u8 route (kernels/_gemm.py). Exact because
   |w| <= 64 keeps vpmaddubsw's pair sums within int16 (2 * 255 * 64 = 32640); `tune` gives it
-  only to such GEMMs (tune.GemmTask.u8_weights) and measures their trials on 7-bit weights.
+  only to such GEMMs (tasks.GemmTask.u8_weights) and measures their trials on 7-bit weights.
 - any other isa: the lanes are vectorized (no tensorize): the plain check of the u8 + packed +
   corrected-bias arithmetic on any host.
 
