@@ -257,3 +257,115 @@ def attention_context(p, v, Mc: int, sc: int) -> np.ndarray:
     """Context = requantize_8(sum_k p_k v_k) (spec 11). p int16 [..., K], v int8 [..., K, D]."""
     acc = np.einsum("...k,...kd->...d", _i64(p), _i64(v))
     return requantize(acc, Mc, sc, 8)
+
+
+def layer_norm16(x, gamma, beta, Ml: int, sl: int, eps: int = 0) -> np.ndarray:
+    """Layer norm of int16 values over the last axis to int16 Q3.12 (spec 10b). gamma int16,
+    beta int64 broadcast against x's last axis; eps the epsilon E in input units squared."""
+    x = np.asarray(x)
+    if x.dtype != np.int16:
+        raise TypeError(f"layer_norm16 takes int16 values, got {x.dtype}")
+    x = _i64(x)
+    D = x.shape[-1]
+    if not 1 <= D <= 4096:
+        raise ValueError(f"integer layer norm supports 1 <= D <= 4096, got {D}")
+    if not 0 <= int(eps) < 2**46:
+        raise ValueError(f"layer norm epsilon E must be in [0, 2^46), got {eps}")
+    S = x.sum(axis=-1, keepdims=True)
+    mu = (2 * S + D) // (2 * D)
+    d = x - mu
+    V = (d * d).sum(axis=-1, keepdims=True)
+    r = np.maximum(1, isqrt(V // D + np.int64(eps)))
+    n = (2 * d * (1 << LN_FRAC) + r) // (2 * r)
+    acc = n * _i64(gamma) + _i64(beta)
+    return sat(rshift_round(acc * np.int64(Ml), sl), 16).astype(np.int16)
+
+
+@dataclass(frozen=True)
+class LayerNorm16Params:
+    """gamma int16 [D], beta int64 [D], the 15-bit (Ml, sl) and the epsilon E of one spec-10b
+    layer norm."""
+
+    gamma: np.ndarray
+    beta: np.ndarray
+    ml: int
+    sl: int
+    eps: int = 0
+
+    def __call__(self, x) -> np.ndarray:
+        return layer_norm16(x, self.gamma, self.beta, self.ml, self.sl, self.eps)
+
+
+@dataclass(frozen=True)
+class LNLSTMDirectionParams:
+    """Integer parameters of one layer-norm LSTM direction (spec 8b). ln_x and ln_h have gamma /
+    beta of length 4H (normalized per gate block of H), ln_c of length H; tanh_c reads the
+    normalized cell (in_frac 12)."""
+
+    w_x: np.ndarray   # int8 [4H, I]
+    w_h: np.ndarray   # int8 [4H, H]
+    mx: np.ndarray    # int32 [4H]: s_x s_wx[r] / s_ax
+    sx: np.ndarray
+    mh: np.ndarray    # int32 [4H]: s_h s_wh[r] / s_ah
+    sh: np.ndarray
+    ln_x: LayerNorm16Params
+    ln_h: LayerNorm16Params
+    ln_c: LayerNorm16Params
+    mo: int
+    so: int
+    cell_frac: int
+    sig: PWLTable
+    tanh: PWLTable
+    tanh_c: PWLTable
+
+    @property
+    def hidden(self) -> int:
+        return int(self.w_h.shape[1])
+
+
+def _ln_gates(a, ln: LayerNorm16Params, H: int) -> np.ndarray:
+    """spec 10b over each gate block (H entries) of a [..., 4H] int16, gamma / beta [4H]."""
+    blocks = a.reshape(a.shape[:-1] + (4, H))
+    y = layer_norm16(blocks, _i64(ln.gamma).reshape(4, H), _i64(ln.beta).reshape(4, H), ln.ml, ln.sl,
+                     ln.eps)
+    return y.reshape(a.shape)
+
+
+def ln_lstm_gates_x(x, p: LNLSTMDirectionParams) -> np.ndarray:
+    """gx for all steps at once (spec 8b): LN_x(requantize_16(W_x x)) per gate block, int16 Q3.12."""
+    ax = requantize(linear_acc(x, p.w_x), p.mx, p.sx, 16)
+    return _ln_gates(ax, p.ln_x, p.hidden)
+
+
+def ln_lstm_cell(gx_t, h, c, p: LNLSTMDirectionParams):
+    """One layer-norm LSTM step (spec 8b) given gx_t [B, 4H]. Returns (h int8, c int16)."""
+    H = p.hidden
+    ah = requantize(linear_acc(h, p.w_h), p.mh, p.sh, 16)
+    z = add_sat16(gx_t, _ln_gates(ah, p.ln_h, H))
+    i = _i64(pwl(z[:, 0:H], p.sig))
+    f = _i64(pwl(z[:, H:2 * H], p.sig))
+    g = _i64(pwl(z[:, 2 * H:3 * H], p.tanh))
+    o = _i64(pwl(z[:, 3 * H:4 * H], p.sig))
+    c_new = sat(rshift_round(f * _i64(c), 15) + rshift_round(i * g, 30 - p.cell_frac), 16).astype(np.int16)
+    tc = _i64(pwl(p.ln_c(c_new), p.tanh_c))
+    h_new = requantize(o * tc, p.mo, p.so, 8)
+    return h_new, c_new
+
+
+def ln_lstm_direction(x, p: LNLSTMDirectionParams, reverse: bool = False, h0=None, c0=None):
+    """One layer-norm LSTM direction over a sequence (spec 8b). x: int8 [T, B, I] (time major).
+
+    Returns (y int8 [T, B, H], h_T int8 [B, H], c_T int16 [B, H])."""
+    x = np.asarray(x)
+    if x.dtype != np.int8:
+        raise TypeError(f"LSTM input must be int8, got {x.dtype}")
+    T, B, _ = x.shape
+    H = p.hidden
+    h = np.zeros((B, H), np.int8) if h0 is None else np.asarray(h0, np.int8)
+    c = np.zeros((B, H), np.int16) if c0 is None else np.asarray(c0, np.int16)
+    gx = ln_lstm_gates_x(x, p)
+    y = np.zeros((T, B, H), np.int8)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h, c = ln_lstm_cell(gx[t], h, c, p)
+        y[t] = h
+    return y, h, c
