@@ -214,8 +214,8 @@ class QuantLSTM(QuantModule):
 
     def _check_args(self, x, hx):
         if hx is not None:
-            raise NotImplementedError("initial LSTM states (hx) are not supported yet: the quantized LSTM "
-                                      "starts from zero state")
+            from ..quant.stateful import observe_states
+            observe_states(self, hx)  # shapes as nn.LSTM wants them (docs/stateful.md)
         if x.dim() != 3:
             raise ValueError(f"nn.LSTM input must be 3-D (batched), got shape {tuple(x.shape)}")
         T = x.shape[1] if self.lstm.batch_first else x.shape[0]
@@ -239,6 +239,10 @@ class QuantLSTM(QuantModule):
                 gx = h_in @ w_ih.t() + b
                 h = h_in.new_zeros(B, H)
                 c = h_in.new_zeros(B, H)
+                if hx is not None:  # given states: the start of the recurrence, observed like its steps
+                    h, c = hx[0][li * self.ndir + d], hx[1][li * self.ndir + d]
+                    self.h_obs[li].update(h)
+                    self.c_obs[li].update(c)
                 ys = [None] * T
                 for t in (range(T - 1, -1, -1) if d else range(T)):
                     z = gx[t] + h @ w_hh.t()
@@ -280,7 +284,9 @@ class QuantLSTM(QuantModule):
             c_s = 2.0**-cf
             s_h32 = torch.tensor(s_h, dtype=torch.float32)
             sig_t, tanh_t, tanhc_t = (FloatPWL(t) for t in self.tables(li))
-            fused = self._use_fused(h_in)
+            # the fused C++ loop starts from the zero state: with given states this layer runs the
+            # Python loop (same forward values; docs/stateful.md)
+            fused = self._use_fused(h_in) and (hx is None or _warn_loop_for_states())
             if fused:
                 packed = [qat_fast.pack_float_table(t) for t in (sig_t, tanh_t, tanhc_t)]
                 consts = qat_fast.step_constants(g_s, c_s, s_h)
@@ -304,6 +310,9 @@ class QuantLSTM(QuantModule):
                 gx = fake_quant(h_in @ wx.t() + b, g_s, -32768, 32767)
                 h = h_in.new_zeros(B, H)
                 c = h_in.new_zeros(B, H)
+                if hx is not None:  # given float states on the integer model's grids (h: s_h, c: 2^-F_c)
+                    h = fake_quant(hx[0][li * self.ndir + d], s_h, -128, 127)
+                    c = fake_quant(hx[1][li * self.ndir + d], c_s, -32768, 32767)
                 ys = [None] * T
                 for t in (range(T - 1, -1, -1) if d else range(T)):
                     k = torch.round(h.detach() / s_h32)  # h's integers (h = k s_h)
@@ -359,6 +368,16 @@ class QuantLSTM(QuantModule):
             layers.append(dirs)
             s_x = s_h
         return im.IntLSTM(layers, m.batch_first, m.bidirectional)
+
+
+def _warn_loop_for_states() -> bool:
+    """QuantConfig(qat_lstm="fused") with initial states: warn (once per call site) that the layer
+    runs the Python loop, and return False (not fused)."""
+    import warnings
+    warnings.warn("the fused QAT LSTM loop starts from the zero state: layers given initial states run the "
+                  "Python loop (same values, slower; QuantConfig(qat_lstm=\"loop\") says so explicitly)",
+                  RuntimeWarning, stacklevel=4)
+    return False
 
 
 class QuantLayerNorm(QuantModule):
