@@ -296,7 +296,9 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
         raise ValueError("compile needs example_inputs (a tuple of inputs of the right dtype and rank)")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    # contiguous: torch.export guards a view's strides against its sizes (x[:, :3] of a [B, 20]
+    # tensor gives the guard T != 20, which breaks the symbolic time dim)
+    example_inputs = tuple(torch.as_tensor(x).contiguous() for x in example_inputs)
     tgt = _target(target)
     from .target import check_ieee_float
     check_ieee_float(tgt)
