@@ -383,40 +383,56 @@ def test_float_state_shapes_checked_at_calibration():
 
 @pytest.mark.parametrize("qat_lstm", ["loop", "fused"])
 def test_qat_with_states(qat_lstm):
-    """prepare_qat accepts states: training steps run (the fused loop falls back to the Python loop
-    for layers given states, with a warning: same values), eval runs the integer model."""
+    """prepare_qat accepts states on both QAT paths: training steps run and reach the states'
+    gradients, eval runs the integer model (which takes integer states)."""
     torch.manual_seed(15)
     rng = np.random.default_rng(15)
     calib = [(_token_batch(rng, 8, 3), *_states(rng, 2, 3, 16)) for _ in range(2)]
     qat = til.prepare_qat(TokenStep().train(), til.QuantConfig(qat_lstm=qat_lstm), calib_data=calib)
     opt = torch.optim.SGD(qat.parameters(), lr=0.01)
     ids, h0, c0 = calib[0]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    h0, c0 = h0.clone().requires_grad_(), c0.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)   # no fallback to another path
         y, h, c = qat(ids, h0, c0)
-    assert any("Python loop" in str(w.message) for w in caught) == (qat_lstm == "fused")
     (y.square().mean() + h.square().mean()).backward()
+    assert h0.grad.abs().sum() > 0 and c0.grad.abs().sum() > 0
     opt.step()
     qat.eval()
     q = qat.convert()
-    hq, cq = q.quantize_state(h0, c0)
+    hq, cq = q.quantize_state(h0.detach(), c0.detach())
     _assert_outputs_equal([t.numpy() for t in qat(ids, hq, cq)], til.reference(q)(ids.numpy(), hq.numpy(), cq.numpy()),
                           "QAT eval")
 
 
-def test_qat_fused_and_loop_agree_with_states():
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_qat_fused_and_loop_agree_with_states(bidirectional):
+    """The fused C++ loop started from given states: forward values bit for bit those of the Python
+    loop, gradients (weights and both states) to float rounding."""
+    from tvm_intlstm.nn import qat_fast
+    if not qat_fast.available():
+        pytest.skip("fused QAT LSTM extension could not be built")
     torch.manual_seed(16)
     rng = np.random.default_rng(16)
-    calib = [(_token_batch(rng, 8, 3), *_states(rng, 2, 3, 16)) for _ in range(2)]
-    outs = {}
+    rows = 4 if bidirectional else 2
+    calib = [(_token_batch(rng, 8, 3), *_states(rng, rows, 3, 16)) for _ in range(2)]
+    res = {}
     for mode in ("loop", "fused"):
         torch.manual_seed(16)
-        qat = til.prepare_qat(TokenStep().train(), til.QuantConfig(qat_lstm=mode), calib_data=calib)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            outs[mode] = [t.detach() for t in qat(*calib[1])]
-    for a, b in zip(outs["loop"], outs["fused"]):
+        qat = til.prepare_qat(TokenStep(bidirectional=bidirectional).train(), til.QuantConfig(qat_lstm=mode),
+                              calib_data=calib)
+        ids, h0, c0 = calib[1]
+        h0, c0 = h0.clone().requires_grad_(), c0.clone().requires_grad_()
+        y, h, c = qat(ids, h0, c0)
+        (y.square().mean() + (h * torch.linspace(-1, 1, 16)).sum() + 0.1 * c.square().sum()).backward()
+        res[mode] = ([t.detach() for t in (y, h, c)],
+                     [h0.grad, c0.grad] + [p.grad for p in qat.parameters()])
+    for a, b in zip(res["loop"][0], res["fused"][0]):
         assert torch.equal(a, b)
+    for a, b in zip(res["loop"][1], res["fused"][1]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(a.abs().max())))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -284,9 +284,7 @@ class QuantLSTM(QuantModule):
             c_s = 2.0**-cf
             s_h32 = torch.tensor(s_h, dtype=torch.float32)
             sig_t, tanh_t, tanhc_t = (FloatPWL(t) for t in self.tables(li))
-            # the fused C++ loop starts from the zero state: with given states this layer runs the
-            # Python loop (same forward values; docs/stateful.md)
-            fused = self._use_fused(h_in) and (hx is None or _warn_loop_for_states())
+            fused = self._use_fused(h_in)
             if fused:
                 packed = [qat_fast.pack_float_table(t) for t in (sig_t, tanh_t, tanhc_t)]
                 consts = qat_fast.step_constants(g_s, c_s, s_h)
@@ -301,8 +299,9 @@ class QuantLSTM(QuantModule):
                 T, B, _ = h_in.shape
                 H = w_hh.shape[1]
                 if fused:  # the same step arithmetic as the loop below, in one C++ call (qat_fast.py)
+                    state = {} if hx is None else self._fake_state(hx, li, d, s_h, s_h32, c_s)
                     y, c = qat_fast.lstm_direction(qat_fast.InputProjection.apply(h_in, wx, b), wh, q, m_h,
-                                                   packed, consts, reverse=bool(d))
+                                                   packed, consts, reverse=bool(d), **state)
                     outs.append(y)
                     hs.append(y[0] if d else y[-1])
                     cs.append(c)
@@ -311,8 +310,8 @@ class QuantLSTM(QuantModule):
                 h = h_in.new_zeros(B, H)
                 c = h_in.new_zeros(B, H)
                 if hx is not None:  # given float states on the integer model's grids (h: s_h, c: 2^-F_c)
-                    h = fake_quant(hx[0][li * self.ndir + d], s_h, -128, 127)
-                    c = fake_quant(hx[1][li * self.ndir + d], c_s, -32768, 32767)
+                    st = self._fake_state(hx, li, d, s_h, s_h32, c_s)
+                    h, c = st["h0"], st["c0"]
                 ys = [None] * T
                 for t in (range(T - 1, -1, -1) if d else range(T)):
                     k = torch.round(h.detach() / s_h32)  # h's integers (h = k s_h)
@@ -338,6 +337,13 @@ class QuantLSTM(QuantModule):
                 h_in = fake_quant(nn.functional.dropout(h_in, m.dropout, True), s_h, -128, 127)
         out = h_in.transpose(0, 1) if m.batch_first else h_in
         return out, (torch.stack(hs), torch.stack(cs))
+
+    def _fake_state(self, hx, li, d, s_h, s_h32, c_s) -> dict:
+        """Row (li, d) of given float states on the integer model's grids (h: s_h, c: 2^-F_c), and
+        h's integers (the first recurrent product's operand), for the loop and the fused path."""
+        h0 = fake_quant(hx[0][li * self.ndir + d], s_h, -128, 127)
+        c0 = fake_quant(hx[1][li * self.ndir + d], c_s, -32768, 32767)
+        return {"h0": h0, "h0q": torch.round(h0.detach() / s_h32).to(torch.int8), "c0": c0}
 
     def layer_scales(self):
         return [self.h_obs[li].scale() for li in range(self.lstm.num_layers)]
@@ -368,16 +374,6 @@ class QuantLSTM(QuantModule):
             layers.append(dirs)
             s_x = s_h
         return im.IntLSTM(layers, m.batch_first, m.bidirectional)
-
-
-def _warn_loop_for_states() -> bool:
-    """QuantConfig(qat_lstm="fused") with initial states: warn (once per call site) that the layer
-    runs the Python loop, and return False (not fused)."""
-    import warnings
-    warnings.warn("the fused QAT LSTM loop starts from the zero state: layers given initial states run the "
-                  "Python loop (same values, slower; QuantConfig(qat_lstm=\"loop\") says so explicitly)",
-                  RuntimeWarning, stacklevel=4)
-    return False
 
 
 class QuantLayerNorm(QuantModule):
