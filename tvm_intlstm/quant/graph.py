@@ -5,6 +5,7 @@ Supported layers: nn.Embedding, nn.LSTM, nn.Linear, nn.LayerNorm, nn.Dropout, nn
 Supported glue: residual `+`, torch.cat, tuple indexing, and layout ops (transpose, permute,
 reshape/view, flatten, contiguous, squeeze/unsqueeze, tensor indexing).
 A Linear whose result reaches a model output is the final layer (int32 logits).
+An nn.LSTM may take its initial states (h0, c0) from model inputs (quant/stateful.py, docs/stateful.md).
 """
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ class UnsupportedModelError(ValueError):
 
 
 def _supported_list() -> str:
-    return ("nn.Embedding, nn.LSTM (any num_layers, bidirectional, batch_first, bias; no proj_size), "
+    return ("nn.Embedding, nn.LSTM (any num_layers, bidirectional, batch_first, bias; no proj_size; initial "
+            "states (h0, c0) as model inputs), "
             "nn.Linear, nn.LayerNorm (last dim), nn.Dropout, residual '+', torch.cat and layout ops")
 
 
