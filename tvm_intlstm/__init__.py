@@ -18,6 +18,7 @@ _LAZY = {
     "QuantConfig": ".quant", "quantize": ".quant", "prepare_qat": ".quant", "convert": ".quant",
     "QuantizedModel": ".quant", "UnsupportedModelError": ".quant", "save_quantized": ".quant",
     "load_quantized": ".quant",
+    "add_lstm_states": ".quant.stateful", "StateFormat": ".quant.stateful",   # docs/stateful.md
     "compile": ".compiler", "load": ".compiler", "CompiledModule": ".compiler",
     "RPCConfig": ".tuning._ms",     # tune(..., rpc=RPCConfig(...))
 }

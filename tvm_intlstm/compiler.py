@@ -33,8 +33,11 @@ class CompiledModule:
     from a final linear layer). Thread-safe: calls are serialized by a lock (one Relax VM)."""
 
     def __init__(self, executable, target, input_kinds, output_info, ir_module=None, vocab_sizes=None,
-                 input_shapes=None):
+                 input_shapes=None, state_formats=None, state_batch_of=None):
         self.executable = executable
+        self._state_formats = list(state_formats or [])  # quant.stateful.StateFormat per state input
+        # (input index, axis) of the data input whose batch the states' dim 1 must equal, or None
+        self.state_batch_of = tuple(state_batch_of) if state_batch_of else None
         # per input: list of dims, an int for a static dim, None for a symbolic (batch/time) dim
         self.input_shapes = input_shapes
         self.target = target
@@ -66,8 +69,26 @@ class CompiledModule:
         from .quant.graph import _tree_map_info
         return _tree_map_info(self.output_info, lambda i: i.scale)
 
+    # LSTM states (docs/stateful.md): the same helpers as QuantizedModel's ----------------------
+    def state_formats(self) -> list:
+        return list(self._state_formats)
+
+    def zero_state(self, batch: int) -> tuple:
+        """Zero integer states (numpy) for every state input, in input order."""
+        return tuple(f.zeros(batch).numpy() for f in self._state_formats)
+
+    def quantize_state(self, *states) -> tuple:
+        from .quant.stateful import convert_states
+        return tuple(s.numpy() for s in convert_states(self._state_formats, states, "quantize"))
+
+    def dequantize_state(self, *states) -> tuple:
+        from .quant.stateful import convert_states
+        return tuple(s.numpy() for s in convert_states(self._state_formats, states, "dequantize"))
+
     def __call__(self, *inputs):
         arrays = check_inputs(inputs, self.input_kinds, self.input_shapes, self.vocab_sizes)
+        if self._state_formats:
+            _check_state_batches(arrays, self._state_formats, self.state_batch_of)
         args = [_to_tvm(a) for a in arrays]
         with self._lock:
             out = self._get_vm()["main"](*args)
@@ -79,6 +100,40 @@ class CompiledModule:
         export_library(self.executable, path, self.target)
         _write_meta(path, self)
         return path
+
+
+def _check_state_batches(arrays, formats, batch_of) -> None:
+    """State inputs [L*D, B, H] have the data input's batch size B (the VM would only say
+    "match_cast error"; this names the inputs)."""
+    from .quant.stateful import StateError
+    for f in formats:
+        f.check(arrays[f.input_index], f"input {f.input_index}:")
+    batches = {int(arrays[f.input_index].shape[1]) for f in formats}
+    if batch_of is not None:
+        i, axis = batch_of
+        want = int(arrays[i].shape[axis])
+        if batches != {want}:
+            raise StateError(f"the LSTM states have batch size {sorted(batches)} (their dim 1) but input {i} "
+                             f"has batch size {want} (its dim {axis}): give states of batch {want}")
+    elif len(batches) > 1:
+        raise StateError(f"the LSTM state inputs have different batch sizes {sorted(batches)}")
+
+
+def _state_batch_of(func, formats):
+    """(input index, axis) of a data input dim that is the same symbolic size as the states' batch
+    (torch.export equated them), or None."""
+    if not formats:
+        return None
+    params = list(func.params)
+    var = params[formats[0].input_index].ty.shape.values[1]
+    state_idx = {f.input_index for f in formats}
+    for i, p in enumerate(params):
+        if i in state_idx:
+            continue
+        for axis, d in enumerate(p.ty.shape.values):
+            if d.same_as(var):
+                return (i, axis)
+    return None
 
 
 def _aligned_copy(a: np.ndarray) -> np.ndarray:
@@ -120,7 +175,8 @@ def _write_meta(path, cm):
     from .target import target_to_dict
     meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": target_to_dict(cm.target),
             "input_shapes": cm.input_shapes,
-            "output_info": info_to_data(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()}}
+            "output_info": info_to_data(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()},
+            "state_formats": [f.to_data() for f in cm._state_formats], "state_batch_of": cm.state_batch_of}
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -184,7 +240,17 @@ def load(path: str | os.PathLike) -> CompiledModule:
         raise ValueError(f"{path} is not a loadable TVM module ({e})") from e
     return CompiledModule(ex, target, meta["input_kinds"], info_from_data(meta["output_info"]),
                           vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()},
-                          input_shapes=meta.get("input_shapes"))
+                          input_shapes=meta.get("input_shapes"),
+                          state_formats=_state_formats_from_meta(meta),
+                          state_batch_of=meta.get("state_batch_of"))
+
+
+def _state_formats_from_meta(meta: dict) -> list:
+    from .quant.stateful import StateFormat
+    try:
+        return [StateFormat.from_data(d) for d in meta.get("state_formats", [])]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the module's .json metadata has malformed state_formats ({e}); export it again") from e
 
 
 def weight_route_hint(model, target) -> str | None:
@@ -230,7 +296,9 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
         raise ValueError("compile needs example_inputs (a tuple of inputs of the right dtype and rank)")
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
-    example_inputs = tuple(torch.as_tensor(x) for x in example_inputs)
+    # contiguous: torch.export guards a view's strides against its sizes (x[:, :3] of a [B, 20]
+    # tensor gives the guard T != 20, which breaks the symbolic time dim)
+    example_inputs = tuple(torch.as_tensor(x).contiguous() for x in example_inputs)
     tgt = _target(target)
     from .target import check_ieee_float
     check_ieee_float(tgt)
@@ -239,6 +307,7 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
     mod = import_quantized(model, example_inputs)
     input_shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape.values]
                     for p in mod["main"].params]
+    state_batch_of = _state_batch_of(mod["main"], model.state_formats())
     _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
     if verbose:
         hint = weight_route_hint(model, tgt)
@@ -263,4 +332,5 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
             if src.op == "placeholder":
                 idx = [n for n in model.gm.graph.nodes if n.op == "placeholder"].index(src)
                 vocab[idx] = int(model.gm.get_submodule(node.target).table.shape[0])
-    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab, input_shapes)
+    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab, input_shapes,
+                          model.state_formats(), state_batch_of)

@@ -81,16 +81,27 @@ def _make_converter(name: str):
             tensors, scalars = args[:2], args[2:]
         else:
             tensors, scalars = args[:n_tensors], args[n_tensors:n_tensors + n_scalars]
-        if name == "lstm_direction" and len(args) > 15 and any(a is not None for a in args[15:]):
-            raise NotImplementedError("initial LSTM states are not supported by the compiler yet")
         outs = rule(tensors, [int(v) if not isinstance(v, float) else v for v in scalars])
         out_ty = [relax.TensorType(shape, dtype) for shape, dtype in outs]
         prims = [relax.prim_value(tvm.tirx.FloatImm("float32", float(v))) if isinstance(v, float) else relax.prim_value(int(v)) for v in scalars]
+        # initial LSTM states (h0 int8, c0 int16 [B, H]; docs/stateful.md) go after the scalars, so
+        # the lowering's positional unpacking of the stateless call stays valid
+        prims += _lstm_state_args(name, args)
         call = relax.call_dps_packed(OP_PREFIX + name, relax.Tuple(tensors + prims),
                                      out_ty if len(out_ty) > 1 else out_ty[0])
         return importer.block_builder.emit(call)
 
     return convert
+
+
+def _lstm_state_args(name: str, args: list) -> list:
+    """lstm_direction's optional (h0, c0) arguments: both tensors or none (IntLSTM passes both)."""
+    if name != "lstm_direction" or len(args) <= 15 or all(a is None for a in args[15:]):
+        return []
+    h0, c0 = (list(args[15:]) + [None])[:2]
+    if h0 is None or c0 is None:
+        raise NotImplementedError("an LSTM direction with only one of h0 / c0 cannot be compiled: pass both")
+    return [h0, c0]
 
 
 CONVERT_MAP = {f"{name}.default": _make_converter(name) for name in OPS}
@@ -101,12 +112,14 @@ def export_quantized(qmodel, example_inputs, dynamic: bool = True):
     symbolic (batch and time, in either order) so one module serves all shapes."""
     gm = qmodel.gm
     dyn = None
+    # LSTM state inputs [L*D, B, H]: only dim 1 (the batch) is symbolic, the one of the data input
+    state_inputs = _state_input_indices(qmodel)
     if dynamic:
         # torch.export specializes dims whose example size is 1 (or 0): widen them to 2 by
         # repeating the example data, so batch-1 / length-1 examples still give symbolic dims
         widened = []
-        for x in example_inputs:
-            for d in range(min(x.dim(), 2)):
+        for i, x in enumerate(example_inputs):
+            for d in ((1,) if i in state_inputs else range(min(x.dim(), 2))):
                 if x.shape[d] < 2:
                     reps = [1] * x.dim()
                     reps[d] = 2
@@ -116,6 +129,9 @@ def export_quantized(qmodel, example_inputs, dynamic: bool = True):
         dims = {}
         specs = []
         for i, x in enumerate(example_inputs):
+            if i in state_inputs:  # AUTO: export equates it with the batch dim IntLSTM checks it against
+                specs.append({1: Dim.AUTO})
+                continue
             spec = {}
             for d in range(min(x.dim(), 2)):
                 key = (d, int(x.shape[d]))
@@ -126,6 +142,11 @@ def export_quantized(qmodel, example_inputs, dynamic: bool = True):
         dyn = tuple(specs)
     with torch.no_grad():
         return export(gm, tuple(example_inputs), dynamic_shapes=dyn)
+
+
+def _state_input_indices(qmodel) -> set:
+    from ..quant.stateful import STATE_KINDS  # pylint: disable=import-outside-toplevel
+    return {i for i, k in enumerate(qmodel.input_kinds) if k in STATE_KINDS}
 
 
 _TAKE = tvm.ir.Op.get("relax.take")

@@ -100,21 +100,46 @@ class IntLSTM(IntModule):
         p.update(mo=mo, so=so, cell_frac=cf)
         return p
 
-    def forward(self, x):
+    def check_state(self, hx, batch) -> None:
+        """Initial states must be the integer states of docs/stateful.md: h0 int8 and c0 int16, both
+        [L*D, B, H] (a StateError, a ValueError, names what is wrong and how to get them right)."""
+        from ..quant.stateful import StateError
+        ndir = 2 if self.bidirectional else 1
+        H = self.l0_d0_w_h.shape[1]
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+            raise StateError("LSTM states must be a tuple (h0, c0)")
+        for name, v, dt in (("h0", hx[0], torch.int8), ("c0", hx[1], torch.int16)):
+            if not torch.is_tensor(v) or v.dtype != dt:
+                raise StateError(
+                    f"LSTM state {name} must be {str(dt)[6:]} [{self.num_layers * ndir}, B, {H}] (integer "
+                    f"states, docs/stateful.md), got {getattr(v, 'dtype', type(v).__name__)}: start from "
+                    "model.zero_state(batch), feed back the returned h_n / c_n, or convert float states "
+                    "with model.quantize_state(...)")
+            if v.dim() != 3 or v.shape[0] != self.num_layers * ndir or v.shape[2] != H or v.shape[1] != batch:
+                raise StateError(f"LSTM state {name} has shape {list(v.shape)}, expected "
+                                 f"[{self.num_layers * ndir}, {batch}, {H}] (num_layers * num_directions, "
+                                 "batch, hidden)")
+
+    def forward(self, x, hx=None):
         if x.dtype != torch.int8:
             raise TypeError(f"quantized LSTM input must be int8, got {x.dtype}")
         if x.dim() != 3:
             raise ValueError(f"LSTM input must be 3-D ({'[B, T, I]' if self.batch_first else '[T, B, I]'}), "
                              f"got shape {tuple(x.shape)}")
         h = x.transpose(0, 1) if self.batch_first else x
+        ndir = 2 if self.bidirectional else 1
+        if hx is not None:
+            self.check_state(hx, h.shape[1])
         hs, cs = [], []
         for li in range(self.num_layers):
             outs = []
-            for d in range(2 if self.bidirectional else 1):
+            for d in range(ndir):
                 p = self.direction_params(li, d)
+                # initial states (row li * ndir + d, as nn.LSTM stacks them) are passed positionally
+                state = () if hx is None else (hx[0][li * ndir + d], hx[1][li * ndir + d])
                 y, hT, cT = OPS.lstm_direction(
                     h, p["w_x"], p["w_h"], p["bias"], p["mx"], p["sx"], p["mh"], p["sh"],
-                    p["sig"], p["tanh"], p["tanh_c"], p["mo"], p["so"], p["cell_frac"], d == 1)
+                    p["sig"], p["tanh"], p["tanh_c"], p["mo"], p["so"], p["cell_frac"], d == 1, *state)
                 outs.append(y)
                 hs.append(hT)
                 cs.append(cT)

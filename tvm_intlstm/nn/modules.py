@@ -214,8 +214,8 @@ class QuantLSTM(QuantModule):
 
     def _check_args(self, x, hx):
         if hx is not None:
-            raise NotImplementedError("initial LSTM states (hx) are not supported yet: the quantized LSTM "
-                                      "starts from zero state")
+            from ..quant.stateful import observe_states
+            observe_states(self, hx)  # shapes as nn.LSTM wants them (docs/stateful.md)
         if x.dim() != 3:
             raise ValueError(f"nn.LSTM input must be 3-D (batched), got shape {tuple(x.shape)}")
         T = x.shape[1] if self.lstm.batch_first else x.shape[0]
@@ -239,6 +239,10 @@ class QuantLSTM(QuantModule):
                 gx = h_in @ w_ih.t() + b
                 h = h_in.new_zeros(B, H)
                 c = h_in.new_zeros(B, H)
+                if hx is not None:  # given states: the start of the recurrence, observed like its steps
+                    h, c = hx[0][li * self.ndir + d], hx[1][li * self.ndir + d]
+                    self.h_obs[li].update(h)
+                    self.c_obs[li].update(c)
                 ys = [None] * T
                 for t in (range(T - 1, -1, -1) if d else range(T)):
                     z = gx[t] + h @ w_hh.t()
@@ -295,8 +299,9 @@ class QuantLSTM(QuantModule):
                 T, B, _ = h_in.shape
                 H = w_hh.shape[1]
                 if fused:  # the same step arithmetic as the loop below, in one C++ call (qat_fast.py)
+                    state = {} if hx is None else self._fake_state(hx, li, d, s_h, s_h32, c_s)
                     y, c = qat_fast.lstm_direction(qat_fast.InputProjection.apply(h_in, wx, b), wh, q, m_h,
-                                                   packed, consts, reverse=bool(d))
+                                                   packed, consts, reverse=bool(d), **state)
                     outs.append(y)
                     hs.append(y[0] if d else y[-1])
                     cs.append(c)
@@ -304,6 +309,9 @@ class QuantLSTM(QuantModule):
                 gx = fake_quant(h_in @ wx.t() + b, g_s, -32768, 32767)
                 h = h_in.new_zeros(B, H)
                 c = h_in.new_zeros(B, H)
+                if hx is not None:  # given float states on the integer model's grids (h: s_h, c: 2^-F_c)
+                    st = self._fake_state(hx, li, d, s_h, s_h32, c_s)
+                    h, c = st["h0"], st["c0"]
                 ys = [None] * T
                 for t in (range(T - 1, -1, -1) if d else range(T)):
                     k = torch.round(h.detach() / s_h32)  # h's integers (h = k s_h)
@@ -329,6 +337,13 @@ class QuantLSTM(QuantModule):
                 h_in = fake_quant(nn.functional.dropout(h_in, m.dropout, True), s_h, -128, 127)
         out = h_in.transpose(0, 1) if m.batch_first else h_in
         return out, (torch.stack(hs), torch.stack(cs))
+
+    def _fake_state(self, hx, li, d, s_h, s_h32, c_s) -> dict:
+        """Row (li, d) of given float states on the integer model's grids (h: s_h, c: 2^-F_c), and
+        h's integers (the first recurrent product's operand), for the loop and the fused path."""
+        h0 = fake_quant(hx[0][li * self.ndir + d], s_h, -128, 127)
+        c0 = fake_quant(hx[1][li * self.ndir + d], c_s, -32768, 32767)
+        return {"h0": h0, "h0q": torch.round(h0.detach() / s_h32).to(torch.int8), "c0": c0}
 
     def layer_scales(self):
         return [self.h_obs[li].scale() for li in range(self.lstm.num_layers)]

@@ -164,28 +164,35 @@ class InputProjection(torch.autograd.Function):
 
 class _Direction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, p, wh, q, m, sig, tnh, tnc, consts, reverse):
-        save = bool(ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        r = torch.ops.intlstm_qat.lstm_fwd(p, q, m, sig, tnh, tnc, consts, reverse, save)
+    def forward(ctx, p, wh, q, m, sig, tnh, tnc, consts, reverse, h0=None, h0q=None, c0=None):
+        save = bool(any(ctx.needs_input_grad[i] for i in (0, 1, 9, 11)))
+        r = torch.ops.intlstm_qat.lstm_fwd(p, q, m, sig, tnh, tnc, consts, reverse, save, h0q, c0)
         y, c_last = r[0], r[1]
         ctx.reverse, ctx.consts = reverse, consts
+        ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
         if save:
-            ctx.save_for_backward(wh, y, *r[2:], sig, tnh, tnc)
+            ctx.save_for_backward(wh, y, *r[2:], sig, tnh, tnc,
+                                  h0 if h0 is not None else torch.empty(0), c0 if c0 is not None else torch.empty(0))
         return y, c_last
 
     @staticmethod
     def backward(ctx, dy, dc):
-        wh, y, *saved = ctx.saved_tensors
-        dp, dwh = torch.ops.intlstm_qat.lstm_bwd(dy, dc, wh, y, *saved, ctx.consts, ctx.reverse)
-        return dp, dwh, None, None, None, None, None, None, None
+        wh, y, *saved, h0, c0 = ctx.saved_tensors
+        dp, dwh, dh0, dc0 = torch.ops.intlstm_qat.lstm_bwd(dy, dc, wh, y, *saved, ctx.consts, ctx.reverse,
+                                                           h0 if ctx.has_h0 else None, c0 if ctx.has_c0 else None)
+        return (dp, dwh, None, None, None, None, None, None, None,
+                dh0 if ctx.has_h0 else None, None, dc0 if ctx.has_c0 else None)
 
 
-def lstm_direction(p, wh, q, m, tables, consts, reverse: bool):
+def lstm_direction(p, wh, q, m, tables, consts, reverse: bool, h0=None, h0q=None, c0=None):
     """One fake-quantized LSTM direction.
 
     p [T, B, 4H] float32: the input part x W_x^T + b before its fake quantization (done in the
     kernel); wh [4H, H]: the fake-quantized recurrent weight, = q * s_w with q int8 [4H, H];
     m [4H] float32 = s_h * s_w (RecurrentProduct); tables (sig, tanh, tanh_c) as pack_float_table;
-    consts from step_constants. Returns (y [T, B, H], c_T [B, H])."""
+    consts from step_constants. Optional initial state (docs/stateful.md): h0 [B, H] float32 on the
+    s_h grid with its integers h0q (int8), c0 [B, H] float32 on the cell grid (both or neither of
+    h0 / h0q); gradients flow to h0 and c0. Returns (y [T, B, H], c_T [B, H])."""
+    opt = [None if v is None else v.contiguous() for v in (h0, h0q, c0)]
     return _Direction.apply(p.contiguous(), wh.contiguous(), q.contiguous(), m.contiguous(), *tables, consts,
-                            bool(reverse))
+                            bool(reverse), *opt)

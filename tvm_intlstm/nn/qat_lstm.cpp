@@ -333,9 +333,11 @@ static void int_product(at::Tensor& acc, const at::Tensor& hq, const at::Tensor&
 // Forward of one direction. p [T, B, 4H]: input part x W_x^T + b before its fake quantization;
 // q int8 [4H, H]: the recurrent weight's integers; m [4H] = s_h * s_w (float32).
 // Returns y [T, B, H], c_T [B, H] and, if save, the saved tensors (gq, gi, cq, tq, ci; see above).
+// h0q int8 [B, H] / c0 float [B, H] (optional): the initial state's integers and cell value (zero if absent).
 std::vector<at::Tensor> lstm_fwd(const at::Tensor& p_, const at::Tensor& q_, const at::Tensor& m_,
                                  const at::Tensor& sig_, const at::Tensor& tnh_, const at::Tensor& tnc_,
-                                 std::vector<double> consts, bool reverse, bool save) {
+                                 std::vector<double> consts, bool reverse, bool save,
+                                 const std::optional<at::Tensor>& h0q_, const std::optional<at::Tensor>& c0_) {
   TORCH_CHECK(p_.dim() == 3 && p_.scalar_type() == at::kFloat, "qat_lstm: p must be float32 [T, B, 4H]");
   TORCH_CHECK(q_.scalar_type() == at::kChar && m_.scalar_type() == at::kFloat, "qat_lstm: q int8, m float32");
   at::Tensor p = p_.contiguous(), q = q_.contiguous(), m = m_.contiguous();
@@ -347,7 +349,12 @@ std::vector<at::Tensor> lstm_fwd(const at::Tensor& p_, const at::Tensor& q_, con
   TORCH_CHECK(p.size(2) == 4 * H && q.size(0) == 4 * H && m.numel() == 4 * H, "qat_lstm: shape mismatch");
   auto opt = p.options();
   at::Tensor y = at::empty({T, B, H}, opt);
-  at::Tensor cbuf = at::zeros({3, B, H}, opt);  // c_0 = 0, then ping-pong cell states
+  at::Tensor cbuf = at::zeros({3, B, H}, opt);  // c_0 (0 unless given), then ping-pong cell states
+  const bool has_h0 = h0q_.has_value() && h0q_->defined();
+  if (c0_.has_value() && c0_->defined()) {
+    TORCH_CHECK(c0_->scalar_type() == at::kFloat && c0_->numel() == B * H, "qat_lstm: c0 must be float32 [B, H]");
+    cbuf[0].copy_(c0_->reshape({B, H}));
+  }
   at::Tensor gq, gi, cq, tq, ci;
   if (save) {
     auto o16 = opt.dtype(at::kShort);
@@ -359,14 +366,18 @@ std::vector<at::Tensor> lstm_fwd(const at::Tensor& p_, const at::Tensor& q_, con
   }
   at::Tensor acc = at::empty({B, 4 * H}, opt.dtype(at::kInt));
   at::Tensor hq = at::zeros({B, H}, opt.dtype(at::kChar));
+  if (has_h0) {
+    TORCH_CHECK(h0q_->scalar_type() == at::kChar && h0q_->numel() == B * H, "qat_lstm: h0q must be int8 [B, H]");
+    hq.copy_(h0q_->reshape({B, H}));
+  }
   const float* pp = p.data_ptr<float>();
   const float* pm = m.data_ptr<float>();
   float* pcb = cbuf.data_ptr<float>();
   const float* pcprev = pcb;
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
-    if (s > 0) int_product(acc, hq, q);
-    const int32_t* pa = s > 0 ? acc.data_ptr<int32_t>() : nullptr;
+    if (s > 0 || has_h0) int_product(acc, hq, q);  // from the zero state the first product is 0
+    const int32_t* pa = (s > 0 || has_h0) ? acc.data_ptr<int32_t>() : nullptr;
     const int64_t o4 = t * B * 4 * H, o1 = t * B * H;
     float* pc = pcb + (1 + s % 2) * B * H;  // c_t
     float* py = y.data_ptr<float>() + o1;
@@ -397,12 +408,15 @@ std::vector<at::Tensor> lstm_fwd(const at::Tensor& p_, const at::Tensor& q_, con
 
 // Backward of one direction: dy [T, B, H] (grad of y), dc [B, H] (grad of c_T), wh the fake-quantized
 // recurrent weight, y and the saved tensors of lstm_fwd, its tables and constants.
-// Returns dp [T, B, 4H] (grad of the input part before its fake quant), dwh [4H, H].
+// h0 / c0 (optional, float [B, H]): the initial state the forward started from.
+// Returns dp [T, B, 4H] (grad of the input part before its fake quant), dwh [4H, H], and the grads
+// dh0, dc0 [B, H] of the initial state (meaningful only when h0 / c0 were given).
 std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::Tensor>& dc_, const at::Tensor& wh_,
                                  const at::Tensor& y, const at::Tensor& gq, const at::Tensor& gi,
                                  const at::Tensor& cq, const at::Tensor& tq, const at::Tensor& ci,
                                  const at::Tensor& sig_, const at::Tensor& tnh_, const at::Tensor& tnc_,
-                                 std::vector<double> consts, bool reverse) {
+                                 std::vector<double> consts, bool reverse,
+                                 const std::optional<at::Tensor>& h0_, const std::optional<at::Tensor>& c0_) {
   at::Tensor dy = dy_.contiguous(), wh = wh_.contiguous();
   at::Tensor wht = wh.t().contiguous();  // [H, 4H]: dh = da @ wh = da @ wht^T
   at::Tensor sigt = sig_.contiguous(), tnht = tnh_.contiguous(), tnct = tnc_.contiguous();
@@ -421,6 +435,9 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
   const int16_t* ptq = tq.data_ptr<int16_t>();
   const int16_t* pci = ci.data_ptr<int16_t>();
   float* pdc = dcc.data_ptr<float>();
+  const bool has_h0 = h0_.has_value() && h0_->defined();
+  at::Tensor c0 = (c0_.has_value() && c0_->defined()) ? c0_->contiguous() : at::Tensor();
+  const float* pc0 = c0.defined() ? c0.data_ptr<float>() : nullptr;  // c_{-1} of the first step
   const float* slope[4] = {sig.a, sig.a, tnh.a, sig.a};
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = reverse ? T - 1 - s : s;
@@ -456,7 +473,7 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
           float dtcf = tnc.a[(cinfo >> 8) & 127] * decode4((cinfo >> 4) & 3);
           float dct = dcr[j] + d_tc * dtcf;         // grad of c_t (next step's f * c and tanh(c))
           float dpre = (cinfo & 4) ? dct : 0.0f * dct;  // through the cell saturation
-          float cprev = cp ? cp[j] * K.cs : 0.0f;
+          float cprev = cp ? cp[j] * K.cs : (pc0 ? pc0[r1 + j] : 0.0f);
           float d_f = dpre * cprev;
           float d_i = dpre * gg_;
           float d_g = dpre * gi_;
@@ -471,7 +488,7 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
         }
       }
     });
-    if (s > 0) dhr = linear_nt(da[t], wht);
+    if (s > 0 || has_h0) dhr = linear_nt(da[t], wht);  // at s = 0: the grad of h0
   }
   at::Tensor dwh;
   if (T > 1) {
@@ -482,14 +499,19 @@ std::vector<at::Tensor> lstm_bwd(const at::Tensor& dy_, const std::optional<at::
   } else {
     dwh = at::zeros({4 * H, H}, opt);
   }
-  return {dp, dwh};
+  if (has_h0) {  // the first step's product with h0
+    const int64_t t0 = reverse ? T - 1 : 0;
+    dwh = dwh + linear_nt(da[t0].t(), h0_->contiguous().reshape({B, H}).t());
+  }
+  return {dp, dwh, dhr, dcc};  // dhr / dcc: the grads of h0 / c0 (meaningful only when given)
 }
 
 }  // namespace
 
 TORCH_LIBRARY(intlstm_qat, m) {
   m.def("lstm_fwd(Tensor p, Tensor q, Tensor m, Tensor sig, Tensor tanh, Tensor tanh_c, float[] consts, "
-        "bool reverse, bool save) -> Tensor[]", &lstm_fwd);
+        "bool reverse, bool save, Tensor? h0q=None, Tensor? c0=None) -> Tensor[]", &lstm_fwd);
   m.def("lstm_bwd(Tensor dy, Tensor? dc, Tensor wh, Tensor y, Tensor gq, Tensor gi, Tensor cq, Tensor tq, "
-        "Tensor ci, Tensor sig, Tensor tanh, Tensor tanh_c, float[] consts, bool reverse) -> Tensor[]", &lstm_bwd);
+        "Tensor ci, Tensor sig, Tensor tanh, Tensor tanh_c, float[] consts, bool reverse, Tensor? h0=None, "
+        "Tensor? c0=None) -> Tensor[]", &lstm_bwd);
 }

@@ -33,6 +33,7 @@ class _LowerLSTMMutator(OpLowering):
     def _lower_lstm_direction(self, a):
         x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c = a[:11]
         mo, so, cf, rev = (_prim(v) for v in a[11:15])
+        state = a[15:17]  # initial (h0, c0) after the scalars, if the model takes states (importer)
         G, I = (_static(v, "LSTM size") for v in _shape(w_x))
         H = G // 4
         T_, B_ = _shape(x)[:2]
@@ -65,11 +66,11 @@ class _LowerLSTMMutator(OpLowering):
         tables = [const_numpy(t) for t in (sig, tanh, tanh_c)]
         fold = all(t is not None and K.pwl_foldable(t) for t in tables)
         key = ("lstm_recurrent", HP, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, threaded,
-               fold, str(self.target))
+               fold, str(self.target)) + (("init_state",) if state else ())
         gv = self._kernel(key, lambda: K.lstm_recurrent(
             HP, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
-            shift_hi=hh, gate_scale=sch, parallel=threaded, pwl_fold=fold))
+            shift_hi=hh, gate_scale=sch, parallel=threaded, pwl_fold=fold, init_state=bool(state)))
         func = self.cache[("func",) + key]
         if constant and K.gate_interleaved(func):
             w_x, bias, mx, sx, mh, sh = (relax.const(K.gate_order(func, c, axis=0), str(c.dtype))
@@ -87,13 +88,25 @@ class _LowerLSTMMutator(OpLowering):
             w_args = [w_h, mh, sh, relax.const(np.zeros(4 * H, np.int32), "int32")]
         out_ty = [relax.TensorType([T_, B_, HP], "int8"), relax.TensorType([B_, HP], "int8"),
                   relax.TensorType([B_, HP], "int16")]
-        out = self.builder_.emit(relax.call_tir(gv, [gx] + w_args + [sig, tanh, tanh_c], out_ty))
+        state_args = self._padded_states(state, B_, H, HP)
+        out = self.builder_.emit(relax.call_tir(gv, [gx] + w_args + [sig, tanh, tanh_c] + state_args, out_ty))
         if HP == H:
             return out
         return self.builder_.emit(relax.Tuple([
             self.builder_.emit(relax.op.strided_slice(self.builder_.emit(relax.TupleGetItem(out, i)),
                                                       axes=[2 if i == 0 else 1], begin=[0], end=[H]))
             for i in range(3)]))
+
+    def _padded_states(self, state, B_, H, HP):
+        """The kernel's h0 / c0 arguments: the given states, widened with zeros to the kernel's HP
+        units (the padded units have zero weights, so a zero state keeps them at zero)."""
+        if not state:
+            return []
+        if HP == H:
+            return list(state)
+        return [self.builder_.emit(relax.op.concat(
+            [s, relax.op.zeros(relax.ShapeExpr([B_, HP - H]), dt)], axis=1))
+            for s, dt in zip(state, ("int8", "int16"))]
 
 
 LowerLSTM = lowering_pass(_LowerLSTMMutator, "tvm_intlstm.LowerLSTM")

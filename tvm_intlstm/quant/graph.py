@@ -5,6 +5,7 @@ Supported layers: nn.Embedding, nn.LSTM, nn.Linear, nn.LayerNorm, nn.Dropout, nn
 Supported glue: residual `+`, torch.cat, tuple indexing, and layout ops (transpose, permute,
 reshape/view, flatten, contiguous, squeeze/unsqueeze, tensor indexing).
 A Linear whose result reaches a model output is the final layer (int32 logits).
+An nn.LSTM may take its initial states (h0, c0) from model inputs (quant/stateful.py, docs/stateful.md).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from ..nn import intmodules as im
 from ..nn import modules as qm
+from . import stateful
 from .config import QuantConfig
 
 SUPPORTED_LAYERS = (nn.Embedding, nn.LSTM, nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
@@ -35,7 +37,8 @@ class UnsupportedModelError(ValueError):
 
 
 def _supported_list() -> str:
-    return ("nn.Embedding, nn.LSTM (any num_layers, bidirectional, batch_first, bias; no proj_size), "
+    return ("nn.Embedding, nn.LSTM (any num_layers, bidirectional, batch_first, bias; no proj_size; initial "
+            "states (h0, c0) as model inputs), "
             "nn.Linear, nn.LayerNorm (last dim), nn.Dropout, residual '+', torch.cat and layout ops")
 
 
@@ -101,6 +104,10 @@ def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
                 continue
             if not users:
                 continue
+            state_kind = stateful.state_input_kind(gm, node)  # issue 18: an LSTM's (h0, c0) input
+            if state_kind is not None:  # stays float here; the integer model takes integer states
+                node.meta["til_kind"] = state_kind
+                continue
             name = add_module("quant_input", qm.QuantInput(config))
             with g.inserting_after(node):
                 q = g.call_module(name, (node,))
@@ -108,10 +115,7 @@ def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
             if isinstance(mod, nn.LSTM):
-                if len(node.args) + len(node.kwargs) > 1:
-                    raise UnsupportedModelError(
-                        f"layer '{node.target}' (nn.LSTM) is called with initial states; only zero initial "
-                        "states are supported")
+                stateful.lstm_state_args(node)  # initial states must be model inputs (quant/stateful.py)
                 new = qm.QuantLSTM(mod, config)
             elif isinstance(mod, nn.Linear):
                 new = qm.QuantLinear(mod, config, final=_is_final(node))
@@ -247,7 +251,8 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
     used: dict[str, int] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            info[node] = QInfo("ids") if node.meta.get("til_kind") == "ids" else QInfo("float")
+            kind = node.meta.get("til_kind")
+            info[node] = QInfo(kind) if kind in ("ids",) + stateful.STATE_KINDS else QInfo("float")
         elif node.op == "call_module":
             mod = prepared.get_submodule(node.target)  # the prepared module (gm's copy gets replaced)
             if isinstance(mod, nn.Identity):
@@ -317,9 +322,28 @@ class QuantizedModel(nn.Module):
 
     def forward(self, *args):
         if len(args) != len(self.input_kinds):
-            raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(args)}")
+            raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(args)}"
+                            + stateful.input_count_hint(self.input_kinds, len(args)))
         with torch.no_grad():
             return self.gm(*args)
+
+    # LSTM states as inputs (issue 18; quant/stateful.py, docs/stateful.md) --------------------
+    def state_formats(self) -> list:
+        """StateFormat of each state input (int8 h / int16 c [L*D, B, H]), in input order; [] if the
+        model takes no states."""
+        return stateful.state_formats(self.gm)
+
+    def zero_state(self, batch: int) -> tuple:
+        """Zero integer states for every state input, in input order (append them to the inputs)."""
+        return tuple(f.zeros(batch) for f in self.state_formats())
+
+    def quantize_state(self, *states) -> tuple:
+        """Float states (one per state input, in input order) -> integer states."""
+        return stateful.convert_states(self.state_formats(), states, "quantize")
+
+    def dequantize_state(self, *states) -> tuple:
+        """Integer states (one per state input, in input order) -> float32."""
+        return stateful.convert_states(self.state_formats(), states, "dequantize")
 
     @property
     def output_scales(self):

@@ -34,6 +34,14 @@ def lstm_params(mod: im.IntLSTM, li: int, d: int) -> ops.LSTMDirectionParams:
         sig=sig, tanh=tanh, tanh_c=tanh_c)
 
 
+def _check_states(mod, hx, batch):
+    """The integer model's state checks (IntLSTM.check_state) on numpy states: the oracle never
+    casts a wrong dtype silently."""
+    if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+        raise ValueError("LSTM states must be a tuple (h0, c0)")
+    mod.check_state(tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in hx), batch)
+
+
 def run_int_module(mod, args):
     if isinstance(mod, im.IntInput):
         return ops.quantize_input(args[0], mod.scale)
@@ -46,11 +54,18 @@ def run_int_module(mod, args):
     if isinstance(mod, im.IntLSTM):
         x = args[0]
         h = np.swapaxes(x, 0, 1) if mod.batch_first else x
+        hx = args[1] if len(args) > 1 else None  # initial states (docs/stateful.md)
+        ndir = 2 if mod.bidirectional else 1
+        if hx is not None:
+            _check_states(mod, hx, h.shape[1])
         hs, cs = [], []
         for li in range(mod.num_layers):
             outs = []
-            for d in range(2 if mod.bidirectional else 1):
-                y, hT, cT = ops.lstm_direction(h, lstm_params(mod, li, d), reverse=(d == 1))
+            for d in range(ndir):
+                r = li * ndir + d
+                y, hT, cT = ops.lstm_direction(h, lstm_params(mod, li, d), reverse=(d == 1),
+                                               h0=None if hx is None else hx[0][r],
+                                               c0=None if hx is None else hx[1][r])
                 outs.append(y)
                 hs.append(hT)
                 cs.append(cT)

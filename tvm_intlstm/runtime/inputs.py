@@ -9,6 +9,9 @@ from typing import Iterable, Optional
 import numpy as np
 
 
+_STATE_DTYPES = {"state_h": np.int8, "state_c": np.int16}
+
+
 def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optional[list] = None,
                  vocab: Optional[dict] = None) -> list[np.ndarray]:
     """numpy arrays (C order) from numpy/torch inputs, checked against the model's input description."""
@@ -19,7 +22,8 @@ def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optiona
         arrays.append(np.asarray(x))
     vocab = vocab or {}
     if kinds and len(arrays) != len(kinds):
-        raise TypeError(f"model takes {len(kinds)} inputs, got {len(arrays)}")
+        from ..quant.stateful import input_count_hint
+        raise TypeError(f"model takes {len(kinds)} inputs, got {len(arrays)}" + input_count_hint(kinds, len(arrays)))
     out = []
     for i, (a, kind) in enumerate(zip(arrays, kinds or [None] * len(arrays))):
         if shapes is not None and i < len(shapes) and shapes[i] is not None:
@@ -36,6 +40,11 @@ def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optiona
             V = vocab.get(i)
             if V is not None and a.size and (a.min() < 0 or a.max() >= V):
                 raise IndexError(f"input {i}: token id out of range [0, {V}): min {a.min()}, max {a.max()}")
+        elif kind in _STATE_DTYPES:  # an LSTM state (docs/stateful.md): integers, never converted here
+            if a.dtype != _STATE_DTYPES[kind]:
+                raise TypeError(f"input {i} is an LSTM state {kind[-1]}0 and takes {_STATE_DTYPES[kind]} "
+                                f"[L*D, B, H], got {a.dtype}: start from model.zero_state(batch), feed back the "
+                                "returned h_n / c_n, or convert float states with model.quantize_state(...)")
         elif kind is not None:
             if a.dtype != np.float32:
                 raise TypeError(f"input {i} takes float32 features, got {a.dtype}")
