@@ -21,7 +21,8 @@ Forms: linear_i32 / linear_requant (int8 and int16 out) natural, packed, 7-bit (
 packed, parallel, without bias, shift_hi, a baked per-tensor scale, generic; lstm_recurrent generic,
 serial (natural, packed, 7-bit), threaded (parallel=True), reverse + init_state, the fast path
 (shift_hi, folded PWL, baked gate shift); quantize_input, embedding (int64 / int32 ids), rescale_8,
-residual_add, pwl_activation, layer_norm, softmax (static lengths and symbolic), attention_context.
+residual_add, pwl_activation, layer_norm, layer_norm16, ln_lstm_recurrent (both directions),
+softmax (static lengths and symbolic), attention_context.
 The native forms use the target's own micro-kernel ISA (`kernels.resolve_isa`), the generic ones
 run on every family. Shapes are odd on purpose: K = 13, 77; O = 19, 41; H = 20 (24 for the
 threaded form, which needs H % 8 == 0); D = 13; rows 1, 3 and 17; softmax lengths 1, 5, 7, 9, 13,
@@ -351,6 +352,72 @@ def _layer_norm_calls(func, rng):
     return out
 
 
+def _layer_norm16_calls(func, rng):
+    Ml, sl = LN
+    gamma = rng.integers(-32768, 32768, (4, 13)).astype(np.int16)
+    beta = rng.integers(-2**40, 2**40, (4, 13)).astype(np.int64)
+    out = []
+    for n in ROWS:
+        x = rng.integers(-2**15, 2**15, (n, 4, 13)).astype(np.int16)
+        out.append(([x, gamma, beta], [((n, 4, 13), "int16")],
+                    [ops.layer_norm16(x, gamma, beta, Ml, sl, 9)]))
+    return out
+
+
+LN_LSTM_SEED = 2024
+
+
+def _ln_lstm_params(rng, H):
+    G = 4 * H
+    mh, sh = quantize_multiplier_array(rng.uniform(0.01, 0.5, G))
+
+    def ln(D):
+        Ml, sl = quantize_multiplier15(rng.uniform(1e-5, 1e-4))
+        return ops.LayerNorm16Params(rng.integers(-32768, 32768, D).astype(np.int16),
+                                     rng.integers(-2**30, 2**30, D).astype(np.int64), Ml, sl, 5)
+
+    mo, so = quantize_multiplier(127 / 2**30)
+    return ops.LNLSTMDirectionParams(
+        w_x=np.zeros((G, 1), np.int8), w_h=rng.integers(-127, 128, (G, H)).astype(np.int8),
+        mx=np.ones(G, np.int32), sx=np.ones(G, np.int32), mh=mh, sh=sh, ln_x=ln(G), ln_h=ln(G),
+        ln_c=ln(H), mo=int(mo), so=int(so), cell_frac=11, sig=_table("sigmoid", 16, 12),
+        tanh=_table("tanh", 16, 12), tanh_c=_table("tanh", 16, 12))
+
+
+def _ln_lstm_calls(reverse):
+    H = 13
+
+    def calls(func, rng):
+        p = _ln_lstm_params(np.random.default_rng(LN_LSTM_SEED), H)   # the kernel's constants
+        out = []
+        for B in ROWS:
+            gx = rng.integers(-2**15, 2**15, (3, B, 4 * H)).astype(np.int16)
+            h0 = rng.integers(-128, 128, (B, H)).astype(np.int8)
+            c0 = rng.integers(-2**15, 2**15, (B, H)).astype(np.int16)
+            h, c, ys = h0, c0, np.zeros((3, B, H), np.int8)
+            for t in ((2, 1, 0) if reverse else (0, 1, 2)):
+                h, c = ops.ln_lstm_cell(gx[t], h, c, p)
+                ys[t] = h
+            ins = [gx, p.w_h, p.mh, p.sh, p.ln_h.gamma.reshape(4, H), p.ln_h.beta.reshape(4, H),
+                   p.ln_c.gamma.reshape(1, H), p.ln_c.beta.reshape(1, H), K.pack_pwl(p.sig),
+                   K.pack_pwl(p.tanh), K.pack_pwl(p.tanh_c), h0, c0]
+            out.append((ins, [((3, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")],
+                        [ys, h, c]))
+        return out
+    return calls
+
+
+def _ln_lstm_kernel(reverse):
+    # the kernel bakes its constants (mo, so, the layer norms' Ml, sl, E): the calls draw their
+    # parameters from a generator of the same seed
+    def make(target):
+        p = _ln_lstm_params(np.random.default_rng(LN_LSTM_SEED), 13)
+        return K.ln_lstm_recurrent(13, mo=p.mo, so=p.so, cell_frac=p.cell_frac,
+                                   ln_h=(p.ln_h.ml, p.ln_h.sl, p.ln_h.eps),
+                                   ln_c=(p.ln_c.ml, p.ln_c.sl, p.ln_c.eps), reverse=reverse)
+    return make
+
+
 def _softmax_calls(pieces, lengths):
     def calls(func, rng):
         t = _table("exp", pieces, 10)
@@ -385,6 +452,9 @@ def _other_cases():
         Case("residual_add_13", lambda tg: K.residual_add(13, *RESID), _residual_calls),
         Case("pwl_activation_16", lambda tg: K.pwl_activation(16), _pwl_calls),
         Case("layer_norm_13", lambda tg: K.layer_norm(13, *LN), _layer_norm_calls),
+        Case("layer_norm16_4x13", lambda tg: K.layer_norm16(4, 13, *LN, 9), _layer_norm16_calls),
+        Case("ln_lstm_recurrent_13", _ln_lstm_kernel(False), _ln_lstm_calls(False)),
+        Case("ln_lstm_recurrent_13_reverse", _ln_lstm_kernel(True), _ln_lstm_calls(True)),
         Case("attention_context_13", lambda tg: K.attention_context(13, *ATT), _attention_calls),
         Case("softmax_symbolic", lambda tg: K.softmax(16, *SMAX), _softmax_calls(16, (1, 5, 7, 33))),
     ]

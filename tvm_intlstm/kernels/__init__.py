@@ -23,6 +23,7 @@ per-channel arrays and PWL tables are buffers. Outputs must not alias inputs (`t
     residual_add(D, Ma, Mb, s)                      a, b i8[N,D] -> i8[N,D]
     pwl_activation(pieces)                          x i16[N], table i32[3,n+1] -> i16[N]
     layer_norm(D, Ml, sl)                           x i8[N,D], gamma i16[D], beta i64[D] -> i8[N,D]
+    layer_norm16(G, D, Ml, sl, eps)                 x i16[N,G,D], gamma i16[G,D], beta i64[G,D] -> i16
     softmax(pieces, Mz, sz, length=None)            z i32[R,K], exp_table -> p i16[R,K]
     attention_context(D, Mc, sc)                    p i16[B,Q,K], v i8[B,K,D] -> i8[B,Q,D]
 
@@ -46,7 +47,8 @@ from ._gemm import u8_bias_fits, u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
 from .lstm import (gate_interleaved, gate_order, lstm_recurrent, pack_pwl, pad_units, pwl_foldable,
                    recurrent_units)
-from .norm import attention_context, layer_norm, softmax
+from .ln_lstm import ln_lstm_recurrent
+from .norm import attention_context, layer_norm, layer_norm16, softmax
 
 
 def host_target() -> tvm.target.Target:
@@ -154,5 +156,5 @@ __all__ = [
     "linear_i32", "linear_requant",
     "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved", "recurrent_units", "pad_units",
     "pwl_foldable",
-    "layer_norm", "softmax", "attention_context",
+    "layer_norm", "layer_norm16", "ln_lstm_recurrent", "softmax", "attention_context",
 ]

@@ -1,4 +1,4 @@
-"""Integer layer norm (spec 10), softmax and attention context (spec 11).
+"""Integer layer norm (spec 10, and 10b for int16 values), softmax and attention context (spec 11).
 
 Row reductions are written as serial loops over one-element stack accumulators, which LLVM
 promotes to registers and vectorizes (sums, max); element-wise parts use `T.vectorized` where
@@ -55,6 +55,66 @@ def layer_norm(features: int, Ml: int, sl: int):
                     * T.int64(Ml), sl), 8)
 
     return finish(layer_norm, "layer_norm")
+
+
+@T.macro
+def ln16_row(X, Y, GAM, BET, n, g, D, Ml, sl, eps, ACC, ISQ):
+    """spec 10b over X[n, g, 0:D] (int16) into Y[n, g, 0:D] (int16 Q3.12), gamma GAM[g, :] int16,
+    beta BET[g, :] int64; D, Ml, sl, eps Python ints (baked). ACC int64 [3] and ISQ int64 [2] are
+    scratch ([sum, mean, squared deviations]; `_tir.isqrt_into`)."""
+    ACC[0] = T.int64(0)
+    for k in range(D):
+        ACC[0] = ACC[0] + T.Cast("int64", X[n, g, k])
+    ACC[1] = T.floordiv(T.int64(2) * ACC[0] + T.int64(D), T.int64(2 * D))
+    ACC[2] = T.int64(0)
+    for k in range(D):
+        ACC[2] = ACC[2] + (T.Cast("int64", X[n, g, k]) - ACC[1]) * (T.Cast("int64", X[n, g, k]) - ACC[1])
+    isqrt_into(ISQ, T.floordiv(ACC[2], T.int64(D)) + T.int64(eps))
+    ISQ[1] = T.max(ISQ[1], T.int64(1))
+    for k in range(D):
+        Y[n, g, k] = sat_cast(rshift_round(
+            (T.floordiv(T.int64(2 << LN_FRAC) * (T.Cast("int64", X[n, g, k]) - ACC[1]) + ISQ[1],
+                        T.int64(2) * ISQ[1]) * T.Cast("int64", GAM[g, k]) + BET[g, k])
+            * T.int64(Ml), sl), 16)
+
+
+def check_ln16(features: int, Ml: int, sl: int, eps: int) -> tuple[int, int, int, int]:
+    """The baked constants of a spec-10b layer norm, checked (clear errors instead of wrong code)."""
+    D = int(features)
+    if not 1 <= D <= 4096:
+        raise ValueError(f"integer layer norm supports 1 <= D <= 4096, got {D}")
+    Ml = check_multiplier(Ml)
+    if Ml >= 2**15:
+        raise ValueError(f"layer norm multiplier must be below 2^15 (spec 10b), got {Ml}")
+    eps = int(eps)
+    if not 0 <= eps < 2**46:
+        raise ValueError(f"layer norm epsilon E must be in [0, 2^46), got {eps}")
+    return D, Ml, check_shift(sl, 1, 62), eps
+
+
+def layer_norm16(groups: int, features: int, Ml: int, sl: int, eps: int = 0):
+    """x int16 [N, G, D], gamma int16 [G, D], beta int64 [G, D] -> int16 [N, G, D] Q3.12 (spec 10b):
+    each of the G groups of D values normalized on its own with its own gamma / beta (G = 4 for
+    the LN-LSTM's gate blocks, 1 for a plain layer norm). Ml, sl and the epsilon E are baked."""
+    G = int(groups)
+    if G < 1:
+        raise ValueError(f"groups must be >= 1, got {G}")
+    D, Ml, sl, eps = check_ln16(features, Ml, sl, eps)
+
+    @T.prim_func
+    def layer_norm16(x_h: T.handle, g_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        X = T.match_buffer(x_h, (N, G, D), "int16")
+        GAM = T.match_buffer(g_h, (G, D), "int16")
+        BET = T.match_buffer(b_h, (G, D), "int64")
+        Y = T.match_buffer(y_h, (N, G, D), "int16")
+        ACC = T.alloc_buffer((3,), "int64")
+        ISQ = T.alloc_buffer((2,), "int64")
+        for n, g in T.grid(N, G):
+            ln16_row(X, Y, GAM, BET, n, g, D, Ml, sl, eps, ACC, ISQ)
+
+    return finish(layer_norm16, "layer_norm16")
 
 
 def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
