@@ -2,7 +2,6 @@
 spec 8b / 10b bit for bit: random and extreme inputs, states, both directions."""
 import numpy as np
 import pytest
-import torch
 
 from tvm_intlstm import kernels as K
 from tvm_intlstm.quant.fixed_point import quantize_multiplier15
