@@ -542,6 +542,7 @@ class TargetFeatures:
     has_vnni: bool = False  # AVX-512 VNNI (vpdpbusd on zmm), as TVM's x86 VNNI intrinsic uses
     has_avxvnni: bool = False  # AVX-VNNI (VEX-encoded vpdpbusd on ymm, Alder Lake, Zen 5)
     has_avx512vl: bool = False  # AVX-512 VL (EVEX forms, e.g. of vpdpbusd, on ymm)
+    has_amx_int8: bool = False  # AMX-TILE + AMX-INT8 (tdpbssd on tile registers; Sapphire Rapids)
     has_neon: bool = False
     has_dotprod: bool = False  # sdot/udot
     has_i8mm: bool = False  # smmla/ummla/usdot
@@ -655,6 +656,7 @@ def target_features(target: TargetSpec) -> TargetFeatures:
             has_vnni="avx512vnni" in feats,
             has_avxvnni="avxvnni" in feats,
             has_avx512vl="avx512vl" in feats,
+            has_amx_int8="amx-tile" in feats and "amx-int8" in feats,
         )
     return TargetFeatures(
         **common,
