@@ -33,8 +33,11 @@ class CompiledModule:
     from a final linear layer). Thread-safe: calls are serialized by a lock (one Relax VM)."""
 
     def __init__(self, executable, target, input_kinds, output_info, ir_module=None, vocab_sizes=None,
-                 input_shapes=None):
+                 input_shapes=None, amx: bool = False):
         self.executable = executable
+        # has AMX tile kernels (compile(..., kernels="amx")): the process must get the OS's AMX
+        # permission before the first call (runtime.amx), else the first tile instruction is SIGILL
+        self.amx = bool(amx)
         # per input: list of dims, an int for a static dim, None for a symbolic (batch/time) dim
         self.input_shapes = input_shapes
         self.target = target
@@ -58,6 +61,9 @@ class CompiledModule:
                     "aarch64 / tvm_intlstm.runtime.emulate.run_emulated) or over RPC (tvm_intlstm.runtime.rpc.run_remote)")
             from .target import check_runs_on_host
             check_runs_on_host(self.target, "this module")
+            if self.amx:   # once per process; AMXUnavailableError (clear) where the OS refuses
+                from .runtime.amx import request_amx_permission
+                request_amx_permission()
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm
 
@@ -119,7 +125,7 @@ def _write_meta(path, cm):
     import json
     from .target import target_to_dict
     meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": target_to_dict(cm.target),
-            "input_shapes": cm.input_shapes,
+            "input_shapes": cm.input_shapes, "amx": cm.amx,
             "output_info": info_to_data(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()}}
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
@@ -184,7 +190,7 @@ def load(path: str | os.PathLike) -> CompiledModule:
         raise ValueError(f"{path} is not a loadable TVM module ({e})") from e
     return CompiledModule(ex, target, meta["input_kinds"], info_from_data(meta["output_info"]),
                           vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()},
-                          input_shapes=meta.get("input_shapes"))
+                          input_shapes=meta.get("input_shapes"), amx=bool(meta.get("amx", False)))
 
 
 def weight_route_hint(model, target) -> str | None:
@@ -211,9 +217,19 @@ def weight_route_hint(model, target) -> str | None:
     return None
 
 
+def _uses_amx(mod) -> bool:
+    from .kernels import uses_amx
+    return any(isinstance(f, tvm.tirx.PrimFunc) and uses_amx(f) for f in mod.functions.values())
+
+
 def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True,  # noqa: A001
-            threads: bool = False) -> CompiledModule:
+            threads: bool = False, kernels: str | None = None) -> CompiledModule:
     """Compile a quantized model (tvm_intlstm.quantize / prepare_qat result) to an integer-only module.
+
+    kernels: the kernel family (tvm_intlstm.kernels.isa, docs/compiler.md) instead of the one the
+    target's features pick, e.g. "amx" (AMX-INT8 tiles for the linear GEMMs with many rows: opt-in
+    until its bit-exactness tests have run on AMX hardware) or "avx2"; the target must support it
+    (ValueError naming the features otherwise). None: the target's default family.
 
     threads=True: the LSTM kernels use TVM's thread pool (`TVM_NUM_THREADS` workers; on AVX2 the
     threaded recurrent form, a barrier per time step, and the parallel input projection): faster on
@@ -234,6 +250,13 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
     tgt = _target(target)
     from .target import check_ieee_float
     check_ieee_float(tgt)
+    from .kernels import isa as families
+    family = None if kernels is None else families.check_supported(kernels, tgt)
+    with families.prefer(family):
+        return _compile(model, tgt, example_inputs, tuning_logs, verbose, threads)
+
+
+def _compile(model, tgt, example_inputs, tuning_logs, verbose, threads):
     t0 = time.perf_counter()
     _log("importing (torch.export -> Relax)", verbose)
     mod = import_quantized(model, example_inputs)
@@ -263,4 +286,5 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
             if src.op == "placeholder":
                 idx = [n for n in model.gm.graph.nodes if n.op == "placeholder"].index(src)
                 vocab[idx] = int(model.gm.get_submodule(node.target).table.shape[0])
-    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab, input_shapes)
+    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab, input_shapes,
+                          amx=_uses_amx(lowered))
