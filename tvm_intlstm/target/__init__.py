@@ -164,8 +164,8 @@ PRESETS: dict[str, Preset] = {
             ("znver4", "AMD Zen 4 (EPYC Genoa, Ryzen 7000): AVX-512 VNNI -> avx512_vnni kernels"),
             ("znver5", "AMD Zen 5 (EPYC Turin, Ryzen 9000): AVX-512 VNNI -> avx512_vnni kernels"),
             ("icelake-server", "Intel Xeon Ice Lake-SP: AVX-512 VNNI -> avx512_vnni kernels"),
-            ("sapphirerapids", "Intel Xeon Sapphire Rapids / Emerald Rapids: AVX-512 VNNI (and AMX, "
-                               "not used yet) -> avx512_vnni kernels"),
+            ("sapphirerapids", "Intel Xeon Sapphire Rapids / Emerald Rapids: AVX-512 VNNI -> "
+                               "avx512_vnni kernels (AMX tiles: opt-in, compile(kernels=\"amx\"))"),
             ("alderlake", "Intel Core 12th-14th gen (Alder / Raptor Lake): AVX-VNNI -> x86_vnni kernels"),
         )],
         Preset(
@@ -588,7 +588,8 @@ _KNOWN_CPU_FEATURES: dict[str, frozenset[str]] = {
     "skylake-avx512": frozenset({"avx2", "avx512f", "avx512bw"}),
     "cascadelake": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni"}),
     "icelake-server": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni"}),
-    "sapphirerapids": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni"}),
+    "sapphirerapids": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "amx-tile",
+                                 "amx-int8"}),
     "alderlake": frozenset({"avx2", "avxvnni"}),
 }
 
