@@ -21,7 +21,11 @@ runs its Relax function through a remote ``relax.VirtualMachine`` and returns nu
 long time (tuning over RPC, ``tvm_intlstm.tuning``): :func:`parse_rpc_address`
 (``"host:port[:key]"``), :func:`check_server` (TCP connection and RPC handshake with timeouts,
 :class:`RPCConnectError` saying what is wrong), :func:`open_session` (``tvm.rpc.connect`` with
-that error) and :func:`is_session_death` (does an error mean the session is gone).
+that error) and :func:`is_session_death` (does an error mean the session is gone).  For a fleet
+behind TVM's RPC tracker (``python -m tvm.exec.rpc_tracker``; boards run ``python -m
+tvm.exec.rpc_server --tracker host:port --key <key>``): :func:`parse_tracker_address`
+(``"tracker://host:port/key"``), :func:`check_tracker` (servers registered under the key) and
+:func:`request_session` (a session with a free server, and which one it is).
 
 The RPC server executes whatever library a client uploads: bind it to 127.0.0.1 (the default
 here) or use it only on a trusted network.
@@ -71,6 +75,10 @@ __all__ = [
     "check_server",
     "open_session",
     "is_session_death",
+    "parse_tracker_address",
+    "check_tracker",
+    "tracker_servers",
+    "request_session",
 ]
 
 _SERVER_NAME = "tvm_intlstm_rpc_server"
@@ -913,6 +921,128 @@ def check_server(host: str, port: int, key: str = "", timeout: float = 10.0) -> 
     if code != _RPC_CODE_SUCCESS:
         raise RPCConnectError(f"{where} is not a TVM RPC server (handshake answer {code:#x})")
     return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# An RPC tracker: a fleet of boards registered under a device key
+# ----------------------------------------------------------------------------------------------
+
+#: how to start a tracker and register boards with it (quoted in error messages)
+TRACKER_HINT = ("start a tracker with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190` "
+                "and on each board `python -m tvm.exec.rpc_server --tracker <tracker host>:9190 "
+                "--key <key>`")
+
+
+def parse_tracker_address(spec: str) -> tuple[str, int, str]:
+    """``"tracker://host:port/key"`` (IPv6 hosts in brackets) -> ``(host, port, key)``; the key
+    (the ``--key`` the boards registered with) is required.  Raises ValueError with an example."""
+    example = "e.g. 'tracker://192.168.1.10:9190/rpi5'"
+    if not isinstance(spec, str) or not spec.startswith("tracker://"):
+        raise ValueError(f"a tracker address is 'tracker://host:port/key' ({example}), got {spec!r}")
+    addr, sep, key = spec[len("tracker://"):].partition("/")
+    if not sep or not key.strip():
+        raise ValueError(f"the tracker address {spec!r} has no device key: the tracker hands out "
+                         f"the servers registered under a key, 'tracker://host:port/<key>' ({example})")
+    host, port, extra = parse_rpc_address(addr)
+    if extra:
+        raise ValueError(f"bad tracker address {spec!r}: the key goes after '/' ({example})")
+    if any(c.isspace() for c in key) or "/" in key:
+        raise ValueError(f"bad device key {key!r} in tracker address {spec!r}")
+    return host, port, key
+
+
+def _tracker_socket(host: str, port: int, timeout: float):
+    """A connection to the tracker at host:port after its handshake; RPCConnectError if none."""
+    import socket
+    import struct
+
+    from tvm.rpc import base
+
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except socket.timeout:
+        raise RPCConnectError(f"cannot reach the RPC tracker at {where}: no answer within "
+                              f"{timeout:g} s; {TRACKER_HINT}") from None
+    except OSError as e:
+        raise RPCConnectError(f"cannot reach the RPC tracker at {where}: {e.strerror or e} (is "
+                              f"the tracker running?); {TRACKER_HINT}") from None
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        data = base.recvall(sock, 4)
+    except (OSError, RuntimeError):
+        sock.close()
+        raise RPCConnectError(f"{where} did not answer the RPC tracker handshake within "
+                              f"{timeout:g} s: is it a tracker (not a server)?") from None
+    if struct.unpack("<i", data)[0] != base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise RPCConnectError(f"{where} is not an RPC tracker (a server? then use 'host:port' "
+                              f"without tracker://)")
+    return sock
+
+
+def tracker_servers(host: str, port: int, key: str, timeout: float = 10.0) -> tuple[int, dict]:
+    """(free servers, {key: number of registered servers}) of the tracker at host:port for device
+    key `key`; RPCConnectError when the tracker cannot be reached."""
+    from tvm.rpc import base
+
+    sock = _tracker_socket(host, port, timeout)
+    try:
+        base.sendjson(sock, [base.TrackerCode.SUMMARY])
+        value = base.recvjson(sock)
+    except OSError as e:
+        raise RPCConnectError(f"the RPC tracker at {host}:{port} did not answer a summary "
+                              f"request ({e})") from None
+    finally:
+        sock.close()
+    summary = value[1] if value and value[0] == base.TrackerCode.SUCCESS else {}
+    counts: dict = {}
+    for item in summary.get("server_info", []):
+        k = str(item.get("key", "")).partition(":")[2]    # "server:<key>"
+        counts[k] = counts.get(k, 0) + 1
+    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+    return free, counts
+
+
+def check_tracker(host: str, port: int, key: str, timeout: float = 10.0) -> int:
+    """The number of servers registered at the tracker under `key` (at least one); raises
+    RPCConnectError when the tracker cannot be reached or has none."""
+    _, counts = tracker_servers(host, port, key, timeout)
+    if not counts.get(key):
+        others = ", ".join(f"{k!r} ({n})" for k, n in sorted(counts.items())) or "none"
+        raise RPCConnectError(
+            f"the RPC tracker at {host}:{port} has no server registered with key {key!r} "
+            f"(keys there: {others}); on each board run `python -m tvm.exec.rpc_server --tracker "
+            f"{host}:{port} --key {key}`")
+    return counts[key]
+
+
+def request_session(host: str, port: int, key: str, session_timeout: float = 0,
+                    wait: float = 600.0):
+    """A session with a free server of the tracker at host:port registered under `key`:
+    (``tvm.rpc`` session, "server host:port").  Waits up to `wait` seconds for a server to become
+    free (the tracker hands each server to one client at a time); RPCConnectError if none does or
+    the tracker cannot be reached."""
+    from tvm.rpc import base
+
+    sock = _tracker_socket(host, port, min(float(wait), 10.0))
+    try:
+        sock.settimeout(wait)
+        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
+        value = base.recvjson(sock)
+    except OSError as e:
+        raise RPCConnectError(
+            f"no server with key {key!r} became free at the RPC tracker {host}:{port} within "
+            f"{wait:g} s ({type(e).__name__}); check its servers (`python -m "
+            f"tvm.exec.query_rpc_tracker --host {host} --port {port}`)") from None
+    finally:
+        sock.close()
+    if not value or value[0] != base.TrackerCode.SUCCESS:
+        raise RPCConnectError(f"the RPC tracker at {host}:{port} refused the request for key "
+                              f"{key!r}: {value}")
+    shost, sport, matchkey = value[1]
+    return open_session(shost, int(sport), matchkey, session_timeout), f"{shost}:{sport}"
 
 
 def open_session(host: str, port: int, key: str = "", session_timeout: float = 0):
