@@ -311,8 +311,17 @@ def test_whole_model_amx(fam, target):
     assert len(tiled) >= 3          # the input projections (two layers) and the head
     assert ("tdpbssd" in asm and "ldtilecfg" in asm) == (fam == "amx")
     assert "vpdpbusd" in asm        # the recurrent steps
-    if fam == "amx" and not RUNNABLE[target]:
-        return
+    if fam == "amx":                # the exported module remembers that it needs the permission
+        import json
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            path = cm.export_library(f"{d}/m.so")
+            assert json.load(open(path + ".json"))["amx"] is True
+            if not RUNNABLE[target]:    # refused before the library is mapped: no SIGILL
+                with pytest.raises(til.target.TargetError, match="amx-int8"):
+                    til.load(path)
+                return
+            assert til.load(path).amx
     for T_, B in ((1, 1), (7, 2), (4, 17), (12, 3)):
         x = torch.randint(0, 30, (T_, B), generator=g)
         np.testing.assert_array_equal(cm(x.numpy()), q(x).numpy())
