@@ -32,8 +32,11 @@ PWL tables are packed int32 [3, n+1] by `pack_pwl(table)`. The generators of the
 "x86_vnni" (AVX-VNNI or AVX512-VNNI: vpdpbusd, exact u8 x s8 quads for any int8 weight), "avx2"
 (vpmaddwd, exact int16 pair sums; vpmaddubsw for 7-bit weights), "neon_dotprod" (aarch64 with
 dotprod: sdot; the packed linear kernels use smmla when the target also has i8mm), or "generic"
-(plain TIR that LLVM vectorizes for any target). `build_kernel(func, target)` compiles
-one PrimFunc and returns a callable; `bench_kernels` measures the LSTM against PyTorch FP32.
+(plain TIR that LLVM vectorizes for any target); "amx" (AMX-INT8 tdpbssd tiles for the packed
+linear kernels) only when asked for (`isa.prefer("amx")`, compile(kernels="amx")).
+`build_kernel(func, target)` compiles one PrimFunc and returns a callable (an AMX kernel asks the
+OS for the AMX permission before its first call, `runtime.amx`); `bench_kernels` measures the LSTM
+against PyTorch FP32.
 """
 from __future__ import annotations
 
