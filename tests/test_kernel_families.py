@@ -234,6 +234,15 @@ def test_whole_model_vnni_8bit(target):
 
 # --- the AMX family: opt-in, its permission, the whole model -------------------------------------
 
+class _Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
 def test_amx_is_opt_in():
     """AMX targets keep avx512_vnni unless asked (compile(kernels="amx") / isa.prefer); asking on a
     target without AMX is a clear error naming the features."""
@@ -251,10 +260,18 @@ def test_amx_is_opt_in():
         with K.isa.prefer("amx2"):
             pass
     torch.manual_seed(0)
-    q = til.quantize(torch.nn.Sequential(torch.nn.Linear(8, 4)).eval(), [torch.randn(3, 8)])
+    q = til.quantize(_Head().eval(), [torch.randn(3, 8)])
     with pytest.raises(ValueError, match="'amx' needs AMX-TILE.*-mcpu=sapphirerapids"):
         til.compile(q, target="llvm -mcpu=znver5", example_inputs=(torch.randn(2, 8),),
                     kernels="amx", verbose=False)
+    import tempfile
+
+    from tvm_intlstm.cli import main as cli_main
+    with tempfile.TemporaryDirectory() as d:
+        til.save_quantized(q, f"{d}/q.qpt")
+        with pytest.raises(SystemExit, match="error: kernel family 'amx' needs AMX-TILE"):
+            cli_main(["compile", f"{d}/q.qpt", "--example-shape", "2,8", "--target",
+                      "llvm -mcpu=znver5", "--kernels", "amx", "-o", f"{d}/m.so"])
 
 
 def test_amx_permission_once_per_process(monkeypatch):
