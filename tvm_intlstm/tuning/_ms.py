@@ -44,6 +44,7 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -273,7 +274,8 @@ class RPCConfig:
             raise ValueError("RPCConfig needs number >= 1, repeat >= 1, min_repeat_ms >= 0, "
                              f"retries >= 0; got {self}")
         if int(self.parallel) < 0:
-            raise ValueError(f"RPCConfig.parallel must be >= 0 (0: one per server), got {self.parallel}")
+            raise ValueError(f"RPCConfig.parallel must be >= 0 (0: one per server), got "
+                             f"{self.parallel}")
         if self.tracker and not self.key:
             raise ValueError("tuning through an RPC tracker needs the device key its servers "
                              "registered with: 'tracker://host:9190/<key>'")
@@ -402,7 +404,6 @@ def _rpc_classes():
                     return [self._run_one(ri) for ri in runner_inputs]
                 # several boards behind a tracker: one thread per board, each candidate in a
                 # session with whichever server the tracker hands out
-                from concurrent.futures import ThreadPoolExecutor  # pylint: disable=import-outside-toplevel
                 with ThreadPoolExecutor(max_workers=min(n, len(runner_inputs)),
                                         thread_name_prefix="tvm_intlstm_rpc") as pool:
                     done = [pool.submit(self._run_one, ri) for ri in runner_inputs]

@@ -13,15 +13,15 @@ object instead of comparing instruction-set names:
     avx512_vnni       avx512_vnni.py  AVX512-VNNI + F/BW/VL               vpdpbusd zmm (64 per instruction)
     x86_vnni          x86_vnni.py     AVX-VNNI, or AVX512-VNNI + VL       vpdpbusd ymm (u8 x s8, any int8 W)
     neon_dotprod      neon_dotprod.py aarch64 dotprod                     sdot (smmla with i8mm)
-    amx (opt-in)      amx.py          AMX-INT8 + the avx512_vnni features tdpbssd tiles (linear GEMMs);
-                                                                          the rest is avx512_vnni's
+    amx (opt-in)      amx.py          AMX-INT8 + avx512_vnni's features   tdpbssd tiles (linear GEMMs),
+                                                                          else avx512_vnni's
 
 `pick(target)` returns the supported family of highest priority, leaving out the opt-in ones
 (`KernelFamily.opt_in`: the AMX family, whose numerics wait for a run on AMX hardware) unless the
 caller asked for one with `prefer(name)` (what `compile(..., kernels=name)` does); `family(name)`
-looks one up by the name kernels carry in their `intlstm.isa` attribute. Adding a family: a new file here defining a
-subclass and calling `register(...)`, imported at the end of this module (docs/compiler.md, "How
-to add a kernel family").
+looks one up by the name kernels carry in their `intlstm.isa` attribute. Adding a family: a new
+file here defining a subclass and calling `register(...)`, imported at the end of this module
+(docs/compiler.md, "How to add a kernel family").
 """
 from __future__ import annotations
 
@@ -119,8 +119,8 @@ _PREFERRED: contextvars.ContextVar = contextvars.ContextVar("intlstm_kernel_fami
 @contextlib.contextmanager
 def prefer(name):
     """Within the block, `pick` returns the family `name` (any registered family, opt-in ones
-    included) instead of the default choice, for targets that support it; for a target that does not,
-    `pick` raises ValueError. `prefer(None)` restores the default choice. Per thread (a context
+    included) instead of the default choice, for targets that support it; for a target that does
+    not, `pick` raises ValueError. `prefer(None)` restores the default choice. Per thread (a context
     variable), so a compile in one thread does not change another's."""
     fam = None if name is None else family(name)
     token = _PREFERRED.set(fam)
@@ -130,13 +130,8 @@ def prefer(name):
         _PREFERRED.reset(token)
 
 
-def preferred() -> KernelFamily | None:
-    """The family `prefer` asked for in this context, or None."""
-    return _PREFERRED.get()
-
-
 def check_supported(fam, target) -> KernelFamily:
-    """`fam` (a family or name) if `target` can run it; else ValueError naming the features it needs."""
+    """`fam` (a family or name) if `target` can run it; else ValueError naming what it needs."""
     from .._common import as_target  # pylint: disable=import-outside-toplevel
     fam = family(fam)
     tgt = as_target(target)
