@@ -10,7 +10,9 @@ the numpy reference (`tvm_intlstm.reference.ops`). Each case runs with two guard
 0x5A) so that a stray write of the pattern's own value cannot hide.
 
 Target families: baseline x86-64, AVX2 (haswell, znver3), AVX-512 (skylake-avx512), AVX-512 VNNI
-(icelake-server, znver4), AVX-512 FP16 / AMX (sapphirerapids) and this machine's own -mcpu
+(icelake-server, znver4), AVX-512 FP16 / AMX (sapphirerapids; its default avx512_vnni kernels, and
+the opt-in AMX tile kernels as "sapphirerapids-amx", plus those with emulated tiles as
+"amx-emulated", which runs on any AVX-512 VNNI CPU), and this machine's own -mcpu
 (`kernels.host_target()`, what the compiler uses by default). A family runs when every CPU
 feature LLVM enables for its -mcpu is in /proc/cpuinfo's flags (the CPU's name is never used);
 otherwise its kernels are only compiled (test_compile_check; it passes, it is not a skip).
@@ -64,7 +66,14 @@ FAMILIES = [
     ("znver4", "llvm -mcpu=znver4"),
     ("sapphirerapids", "llvm -mcpu=sapphirerapids"),
     ("alderlake", "llvm -mcpu=alderlake"),      # AVX-VNNI without AVX-512: the x86_vnni family
+    # the opt-in AMX family (compile(kernels="amx")): runs only on a CPU with AMX; its tile kernels
+    # with the tile instructions emulated in plain TIR (same addresses and epilogue) run on any
+    # AVX-512 VNNI CPU
+    ("sapphirerapids-amx", "llvm -mcpu=sapphirerapids"),
+    ("amx-emulated", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
 ]
+# families asked for explicitly (`kernels.isa.prefer`), not picked from the target's features
+KERNELS = {"sapphirerapids-amx": "amx", "amx-emulated": "amx_emulated"}
 if platform.machine().lower() in ("x86_64", "amd64"):   # what compile() picks on this machine
     FAMILIES.append(("host", f"llvm -mcpu={K.host_target().attrs['mcpu']}"))
 
@@ -80,6 +89,12 @@ def missing_features(target: str) -> tuple:
 
 def runnable(target: str) -> bool:
     return not missing_features(target)
+
+
+def family_isa(fam: str, target: str) -> str:
+    """The kernel family the generators use for FAMILIES entry `fam`."""
+    with K.isa.prefer(KERNELS.get(fam)):
+        return K.resolve_isa(target)
 
 
 # --------------------------------------------------------------------------- guarded buffers
@@ -472,7 +487,7 @@ def _params(want_runnable: bool):
     for fam, target in FAMILIES:
         if runnable(target) != want_runnable:
             continue
-        isa = K.resolve_isa(target)
+        isa = family_isa(fam, target)
         for name, case in CASES.items():
             if case.applies(isa):
                 out.append(pytest.param(fam, name, id=f"{'run' if want_runnable else 'compile-only'}"
@@ -489,7 +504,8 @@ def _kernel(fam: str, name: str):
     key = (fam, name)
     if key not in _BUILT:
         tgt = K.as_target(_TARGETS[fam])
-        func = CASES[name].make(tgt)
+        with K.isa.prefer(KERNELS.get(fam)):
+            func = CASES[name].make(tgt)
         _BUILT[key] = (func, K.build_kernel(func, tgt))
     return _BUILT[key]
 
@@ -526,23 +542,26 @@ def test_compile_check(fam, name, record_property):
     func, kern = _kernel(fam, name)
     record_property("family", f"{fam} (compile-only: lacks {', '.join(missing_features(_TARGETS[fam]))})")
     assert kern.module.implements_function(kern.name)
+    if K.uses_amx(func):     # an AMX tile kernel: its tile instructions are there
+        asm = kern.module.inspect_source("asm")
+        assert "tdpbssd" in asm and "ldtilecfg" in asm and "tilerelease" in asm
 
 
 def test_family_summary(record_property):
     """Which families run here and which are only compiled (with -rA or -s this is printed)."""
     lines = []
     for fam, target in FAMILIES:
-        isa = K.resolve_isa(target)
+        isa = family_isa(fam, target)
         n = sum(c.applies(isa) for c in CASES.values())
         if runnable(target):
             lines.append(f"  run           {fam:16s} ({target}, isa {isa}): {n} kernels")
         else:
             lines.append(f"  compile-only  {fam:16s} ({target}, isa {isa}): {n} kernels; "
                          f"CPU lacks {', '.join(missing_features(target))}")
-    n_run = sum(1 for _, t in FAMILIES if runnable(t) for c in CASES.values()
-                if c.applies(K.resolve_isa(t)))
-    n_compile = sum(1 for _, t in FAMILIES if not runnable(t) for c in CASES.values()
-                    if c.applies(K.resolve_isa(t)))
+    n_run = sum(1 for f, t in FAMILIES if runnable(t) for c in CASES.values()
+                if c.applies(family_isa(f, t)))
+    n_compile = sum(1 for f, t in FAMILIES if not runnable(t) for c in CASES.values()
+                    if c.applies(family_isa(f, t)))
     lines.append(f"  {n_run} (family, kernel) cases run guarded, {n_compile} compile-only; "
                  f"{sum(_RAN.values())} guarded calls in this session")
     text = "guarded-buffer families on this machine:\n" + "\n".join(lines)

@@ -5,6 +5,12 @@ Each family is exercised through a representative target; a target whose feature
 run. `test_families_report` prints which families ran here and which were only compiled
 (`pytest -rA` or `-s` shows it).
 
+The AMX family (opt-in, `compile(..., kernels="amx")`) runs its tile kernels only on a CPU with
+amx_tile / amx_int8 (and a kernel that grants the tile state); elsewhere they are compiled and their
+assembly checked for tdpbssd / ldtilecfg / tilerelease, and the same kernels with every tile
+instruction emulated in plain TIR (the `amx_emulated` family: same addresses, packing and epilogue)
+run here bit-exact, so the layout is checked on any AVX-512 VNNI CPU.
+
 The x86_vnni family's u8 route (u = x + 128, vpdpbusd, -128 rowsum(W) added back) must be exact
 for FULL-RANGE int8 weights (-128 included), unlike AVX2's vpmaddubsw route (|W| <= 64): the
 extremes below (x = -128 / 127 against weights of -128 / 127, biases placing results on the int32
@@ -15,12 +21,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import tvm
 
 import tvm_intlstm as til
 from tvm_intlstm import kernels as K
 from tvm_intlstm.quant.fixed_point import quantize_multiplier_array
+from tvm_intlstm.kernels._gemm import AMX_PACK
 from tvm_intlstm.reference import ops
-from tvm_intlstm.target import missing_host_features, parse_target
+from tvm_intlstm.runtime.amx import AMXUnavailableError, amx_permission_answer
+from tvm_intlstm.target import host_cpu_features, missing_host_features, parse_target
 
 from test_fast_kernels import int32_limit_case
 from test_kernels import assert_lstm_equal, make_lstm, ref_recurrence, run, run_recurrent
@@ -33,11 +42,19 @@ FAMILY_TARGETS = [
     ("x86_vnni", "llvm -mcpu=x86-64-v3 -mattr=+avxvnni"),
     ("x86_vnni", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
     ("avx512_vnni", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
+    ("amx", "llvm -mcpu=sapphirerapids"),                          # runs only on an AMX CPU
+    ("amx_emulated", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),   # its tiles emulated: runs here
 ]
 RUNNABLE = {t: missing_host_features(t) == [] for _, t in FAMILY_TARGETS}
+AMX_TARGET = "llvm -mcpu=sapphirerapids"
+HOST_AMX = {"amx_tile", "amx_int8"} <= (host_cpu_features() or set())
 # the GEMM step's instruction (as it appears in the assembly)
-SIGNATURE = {"avx2": "vpmaddwd", "x86_vnni": "vpdpbusd", "avx512_vnni": "vpdpbusd\t%zmm"}
-VNNI = ("x86_vnni", "avx512_vnni")
+SIGNATURE = {"avx2": "vpmaddwd", "x86_vnni": "vpdpbusd", "avx512_vnni": "vpdpbusd\t%zmm",
+             "amx": "vpdpbusd\t%zmm", "amx_emulated": "vpdpbusd\t%zmm"}
+# the tile kernels (packed linear kernels of the amx family) instead
+TILE_SIGNATURE = ("ldtilecfg", "tileloadd", "tdpbssd", "tilestored", "tilerelease")
+VNNI = ("x86_vnni", "avx512_vnni", "amx", "amx_emulated")
+TILES = ("amx", "amx_emulated")
 IDS = [f"{f}-{t.split(' ', 1)[1]}" for f, t in FAMILY_TARGETS]
 
 
@@ -47,6 +64,10 @@ def test_families_report():
     compiled = [f"{f} ({t})" for f, t in FAMILY_TARGETS if not RUNNABLE[t]]
     print(f"\nkernel families run on this CPU: {', '.join(ran) or 'none'}; compile-checked only: "
           f"{', '.join(compiled) or 'none'}")
+    why = amx_permission_answer() if RUNNABLE[AMX_TARGET] else "this CPU has no AMX"
+    print("AMX tile kernels: " + ("RUN on this CPU (bit-exact checks below)" if RUNNABLE[AMX_TARGET]
+                                  else f"compile-checked only ({why}); their layout runs "
+                                       "emulated (amx_emulated)"))
     assert RUNNABLE["llvm -mcpu=x86-64"]   # the generic family always runs on an x86 host
 
 
@@ -86,8 +107,13 @@ def _kernel(func, target):
     if key not in _built:
         k = K.build_kernel(func, target)
         fam = str(func.attrs["intlstm.isa"])
-        if fam in SIGNATURE:
-            asm = k.module.inspect_source("asm")
+        tiles = K.kernel_convention(func)[1] == AMX_PACK
+        asm = k.module.inspect_source("asm")
+        if tiles:
+            assert K.uses_amx(func) == (fam == "amx") and k.amx == (fam == "amx")
+            for ins in TILE_SIGNATURE:
+                assert (ins in asm) == (fam == "amx"), f"{fam} tile kernel: {ins} in asm?"
+        elif fam in SIGNATURE:
             assert SIGNATURE[fam] in asm, f"{fam} kernel without {SIGNATURE[fam]}"
             if fam in VNNI and int(func.attrs["intlstm.u8"]):
                 assert "vpmaddubsw" not in asm
@@ -110,8 +136,9 @@ def test_linear_full_range(fam, target, Kd, O):
     u8 = K.isa.family(fam).u8_exact(W)
     assert u8 == (fam in VNNI)
     M, s = quantize_multiplier_array(np.exp(rng.uniform(np.log(2**-20), np.log(0.5), O)))
-    x = rng.integers(-128, 128, (17, Kd)).astype(np.int8)
+    x = rng.integers(-128, 128, (70, Kd)).astype(np.int8)
     x[0], x[1] = -128, 127
+    x[40] = -128                  # a whole row at -128 in the second 32-row tile block
     b = rng.integers(-2**20, 2**20, O).astype(np.int32)
     for dt in ("int32", "int8", "int16"):
         f = (K.linear_i32(Kd, O, target=target, isa=fam, w7=u8, packed=True) if dt == "int32" else
@@ -121,7 +148,11 @@ def test_linear_full_range(fam, target, Kd, O):
         if k is None:
             continue
         wk, bk, _ = K.prepare_weights(f, W, b)
-        for n in (1, 2, 8, 17):
+        if fam in TILES:     # s8 x s8 tiles: the bias is not corrected, W is in the tile layout
+            assert not int(f.attrs["intlstm.u8"]) and wk.shape == K._gemm.amx_shape(Kd, O)
+            np.testing.assert_array_equal(bk, b)
+        # (the tile kernels: 32-row blocks; 33 and 70 rows end in a partial block)
+        for n in (1, 2, 8, 17) + ((32, 33, 70) if fam in TILES else ()):
             extra = [] if dt == "int32" else [M, s]
             got = run(k, [x[:n], wk, bk, *extra], [((n, O), dt)])
             ref = (ops.linear(x[:n], W, b) if dt == "int32" else
@@ -143,7 +174,12 @@ def test_linear_int32_limits(fam, target):
                                       ops.linear(x, W, b))
 
 
-@pytest.mark.parametrize("fam,target", FAMILY_TARGETS, ids=IDS)
+# (amx_emulated's recurrent kernel is avx512_vnni's on the same target: not run twice)
+REC_TARGETS = [(f, t) for f, t in FAMILY_TARGETS if f != "amx_emulated"]
+
+
+@pytest.mark.parametrize("fam,target", REC_TARGETS, ids=[f"{f}-{t.split(' ', 1)[1]}"
+                                                         for f, t in REC_TARGETS])
 @pytest.mark.parametrize("H", [8, 21, 64])
 def test_recurrent_full_range(fam, target, H):
     rng = np.random.default_rng(H)
@@ -192,5 +228,117 @@ def test_whole_model_vnni_8bit(target):
     if not RUNNABLE[target]:
         return
     for T_, B in ((1, 1), (7, 2), (4, 17)):
+        x = torch.randint(0, 30, (T_, B), generator=g)
+        np.testing.assert_array_equal(cm(x.numpy()), q(x).numpy())
+
+
+# --- the AMX family: opt-in, its permission, the whole model -------------------------------------
+
+class _Head(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def test_amx_is_opt_in():
+    """AMX targets keep avx512_vnni unless asked (compile(kernels="amx") / isa.prefer); asking on a
+    target without AMX is a clear error naming the features."""
+    spr = parse_target(AMX_TARGET)
+    assert K.isa.pick(spr).name == "avx512_vnni"
+    assert K.isa.family("amx") in K.isa.supported(spr)
+    with K.isa.prefer("amx"):
+        assert K.isa.pick(spr).name == "amx" and K.resolve_isa(spr) == "amx"
+        with pytest.raises(ValueError, match="'amx' needs AMX-TILE and AMX-INT8.*sapphirerapids"):
+            K.isa.pick(parse_target("llvm -mcpu=znver5"))
+    assert K.isa.pick(spr).name == "avx512_vnni"          # the preference ends with the block
+    with K.isa.prefer("avx2"):                            # any supported family can be asked for
+        assert K.isa.pick(spr).name == "avx2"
+    with pytest.raises(ValueError, match="isa must be one of"):
+        with K.isa.prefer("amx2"):
+            pass
+    torch.manual_seed(0)
+    q = til.quantize(_Head().eval(), [torch.randn(3, 8)])
+    with pytest.raises(ValueError, match="'amx' needs AMX-TILE.*-mcpu=sapphirerapids"):
+        til.compile(q, target="llvm -mcpu=znver5", example_inputs=(torch.randn(2, 8),),
+                    kernels="amx", verbose=False)
+    import tempfile
+
+    from tvm_intlstm.cli import main as cli_main
+    with tempfile.TemporaryDirectory() as d:
+        til.save_quantized(q, f"{d}/q.qpt")
+        with pytest.raises(SystemExit, match="error: kernel family 'amx' needs AMX-TILE"):
+            cli_main(["compile", f"{d}/q.qpt", "--example-shape", "2,8", "--target",
+                      "llvm -mcpu=znver5", "--kernels", "amx", "-o", f"{d}/m.so"])
+
+
+def test_amx_permission_once_per_process(monkeypatch):
+    """The permission is asked from the OS once per process; where it is refused (this machine, if
+    its CPU has no AMX) the answer says why and what to do, and calling an AMX kernel raises that
+    clear AMXUnavailableError instead of dying with SIGILL."""
+    from tvm_intlstm.runtime import amx
+
+    calls = []
+    real = amx._arch_prctl
+    monkeypatch.setattr(amx, "_arch_prctl", lambda code, arg: calls.append(code) or real(code, arg))
+    monkeypatch.setattr(amx, "_answer", None)
+    first = amx.amx_permission_answer()
+    n = len(calls)
+    assert calls[0] == amx.ARCH_REQ_XCOMP_PERM and n >= 1
+    assert amx.amx_permission_answer() == first and len(calls) == n     # asked once
+    if HOST_AMX:
+        assert first == "", f"this CPU has AMX but the OS refused it: {first}"
+        amx.request_amx_permission()
+        print("\nAMX permission granted by the OS")
+        return
+    assert "refused this process the AMX tile state" in first and "SIGILL" in first
+    assert 'without kernels="amx"' in first
+    with pytest.raises(AMXUnavailableError, match="ARCH_REQ_XCOMP_PERM"):
+        amx.request_amx_permission()
+    # an AMX kernel for a target with the features (deployed elsewhere) refuses to run here
+    f = K.linear_i32(64, 32, isa="amx", packed=True)
+    k = K.build_kernel(f, "llvm -mcpu=znver5 -mattr=+amx-tile,+amx-int8")
+    assert k.amx
+    with pytest.raises(AMXUnavailableError, match="refused"):
+        k()
+    print(f"\nAMX permission refused here, as expected: {first}")
+
+
+@pytest.mark.parametrize("fam,target", [("amx", AMX_TARGET),
+                                        ("amx_emulated", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni")])
+def test_whole_model_amx(fam, target):
+    """The stacked bidirectional model compiled with kernels="amx": the LSTM input projections and
+    the head take the tile kernels (the recurrent steps stay on vpdpbusd), the module is marked as
+    needing the AMX permission, and it equals the reference where it runs (amx on an AMX CPU;
+    amx_emulated, the same kernels with emulated tiles, here)."""
+    torch.manual_seed(5)
+    net = _Net().eval()
+    g = torch.Generator().manual_seed(6)
+    calib = [torch.randint(0, 30, (9, 3), generator=g) for _ in range(2)]
+    q = til.quantize(net, calib)
+    cm = til.compile(q, target=target, example_inputs=(calib[0],), verbose=False, kernels=fam)
+    from test_fast_kernels import _library_asm
+    asm = _library_asm(cm.executable)
+    assert cm.amx == (fam == "amx")
+    tiled = [f for f in cm.ir_module.functions.values()
+             if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None
+             and "intlstm.wpack" in f.attrs and int(f.attrs["intlstm.wpack"]) == AMX_PACK]
+    assert len(tiled) >= 3          # the input projections (two layers) and the head
+    assert ("tdpbssd" in asm and "ldtilecfg" in asm) == (fam == "amx")
+    assert "vpdpbusd" in asm        # the recurrent steps
+    if fam == "amx":                # the exported module remembers that it needs the permission
+        import json
+        import tempfile
+        with tempfile.TemporaryDirectory() as d:
+            path = cm.export_library(f"{d}/m.so")
+            assert json.load(open(path + ".json"))["amx"] is True
+            if not RUNNABLE[target]:    # refused before the library is mapped: no SIGILL
+                with pytest.raises(til.target.TargetError, match="amx-int8"):
+                    til.load(path)
+                return
+            assert til.load(path).amx
+    for T_, B in ((1, 1), (7, 2), (4, 17), (12, 3)):
         x = torch.randint(0, 30, (T_, B), generator=g)
         np.testing.assert_array_equal(cm(x.numpy()), q(x).numpy())

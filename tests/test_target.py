@@ -265,6 +265,7 @@ def test_fallback_cpu_table_agrees_with_llvm():
             assert got.has_avx512 == ("avx512bw" in table), cpu
             assert got.has_vnni == ("avx512vnni" in table), cpu
             assert got.has_avxvnni == ("avxvnni" in table), cpu
+            assert got.has_amx_int8 == ({"amx-tile", "amx-int8"} <= table), cpu
 
 
 # ---------------------------------------------------------------------------- errors

@@ -428,3 +428,126 @@ def test_rpc_option_forms_and_host_only_error(tmp_path):
     # without rpc= a target this machine cannot run is refused, and the message says what to do
     with pytest.raises(ValueError, match=r"cannot tune for .*aarch64.*rpc=.*--rpc"):
         tune(None, TARGET, tasks=[TASK], trials=2, log_dir=str(tmp_path / "db"), verbose=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# a fleet through TVM's RPC tracker (loopback: a tracker and two servers, no ARM tools needed)
+# ----------------------------------------------------------------------------------------------
+TRACKER_KEY = "intlstm-loop"
+
+
+def _spawn(args, log_path):
+    """`python -m <args>` in a session of its own, stderr+stdout to log_path."""
+    import subprocess
+    import sys
+
+    with open(log_path, "wb") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+
+def _stop(proc):
+    import signal
+    import subprocess
+
+    if proc.poll() is None:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)     # the server's forked session processes too
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    """`python -m tvm.exec.rpc_tracker` and two `python -m tvm.exec.rpc_server --tracker ... --key
+    intlstm-loop` on 127.0.0.1, as on a fleet of boards."""
+    from tvm_intlstm.runtime.rpc import check_tracker
+
+    d = tmp_path_factory.mktemp("fleet")
+    port = _free_port()
+    procs = {"tracker": _spawn(["tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port",
+                                str(port), "--port-end", str(port + 1), "--silent"],
+                               d / "tracker.log")}
+    try:
+        for i in (1, 2):
+            sport = _free_port()
+            procs[f"server{i}"] = _spawn(
+                ["tvm.exec.rpc_server", "--host", "127.0.0.1", "--port", str(sport), "--port-end",
+                 str(sport + 1), "--tracker", f"127.0.0.1:{port}", "--key", TRACKER_KEY],
+                d / f"server{i}.log")
+        deadline = time.monotonic() + 90
+        while True:                  # each process imports tvm first (seconds on a busy machine)
+            for name, p in procs.items():
+                assert p.poll() is None, f"{name} exited: {open(d / f'{name}.log').read()}"
+            try:
+                if check_tracker("127.0.0.1", port, TRACKER_KEY, timeout=2) == 2:
+                    break
+            except RPCConnectError:
+                pass
+            assert time.monotonic() < deadline, "the tracker and its two servers did not start"
+            time.sleep(0.5)
+        yield {"port": port, "logs": {n: d / f"{n}.log" for n in procs}}
+    finally:
+        for p in procs.values():
+            _stop(p)
+
+
+def test_tune_through_tracker_measures_on_both_servers(fleet, tmp_path):
+    """tune(..., rpc="tracker://127.0.0.1:<port>/intlstm-loop"): both servers registered under the
+    key measure candidates (one thread each), the log is valid and replays to a kernel."""
+    from tvm.target import codegen
+
+    target = f"llvm -mcpu={codegen.llvm_get_system_cpu()}"
+    task = GemmTask(40, 24, "int16", 8, "test")
+    lines: list[str] = []
+    rpc = {"host": "127.0.0.1", "port": fleet["port"], "key": TRACKER_KEY, "tracker": True,
+           "timeout": 30, "number": 2, "repeat": 2, "min_repeat_ms": 0}
+    t0 = time.perf_counter()
+    rep = tune(None, target, tasks=[task], trials=6, trials_per_iter=6,
+               log_dir=str(tmp_path / "db"), rpc=rpc, seed=0, log=lines.append)
+    secs = time.perf_counter() - t0
+    out = "\n".join(lines)
+    print(f"tuning through the tracker: {secs:.1f} s\n{out}")
+    assert rep[0]["trials_run"] == 6 and rep[0]["best_us"] > 0
+    assert "through the RPC tracker 127.0.0.1" in out and "2 server(s) registered" in out
+    assert "0 failed" in out
+    per_server = next(ln for ln in lines if "sessions per server:" in ln)
+    assert per_server.count("127.0.0.1:") == 2, per_server      # both servers measured
+    # ... as the servers' own logs say (one load_module per session)
+    loads = [open(fleet["logs"][f"server{i}"]).read().count("load_module") for i in (1, 2)]
+    assert all(n >= 1 for n in loads) and sum(loads) >= 6, loads
+    recs = records(open_database(str(tmp_path / "db")))
+    assert len(recs) == 6 and all(r[2] is not None and r[2] > 0 for r in recs)
+    assert apply_tuning_logs(str(tmp_path / "db"), target).get(*task.key) is not None
+
+
+def test_tracker_errors(fleet, tmp_path):
+    from tvm_intlstm.runtime.rpc import parse_tracker_address
+
+    spec = f"tracker://127.0.0.1:{fleet['port']}/{TRACKER_KEY}"
+    cfg = RPCConfig.parse(spec)
+    assert cfg.tracker and cfg.key == TRACKER_KEY and cfg.port == fleet["port"]
+    assert cfg.address == f"tracker 127.0.0.1:{fleet['port']} (key '{TRACKER_KEY}')"
+    assert parse_tracker_address("tracker://[::1]:9190/rpi5") == ("::1", 9190, "rpi5")
+    for bad, match in (("tracker://host:9190", "no device key"), ("tracker://host:9190/", "no device key"),
+                       ("tracker://host/rpi5", "no port"), ("tracker://h:1:k/rpi5", "the key goes after")):
+        with pytest.raises(ValueError, match=match):
+            RPCConfig.parse(bad)
+    with pytest.raises(ValueError, match="needs the device key"):
+        RPCConfig("h", 9190, tracker=True)
+    t0 = time.perf_counter()
+    with pytest.raises(RPCConnectError, match=r"no server registered with key 'rpi5' \(keys "
+                                              rf"there: '{TRACKER_KEY}' \(2\)\)"):
+        tune(None, "llvm", tasks=[TASK], trials=2, log_dir=str(tmp_path / "db"),
+             rpc=f"tracker://127.0.0.1:{fleet['port']}/rpi5", verbose=False)
+    port = _free_port()
+    with pytest.raises(RPCConnectError, match="cannot reach the RPC tracker.*rpc_tracker"):
+        tune(None, "llvm", tasks=[TASK], trials=2, log_dir=str(tmp_path / "db"),
+             rpc=f"tracker://127.0.0.1:{port}/rpi5", verbose=False)
+    assert time.perf_counter() - t0 < 20
+    with pytest.raises(SystemExit, match="error: .*has no server registered with key 'nope'"):
+        cli_tune(["--gemm", "16,24,int16,8", "--target", "llvm", "--rpc",
+                  f"tracker://127.0.0.1:{fleet['port']}/nope", "--log-dir", str(tmp_path / "cli")])

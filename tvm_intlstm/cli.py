@@ -29,7 +29,7 @@ def cmd_compile(a):
     ex = [torch.zeros(s, dtype=torch.int64) if k == "ids" else torch.zeros(s, dtype=torch.float32)
           for s, k in zip(a.example_shape, q.input_kinds)]
     cm = til.compile(q, target=a.target, example_inputs=tuple(ex), tuning_logs=a.tuning_logs,
-                     threads=a.threads)
+                     threads=a.threads, kernels=a.kernels)
     parent = os.path.dirname(os.path.abspath(a.output))
     if not os.path.isdir(parent):   # -o into a missing directory: create it, and say so
         os.makedirs(parent)
@@ -72,6 +72,9 @@ def main(argv=None):
     c.add_argument("--threads", action="store_true",
                    help="LSTM kernels that use TVM's thread pool (TVM_NUM_THREADS workers): faster on "
                         "an idle machine, slower when other processes load the cores (default: off)")
+    c.add_argument("--kernels", default=None, metavar="FAMILY",
+                   help="kernel family instead of the target's default, e.g. amx (AMX-INT8 tiles, "
+                        "opt-in; docs/compiler.md) or avx2")
     c.add_argument("-o", "--output", required=True)
     c.set_defaults(func=cmd_compile)
     r = sub.add_parser("run", help="run an exported module on .npy inputs")

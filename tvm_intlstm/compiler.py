@@ -33,11 +33,14 @@ class CompiledModule:
     from a final linear layer). Thread-safe: calls are serialized by a lock (one Relax VM)."""
 
     def __init__(self, executable, target, input_kinds, output_info, ir_module=None, vocab_sizes=None,
-                 input_shapes=None, state_formats=None, state_batch_of=None):
+                 input_shapes=None, state_formats=None, state_batch_of=None, amx: bool = False):
         self.executable = executable
         self._state_formats = list(state_formats or [])  # quant.stateful.StateFormat per state input
         # (input index, axis) of the data input whose batch the states' dim 1 must equal, or None
         self.state_batch_of = tuple(state_batch_of) if state_batch_of else None
+        # has AMX tile kernels (compile(..., kernels="amx")): the process must get the OS's AMX
+        # permission before the first call (runtime.amx), else the first tile instruction is SIGILL
+        self.amx = bool(amx)
         # per input: list of dims, an int for a static dim, None for a symbolic (batch/time) dim
         self.input_shapes = input_shapes
         self.target = target
@@ -61,6 +64,9 @@ class CompiledModule:
                     "aarch64 / tvm_intlstm.runtime.emulate.run_emulated) or over RPC (tvm_intlstm.runtime.rpc.run_remote)")
             from .target import check_runs_on_host
             check_runs_on_host(self.target, "this module")
+            if self.amx:   # once per process; AMXUnavailableError (clear) where the OS refuses
+                from .runtime.amx import request_amx_permission
+                request_amx_permission()
             self._vm = relax.VirtualMachine(self.executable, tvm.cpu())
         return self._vm
 
@@ -174,7 +180,7 @@ def _write_meta(path, cm):
     import json
     from .target import target_to_dict
     meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": target_to_dict(cm.target),
-            "input_shapes": cm.input_shapes,
+            "input_shapes": cm.input_shapes, "amx": cm.amx,
             "output_info": info_to_data(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()},
             "state_formats": [f.to_data() for f in cm._state_formats], "state_batch_of": cm.state_batch_of}
     with open(path + ".json", "w") as f:
@@ -242,7 +248,7 @@ def load(path: str | os.PathLike) -> CompiledModule:
                           vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()},
                           input_shapes=meta.get("input_shapes"),
                           state_formats=_state_formats_from_meta(meta),
-                          state_batch_of=meta.get("state_batch_of"))
+                          state_batch_of=meta.get("state_batch_of"), amx=bool(meta.get("amx", False)))
 
 
 def _state_formats_from_meta(meta: dict) -> list:
@@ -277,9 +283,19 @@ def weight_route_hint(model, target) -> str | None:
     return None
 
 
+def _uses_amx(mod) -> bool:
+    from .kernels import uses_amx
+    return any(isinstance(f, tvm.tirx.PrimFunc) and uses_amx(f) for f in mod.functions.values())
+
+
 def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=None, verbose: bool = True,  # noqa: A001
-            threads: bool = False) -> CompiledModule:
+            threads: bool = False, kernels: str | None = None) -> CompiledModule:
     """Compile a quantized model (tvm_intlstm.quantize / prepare_qat result) to an integer-only module.
+
+    kernels: the kernel family (tvm_intlstm.kernels.isa, docs/compiler.md) instead of the one the
+    target's features pick, e.g. "amx" (AMX-INT8 tiles for the linear GEMMs with many rows: opt-in
+    until its bit-exactness tests have run on AMX hardware) or "avx2"; the target must support it
+    (ValueError naming the features otherwise). None: the target's default family.
 
     threads=True: the LSTM kernels use TVM's thread pool (`TVM_NUM_THREADS` workers; on AVX2 the
     threaded recurrent form, a barrier per time step, and the parallel input projection): faster on
@@ -302,6 +318,13 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
     tgt = _target(target)
     from .target import check_ieee_float
     check_ieee_float(tgt)
+    from .kernels import isa as families
+    family = None if kernels is None else families.check_supported(kernels, tgt)
+    with families.prefer(family):
+        return _compile(model, tgt, example_inputs, tuning_logs, verbose, threads)
+
+
+def _compile(model, tgt, example_inputs, tuning_logs, verbose, threads):
     t0 = time.perf_counter()
     _log("importing (torch.export -> Relax)", verbose)
     mod = import_quantized(model, example_inputs)
@@ -333,4 +356,4 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
                 idx = [n for n in model.gm.graph.nodes if n.op == "placeholder"].index(src)
                 vocab[idx] = int(model.gm.get_submodule(node.target).table.shape[0])
     return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab, input_shapes,
-                          model.state_formats(), state_batch_of)
+                          model.state_formats(), state_batch_of, amx=_uses_amx(lowered))

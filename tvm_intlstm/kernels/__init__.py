@@ -33,8 +33,11 @@ PWL tables are packed int32 [3, n+1] by `pack_pwl(table)`. The generators of the
 "x86_vnni" (AVX-VNNI or AVX512-VNNI: vpdpbusd, exact u8 x s8 quads for any int8 weight), "avx2"
 (vpmaddwd, exact int16 pair sums; vpmaddubsw for 7-bit weights), "neon_dotprod" (aarch64 with
 dotprod: sdot; the packed linear kernels use smmla when the target also has i8mm), or "generic"
-(plain TIR that LLVM vectorizes for any target). `build_kernel(func, target)` compiles
-one PrimFunc and returns a callable; `benchmarks/bench_kernels.py` measures the LSTM against PyTorch FP32.
+(plain TIR that LLVM vectorizes for any target); "amx" (AMX-INT8 tdpbssd tiles for the packed
+linear kernels) only when asked for (`isa.prefer("amx")`, compile(kernels="amx")).
+`build_kernel(func, target)` compiles one PrimFunc and returns a callable (an AMX kernel asks the
+OS for the AMX permission before its first call, `runtime.amx`); `benchmarks/bench_kernels.py` measures the
+LSTM against PyTorch FP32.
 """
 from __future__ import annotations
 
@@ -61,14 +64,21 @@ def host_target() -> tvm.target.Target:
 class Kernel:
     """A compiled PrimFunc: call it with tvm tensors (inputs then outputs, all pre-allocated)."""
 
-    def __init__(self, executable, name: str, target):
+    def __init__(self, executable, name: str, target, amx: bool = False):
         self.executable = executable
         self.name = name
         self.target = target
+        self.amx = amx  # uses AMX tiles: the process needs the OS's permission before it runs
         self._f = None  # looked up on first call: a cross-compiled kernel can still be inspected
+
+    def _ready(self):
+        if self.amx:   # once per process; a clear AMXUnavailableError where the OS refuses
+            from ..runtime.amx import request_amx_permission  # pylint: disable=import-outside-toplevel
+            request_amx_permission()
 
     def __call__(self, *args):
         if self._f is None:
+            self._ready()
             self._f = self.executable[self.name]
         return self._f(*args)
 
@@ -80,6 +90,7 @@ class Kernel:
         """Median (or `reduce`) microseconds per call over `repeat` runs of `number` calls."""
         import numpy as np  # pylint: disable=import-outside-toplevel
 
+        self._ready()
         ev = self.module.time_evaluator(self.name, tvm.cpu(), number=number, repeat=repeat)
         res = ev(*args).results
         return float((reduce or np.median)(res) * 1e6)
@@ -87,11 +98,19 @@ class Kernel:
 
 def kernel_convention(func) -> tuple[bool, int]:
     """(u8, packing) of a kernel PrimFunc: packing is the OV of `_gemm.pack_outer` (AVX2), 0 for the
-    natural [O, K] layout, -1 for `_gemm.pack_mmla` (aarch64 i8mm); see `_common.with_convention`."""
+    natural [O, K] layout, -1 for `_gemm.pack_mmla` (aarch64 i8mm), -2 for `_gemm.pack_amx` (AMX
+    tiles); see `_common.with_convention`."""
     attrs = func.attrs if func.attrs is not None else {}
     u8 = bool(int(attrs["intlstm.u8"])) if "intlstm.u8" in attrs else False
     chunk = int(attrs["intlstm.wpack"]) if "intlstm.wpack" in attrs else 0
     return u8, chunk
+
+
+def uses_amx(func) -> bool:
+    """Does a kernel PrimFunc run AMX tile instructions (so the process needs the AMX permission,
+    `runtime.amx.request_amx_permission`, before it runs)?"""
+    attrs = func.attrs if func.attrs is not None else {}
+    return "intlstm.amx" in attrs and bool(int(attrs["intlstm.amx"]))
 
 
 def prepare_weights(func, W, bias=None):
@@ -103,7 +122,7 @@ def prepare_weights(func, W, bias=None):
     (`lstm.gate_order`; its gx, mh and sh must come in that order too). Done once per model at
     compile time."""
     import numpy as np  # pylint: disable=import-outside-toplevel
-    from ._gemm import pack_mmla, pack_outer  # pylint: disable=import-outside-toplevel
+    from ._gemm import AMX_PACK, pack_amx, pack_mmla, pack_outer  # pylint: disable=import-outside-toplevel
     from .lstm import gate_order  # pylint: disable=import-outside-toplevel
     u8, ov = kernel_convention(func)
     W = np.asarray(W)
@@ -125,6 +144,8 @@ def prepare_weights(func, W, bias=None):
     corr = gate_order(func, corr)
     if ov == -1:
         return pack_mmla(Wk), bias, corr
+    if ov == AMX_PACK:
+        return pack_amx(Wk), bias, corr
     return (pack_outer(Wk, u8, ov) if ov else Wk), bias, corr
 
 
@@ -147,11 +168,11 @@ def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:
     name = str(func.attrs["global_symbol"]) if func.attrs and "global_symbol" in func.attrs else "main"
     mod = tvm.IRModule({name: func})
     ex = tvm.compile(mod, target=tgt)
-    return Kernel(ex, name, tgt)
+    return Kernel(ex, name, tgt, amx=uses_amx(func))
 
 
 __all__ = [
-    "isa", "build_kernel", "host_target", "prepare_weights", "kernel_convention", "weights_fit_u8", "u8_correction", "u8_bias_fits", "resolve_isa", "as_target", "Kernel",
+    "isa", "build_kernel", "host_target", "prepare_weights", "kernel_convention", "uses_amx", "weights_fit_u8", "u8_correction", "u8_bias_fits", "resolve_isa", "as_target", "Kernel",
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
     "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved", "recurrent_units", "pad_units",

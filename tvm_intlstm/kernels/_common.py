@@ -98,13 +98,19 @@ def finish(func, name: str, isa: str = "generic"):
     return func.with_attr("global_symbol", name).with_attr("intlstm.isa", isa)
 
 
-def with_convention(func, isa: str, w7: bool, packed: bool, ov: int, mmla: bool = False):
+def with_convention(func, isa: str, w7: bool, packed: bool, ov: int, mmla: bool = False,
+                    tiles: bool = False):
     """Record how the kernel takes its weight: `intlstm.u8` (the u8 x s8 route: a correction
     -128 rowsum(W) is added, folded into the bias of linear kernels or passed as `corr` to the
     recurrent kernel) and `intlstm.wpack` (0: natural [O, K]; else the OV of
     `_gemm.pack_outer(W, u8, OV)`; -1: `_gemm.pack_mmla(W)`, the aarch64 i8mm form, which also
-    needs a target with i8mm). `kernels.prepare_weights` and `build_kernel` read them."""
-    from ._gemm import uses_u8  # pylint: disable=import-outside-toplevel
+    needs a target with i8mm; -2: `_gemm.pack_amx(W)`, the AMX tile form (tiles=True: no u8 route),
+    which also gets `intlstm.amx` = 1: running it needs the process's AMX permission,
+    `runtime.amx.request_amx_permission`). `kernels.prepare_weights` and `build_kernel` read them."""
+    from ._gemm import AMX_PACK, uses_u8  # pylint: disable=import-outside-toplevel
+    if tiles:
+        return (func.with_attr("intlstm.u8", 0).with_attr("intlstm.wpack", AMX_PACK)
+                .with_attr("intlstm.amx", int(not _isa.family(isa).tiles_emulated)))
     u8 = uses_u8(isa, w7, packed)
     pack = int(ov) if (packed and _isa.family(isa).outer) else (-1 if mmla else 0)
     return func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", pack)

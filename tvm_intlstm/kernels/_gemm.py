@@ -477,3 +477,216 @@ def gemm_mmla_macro(K: int, O: int):
                                 store((rq * RP + rp) * 2 + r, cq * CP * 2 + l, RED[l])
 
     return gemm
+
+
+# --- x86 AMX-INT8: tdpbssd on tile registers (kernels/isa/amx.py) ----------------------------------
+# A tile holds up to 16 rows of 64 bytes. tdpbssd C += A B: A 16 rows x 64 int8 (k), B 16 rows (k
+# quads) x 64 bytes (16 channels x 4 k: the pack_outer u8 layout), C 16 x 16 int32; each int32 adds
+# four exact s8 x s8 products. Register block: 2 x 2 tiles (AMX_NR = 32 rows x AMX_OC = 32
+# channels): C tiles 0-3, A tiles 4-5, B tiles 6-7. Weights are packed [ceil(O/32), KP/4, 32, 4]
+# with K padded by zeros to KP, a multiple of 64 (`pack_amx`); a B tile is then 16 consecutive k
+# quads of one half of a channel group (row stride 128 bytes). The activations are copied into an
+# int8 source [round_up(N, 32), KP] zero padded in both dimensions (`amx_source_macro`), so every
+# tile load is in bounds and the padding adds only zero products.
+AMX_ROWS = 16      # rows of a tile
+AMX_KB = 64        # k per tile step (bytes per tile row)
+AMX_NR = 2 * AMX_ROWS   # rows per register block
+AMX_OC = 32        # channels per register block (two B tiles of 16)
+AMX_PACK = -2      # `intlstm.wpack` of the AMX kernels (see _common.with_convention)
+
+
+def amx_kp(K: int) -> int:
+    return (int(K) + AMX_KB - 1) // AMX_KB * AMX_KB
+
+
+def amx_shape(K: int, O: int) -> tuple[int, int, int, int]:
+    return ((int(O) + AMX_OC - 1) // AMX_OC, amx_kp(K) // 4, AMX_OC, 4)
+
+
+def pack_amx(W) -> np.ndarray:
+    """int8 [O, K] -> int8 amx_shape(K, O): `pack_outer(W, u8=True, OV=4)` with K zero padded to a
+    multiple of 64 (one B tile is 16 k quads)."""
+    W = np.asarray(W, dtype=np.int8)
+    O, K = W.shape
+    Wk = np.zeros((O, amx_kp(K)), np.int8)
+    Wk[:, :K] = W
+    return pack_outer(Wk, True, AMX_OC // 8)
+
+
+def amx_source_macro(K: int):
+    """TVMScript macro copying int8 X [N, K] into XS [>= round_up(N, 32), KP]: XS[n, k] = X[n, k] for
+    n < N, k < K, and 0 elsewhere up to row round_up(N, 32)."""
+    KP = amx_kp(K)
+
+    @T.macro
+    def fill(X, XS, N):
+        for n, kc in T.grid((N + AMX_NR - 1) // AMX_NR * AMX_NR, KP // AMX_KB):
+            for j in T.vectorized(AMX_KB):
+                XS[n, kc * AMX_KB + j] = T.if_then_else(
+                    n < N and kc * AMX_KB + j < K,
+                    X[T.min(n, N - 1), T.min(kc * AMX_KB + j, K - 1)], T.int8(0))
+
+    return fill
+
+
+def _amx(name, *args):
+    return tirx.call_llvm_intrin("void", f"llvm.x86.{name}", *args)
+
+
+def _tmm(t: int):
+    return tirx.const(t, "int8")     # the tile register number, an immediate of the intrinsic
+
+
+def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False):
+    """Same contract as `gemm_macro` for W packed by `pack_amx` and XS filled by `amx_source_macro`
+    (int8 [>= n0 + round_up(nrows, 32), KP]); ACC must hold at least 4 * 16 * 16 int32 (the four C
+    tiles are stored there for the epilogue); RED is unused. Every channel group loads the tile
+    configuration and releases the tiles at its end: the configuration is per thread, and in the
+    parallel form (`T.parallel` over the channel groups, each worker with its own scratch) every
+    worker thread configures its own.
+
+    emulate=True: every tile instruction is replaced by plain TIR loops computing what the
+    instruction set reference defines (tileloadd: 16 rows of 64 bytes at a stride; tdpbssd:
+    C[m, n] += sum_k sum_j s8(A[m, 4k + j]) s8(B[k, 4n + j]); tilestored), in a scratch of 8 tiles:
+    the same addresses, layouts and epilogue, runnable on any x86 CPU (slow). Tests check the tile
+    kernels' data layout with it where no AMX CPU is at hand (the `amx_emulated` family)."""
+    KP = amx_kp(K)
+    KQN = KP // 4
+    OG = (O + AMX_OC - 1) // AMX_OC
+    KBN = KP // AMX_KB
+    GROUP_BYTES = KQN * AMX_OC * 4          # packed weights of one channel group
+    CTILE = AMX_ROWS * 16                   # int32 per C tile
+    B_STRIDE = AMX_OC * 4                   # bytes per k quad of a channel group
+    i64 = lambda v: tirx.const(v, "int64")  # noqa: E731
+
+    def a_at(n, kb):
+        """Flat source offset of A tile rows n .. n + 15, k block kb (row stride KP bytes)."""
+        return n * KP + kb * AMX_KB
+
+    def b_at(og, kb, half):
+        """Flat weight offset of the B tile of k quads 16 kb .. 16 kb + 15, channels 16 half ..
+        16 half + 15 of group og (row stride B_STRIDE)."""
+        return og * GROUP_BYTES + kb * (AMX_KB // 4) * B_STRIDE + half * 64
+
+    if not emulate:
+        @T.macro
+        def configure(CFG, TM, TC):
+            # palette 1; tiles 0-7 of 16 rows x 64 bytes (colsb uint16 at byte 16 + 2 t, rows at 48 + t)
+            for i in T.vectorized(64):
+                CFG[i] = T.uint8(0)
+            CFG[0] = T.uint8(1)
+            for t in T.unroll(8):
+                CFG[16 + 2 * t] = T.uint8(AMX_KB)
+                CFG[48 + t] = T.uint8(AMX_ROWS)
+            T.evaluate(_amx("ldtilecfg", tirx.address_of(CFG[0])))
+
+        @T.macro
+        def zero(TM, TC, t):
+            T.evaluate(_amx("tilezero", _tmm(t)))
+
+        @T.macro
+        def load(TM, t, SRC, off, stride):
+            T.evaluate(_amx("tileloadd64", _tmm(t), tirx.address_of(SRC[off]), i64(stride)))
+
+        @T.macro
+        def dot(TM, TC, c, a, b):
+            T.evaluate(_amx("tdpbssd", _tmm(c), _tmm(a), _tmm(b)))
+
+        @T.macro
+        def store_c(TC, t, CF):
+            T.evaluate(_amx("tilestored64", _tmm(t), tirx.address_of(CF[t * CTILE]), i64(64)))
+
+        @T.macro
+        def release():
+            T.evaluate(_amx("tilerelease"))
+    else:
+        # TM: int8 tiles [8, 16, 64] (A and B); TC: int32 C tiles [4, 16, 16]
+        @T.macro
+        def configure(CFG, TM, TC):
+            for i in range(8 * AMX_ROWS * AMX_KB):
+                TM[i] = T.int8(0)
+
+        @T.macro
+        def zero(TM, TC, t):
+            for i in range(CTILE):
+                TC[t * CTILE + i] = 0
+
+        @T.macro
+        def load(TM, t, SRC, off, stride):
+            for r, c in T.grid(AMX_ROWS, AMX_KB):
+                TM[(t * AMX_ROWS + r) * AMX_KB + c] = SRC[off + r * stride + c]
+
+        @T.macro
+        def dot(TM, TC, c, a, b):
+            for m, n, k, j in T.grid(AMX_ROWS, 16, AMX_KB // 4, 4):
+                TC[c * CTILE + m * 16 + n] = TC[c * CTILE + m * 16 + n] + T.Cast(
+                    "int32", TM[(a * AMX_ROWS + m) * AMX_KB + 4 * k + j]) * T.Cast(
+                    "int32", TM[(b * AMX_ROWS + k) * AMX_KB + 4 * n + j])
+
+        @T.macro
+        def store_c(TC, t, CF):
+            for i in range(CTILE):
+                CF[t * CTILE + i] = TC[t * CTILE + i]
+
+        @T.macro
+        def release():
+            T.evaluate(0)
+
+    @T.macro
+    def group(XS, n0, nrows, WF, CF, store, og):
+        CFG = T.alloc_buffer((64,), "uint8")
+        TM = T.alloc_buffer((8 * AMX_ROWS * AMX_KB if emulate else 1,), "int8")
+        TC = T.alloc_buffer((4 * CTILE if emulate else 1,), "int32")
+        XF = T.decl_buffer(((n0 + (nrows + AMX_NR - 1) // AMX_NR * AMX_NR) * KP,), "int8",
+                           data=XS.data)
+        configure(CFG, TM, TC)
+        for rb in range((nrows + AMX_NR - 1) // AMX_NR):
+            # C tiles 0-3 (2 a + b: rows 16 a.., channels 16 b..), A tiles 4-5, B tiles 6-7 (tile
+            # numbers are immediates of the instructions: written out, not loop variables)
+            zero(TM, TC, 0)
+            zero(TM, TC, 1)
+            zero(TM, TC, 2)
+            zero(TM, TC, 3)
+            for kb in range(KBN):
+                load(TM, 4, XF, a_at(n0 + rb * AMX_NR, kb), KP)
+                load(TM, 5, XF, a_at(n0 + rb * AMX_NR + AMX_ROWS, kb), KP)
+                load(TM, 6, WF, b_at(og, kb, 0), B_STRIDE)
+                load(TM, 7, WF, b_at(og, kb, 1), B_STRIDE)
+                dot(TM, TC, 0, 4, 6)
+                dot(TM, TC, 1, 4, 7)
+                dot(TM, TC, 2, 5, 6)
+                dot(TM, TC, 3, 5, 7)
+            store_c(TC, 0, CF)
+            store_c(TC, 1, CF)
+            store_c(TC, 2, CF)
+            store_c(TC, 3, CF)
+            # C tile 2 a + b holds rows 16 a + r, channels 16 b + c at CF[(2 a + b) * 256 + 16 r + c]
+            for r in range(AMX_NR):
+                if rb * AMX_NR + r < nrows:
+                    for v in T.unroll(AMX_OC // 8):
+                        if (og * AMX_OC + v * 8 + 8) <= O:
+                            for l in T.vectorized(8):
+                                store(rb * AMX_NR + r, og * AMX_OC + v * 8 + l, CF[
+                                    (2 * (r // AMX_ROWS) + v // 2) * CTILE
+                                    + (r % AMX_ROWS) * 16 + (v % 2) * 8 + l])
+                        else:
+                            for l in range(8):
+                                if og * AMX_OC + v * 8 + l < O:
+                                    store(rb * AMX_NR + r, og * AMX_OC + v * 8 + l, CF[
+                                        (2 * (r // AMX_ROWS) + v // 2) * CTILE
+                                        + (r % AMX_ROWS) * 16 + (v % 2) * 8 + l])
+        release()
+
+    @T.macro
+    def gemm(XS, n0, nrows, W, ACC, RED, store):
+        WF = T.decl_buffer((OG * GROUP_BYTES,), "int8", data=W.data)
+        if parallel:
+            for og in T.parallel(OG):
+                CFP = T.alloc_buffer((4 * CTILE,), "int32")   # per worker
+                group(XS, n0, nrows, WF, CFP, store, og)
+        else:
+            CF = T.decl_buffer((4 * CTILE,), "int32", data=ACC.data)
+            for og in range(OG):
+                group(XS, n0, nrows, WF, CF, store, og)
+
+    return gemm

@@ -17,9 +17,9 @@ from tvm.script import tirx as T
 
 from . import isa as _isa
 from ._common import finish, requantizer, resolve_isa, with_convention as conv
-from ._gemm import (KC, MMLA_CP, MMLA_RP, ROW_TILE, gemm_macro, gemm_mmla_macro, gemm_outer_macro,
-                    mmla_kp, mmla_source_macro, outer_shape, padded_k, u8_source_macro, uses_u8,
-                    x16_source)
+from ._gemm import (AMX_NR, KC, MMLA_CP, MMLA_RP, ROW_TILE, amx_kp, amx_shape, amx_source_macro,
+                    gemm_amx_macro, gemm_macro, gemm_mmla_macro, gemm_outer_macro, mmla_kp,
+                    mmla_source_macro, outer_shape, padded_k, u8_source_macro, uses_u8, x16_source)
 from ._tir import add_i32
 
 LIN_NR, LIN_OV = 4, 2      # register tile of the packed linear kernels: 4 rows x 2 x 8 channels
@@ -65,11 +65,22 @@ def uses_mmla(target, isa: str, packed: bool) -> bool:
     return bool(packed) and _isa.family(isa).mmla(target)
 
 
+def uses_tiles(isa: str, packed: bool) -> bool:
+    """Packed linear kernels of a family with AMX tiles (kernels/isa/amx.py) take the tile form
+    (`_gemm.gemm_amx_macro`: s8 x s8, so w7 changes nothing there and no correction is added)."""
+    return bool(packed) and _isa.family(isa).tiles
+
+
 def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: bool = False,
             parallel: bool = False):
     """The GEMM of a linear kernel: (W shape, source dtype or None, source width, fill macro,
     gemm macro, extra source rows). See _gemm for the micro-kernels, the u8 route (w7) and packed
     weights; parallel: the packed AVX2 form splits its channel groups among the thread pool."""
+    if uses_tiles(isa, packed):
+        # an int8 copy of x zero padded to KP columns and to a multiple of 32 rows (N + 31 rows
+        # allocated: the fill zeroes those below the next multiple of 32)
+        return amx_shape(K, O), "int8", amx_kp(K), amx_source_macro(K), \
+            gemm_amx_macro(K, O, parallel, _isa.family(isa).tiles_emulated), AMX_NR - 1
     if mmla:
         # x interleaved in row pairs into an int8 scratch with one spare row (odd N)
         return ((O + 1) // 2, mmla_kp(K) // 8, 2, 8), "int8", mmla_kp(K), mmla_source_macro(K), \
@@ -148,7 +159,7 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
             gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(Y, acc, [n, o]))
 
     return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, lin_tile(isa, packed)[1],
-                mmla=mmla)
+                mmla=mmla, tiles=uses_tiles(isa, packed))
 
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
@@ -220,4 +231,4 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
                 Y, rq(acc, Mb[o], Sb[o], bits), [n, o]))
 
     return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed,
-                lin_tile(isa, packed)[1], mmla=mmla)
+                lin_tile(isa, packed)[1], mmla=mmla, tiles=uses_tiles(isa, packed))

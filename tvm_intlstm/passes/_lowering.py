@@ -120,8 +120,11 @@ class OpLowering(PyExprMutator):
         if W is None:
             return self._kernel((kind, Kf, O, dt, False, False, *variant, str(self.target)),
                                 lambda: make_default(False, False)), w, b
-        w7 = u8_route(W, b, K.resolve_isa(self.target))
-        if self.tuned is not None:
+        isa = K.resolve_isa(self.target)
+        w7 = u8_route(W, b, isa)
+        # (a family with tile kernels, AMX, has no tuning space: the records, schedules of another
+        # family's kernel, do not replace its tile kernels)
+        if self.tuned is not None and not K.isa.family(isa).tiles:
             # with compile(threads=True) the default kernels of LSTM input projections use the
             # thread pool (variant "parallel"): their tuned replacements do too
             par = "parallel" in variant

@@ -7,7 +7,8 @@ Two kinds of servers speak the same protocol (``tvm.rpc``):
 * on this machine, under qemu-aarch64: :class:`EmulatedRPCServer` (or
   :func:`start_emulated_server`) runs ``tvm_intlstm_rpc_server``, a small C++ program built
   against the aarch64 ``libtvm_runtime.so`` of the PyPI wheel (the source is
-  :data:`RPC_SERVER_SOURCE`; it is cross-compiled and cached like the emulation runner, see
+  :data:`RPC_SERVER_SOURCE`, ``rpc_server.cc`` next to this file; it is cross-compiled and cached
+  like the emulation runner, see
   :mod:`tvm_intlstm.runtime.emulate`).  The aarch64 wheels contain no Python interpreter that
   qemu could run, but their ``libtvm_runtime.so`` has the whole RPC server side
   (``rpc.ServerLoop``, ``tvm.rpc.server.upload``/``download``/``remove``); the program adds
@@ -21,7 +22,11 @@ runs its Relax function through a remote ``relax.VirtualMachine`` and returns nu
 long time (tuning over RPC, ``tvm_intlstm.tuning``): :func:`parse_rpc_address`
 (``"host:port[:key]"``), :func:`check_server` (TCP connection and RPC handshake with timeouts,
 :class:`RPCConnectError` saying what is wrong), :func:`open_session` (``tvm.rpc.connect`` with
-that error) and :func:`is_session_death` (does an error mean the session is gone).
+that error) and :func:`is_session_death` (does an error mean the session is gone).  For a fleet
+behind TVM's RPC tracker (``python -m tvm.exec.rpc_tracker``; boards run ``python -m
+tvm.exec.rpc_server --tracker host:port --key <key>``): :func:`parse_tracker_address`
+(``"tracker://host:port/key"``), :func:`check_tracker` (servers registered under the key) and
+:func:`request_session` (a session with a free server, and which one it is).
 
 The RPC server executes whatever library a client uploads: bind it to 127.0.0.1 (the default
 here) or use it only on a trusted network.
@@ -71,6 +76,10 @@ __all__ = [
     "check_server",
     "open_session",
     "is_session_death",
+    "parse_tracker_address",
+    "check_tracker",
+    "tracker_servers",
+    "request_session",
 ]
 
 _SERVER_NAME = "tvm_intlstm_rpc_server"
@@ -98,294 +107,9 @@ BOARD_SERVER_HINT = ("on the board: `python -m tvm.exec.rpc_server --host 0.0.0.
                      "(apache-tvm of the same version as here; see docs/arm.md)")
 
 
-#: C++ source of the RPC server run under qemu (or built natively on a board).
-RPC_SERVER_SOURCE = r"""/*
- * tvm_intlstm RPC server: a TVM RPC server (the protocol of `python -m tvm.exec.rpc_server`)
- * written against the TVM runtime's C API only, so that it runs where no Python TVM exists,
- * e.g. under qemu-aarch64 with the aarch64 libtvm_runtime.so of the PyPI wheel.
- *
- * Generated and built by tvm_intlstm/runtime/rpc.py (do not edit the copy in the cache).
- *
- * Usage: tvm_intlstm_rpc_server [--host H] [--port P] [--key K] [--work-dir D]
- *                               [--max-sessions N]
- *   --port 0 picks a free port.  Prints "listening: H:P" on stdout once it accepts
- *   connections.  One session at a time, each in a forked child with its own temporary work
- *   directory (uploads land there and are removed afterwards); a session that crashes
- *   (e.g. SIGILL) ends only that session.  --max-sessions N exits after N sessions.
- */
-#include <arpa/inet.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <signal.h>
-#include <sys/socket.h>
-#include <sys/types.h>
-#include <sys/wait.h>
-#include <unistd.h>
-#include <tvm/ffi/any.h>
-#include <tvm/ffi/error.h>
-#include <tvm/ffi/extra/module.h>
-#include <tvm/ffi/function.h>
-#include <tvm/ffi/string.h>
-
-#include <cerrno>
-#include <cmath>
-#include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <cstring>
-#include <filesystem>
-#include <iostream>
-#include <sstream>
-#include <string>
-#include <vector>
-
-namespace ffi = tvm::ffi;
-
-namespace {
-
-constexpr int32_t kRPCMagic = 0xff271;
-constexpr int32_t kRPCSuccess = kRPCMagic;
-constexpr int32_t kRPCMismatch = kRPCMagic + 2;
-
-std::string g_session_dir;
-volatile pid_t g_child = 0;
-
-// SIGTERM/SIGINT in the server: end the running session too (and reap it), then exit.
-extern "C" void OnTerminate(int) {
-  pid_t child = g_child;
-  if (child > 0) {
-    kill(child, SIGKILL);
-    waitpid(child, nullptr, 0);
-  }
-  _exit(0);
-}
-
-void Log(const std::string& msg) {
-  std::cerr << "tvm_intlstm_rpc_server: " << msg << std::endl;
-}
-
-bool RecvAll(int fd, void* buf, size_t n) {
-  char* p = static_cast<char*>(buf);
-  while (n > 0) {
-    ssize_t r = recv(fd, p, n, 0);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
-bool SendAll(int fd, const void* buf, size_t n) {
-  const char* p = static_cast<const char*>(buf);
-  while (n > 0) {
-    ssize_t r = send(fd, p, n, MSG_NOSIGNAL);
-    if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) return false;
-    p += r;
-    n -= static_cast<size_t>(r);
-  }
-  return true;
-}
-
-std::string WorkPath(const std::string& name) { return g_session_dir + "/" + name; }
-
-void RegisterServerEnv() {
-  // the RPC runtime's upload/download/remove resolve names through this function
-  ffi::Function::SetGlobal("tvm.rpc.server.workpath",
-                           ffi::Function::FromTyped([](std::string name) -> std::string {
-                             return WorkPath(name);
-                           }),
-                           true);
-  ffi::Function::SetGlobal("tvm.rpc.server.load_module",
-                           ffi::Function::FromTyped([](std::string name) -> ffi::Module {
-                             std::string path = WorkPath(name);
-                             Log("load_module " + path);
-                             return ffi::Module::LoadFromFile(path);
-                           }),
-                           true);
-}
-
-// Handshake of tvm/rpc/server.py: [magic, keylen, "client:<key> [-timeout=T]"] ->
-// [success, keylen, "server:<key>"].  Returns false (connection closed) on a mismatch.
-bool Handshake(int fd, const std::string& key, double* timeout) {
-  int32_t magic = 0, keylen = 0;
-  if (!RecvAll(fd, &magic, 4) || magic != kRPCMagic) return false;
-  if (!RecvAll(fd, &keylen, 4) || keylen < 0 || keylen > 4096) return false;
-  std::string client_key(static_cast<size_t>(keylen), '\0');
-  if (keylen && !RecvAll(fd, &client_key[0], static_cast<size_t>(keylen))) return false;
-  std::istringstream is(client_key);
-  std::string head, opt;
-  is >> head;
-  if (head != "client:" + key) {
-    int32_t code = kRPCMismatch;
-    SendAll(fd, &code, 4);
-    Log("key mismatch: got '" + head + "', expected 'client:" + key + "'");
-    return false;
-  }
-  while (is >> opt) {
-    if (opt.rfind("-timeout=", 0) == 0) *timeout = std::atof(opt.c_str() + 9);
-  }
-  std::string server_key = "server:" + key;
-  int32_t code = kRPCSuccess;
-  int32_t len = static_cast<int32_t>(server_key.size());
-  return SendAll(fd, &code, 4) && SendAll(fd, &len, 4) &&
-         SendAll(fd, server_key.data(), server_key.size());
-}
-
-[[noreturn]] void ServeSession(int fd, double timeout) {
-  if (timeout > 0) alarm(static_cast<unsigned>(std::ceil(timeout)));
-  int rc = 0;
-  try {
-    if (chdir(g_session_dir.c_str()) != 0) Log("cannot chdir to " + g_session_dir);
-    RegisterServerEnv();
-    ffi::Function loop = ffi::Function::GetGlobalRequired("rpc.ServerLoop");
-    loop(static_cast<int64_t>(fd));  // returns when the client closes the session
-  } catch (const std::exception& e) {
-    Log(std::string("session error: ") + e.what());
-    rc = 1;
-  }
-  std::cout.flush();
-  std::cerr.flush();
-  _exit(rc);
-}
-
-std::string Describe(int status) {
-  if (WIFEXITED(status)) return "exit status " + std::to_string(WEXITSTATUS(status));
-  if (WIFSIGNALED(status)) {
-    int sig = WTERMSIG(status);
-    const char* name = strsignal(sig);
-    return "killed by signal " + std::to_string(sig) + " (" + (name ? name : "?") + ")" +
-           (sig == SIGILL ? ": illegal instruction (e.g. sdot on a CPU without dotprod)" : "");
-  }
-  return "status " + std::to_string(status);
-}
-
-int Run(int argc, char** argv) {
-  std::string host = "127.0.0.1", key, work_dir = "/tmp";
-  int port = 9090;
-  long max_sessions = 0;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto value = [&]() -> std::string {
-      if (i + 1 >= argc) {
-        std::cerr << "tvm_intlstm_rpc_server: " << a << " needs a value\n";
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    if (a == "--host") host = value();
-    else if (a == "--port") port = std::atoi(value().c_str());
-    else if (a == "--key") key = value();
-    else if (a == "--work-dir") work_dir = value();
-    else if (a == "--max-sessions") max_sessions = std::atol(value().c_str());
-    else if (a == "-h" || a == "--help") {
-      std::cout << "usage: tvm_intlstm_rpc_server [--host H] [--port P] [--key K] "
-                   "[--work-dir D] [--max-sessions N]\n";
-      return 0;
-    } else {
-      std::cerr << "tvm_intlstm_rpc_server: unknown argument " << a << "\n";
-      return 2;
-    }
-  }
-  signal(SIGPIPE, SIG_IGN);
-  signal(SIGTERM, OnTerminate);
-  signal(SIGINT, OnTerminate);
-
-  addrinfo hints{}, *res = nullptr;
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  int gai = getaddrinfo(host.c_str(), std::to_string(port).c_str(), &hints, &res);
-  if (gai != 0) {
-    Log("cannot resolve " + host + ": " + gai_strerror(gai));
-    return 1;
-  }
-  int lfd = socket(res->ai_family, SOCK_STREAM, 0);
-  int one = 1;
-  setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-  if (lfd < 0 || bind(lfd, res->ai_addr, res->ai_addrlen) != 0 || listen(lfd, 8) != 0) {
-    Log("cannot listen on " + host + ":" + std::to_string(port) + ": " + std::strerror(errno));
-    return 1;
-  }
-  freeaddrinfo(res);
-  sockaddr_storage bound{};
-  socklen_t blen = sizeof(bound);
-  getsockname(lfd, reinterpret_cast<sockaddr*>(&bound), &blen);
-  int real_port = ntohs(bound.ss_family == AF_INET6
-                            ? reinterpret_cast<sockaddr_in6*>(&bound)->sin6_port
-                            : reinterpret_cast<sockaddr_in*>(&bound)->sin_port);
-  // make sure the runtime (and its RPC functions) is loaded before announcing
-  if (!ffi::Function::GetGlobal("rpc.ServerLoop").has_value()) {
-    Log("libtvm_runtime has no rpc.ServerLoop (built without RPC?)");
-    return 1;
-  }
-  std::cout << "listening: " << host << ":" << real_port << std::endl;
-
-  for (long n = 0; max_sessions <= 0 || n < max_sessions;) {
-    sockaddr_storage peer{};
-    socklen_t plen = sizeof(peer);
-    int fd = accept(lfd, reinterpret_cast<sockaddr*>(&peer), &plen);
-    if (fd < 0) {
-      if (errno == EINTR) continue;
-      Log(std::string("accept failed: ") + std::strerror(errno));
-      return 1;
-    }
-    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-    double timeout = 0;
-    if (!Handshake(fd, key, &timeout)) {
-      close(fd);
-      continue;
-    }
-    ++n;
-    std::string tmpl = work_dir + "/tvm_intlstm_rpc_XXXXXX";
-    std::vector<char> buf(tmpl.begin(), tmpl.end());
-    buf.push_back('\0');
-    if (mkdtemp(buf.data()) == nullptr) {
-      Log("cannot create a work directory under " + work_dir + ": " + std::strerror(errno));
-      close(fd);
-      return 1;
-    }
-    g_session_dir = buf.data();
-    Log("session " + std::to_string(n) + " started in " + g_session_dir);
-    std::cout.flush();
-    pid_t pid = fork();
-    if (pid == 0) {
-      signal(SIGTERM, SIG_DFL);
-      signal(SIGINT, SIG_DFL);
-      close(lfd);
-      ServeSession(fd, timeout);
-    }
-    g_child = pid;
-    close(fd);
-    int status = 0;
-    if (pid < 0) {
-      Log(std::string("fork failed: ") + std::strerror(errno));
-    } else {
-      while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-      }
-      g_child = 0;
-      Log("session " + std::to_string(n) + " ended: " + Describe(status));
-    }
-    std::error_code ec;
-    std::filesystem::remove_all(g_session_dir, ec);
-  }
-  close(lfd);
-  return 0;
-}
-
-}  // namespace
-
-int main(int argc, char** argv) {
-  try {
-    return Run(argc, argv);
-  } catch (const std::exception& e) {
-    std::cerr << "tvm_intlstm_rpc_server: error: " << e.what() << std::endl;
-    return 1;
-  }
-}
-"""
+#: C++ source of the RPC server run under qemu (or built natively on a board), shipped as package
+#: data next to this file.
+RPC_SERVER_SOURCE = Path(__file__).resolve().parent / "rpc_server.cc"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -403,17 +127,9 @@ def ensure_rpc_server(verbose: bool = True) -> Path:
 
     runtime = ensure_runtime(verbose=verbose)
     cxx = find_cross_compiler({"kind": "llvm", "mtriple": "aarch64-linux-gnu"})
-    out_dir = runtime / f"rpc-server-{build_key(RPC_SERVER_SOURCE.encode(), cxx)}"
-    binary = out_dir / _SERVER_NAME
-    if binary.is_file():
-        return binary
-    out_dir.mkdir(parents=True, exist_ok=True)
-    src = out_dir / f"{_SERVER_NAME}.cc"
-    if not src.is_file() or src.read_text() != RPC_SERVER_SOURCE:
-        tmp_src = out_dir / f".{_SERVER_NAME}.{os.getpid()}.cc"
-        tmp_src.write_text(RPC_SERVER_SOURCE)
-        os.replace(tmp_src, src)
-    return build_aarch64_binary(src, out_dir, _SERVER_NAME, "RPC server", verbose, RPCServerError)
+    out_dir = runtime / f"rpc-server-{build_key(RPC_SERVER_SOURCE.read_bytes(), cxx)}"
+    return build_aarch64_binary(RPC_SERVER_SOURCE, out_dir, _SERVER_NAME, "RPC server", verbose,
+                                RPCServerError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -913,6 +629,128 @@ def check_server(host: str, port: int, key: str = "", timeout: float = 10.0) -> 
     if code != _RPC_CODE_SUCCESS:
         raise RPCConnectError(f"{where} is not a TVM RPC server (handshake answer {code:#x})")
     return time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------------
+# An RPC tracker: a fleet of boards registered under a device key
+# ----------------------------------------------------------------------------------------------
+
+#: how to start a tracker and register boards with it (quoted in error messages)
+TRACKER_HINT = ("start a tracker with `python -m tvm.exec.rpc_tracker --host 0.0.0.0 --port 9190` "
+                "and on each board `python -m tvm.exec.rpc_server --tracker <tracker host>:9190 "
+                "--key <key>`")
+
+
+def parse_tracker_address(spec: str) -> tuple[str, int, str]:
+    """``"tracker://host:port/key"`` (IPv6 hosts in brackets) -> ``(host, port, key)``; the key
+    (the ``--key`` the boards registered with) is required.  Raises ValueError with an example."""
+    example = "e.g. 'tracker://192.168.1.10:9190/rpi5'"
+    if not isinstance(spec, str) or not spec.startswith("tracker://"):
+        raise ValueError(f"a tracker address is 'tracker://host:port/key' ({example}), got {spec!r}")
+    addr, sep, key = spec[len("tracker://"):].partition("/")
+    if not sep or not key.strip():
+        raise ValueError(f"the tracker address {spec!r} has no device key: the tracker hands out "
+                         f"the servers registered under a key, 'tracker://host:port/<key>' ({example})")
+    host, port, extra = parse_rpc_address(addr)
+    if extra:
+        raise ValueError(f"bad tracker address {spec!r}: the key goes after '/' ({example})")
+    if any(c.isspace() for c in key) or "/" in key:
+        raise ValueError(f"bad device key {key!r} in tracker address {spec!r}")
+    return host, port, key
+
+
+def _tracker_socket(host: str, port: int, timeout: float):
+    """A connection to the tracker at host:port after its handshake; RPCConnectError if none."""
+    import socket
+    import struct
+
+    from tvm.rpc import base
+
+    where = f"{host}:{port}"
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except socket.timeout:
+        raise RPCConnectError(f"cannot reach the RPC tracker at {where}: no answer within "
+                              f"{timeout:g} s; {TRACKER_HINT}") from None
+    except OSError as e:
+        raise RPCConnectError(f"cannot reach the RPC tracker at {where}: {e.strerror or e} (is "
+                              f"the tracker running?); {TRACKER_HINT}") from None
+    try:
+        sock.settimeout(timeout)
+        sock.sendall(struct.pack("<i", base.RPC_TRACKER_MAGIC))
+        data = base.recvall(sock, 4)
+    except (OSError, RuntimeError):
+        sock.close()
+        raise RPCConnectError(f"{where} did not answer the RPC tracker handshake within "
+                              f"{timeout:g} s: is it a tracker (not a server)?") from None
+    if struct.unpack("<i", data)[0] != base.RPC_TRACKER_MAGIC:
+        sock.close()
+        raise RPCConnectError(f"{where} is not an RPC tracker (a server? then use 'host:port' "
+                              f"without tracker://)")
+    return sock
+
+
+def tracker_servers(host: str, port: int, key: str, timeout: float = 10.0) -> tuple[int, dict]:
+    """(free servers, {key: number of registered servers}) of the tracker at host:port for device
+    key `key`; RPCConnectError when the tracker cannot be reached."""
+    from tvm.rpc import base
+
+    sock = _tracker_socket(host, port, timeout)
+    try:
+        base.sendjson(sock, [base.TrackerCode.SUMMARY])
+        value = base.recvjson(sock)
+    except OSError as e:
+        raise RPCConnectError(f"the RPC tracker at {host}:{port} did not answer a summary "
+                              f"request ({e})") from None
+    finally:
+        sock.close()
+    summary = value[1] if value and value[0] == base.TrackerCode.SUCCESS else {}
+    counts: dict = {}
+    for item in summary.get("server_info", []):
+        k = str(item.get("key", "")).partition(":")[2]    # "server:<key>"
+        counts[k] = counts.get(k, 0) + 1
+    free = int(summary.get("queue_info", {}).get(key, {}).get("free", 0))
+    return free, counts
+
+
+def check_tracker(host: str, port: int, key: str, timeout: float = 10.0) -> int:
+    """The number of servers registered at the tracker under `key` (at least one); raises
+    RPCConnectError when the tracker cannot be reached or has none."""
+    _, counts = tracker_servers(host, port, key, timeout)
+    if not counts.get(key):
+        others = ", ".join(f"{k!r} ({n})" for k, n in sorted(counts.items())) or "none"
+        raise RPCConnectError(
+            f"the RPC tracker at {host}:{port} has no server registered with key {key!r} "
+            f"(keys there: {others}); on each board run `python -m tvm.exec.rpc_server --tracker "
+            f"{host}:{port} --key {key}`")
+    return counts[key]
+
+
+def request_session(host: str, port: int, key: str, session_timeout: float = 0,
+                    wait: float = 600.0):
+    """A session with a free server of the tracker at host:port registered under `key`:
+    (``tvm.rpc`` session, "server host:port").  Waits up to `wait` seconds for a server to become
+    free (the tracker hands each server to one client at a time); RPCConnectError if none does or
+    the tracker cannot be reached."""
+    from tvm.rpc import base
+
+    sock = _tracker_socket(host, port, min(float(wait), 10.0))
+    try:
+        sock.settimeout(wait)
+        base.sendjson(sock, [base.TrackerCode.REQUEST, key, "", 1])
+        value = base.recvjson(sock)
+    except OSError as e:
+        raise RPCConnectError(
+            f"no server with key {key!r} became free at the RPC tracker {host}:{port} within "
+            f"{wait:g} s ({type(e).__name__}); check its servers (`python -m "
+            f"tvm.exec.query_rpc_tracker --host {host} --port {port}`)") from None
+    finally:
+        sock.close()
+    if not value or value[0] != base.TrackerCode.SUCCESS:
+        raise RPCConnectError(f"the RPC tracker at {host}:{port} refused the request for key "
+                              f"{key!r}: {value}")
+    shost, sport, matchkey = value[1]
+    return open_session(shost, int(sport), matchkey, session_timeout), f"{shost}:{sport}"
 
 
 def open_session(host: str, port: int, key: str = "", session_timeout: float = 0):

@@ -164,8 +164,8 @@ PRESETS: dict[str, Preset] = {
             ("znver4", "AMD Zen 4 (EPYC Genoa, Ryzen 7000): AVX-512 VNNI -> avx512_vnni kernels"),
             ("znver5", "AMD Zen 5 (EPYC Turin, Ryzen 9000): AVX-512 VNNI -> avx512_vnni kernels"),
             ("icelake-server", "Intel Xeon Ice Lake-SP: AVX-512 VNNI -> avx512_vnni kernels"),
-            ("sapphirerapids", "Intel Xeon Sapphire Rapids / Emerald Rapids: AVX-512 VNNI (and AMX, "
-                               "not used yet) -> avx512_vnni kernels"),
+            ("sapphirerapids", "Intel Xeon Sapphire Rapids / Emerald Rapids: AVX-512 VNNI -> "
+                               "avx512_vnni kernels (AMX tiles: opt-in, compile(kernels=\"amx\"))"),
             ("alderlake", "Intel Core 12th-14th gen (Alder / Raptor Lake): AVX-VNNI -> x86_vnni kernels"),
         )],
         Preset(
@@ -542,6 +542,7 @@ class TargetFeatures:
     has_vnni: bool = False  # AVX-512 VNNI (vpdpbusd on zmm), as TVM's x86 VNNI intrinsic uses
     has_avxvnni: bool = False  # AVX-VNNI (VEX-encoded vpdpbusd on ymm, Alder Lake, Zen 5)
     has_avx512vl: bool = False  # AVX-512 VL (EVEX forms, e.g. of vpdpbusd, on ymm)
+    has_amx_int8: bool = False  # AMX-TILE + AMX-INT8 (tdpbssd on tile registers; Sapphire Rapids)
     has_neon: bool = False
     has_dotprod: bool = False  # sdot/udot
     has_i8mm: bool = False  # smmla/ummla/usdot
@@ -587,7 +588,8 @@ _KNOWN_CPU_FEATURES: dict[str, frozenset[str]] = {
     "skylake-avx512": frozenset({"avx2", "avx512f", "avx512bw"}),
     "cascadelake": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni"}),
     "icelake-server": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni"}),
-    "sapphirerapids": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni"}),
+    "sapphirerapids": frozenset({"avx2", "avx512f", "avx512bw", "avx512vnni", "avxvnni", "amx-tile",
+                                 "amx-int8"}),
     "alderlake": frozenset({"avx2", "avxvnni"}),
 }
 
@@ -655,6 +657,7 @@ def target_features(target: TargetSpec) -> TargetFeatures:
             has_vnni="avx512vnni" in feats,
             has_avxvnni="avxvnni" in feats,
             has_avx512vl="avx512vl" in feats,
+            has_amx_int8="amx-tile" in feats and "amx-int8" in feats,
         )
     return TargetFeatures(
         **common,

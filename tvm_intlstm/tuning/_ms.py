@@ -26,6 +26,13 @@ simply gets a new session. When the server cannot be reached at all (after `RPCC
 attempts) the runner raises `RPCConnectError`, which ends tuning; the database keeps what was
 measured, so the same call resumes. `rpc_preflight` checks the server (reachable, right key,
 can load and run a kernel built for the target) before any tuning starts.
+
+Through TVM's RPC tracker (a fleet: `tune(..., rpc="tracker://host:9190/<key>")`): each candidate's
+session is requested from the tracker, which hands it a free server registered under the key
+(`runtime.rpc.request_session`), and `RPCRunner.run` measures the candidates of a batch in that
+many threads at once (`RPCConfig.parallel`, default: the servers registered when the runner
+starts), so several boards measure at the same time; the RPC calls wait on their sockets outside
+the GIL. Counts per server are kept (`RPCRunner.per_server`) and reported.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,8 +234,14 @@ class RPCConfig:
         failed trial, never a record).
     retries: attempts to reach the server again (1 s, 2 s, 4 s, ... apart) when it cannot be
         reached in the middle of tuning, before giving up with RPCConnectError.
+    tracker: host:port is a TVM RPC tracker (`python -m tvm.exec.rpc_tracker`) and key the device
+        key its servers registered with (`python -m tvm.exec.rpc_server --tracker host:port --key
+        <key>`); each candidate gets a session with a free server.
+    parallel: with a tracker, how many candidates are measured at once (0: as many as servers are
+        registered under the key when measuring starts).
 
-    `RPCConfig.parse` also takes "host:port", "host:port:key" or a dict of these fields."""
+    `RPCConfig.parse` also takes "host:port", "host:port:key", "tracker://host:port/key" or a dict
+    of these fields."""
 
     host: str
     port: int
@@ -238,6 +252,8 @@ class RPCConfig:
     min_repeat_ms: int = 50
     check: bool = True
     retries: int = 3
+    tracker: bool = False
+    parallel: int = 0
 
     def __post_init__(self):
         if not isinstance(self.host, str) or not self.host:
@@ -257,6 +273,12 @@ class RPCConfig:
                 or int(self.retries) < 0:
             raise ValueError("RPCConfig needs number >= 1, repeat >= 1, min_repeat_ms >= 0, "
                              f"retries >= 0; got {self}")
+        if int(self.parallel) < 0:
+            raise ValueError(f"RPCConfig.parallel must be >= 0 (0: one per server), got "
+                             f"{self.parallel}")
+        if self.tracker and not self.key:
+            raise ValueError("tuning through an RPC tracker needs the device key its servers "
+                             "registered with: 'tracker://host:9190/<key>'")
 
     @classmethod
     def parse(cls, spec) -> "RPCConfig":
@@ -264,8 +286,12 @@ class RPCConfig:
         if isinstance(spec, cls):
             return spec
         if isinstance(spec, str):
-            from ..runtime.rpc import parse_rpc_address  # pylint: disable=import-outside-toplevel
+            from ..runtime.rpc import (  # pylint: disable=import-outside-toplevel
+                parse_rpc_address, parse_tracker_address)
 
+            if spec.strip().startswith("tracker://"):
+                host, port, key = parse_tracker_address(spec.strip())
+                return cls(host, port, key, tracker=True)
             host, port, key = parse_rpc_address(spec)
             return cls(host, port, key)
         if isinstance(spec, dict):
@@ -276,12 +302,14 @@ class RPCConfig:
             if "host" not in spec or "port" not in spec:
                 raise ValueError(f"an RPC dict needs 'host' and 'port', got {spec}")
             return cls(**spec)
-        raise TypeError("rpc must be 'host:port', 'host:port:key', a dict or an RPCConfig, got "
-                        f"{type(spec).__name__}")
+        raise TypeError("rpc must be 'host:port', 'host:port:key', 'tracker://host:port/key', a "
+                        f"dict or an RPCConfig, got {type(spec).__name__}")
 
     @property
     def address(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
+        if self.tracker:
+            return f"tracker {host}:{self.port} (key {self.key!r})"
         return f"{host}:{self.port}" + (f" (key {self.key!r})" if self.key else "")
 
 
@@ -293,7 +321,7 @@ def _rpc_classes():
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
     from ..runtime.rpc import (RPCConnectError,  # pylint: disable=import-outside-toplevel
-                               is_session_death, open_session)
+                               is_session_death, open_session, request_session, tracker_servers)
     from ..target import export_library  # pylint: disable=import-outside-toplevel
 
     @derived_object
@@ -334,40 +362,83 @@ def _rpc_classes():
             self.fatal = None
             self.sessions = 0
             self.deaths = 0
+            self.per_server: dict = {}   # server address -> sessions opened there (tracker)
             self._cases: dict = {}
+            self._lock = threading.Lock()
+            self._workers = 0
+
+        def workers(self) -> int:
+            """Candidates measured at once: 1 for a server, `parallel` (or the servers registered
+            under the key, asked once) for a tracker."""
+            cfg = self.config
+            if not cfg.tracker:
+                return 1
+            if not self._workers:
+                n = int(cfg.parallel)
+                if n == 0:
+                    _, counts = tracker_servers(cfg.host, cfg.port, cfg.key,
+                                                timeout=min(float(cfg.timeout), 10.0))
+                    n = counts.get(cfg.key, 0)
+                self._workers = max(1, n)
+            return self._workers
+
+        def _run_one(self, ri):
+            path = str(ri.artifact_path)
+            sig = [(str(a.dtype), tuple(int(v) for v in a.shape)) for a in ri.args_info]
+            try:
+                return LocalRunnerFuture(res=self.measure(path, sig), error_message=None)
+            except RPCConnectError:
+                raise
+            except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+                return LocalRunnerFuture(res=None,
+                                         error_message=f"RPCRunner: {type(e).__name__}: {e}")
+            finally:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
 
         def run(self, runner_inputs):
-            futures = []
-            for ri in runner_inputs:
-                path = str(ri.artifact_path)
-                sig = [(str(a.dtype), tuple(int(v) for v in a.shape)) for a in ri.args_info]
-                try:
-                    secs = self.measure(path, sig)
-                    futures.append(LocalRunnerFuture(res=secs, error_message=None))
-                except RPCConnectError as e:
-                    self.fatal = e
-                    raise
-                except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
-                    futures.append(LocalRunnerFuture(
-                        res=None, error_message=f"RPCRunner: {type(e).__name__}: {e}"))
-                finally:
-                    with contextlib.suppress(OSError):
-                        os.remove(path)
-            return futures
+            runner_inputs = list(runner_inputs)
+            try:
+                n = self.workers()
+                if n <= 1 or len(runner_inputs) <= 1:
+                    return [self._run_one(ri) for ri in runner_inputs]
+                # several boards behind a tracker: one thread per board, each candidate in a
+                # session with whichever server the tracker hands out
+                with ThreadPoolExecutor(max_workers=min(n, len(runner_inputs)),
+                                        thread_name_prefix="tvm_intlstm_rpc") as pool:
+                    done = [pool.submit(self._run_one, ri) for ri in runner_inputs]
+                    return [f.result() for f in done]
+            except RPCConnectError as e:
+                self.fatal = e
+                raise
 
         def _case(self, sig):
-            if sig not in self._cases:
-                self._cases[sig] = make_case(sig, self.weight_max)
-            return self._cases[sig]
+            with self._lock:
+                if sig not in self._cases:
+                    self._cases[sig] = make_case(sig, self.weight_max)
+                return self._cases[sig]
+
+        def _open(self):
+            cfg = self.config
+            if cfg.tracker:
+                # (a free server; waits while all are busy, e.g. with another client's trials)
+                sess, server = request_session(cfg.host, cfg.port, cfg.key,
+                                               session_timeout=cfg.timeout,
+                                               wait=max(60.0, 3 * float(cfg.timeout)))
+            else:
+                sess, server = open_session(cfg.host, cfg.port, cfg.key,
+                                            session_timeout=cfg.timeout), cfg.address
+            with self._lock:
+                self.sessions += 1
+                self.per_server[server] = self.per_server.get(server, 0) + 1
+            return sess
 
         def _connect(self):
             cfg = self.config
             delay = 1.0
             for attempt in range(int(cfg.retries) + 1):
                 try:
-                    sess = open_session(cfg.host, cfg.port, cfg.key, session_timeout=cfg.timeout)
-                    self.sessions += 1
-                    return sess
+                    return self._open()
                 except RPCConnectError as e:
                     if attempt == int(cfg.retries):
                         raise RPCConnectError(
@@ -413,7 +484,8 @@ def _rpc_classes():
                 if not is_session_death(e):
                     raise
                 dt = time.perf_counter() - t0
-                self.deaths += 1
+                with self._lock:
+                    self.deaths += 1
                 why = (f"longer than the session timeout of {cfg.timeout:g} s"
                        if dt >= 0.95 * float(cfg.timeout) else
                        "the session process crashed on the device, e.g. SIGILL: an "
@@ -456,10 +528,19 @@ def rpc_preflight(config: RPCConfig, target, mod, log=print) -> float:
     import tvm  # pylint: disable=import-outside-toplevel
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo  # pylint: disable=import-outside-toplevel
 
-    from ..runtime.rpc import RPCConnectError, check_server  # pylint: disable=import-outside-toplevel
+    from ..runtime.rpc import (  # pylint: disable=import-outside-toplevel
+        RPCConnectError, check_server, check_tracker)
     from ..target import export_library, target_to_string  # pylint: disable=import-outside-toplevel
 
-    rtt = check_server(config.host, config.port, config.key, timeout=min(config.timeout, 10.0))
+    t0 = time.perf_counter()
+    if config.tracker:
+        servers = check_tracker(config.host, config.port, config.key,
+                                timeout=min(config.timeout, 10.0))
+        rtt = time.perf_counter() - t0
+        where = f"RPC {config.address}: {servers} server(s) registered"
+    else:
+        rtt = check_server(config.host, config.port, config.key, timeout=min(config.timeout, 10.0))
+        where = f"RPC server {config.address}: reachable"
     _, Runner = rpc_classes()
     with tempfile.TemporaryDirectory(prefix="tvm_intlstm_rpc_probe_") as d:
         ex = tvm.compile(mod, target=target)
@@ -478,8 +559,8 @@ def rpc_preflight(config: RPCConfig, target, mod, log=print) -> float:
                 f"{target_to_string(target)}: {last}. Check that the device has that CPU "
                 f"(architecture and features) and runs apache-tvm {tvm.__version__} (a module "
                 "must be loaded by the runtime of the release that compiled it)") from None
-    log(f"[tvm_intlstm.tune] RPC server {config.address}: reachable ({rtt * 1e3:.0f} ms "
-        f"handshake), the unscheduled kernel runs there in {secs * 1e6:.1f} us")
+    log(f"[tvm_intlstm.tune] {where} ({rtt * 1e3:.0f} ms handshake), the unscheduled kernel "
+        f"runs there in {secs * 1e6:.1f} us")
     return secs
 
 

@@ -77,7 +77,12 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
     rpc.add_argument("--rpc", default=None, metavar="HOST:PORT[:KEY]",
                      help="measure on the TVM RPC server there (`python -m tvm.exec.rpc_server "
                           "--host 0.0.0.0 --port 9090` on the board); needed for targets this "
-                          "machine cannot run, e.g. --target rpi5")
+                          "machine cannot run, e.g. --target rpi5. tracker://HOST:PORT/KEY: on "
+                          "the boards registered with that TVM RPC tracker under KEY, several "
+                          "at once")
+    rpc.add_argument("--rpc-parallel", type=int, default=None, metavar="N",
+                     help="with a tracker: candidates measured at once (default: one per "
+                          "registered board)")
     rpc.add_argument("--rpc-timeout", type=float, default=None, metavar="SECONDS",
                      help="longest session for one candidate (default 60)")
     rpc.add_argument("--rpc-number", type=int, default=None,
@@ -92,7 +97,7 @@ def build_parser(ap: argparse.ArgumentParser | None = None) -> argparse.Argument
 
 def _rpc_config(a):
     opts = {"timeout": a.rpc_timeout, "number": a.rpc_number, "repeat": a.rpc_repeat,
-            "min_repeat_ms": a.rpc_min_repeat_ms}
+            "min_repeat_ms": a.rpc_min_repeat_ms, "parallel": a.rpc_parallel}
     if a.rpc is None:
         given = [f"--rpc-{k.replace('_', '-')}" for k, v in opts.items() if v is not None]
         if given:

@@ -20,6 +20,10 @@ library, and measures it on the TVM RPC server at that address (`python -m tvm.e
 on the board): one session per candidate, outputs checked bit for bit, `time_evaluator` on the
 device; a candidate that crashes its session (SIGILL) is a failed trial (see `_ms`). Before the
 first trial the server is checked (reachable, right key, runs a kernel built for the target).
+Through a fleet: `rpc="tracker://host:9190/<key>"` requests each candidate's session from TVM's
+RPC tracker (`python -m tvm.exec.rpc_tracker`), which hands out the servers registered under the
+key (`python -m tvm.exec.rpc_server --tracker host:9190 --key <key>` on each board), and the
+candidates of a batch are measured on that many boards at once (`RPCConfig.parallel`).
 Without `rpc`, only targets this machine can run are accepted. The database is the same: records
 carry the target, so `compile(..., target="rpi5", tuning_logs=dir)` applies them.
 
@@ -109,7 +113,8 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
     towards `trials` and continue from them (False: run `trials` more trials per task).
     rpc: measure on a TVM RPC server instead of this machine (required for targets this machine
     cannot run, e.g. "rpi5"): "host:port", "host:port:key", a dict or an RPCConfig (timeouts,
-    time_evaluator settings). Raises RPCConnectError (tvm_intlstm.runtime.rpc) when the server
+    time_evaluator settings); or on the boards registered with a TVM RPC tracker under a device
+    key, several at once: "tracker://host:9190/<key>". Raises RPCConnectError (tvm_intlstm.runtime.rpc) when the server
     cannot be reached, RPCTuningError when it cannot run kernels built for `target`.
     Returns a list of dicts {task, trials_before, trials_run, best_us} (best over all records)."""
     from tvm.s_tir import meta_schedule as ms  # pylint: disable=import-outside-toplevel
@@ -197,7 +202,8 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
 
     with fast_tensor_intrin(), contextlib.ExitStack() as stack:
         db = open_database(log_dir, create=True)
-        where = "here" if rpc_cfg is None else f"on the RPC server {rpc_cfg.address}"
+        where = ("here" if rpc_cfg is None else f"through the RPC {rpc_cfg.address}"
+                 if rpc_cfg.tracker else f"on the RPC server {rpc_cfg.address}")
         say(f"[tvm_intlstm.tune] {len(tasks)} task(s) for {target_str(tgt)} (isa {isa}), "
             f"{trials} trials each, measured {where}, database {log_dir}")
         if rpc_cfg is not None:
@@ -271,6 +277,9 @@ def tune(model, target, example_inputs=None, trials: int = 64, log_dir: str | No
                 if fatal is not None:   # the RPC server went away: say so, not MetaSchedule's trace
                     raise fatal from None
                 raise
+            if rpc_cfg is not None and rpc_cfg.tracker:   # which boards of the fleet measured
+                say(f"[tvm_intlstm.tune] {label}: sessions per server: " + ", ".join(
+                    f"{srv} {n}" for srv, n in sorted(runner.per_server.items())))
             mine = mine_of(records(db))
             best = min([r[2] for r in mine if r[2] is not None], default=None)
             say(f"[tvm_intlstm.tune] {label}: done in {time.perf_counter() - t0:.0f} s, "

@@ -13,13 +13,20 @@ object instead of comparing instruction-set names:
     avx512_vnni       avx512_vnni.py  AVX512-VNNI + F/BW/VL               vpdpbusd zmm (64 per instruction)
     x86_vnni          x86_vnni.py     AVX-VNNI, or AVX512-VNNI + VL       vpdpbusd ymm (u8 x s8, any int8 W)
     neon_dotprod      neon_dotprod.py aarch64 dotprod                     sdot (smmla with i8mm)
+    amx (opt-in)      amx.py          AMX-INT8 + avx512_vnni's features   tdpbssd tiles (linear GEMMs),
+                                                                          else avx512_vnni's
 
-`pick(target)` returns the supported family of highest priority; `family(name)` looks one up by the
-name kernels carry in their `intlstm.isa` attribute. Adding a family: a new file here defining a
-subclass and calling `register(...)`, imported at the end of this module (docs/compiler.md, "How
-to add a kernel family").
+`pick(target)` returns the supported family of highest priority, leaving out the opt-in ones
+(`KernelFamily.opt_in`: the AMX family, whose numerics wait for a run on AMX hardware) unless the
+caller asked for one with `prefer(name)` (what `compile(..., kernels=name)` does); `family(name)`
+looks one up by the name kernels carry in their `intlstm.isa` attribute. Adding a family: a new
+file here defining a subclass and calling `register(...)`, imported at the end of this module
+(docs/compiler.md, "How to add a kernel family").
 """
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 _FAMILIES: dict[str, "KernelFamily"] = {}
 
@@ -40,6 +47,13 @@ class KernelFamily:
                             # linear.LIN_NR x LIN_OV
     rec_rows4 = False       # recurrent GEMM (batch > 1) also in 4-row register tiles (taken when 4
                             # divides the batch; else 2-row tiles): needs 32 vector registers
+    tiles = False           # packed linear kernels (linear layers, LSTM input projections) use AMX
+                            # tiles (`_gemm.gemm_amx_macro`, s8 x s8: no u8 route, no correction)
+    opt_in = False          # never picked by default: only under `prefer(name)` / compile(kernels=)
+    tiles_emulated = False  # the tile kernels' instructions replaced by plain TIR (layout checks)
+
+    requires = "nothing"    # the target features `supports` asks for, in words (error messages)
+    example_target = "llvm"
 
     def supports(self, f) -> bool:
         """Can a target with `TargetFeatures` f run this family's kernels?"""
@@ -98,6 +112,34 @@ def family(name) -> KernelFamily:
 
 
 _PICKED: dict[str, KernelFamily] = {}
+# the family asked for by `prefer` (compile(..., kernels=name)) in this thread / task, or None
+_PREFERRED: contextvars.ContextVar = contextvars.ContextVar("intlstm_kernel_family", default=None)
+
+
+@contextlib.contextmanager
+def prefer(name):
+    """Within the block, `pick` returns the family `name` (any registered family, opt-in ones
+    included) instead of the default choice, for targets that support it; for a target that does
+    not, `pick` raises ValueError. `prefer(None)` restores the default choice. Per thread (a context
+    variable), so a compile in one thread does not change another's."""
+    fam = None if name is None else family(name)
+    token = _PREFERRED.set(fam)
+    try:
+        yield fam
+    finally:
+        _PREFERRED.reset(token)
+
+
+def check_supported(fam, target) -> KernelFamily:
+    """`fam` (a family or name) if `target` can run it; else ValueError naming what it needs."""
+    from .._common import as_target  # pylint: disable=import-outside-toplevel
+    fam = family(fam)
+    tgt = as_target(target)
+    if fam not in supported(tgt):
+        raise ValueError(f"kernel family {fam.name!r} needs {fam.requires}, which target {tgt} does "
+                         f"not have; pick a target with it (e.g. {fam.example_target}) or another "
+                         f"family (supported here: {', '.join(f.name for f in supported(tgt))})")
+    return fam
 
 
 def features(target):
@@ -121,14 +163,18 @@ def supported(target) -> list[KernelFamily]:
 
 
 def pick(target) -> KernelFamily:
-    """The family whose kernels a target gets (the supported one of highest priority)."""
+    """The family whose kernels a target gets: the one `prefer` asked for (ValueError if the target
+    cannot run it), else the supported family of highest priority that is not opt-in."""
     from .._common import as_target  # pylint: disable=import-outside-toplevel
     tgt = as_target(target)
+    asked = _PREFERRED.get()
+    if asked is not None:
+        return check_supported(asked, tgt)
     key = str(tgt)
     if key not in _PICKED:
-        _PICKED[key] = supported(tgt)[0]
+        _PICKED[key] = next(f for f in supported(tgt) if not f.opt_in)
     return _PICKED[key]
 
 
 # the families (each file registers its object)
-from . import generic, avx2, x86_vnni, avx512_vnni, neon_dotprod  # noqa: E402,F401  pylint: disable=wrong-import-position
+from . import generic, avx2, x86_vnni, avx512_vnni, amx, neon_dotprod  # noqa: E402,F401  pylint: disable=wrong-import-position

@@ -20,6 +20,8 @@ class AVX2(KernelFamily):
     unit_block = 8
     threaded = True
     _has_u8 = True
+    requires = "x86-64 with AVX2"
+    example_target = "llvm -mcpu=haswell"
 
     def supports(self, f) -> bool:
         return f.has_avx2

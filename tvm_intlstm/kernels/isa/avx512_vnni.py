@@ -16,6 +16,8 @@ from .x86_vnni import X86VNNI
 class AVX512VNNI(X86VNNI):
     name = "avx512_vnni"
     priority = 30
+    requires = "AVX512-VNNI with AVX-512 F/BW/VL"
+    example_target = "llvm -mcpu=icelake-server"
     vec_lanes = 16
     # 32 zmm registers: recurrent row tiles of 4 batch rows x 2 zmm accumulators where the batch is
     # a multiple of 4 (whole 256->512 model at batch 8 on a Zen 5 core: 0.80x the time of 2-row

@@ -9,6 +9,8 @@ class NeonDotprod(KernelFamily):
     priority = 10
     arch = "aarch64"
     dot = "sdot"
+    requires = "aarch64 with dotprod"
+    example_target = "rpi5"
 
     def supports(self, f) -> bool:
         return f.has_dotprod

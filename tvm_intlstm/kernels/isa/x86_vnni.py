@@ -14,6 +14,8 @@ from .avx2 import AVX2
 class X86VNNI(AVX2):
     name = "x86_vnni"
     priority = 20
+    requires = "AVX-VNNI, or AVX512-VNNI with AVX512-VL"
+    example_target = "llvm -mcpu=alderlake"
 
     def supports(self, f) -> bool:
         return f.has_avx2 and (f.has_avxvnni or (f.has_vnni and f.has_avx512vl))
