@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import (OpLowering, const_numpy, _prim, _shape, _shifts_hi, _static,
+from ._lowering import (OpLowering, const_numpy, _shape, _shifts_hi, _static,
                         lowering_pass, u8_route, uniform_scale)
 
 
@@ -31,8 +31,10 @@ def threaded_forms(threads: bool, constant: bool) -> bool:
 @mutator
 class _LowerLSTMMutator(OpLowering):
     def _lower_lstm_direction(self, a):
-        x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c = a[:11]
-        mo, so, cf, rev = (_prim(v) for v in a[11:15])
+        x, w_x, w_h, bias, mx, sx, mh, sh = a.x, a.w_x, a.w_h, a.bias, a.mx, a.sx, a.mh, a.sh
+        sig, tanh, tanh_c, mo, so, cf, rev = a.sig, a.tanh, a.tanh_c, a.mo, a.so, a.cell_frac, a.reverse
+        if a.h0 is not None or a.c0 is not None:
+            raise NotImplementedError("initial LSTM states are not supported by the compiler yet")
         G, I = (_static(v, "LSTM size") for v in _shape(w_x))
         H = G // 4
         T_, B_ = _shape(x)[:2]
