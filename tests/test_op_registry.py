@@ -14,7 +14,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from tvm_intlstm import opdefs
 from tvm_intlstm.nn import intops
-from tvm_intlstm.opdefs import OPS, Bool, Float, Int, OpDef, Tensor
+from tvm_intlstm.opdefs import OPS, Bool, Int, OpDef, Tensor
 from tvm_intlstm.quant import fixed_point as fp
 from tvm_intlstm.quant.pwl import fit_pwl
 

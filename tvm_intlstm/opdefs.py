@@ -14,13 +14,14 @@ reference function. Everything else is derived from these declarations:
 - the reference dispatch: `reference_function(name)` is the numpy function in
   tvm_intlstm/reference/ops.py, called with the same arguments as the torch op.
 
-No torch, no tvm: `tvm_intlstm.reference` imports this with neither installed-in-use.
+No torch, no tvm: this module and the numpy reference import with neither (tests/test_import_doors.py).
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Union
+
+from .reference import ops as _reference   # numpy only
 
 OP_NAMESPACE = "intlstm"     # torch.ops.intlstm.<name>; the Relax placeholders are "intlstm.<name>"
 INT_DTYPES = ("int8", "int16", "int32", "int64")
@@ -43,11 +44,11 @@ class Tensor:
 
 @dataclass(frozen=True)
 class Attr:
-    """A scalar attribute (baked into the kernel as an immediate)."""
+    """A scalar attribute (baked into the kernel as an immediate): use Int, Float or Bool."""
 
     name: str
-    kind = "SymInt"     # the torch schema type (SymInt: what custom_op gives a Python int)
-    py = int
+    kind = "SymInt"     # the torch schema type (SymInt: what custom_op infers for a Python int)
+    py = int            # its Python type
 
     @property
     def schema_type(self):
@@ -90,15 +91,6 @@ class Names:
 
     def __setattr__(self, name, value):
         raise AttributeError("operator arguments are read-only")
-
-    def __getitem__(self, name):
-        return self._values[name]
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def items(self):
-        return self._values.items()
 
     def __repr__(self):
         return f"Names({self._values!r})"
@@ -212,8 +204,7 @@ def opdef(name: str) -> OpDef:
 def reference_function(name: str) -> Callable:
     """The numpy reference of op `name`, called with the torch op's arguments (numpy arrays)."""
     op = opdef(name)
-    ops = importlib.import_module("tvm_intlstm.reference.ops")
-    fn = getattr(ops, op.reference, None)
+    fn = getattr(_reference, op.reference, None)
     if fn is None:
         raise AttributeError(f"op {name}: reference function {op.reference!r} is not in tvm_intlstm.reference.ops")
     return fn

@@ -2,7 +2,8 @@
 
 `torch.export` keeps each `torch.ops.intlstm.*` op as one node (with symbolic batch and sequence
 dims); `from_exported_program` translates the layout glue (transpose, cat, ...) with TVM's own
-converters and our ops with the converters below. Each of our ops becomes a placeholder call
+converters and our ops with converters made from their declarations (tvm_intlstm/opdefs.py). Each
+of our ops becomes a placeholder call
 `R.call_dps_packed("intlstm.<op>", (tensors..., R.prim_value(scalars)...), out_ty)`: a typed,
 target-independent integer operator that the passes in tvm_intlstm/passes lower to TIR kernels.
 No time step is unrolled: one module serves every batch size and sequence length.

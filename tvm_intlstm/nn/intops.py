@@ -1,8 +1,10 @@
 """PyTorch integer simulation of docs/integer_spec.md, registered as `torch.ops.intlstm.*` custom ops.
 
-These ops are what an eval-mode quantized model runs, and what `torch.export` keeps as single nodes
+Each op is declared in tvm_intlstm/opdefs.py (its schema and its fake, shape-only, implementation
+come from there); this file holds the implementation of each, a function of the op's name. These ops
+are what an eval-mode quantized model runs, and what `torch.export` keeps as single nodes
 for the compiler's importer (tvm_intlstm/frontend maps each op name to TIR kernels). They must agree
-bit for bit with tvm_intlstm/reference/ops.py; tests/test_intops.py checks it.
+bit for bit with tvm_intlstm/reference/ops.py; tests/test_reference_ops.py and test_op_registry.py check it.
 
 Tensors are int8/int16/int32 at the op boundary; inside, arithmetic is int64. The int8 matrix
 products go through float64 BLAS: every product is an integer below 2^14 in magnitude and every
