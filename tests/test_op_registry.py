@@ -296,3 +296,29 @@ def test_a_registered_toy_layer_is_quantized_saved_and_referenced(tmp_path):
     # unregistered, its class is no longer on the model file's allow-list
     with pytest.raises(ValueError, match="unknown module type 'IntHalve'"):
         til.load_quantized(path)
+
+
+def test_lstm_initial_states_reach_the_placeholder_by_name():
+    """h0/c0 (optional operands) survive export and import as named arguments; the lowering then
+    refuses them until the compiler supports initial states."""
+    from torch.export import export
+    from tvm.relax.frontend.torch import from_exported_program
+    from tvm_intlstm.frontend.importer import convert_map
+    from tvm_intlstm.passes import LowerLSTM
+    from tvm_intlstm.target import parse_target
+
+    args = _lstm_case(states=True)
+    tensors, scalars = args[:11] + args[15:], args[11:15]
+
+    class Direction(nn.Module):
+        def forward(self, x, h0, c0):
+            return torch.ops.intlstm.lstm_direction(x, *tensors[1:11], *scalars, h0, c0)
+
+    ep = export(Direction(), (tensors[0], *tensors[11:]))
+    mod = from_exported_program(ep, custom_convert_map=convert_map())
+    ((name, a), _), = _placeholders(mod)
+    assert name == "lstm_direction" and a.h0 is not None and a.c0 is not None
+    assert (a.mo, a.so, a.cell_frac, a.reverse) == (scalars[0], scalars[1], scalars[2], False)
+    assert [int(d) for d in a.c0.ty.shape.values] == [3, 4] and str(a.c0.ty.dtype) == "int16"
+    with pytest.raises(Exception, match="initial LSTM states are not supported"):
+        LowerLSTM(parse_target("host"))(mod)
