@@ -32,6 +32,9 @@ def test_reference_imports_without_torch_and_tvm():
         out = ops.requantize(acc, np.full(4, 2**30, np.int32), np.full(4, 31, np.int32), 8)
         assert out[:2].tolist() == [127, -128] and out.dtype == np.int8, out   # saturation
         assert callable(R)       # tvm_intlstm.reference(qmodel): the package is callable
+        from tvm_intlstm.opdefs import OPS, reference_ops   # the op declarations: no torch, no tvm
+        assert "lstm_direction" in OPS
+        assert reference_ops.rescale(np.array([100, -101], np.int8), 2**30, 31).tolist() == [50, -50]
         assert not any(m.split(".")[0] in ("torch", "tvm") for m in sys.modules)
         print("ok")
     """)

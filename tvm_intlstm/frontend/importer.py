@@ -2,7 +2,8 @@
 
 `torch.export` keeps each `torch.ops.intlstm.*` op as one node (with symbolic batch and sequence
 dims); `from_exported_program` translates the layout glue (transpose, cat, ...) with TVM's own
-converters and our ops with the converters below. Each of our ops becomes a placeholder call
+converters and our ops with converters made from their declarations (tvm_intlstm/opdefs.py). Each
+of our ops becomes a placeholder call
 `R.call_dps_packed("intlstm.<op>", (tensors..., R.prim_value(scalars)...), out_ty)`: a typed,
 target-independent integer operator that the passes in tvm_intlstm/passes lower to TIR kernels.
 No time step is unrolled: one module serves every batch size and sequence length.
@@ -16,95 +17,94 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator, mutator
 from tvm.relax.frontend.torch import from_exported_program
 
-OP_PREFIX = "intlstm."
+from ..opdefs import OP_NAMESPACE, OPS, Names, OpDef
 
-# op name -> (number of leading tensor args, output rule)
-# output rules take the relax tensor args' shapes and the scalar args and return [(shape, dtype)]
+_DPS_PACKED = tvm.ir.Op.get("relax.call_dps_packed")
 
+OP_PREFIX = OP_NAMESPACE + "."
 
-def _shape(e):
-    return list(e.ty.shape.values)
+# Each declared operator (tvm_intlstm/opdefs.py) becomes one placeholder call whose argument tuple
+# is its tensor operands in declaration order, then its attributes as prim values. An absent
+# optional operand (None) at the end is left out; one followed by a present operand is an empty
+# tuple. `op_args` reads such a call back by parameter name.
 
-
-def _rule_quantize_input(t, s):
-    return [(_shape(t[0]), "int8")]
-
-
-def _rule_embedding(t, s):
-    return [(_shape(t[0]) + [_shape(t[1])[1]], "int8")]
+_EMPTY = relax.Tuple([])
 
 
-def _rule_linear_i32(t, s):
-    return [(_shape(t[0])[:-1] + [_shape(t[1])[0]], "int32")]
+def _static_dims(e) -> list:
+    """A relax tensor's shape with the static dims as Python ints (what output rules compare)."""
+    return [int(d) if isinstance(d, tvm.tirx.IntImm) else d for d in e.ty.shape.values]
 
 
-def _rule_linear_requant(t, s):
-    return [(_shape(t[0])[:-1] + [_shape(t[1])[0]], {8: "int8", 16: "int16"}[s[0]])]
+def _prim_arg(attr, v):
+    v = attr.cast(v)
+    if isinstance(v, float):
+        return relax.prim_value(tvm.tirx.FloatImm("float32", v))
+    return relax.prim_value(int(v))
 
 
-def _rule_lstm(t, s):
-    T, B, _ = _shape(t[0])
-    H = _shape(t[2])[1]
-    return [([T, B, H], "int8"), ([B, H], "int8"), ([B, H], "int16")]
+def placeholder_call(op: OpDef, bound: dict) -> relax.Call:
+    """R.call_dps_packed("intlstm.<op>", (operands..., attrs...), outputs) of a bound call
+    ({parameter name: relax tensor, None or Python scalar})."""
+    slots = [bound[t.name] for t in op.operands]
+    while slots and slots[-1] is None:
+        slots.pop()
+    for t in op.operands:
+        if bound[t.name] is not None:
+            op.check_dtype(t, str(bound[t.name].ty.dtype))
+    shapes = {t.name: None if bound[t.name] is None else _static_dims(bound[t.name]) for t in op.operands}
+    attrs = {a.name: a.cast(bound[a.name]) for a in op.attrs}
+    out_ty = [relax.TensorType(list(shape), dtype) for shape, dtype in op.output_types(shapes, attrs)]
+    fields = [_EMPTY if v is None else v for v in slots] + [_prim_arg(a, bound[a.name]) for a in op.attrs]
+    return relax.call_dps_packed(OP_PREFIX + op.name, relax.Tuple(fields),
+                                 out_ty if len(out_ty) > 1 else out_ty[0])
 
 
-def _rule_same(dtype):
-    return lambda t, s: [(_shape(t[0]), dtype)]
+def _prim_value(e):
+    v = e.value
+    if isinstance(v, (int, float)):
+        return v
+    return float(v.value) if isinstance(v, tvm.tirx.FloatImm) else int(v.value)
 
 
-def _rule_context(t, s):
-    return [(_shape(t[0])[:-1] + [_shape(t[1])[-1]], "int8")]
+def op_args(call):
+    """(op name, Names of its arguments) of a placeholder call made by `placeholder_call`, or
+    None for any other expression: tensors as relax exprs (None when absent), attributes as
+    Python values (`args.w_h`, `args.mo`)."""
+    if not (isinstance(call, relax.Call) and call.op == _DPS_PACKED
+            and isinstance(call.args[0], relax.ExternFunc)):
+        return None
+    name = str(call.args[0].global_symbol)
+    if not name.startswith(OP_PREFIX) or name[len(OP_PREFIX):] not in OPS:
+        return None
+    op = OPS[name[len(OP_PREFIX):]]
+    fields = list(call.args[1].fields)
+    n_slots = len(fields) - len(op.attrs)
+    if not 0 <= n_slots <= len(op.operands):
+        raise ValueError(f"{name} call has {len(fields)} arguments; its declaration has "
+                         f"{len(op.operands)} operands and {len(op.attrs)} attributes")
+    values = {}
+    for i, t in enumerate(op.operands):
+        e = fields[i] if i < n_slots else None
+        values[t.name] = None if e is None or (isinstance(e, relax.Tuple) and not e.fields) else e
+    for a, e in zip(op.attrs, fields[n_slots:]):
+        values[a.name] = a.cast(_prim_value(e))
+    return op.name, Names(values)
 
 
-OPS = {
-    # name: (tensor arg count, scalar arg count, rule)
-    "quantize_input": (1, 1, _rule_quantize_input),
-    "embedding": (2, 0, _rule_embedding),
-    "linear_i32": (3, 0, _rule_linear_i32),
-    "linear_requant": (5, 1, _rule_linear_requant),
-    "lstm_direction": (11, 4, _rule_lstm),
-    "residual_add": (2, 3, _rule_same("int8")),
-    "rescale": (1, 2, _rule_same("int8")),
-    "layer_norm": (3, 2, _rule_same("int8")),
-    "softmax": (1, 2, _rule_same("int16")),  # + exp table tensor after the scalars
-    "attention_context": (2, 2, _rule_context),
-}
-
-
-def _make_converter(name: str):
-    n_tensors, n_scalars, rule = OPS[name]
-
+def _make_converter(op: OpDef):
     def convert(node, importer):
-        args = list(importer.retrieve_args(node))
-        if name == "softmax":  # softmax(z, mz, sz, exp_table): move the table next to the tensors
-            args = [args[0], args[3], args[1], args[2]]
-            tensors, scalars = args[:2], args[2:]
-        else:
-            tensors, scalars = args[:n_tensors], args[n_tensors:n_tensors + n_scalars]
-        outs = rule(tensors, [int(v) if not isinstance(v, float) else v for v in scalars])
-        out_ty = [relax.TensorType(shape, dtype) for shape, dtype in outs]
-        prims = [relax.prim_value(tvm.tirx.FloatImm("float32", float(v))) if isinstance(v, float) else relax.prim_value(int(v)) for v in scalars]
-        # initial LSTM states (h0 int8, c0 int16 [B, H]; docs/stateful.md) go after the scalars, so
-        # the lowering's positional unpacking of the stateless call stays valid
-        prims += _lstm_state_args(name, args)
-        call = relax.call_dps_packed(OP_PREFIX + name, relax.Tuple(tensors + prims),
-                                     out_ty if len(out_ty) > 1 else out_ty[0])
-        return importer.block_builder.emit(call)
+        args = importer.retrieve_args(node)
+        kwargs = {k: importer._retrieve_args(v) for k, v in node.kwargs.items()}  # pylint: disable=protected-access
+        return importer.block_builder.emit(placeholder_call(op, op.bind(tuple(args), kwargs)))
 
     return convert
 
 
-def _lstm_state_args(name: str, args: list) -> list:
-    """lstm_direction's optional (h0, c0) arguments: both tensors or none (IntLSTM passes both)."""
-    if name != "lstm_direction" or len(args) <= 15 or all(a is None for a in args[15:]):
-        return []
-    h0, c0 = (list(args[15:]) + [None])[:2]
-    if h0 is None or c0 is None:
-        raise NotImplementedError("an LSTM direction with only one of h0 / c0 cannot be compiled: pass both")
-    return [h0, c0]
-
-
-CONVERT_MAP = {f"{name}.default": _make_converter(name) for name in OPS}
+def convert_map() -> dict:
+    """torch.export op name -> converter, for every declared operator (from_exported_program's
+    custom_convert_map)."""
+    return {f"{name}.default": _make_converter(op) for name, op in OPS.items()}
 
 
 def export_quantized(qmodel, example_inputs, dynamic: bool = True):
@@ -174,7 +174,7 @@ class _WrapNegativeIndices(PyExprMutator):
 def import_quantized(qmodel, example_inputs, dynamic: bool = True):
     """Relax IRModule of a quantized model, with our ops as `intlstm.*` placeholder calls."""
     ep = export_quantized(qmodel, example_inputs, dynamic)
-    mod = from_exported_program(ep, custom_convert_map=CONVERT_MAP, unwrap_unit_return_tuple=True)
+    mod = from_exported_program(ep, custom_convert_map=convert_map(), unwrap_unit_return_tuple=True)
     fix = _WrapNegativeIndices(mod)
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):

@@ -1,8 +1,10 @@
 """PyTorch integer simulation of docs/integer_spec.md, registered as `torch.ops.intlstm.*` custom ops.
 
-These ops are what an eval-mode quantized model runs, and what `torch.export` keeps as single nodes
+Each op is declared in tvm_intlstm/opdefs.py (its schema and its fake, shape-only, implementation
+come from there); this file holds the implementation of each, a function of the op's name. These ops
+are what an eval-mode quantized model runs, and what `torch.export` keeps as single nodes
 for the compiler's importer (tvm_intlstm/frontend maps each op name to TIR kernels). They must agree
-bit for bit with tvm_intlstm/reference/ops.py; tests/test_intops.py checks it.
+bit for bit with tvm_intlstm/reference/ops.py; tests/test_reference_ops.py and test_op_registry.py check it.
 
 Tensors are int8/int16/int32 at the op boundary; inside, arithmetic is int64. The int8 matrix
 products go through float64 BLAS: every product is an integer below 2^14 in magnitude and every
@@ -15,6 +17,7 @@ from typing import Optional
 
 import torch
 
+from ..opdefs import OP_NAMESPACE, OPS, OpDef
 from ..spec import LN_FRAC, PROB_FRAC, PWL_FRAC
 
 _MAX_K = 2**16
@@ -61,10 +64,11 @@ def pwl(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# custom ops: one node each through torch.export
+# the implementations of the operators declared in tvm_intlstm/opdefs.py (one function per op, of
+# the op's name and signature); `register_op` below makes each a custom op, one node through
+# torch.export
 
 
-@torch.library.custom_op("intlstm::quantize_input", mutates_args=())
 def quantize_input(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Boundary quantization (spec 1): sat_8(floor(float32(x / s) + 0.5f))."""
     if x.dtype != torch.float32:
@@ -73,12 +77,7 @@ def quantize_input(x: torch.Tensor, scale: float) -> torch.Tensor:
     return q.clamp(-128, 127).to(torch.int8)
 
 
-@quantize_input.register_fake
-def _(x, scale):
-    return torch.empty(x.shape, dtype=torch.int8, device=x.device)
 
-
-@torch.library.custom_op("intlstm::embedding", mutates_args=())
 def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     V = table.shape[0]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= V):
@@ -86,35 +85,20 @@ def embedding(ids: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return table[ids.to(torch.int64)].clone()
 
 
-@embedding.register_fake
-def _(ids, table):
-    return table.new_empty((*ids.shape, table.shape[1]))
 
-
-@torch.library.custom_op("intlstm::linear_i32", mutates_args=())
 def linear_i32(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Final linear layer (spec 5): int32 logits, not requantized."""
     return (int_matmul(x, w) + b.to(torch.int64)).to(torch.int32)
 
 
-@linear_i32.register_fake
-def _(x, w, b):
-    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=torch.int32)
 
-
-@torch.library.custom_op("intlstm::linear_requant", mutates_args=())
 def linear_requant(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, m: torch.Tensor, s: torch.Tensor,
                    out_bits: int) -> torch.Tensor:
     """Hidden linear layer (spec 5): requantize_N(W x + b) with per-row multipliers."""
     return requantize(int_matmul(x, w) + b.to(torch.int64), m, s, out_bits)
 
 
-@linear_requant.register_fake
-def _(x, w, b, m, s, out_bits):
-    return x.new_empty((*x.shape[:-1], w.shape[0]), dtype=_DT[out_bits])
 
-
-@torch.library.custom_op("intlstm::lstm_direction", mutates_args=())
 def lstm_direction(x: torch.Tensor, w_x: torch.Tensor, w_h: torch.Tensor, bias: torch.Tensor,
                    mx: torch.Tensor, sx: torch.Tensor, mh: torch.Tensor, sh: torch.Tensor,
                    sig: torch.Tensor, tanh: torch.Tensor, tanh_c: torch.Tensor,
@@ -143,35 +127,18 @@ def lstm_direction(x: torch.Tensor, w_x: torch.Tensor, w_h: torch.Tensor, bias: 
     return y, h.clone(), c.clone()
 
 
-@lstm_direction.register_fake
-def _(x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c, mo, so, cell_frac, reverse, h0=None, c0=None):
-    T, B, _ = x.shape
-    H = w_h.shape[1]
-    return (x.new_empty((T, B, H), dtype=torch.int8), x.new_empty((B, H), dtype=torch.int8),
-            x.new_empty((B, H), dtype=torch.int16))
 
-
-@torch.library.custom_op("intlstm::residual_add", mutates_args=())
 def residual_add(a: torch.Tensor, b: torch.Tensor, ma: int, mb: int, s: int) -> torch.Tensor:
     """8-bit residual add (spec 9)."""
     v = a.to(torch.int64) * ma + b.to(torch.int64) * mb
     return sat(rshift_round(v, s), 8).to(torch.int8)
 
 
-@residual_add.register_fake
-def _(a, b, ma, mb, s):
-    return torch.empty(torch.broadcast_shapes(a.shape, b.shape), dtype=torch.int8, device=a.device)
 
-
-@torch.library.custom_op("intlstm::rescale", mutates_args=())
 def rescale(x: torch.Tensor, m: int, s: int) -> torch.Tensor:
     """int8 -> int8 at another scale (spec 2, rescale_8)."""
     return requantize(x.to(torch.int64), m, s, 8)
 
-
-@rescale.register_fake
-def _(x, m, s):
-    return torch.empty_like(x, dtype=torch.int8)
 
 
 def isqrt(v: torch.Tensor) -> torch.Tensor:
@@ -186,7 +153,6 @@ def isqrt(v: torch.Tensor) -> torch.Tensor:
     return res
 
 
-@torch.library.custom_op("intlstm::layer_norm", mutates_args=())
 def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, ml: int, sl: int) -> torch.Tensor:
     """Integer layer norm over the last axis (spec 10)."""
     xi = x.to(torch.int64)
@@ -200,12 +166,7 @@ def layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, ml: int
     return sat(rshift_round(acc * ml, sl), 8).to(torch.int8)
 
 
-@layer_norm.register_fake
-def _(x, gamma, beta, ml, sl):
-    return torch.empty_like(x, dtype=torch.int8)
 
-
-@torch.library.custom_op("intlstm::softmax", mutates_args=())
 def softmax(z: torch.Tensor, mz: int, sz: int, exp_table: torch.Tensor) -> torch.Tensor:
     """Integer softmax over the last axis (spec 11): int32 scores -> int16 Q0.15."""
     zi = z.to(torch.int64)
@@ -219,25 +180,16 @@ def softmax(z: torch.Tensor, mz: int, sz: int, exp_table: torch.Tensor) -> torch
     return p.to(torch.int16)
 
 
-@softmax.register_fake
-def _(z, mz, sz, exp_table):
-    return torch.empty_like(z, dtype=torch.int16)
 
-
-@torch.library.custom_op("intlstm::attention_context", mutates_args=())
 def attention_context(p: torch.Tensor, v: torch.Tensor, mc: int, sc: int) -> torch.Tensor:
     """ctx = requantize_8(sum_k p_k v_kd) (spec 11). p int16 [..., K], v int8 [..., K, D]."""
     acc = torch.matmul(p.to(torch.float64).unsqueeze(-2), v.to(torch.float64)).squeeze(-2).to(torch.int64)  # exact: < 2^38
     return requantize(acc, mc, sc, 8)
 
 
-@attention_context.register_fake
-def _(p, v, mc, sc):
-    return p.new_empty((*p.shape[:-1], v.shape[-1]), dtype=torch.int8)
-
-
 def pack_table(t) -> torch.Tensor:
-    """PWLTable -> int32 [3, n+1] (knots; bases padded; slopes padded): the form kernels take."""
+    """PWLTable -> int32 [3, n+1] (knots; bases padded; slopes padded): the form kernels take
+    (tvm_intlstm.reference.ops.unpack_table is the inverse)."""
     n = t.pieces
     out = torch.zeros((3, n + 1), dtype=torch.int32)
     out[0] = torch.as_tensor(t.knots.astype("int32"))
@@ -246,9 +198,51 @@ def pack_table(t) -> torch.Tensor:
     return out
 
 
-def unpack_table(packed, in_frac: int, name: str = ""):
-    import numpy as np
-    from ..reference.ops import PWLTable
-    a = np.asarray(packed, dtype=np.int64)
-    n = a.shape[1] - 1
-    return PWLTable(a[0].astype(np.int16), a[1, :n].astype(np.int32), a[2, :n].astype(np.int32), int(in_frac), name)
+# ---------------------------------------------------------------------------------------------
+# registration: torch.ops.intlstm.<name> from each declaration
+
+
+def _torch_dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def fake_impl(op: OpDef):
+    """The op's fake (shape-only) implementation for torch.export, from its output rule; operands of
+    an undeclared dtype are refused here, naming the operand."""
+
+    def fake(*args, **kwargs):
+        bound = op.bind(args, kwargs)
+        device = next(v.device for v in bound.values() if isinstance(v, torch.Tensor))
+        shapes = {}
+        for t in op.operands:
+            v = bound[t.name]
+            if v is not None:
+                op.check_dtype(t, _torch_dtype_name(v))
+            shapes[t.name] = None if v is None else tuple(v.shape)
+        attrs = {a.name: a.cast(bound[a.name]) for a in op.attrs}
+        outs = [torch.empty(shape, dtype=getattr(torch, dtype), device=device)
+                for shape, dtype in op.output_types(shapes, attrs)]
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    fake.__name__ = f"{op.name}_fake"
+    return fake
+
+
+def register_op(op: OpDef, impl):
+    """torch.ops.intlstm.<op.name>: `impl` (the exact integer implementation) under the schema of
+    the declaration, with the fake implementation of its output rule. Returns the custom op."""
+    custom = torch.library.custom_op(f"{OP_NAMESPACE}::{op.name}", impl, mutates_args=(), schema=op.schema)
+    custom.register_fake(fake_impl(op))
+    return custom
+
+
+def _register_declared():
+    for name, op in OPS.items():
+        impl = globals().get(name)
+        if not callable(impl):
+            raise RuntimeError(f"operator {name} is declared in tvm_intlstm/opdefs.py but nn/intops.py "
+                               f"has no function {name}")
+        globals()[name] = register_op(op, impl)   # intops.<name> is the custom op, as torch.ops.intlstm.<name>
+
+
+_register_declared()

@@ -15,9 +15,8 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator
 
 from .. import kernels as K
-from ..frontend.importer import OP_PREFIX
-
-_DPS_PACKED = tvm.ir.Op.get("relax.call_dps_packed")
+from ..frontend.importer import op_args
+from ..opdefs import OPS
 
 
 def _shape(e):
@@ -28,13 +27,6 @@ def _static(v, what):
     if not isinstance(v, (int, tvm.tirx.IntImm)):
         raise ValueError(f"{what} must be a static size, got symbolic {v}")
     return int(v)
-
-
-def _prim(e):
-    v = e.value
-    if isinstance(v, (int, float)):
-        return v
-    return float(v.value) if isinstance(v, tvm.tirx.FloatImm) else int(v.value)
 
 
 def const_numpy(e):
@@ -91,7 +83,9 @@ def _with_root_block(func):
 
 
 class OpLowering(PyExprMutator):
-    """Base mutator: subclasses define `_lower_<op>(args)` for the ops they handle."""
+    """Base mutator: subclasses define `_lower_<op>(a)` for the ops they handle; `a` holds the
+    placeholder's arguments by the names of the op's declaration (tvm_intlstm/opdefs.py): tensors
+    as relax exprs (None when an optional one is absent), attributes as Python values."""
 
     def __init__(self, mod, target, tuned=None, threads=False):
         super().__init__(mod)
@@ -168,22 +162,36 @@ class OpLowering(PyExprMutator):
 
     def visit_call_(self, call):
         call = super().visit_call_(call)
-        if call.op != _DPS_PACKED or not isinstance(call.args[0], relax.ExternFunc):
+        found = op_args(call)   # (op name, its arguments by parameter name) of a placeholder
+        if found is None:
             return call
-        name = str(call.args[0].global_symbol)
-        if not name.startswith(OP_PREFIX):
-            return call
-        op = name[len(OP_PREFIX):]
-        args = list(call.args[1].fields)
+        op, args = found
         lower = getattr(self, "_lower_" + op, None)
         if lower is None:  # another pass's family (VerifyIntegerOnly reports any left over)
             return call
         return lower(args)
 
 
+# op name -> the pass that lowers it (each `_lower_<op>` method, collected by `lowering_pass`)
+LOWERINGS: dict = {}
+
+
+def _register_lowerings(mutator_cls, name: str) -> None:
+    cls = getattr(mutator_cls, "_cls", mutator_cls)   # (tvm's @mutator wraps the class)
+    for attr in dir(cls):
+        if not attr.startswith("_lower_"):
+            continue
+        op = attr[len("_lower_"):]
+        if op not in OPS:
+            raise ValueError(f"{name}.{attr} lowers no declared operator (tvm_intlstm/opdefs.py)")
+        if LOWERINGS.get(op, name) != name:
+            raise ValueError(f"operator {op} is lowered by both {LOWERINGS[op]} and {name}")
+        LOWERINGS[op] = name
+
 
 def lowering_pass(mutator_cls, name: str):
     """A module pass class running `mutator_cls` over every Relax function of the module."""
+    _register_lowerings(mutator_cls, name)
 
     @tvm.transform.module_pass(opt_level=0, name=name)
     class _Pass:

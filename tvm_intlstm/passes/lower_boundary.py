@@ -6,19 +6,19 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import OpLowering, _prim, _shape, _static, lowering_pass
+from ._lowering import OpLowering, _shape, _static, lowering_pass
 
 
 @mutator
 class _LowerBoundaryMutator(OpLowering):
     def _lower_quantize_input(self, a):
-        x, scale = a[0], _prim(a[1])
+        x, scale = a.x, a.scale
         F = _static(_shape(x)[-1], "input features")
         gv = self._kernel(("quantize_input", F, scale), lambda: K.quantize_input(F, scale).with_attr("intlstm.boundary", 1))
         return self._call_rows(gv, x, [], F, "int8")
 
     def _lower_embedding(self, a):
-        ids, table = a
+        ids, table = a.ids, a.table
         V, D = (_static(v, "embedding size") for v in _shape(table))
         idt = ids.ty.dtype
         gv = self._kernel(("embedding", V, D, idt), lambda: K.embedding(V, D, idt))

@@ -5,22 +5,20 @@ from __future__ import annotations
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import (OpLowering, _prim, _shape, _shifts_hi, _static, lowering_pass,
-                        uniform_scale)
+from ._lowering import OpLowering, _shape, _shifts_hi, _static, lowering_pass, uniform_scale
 
 
 @mutator
 class _LowerLinearMutator(OpLowering):
     def _lower_linear_i32(self, a):
-        x, w, b = a
+        x, w, b = a.x, a.w, a.b
         O, Kf = (_static(v, "linear size") for v in _shape(w))
         gv, w, b = self._gemm("linear_i32", Kf, O, "int32", w, b, lambda w7, packed: K.linear_i32(
             Kf, O, True, target=self.target, w7=w7, packed=packed))
         return self._call_rows(gv, x, [w, b], O, "int32")
 
     def _lower_linear_requant(self, a):
-        x, w, b, m, s, bits = a
-        bits = _prim(bits)
+        x, w, b, m, s, bits = a.x, a.w, a.b, a.m, a.s, a.out_bits
         O, Kf = (_static(v, "linear size") for v in _shape(w))
         dt = f"int{bits}"
         hi = _shifts_hi(s)

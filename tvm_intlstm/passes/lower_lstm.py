@@ -14,7 +14,7 @@ from tvm import relax
 from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
-from ._lowering import (OpLowering, const_numpy, _prim, _shape, _shifts_hi, _static,
+from ._lowering import (OpLowering, const_numpy, _shape, _shifts_hi, _static,
                         lowering_pass, u8_route, uniform_scale)
 
 
@@ -31,9 +31,13 @@ def threaded_forms(threads: bool, constant: bool) -> bool:
 @mutator
 class _LowerLSTMMutator(OpLowering):
     def _lower_lstm_direction(self, a):
-        x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c = a[:11]
-        mo, so, cf, rev = (_prim(v) for v in a[11:15])
-        state = a[15:17]  # initial (h0, c0) after the scalars, if the model takes states (importer)
+        x, w_x, w_h, bias, mx, sx, mh, sh = a.x, a.w_x, a.w_h, a.bias, a.mx, a.sx, a.mh, a.sh
+        sig, tanh, tanh_c, mo, so, cf, rev = a.sig, a.tanh, a.tanh_c, a.mo, a.so, a.cell_frac, a.reverse
+        # the initial (h0, c0), if the model takes states (docs/stateful.md): both or neither
+        if (a.h0 is None) != (a.c0 is None):
+            raise NotImplementedError("an LSTM direction with only one of h0 / c0 cannot be compiled: "
+                                      "pass both")
+        state = () if a.h0 is None else (a.h0, a.c0)
         G, I = (_static(v, "LSTM size") for v in _shape(w_x))
         H = G // 4
         T_, B_ = _shape(x)[:2]

@@ -1,7 +1,8 @@
 """Model graph handling: trace a float model with torch.fx, swap supported layers for
 quantization-aware modules (prepare), and turn a prepared model into an integer-only model (convert).
 
-Supported layers: nn.Embedding, nn.LSTM, nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity.
+Supported layers: those registered in quant/layers.py (nn.Embedding, nn.LSTM, nn.Linear,
+nn.LayerNorm, nn.Dropout, nn.Identity), which also says how each is prepared and converted.
 Supported glue: residual `+`, torch.cat, tuple indexing, and layout ops (transpose, permute,
 reshape/view, flatten, contiguous, squeeze/unsqueeze, tensor indexing).
 A Linear whose result reaches a model output is the final layer (int32 logits).
@@ -11,19 +12,16 @@ from __future__ import annotations
 
 import copy
 import operator
-from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from ..nn import intmodules as im
 from ..nn import modules as qm
-from . import stateful
+from . import layers, stateful
 from .config import QuantConfig
+from .layers import LayerCall, QInfo, UnsupportedModelError  # noqa: F401  (re-exported)
 
-SUPPORTED_LAYERS = (nn.Embedding, nn.LSTM, nn.Linear, nn.LayerNorm, nn.Dropout, nn.Identity)
 LAYOUT_FUNCS = {torch.transpose, torch.permute, torch.reshape, torch.flatten, torch.squeeze,
                 torch.unsqueeze, operator.getitem}
 LAYOUT_METHODS = {"transpose", "permute", "reshape", "view", "flatten", "contiguous", "squeeze",
@@ -32,19 +30,13 @@ ADD_FUNCS = {operator.add, torch.add, operator.iadd}
 CAT_FUNCS = {torch.cat, torch.concat}
 
 
-class UnsupportedModelError(ValueError):
-    """The float model uses a layer or an operation tvm_intlstm cannot quantize."""
-
-
 def _supported_list() -> str:
-    return ("nn.Embedding, nn.LSTM (any num_layers, bidirectional, batch_first, bias; no proj_size; initial "
-            "states (h0, c0) as model inputs), "
-            "nn.Linear, nn.LayerNorm (last dim), nn.Dropout, residual '+', torch.cat and layout ops")
+    return layers.supported_list()
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m, qualname):
-        if isinstance(m, SUPPORTED_LAYERS):
+        if isinstance(m, layers.float_types()):
             return True
         # any other torch.nn layer with its own parameters or computation is a leaf (rejected later)
         if type(m).__module__.startswith("torch.nn") and not isinstance(
@@ -98,8 +90,8 @@ def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     for node in list(g.nodes):
         if node.op == "placeholder":
             users = list(node.users)
-            if users and all(u.op == "call_module" and isinstance(gm.get_submodule(u.target), nn.Embedding)
-                             for u in users):
+            if users and all(u.op == "call_module" and getattr(layers.for_float(gm.get_submodule(u.target)),
+                                                               "inputs", None) == "ids" for u in users):
                 node.meta["til_kind"] = "ids"
                 continue
             if not users:
@@ -114,17 +106,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
             node.replace_all_uses_with(q, delete_user_cb=lambda u: u is not q)
         elif node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, nn.LSTM):
-                stateful.lstm_state_args(node)  # initial states must be model inputs (quant/stateful.py)
-                new = qm.QuantLSTM(mod, config)
-            elif isinstance(mod, nn.Linear):
-                new = qm.QuantLinear(mod, config, final=_is_final(node))
-            elif isinstance(mod, nn.Embedding):
-                new = qm.QuantEmbedding(mod, config)
-            elif isinstance(mod, nn.LayerNorm):
-                new = qm.QuantLayerNorm(mod, config)
-            elif isinstance(mod, (nn.Dropout, nn.Identity)):
-                new = nn.Identity()
+            layer = layers.for_float(mod)
+            if layer is not None:
+                new = layer.prepare(mod, LayerCall(node, config, _is_final(node)))
             elif isinstance(mod, qm.QuantModule):
                 continue
             else:
@@ -189,16 +173,6 @@ def set_mode(gm: nn.Module, mode: str):
 # convert: integer module per layer, scales propagated along the graph
 
 
-@dataclass
-class QInfo:
-    """What an integer value is: 'act' int8 (scale), 'logits' int32 (scale), 'cell' int16 (frac),
-    'ids', 'stack' (per-row infos of h_n/c_n), or 'tuple'."""
-
-    kind: str
-    scale: Any = None
-    items: list = field(default_factory=list)
-
-
 def info_to_data(inf) -> dict:
     """QInfo (or a tuple of them) as plain data, for model files and library metadata."""
     if isinstance(inf, (tuple, list)):
@@ -210,19 +184,6 @@ def info_from_data(d: dict):
     if "seq" in d:
         return tuple(info_from_data(i) for i in d["seq"])
     return QInfo(d["kind"], d["scale"], [info_from_data(i) for i in d["items"]])
-
-
-def _info_of_int(mod: nn.Module) -> QInfo:
-    if isinstance(mod, im.IntLSTM):
-        ndir = 2 if mod.bidirectional else 1
-        h_rows = [QInfo("act", s) for s in mod.layer_scales for _ in range(ndir)]
-        c_rows = [QInfo("cell", f) for f in mod.cell_fracs for _ in range(ndir)]
-        return QInfo("tuple", items=[QInfo("act", mod.out_scale),
-                                     QInfo("tuple", items=[QInfo("stack", items=h_rows),
-                                                           QInfo("stack", items=c_rows)])])
-    if isinstance(mod, im.IntLinear) and mod.final:
-        return QInfo("logits", mod.out_scale)
-    return QInfo("act", mod.out_scale)
 
 
 def _getitem_info(src: QInfo, idx) -> QInfo:
@@ -258,14 +219,18 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
             if isinstance(mod, nn.Identity):
                 info[node] = info[node.args[0]]
                 continue
+            layer = layers.for_qat(mod)
+            if layer is None:
+                raise UnsupportedModelError(f"'{node.target}' ({type(mod).__name__}) is not a registered layer "
+                                            "(tvm_intlstm/quant/layers.py)")
             ins = [info[a] for a in node.args if isinstance(a, fx.Node)]
             for a, i in zip(node.args, ins):
-                if isinstance(mod, qm.QuantInput):
+                if layer.inputs == "float":
                     continue
-                if isinstance(mod, qm.QuantEmbedding):
+                if layer.inputs == "ids":
                     if i.kind != "ids":
-                        raise UnsupportedModelError(f"'{node.target}' (nn.Embedding) must take a model input of "
-                                                    "token ids directly")
+                        raise UnsupportedModelError(f"'{node.target}' ({_float_name(layer)}) must take a model "
+                                                    "input of token ids directly")
                     continue
                 if i.kind != "act":
                     raise UnsupportedModelError(
@@ -280,7 +245,7 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
                 node.target = name
             else:
                 _set_submodule(gm, node.target, new)
-            info[node] = _info_of_int(new)
+            info[node] = layers.for_int(new).out_info(new)
         elif node.op in ("call_function", "call_method"):
             src = info[node.args[0]]
             if node.target in (operator.getitem, "__getitem__"):
@@ -296,6 +261,10 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
     out_info = info[next(n for n in gm.graph.nodes if n.op == "output")]
     in_kinds = [info[n].kind for n in gm.graph.nodes if n.op == "placeholder"]
     return QuantizedModel(gm, out_info, in_kinds)
+
+
+def _float_name(layer) -> str:
+    return ", ".join(f"nn.{t.__name__}" for t in layer.float_types) or layer.int_type.__name__
 
 
 def _tree_map(x, f):

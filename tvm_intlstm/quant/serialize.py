@@ -3,7 +3,8 @@
 `load_quantized` validates against an allow-list before building anything from it (torch.fx turns
 a graph into Python source, so a name or a method taken from the file unchecked would be code):
 node kinds, call_function targets (the layout functions and getitem), call_method names (the
-layout methods, no dunder methods), module classes, and Python identifiers for every node,
+layout methods, no dunder methods), module classes (the integer modules of the layers registered
+in quant/layers.py, by class name), and Python identifiers for every node,
 placeholder, module and keyword-argument name. Anything else is refused with an error naming the
 offending node."""
 from __future__ import annotations
@@ -16,13 +17,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ..nn import intmodules as im
+from . import layers
 from .graph import LAYOUT_FUNCS, LAYOUT_METHODS, QuantizedModel, info_from_data, info_to_data
 
 FORMAT = "tvm_intlstm.quantized/1"
-_MODULES = {c.__name__: c for c in (im.IntInput, im.IntEmbedding, im.IntLinear, im.IntLSTM, im.IntLayerNorm,
-                                    im.IntAdd, im.IntCat)}
-_MODULES["Identity"] = nn.Identity
 _FUNCS = {f"{getattr(f, '__module__', '') or 'torch'}.{f.__name__}": f for f in LAYOUT_FUNCS}
 _FUNCS["_operator.getitem"] = operator.getitem
 _METHODS = frozenset(m for m in LAYOUT_METHODS if not m.startswith("_"))
@@ -32,6 +30,12 @@ _MAX_DEPTH = 16   # nesting of tuples/lists in one argument
 # (Python builtins such as `input` are fine: the generated code calls none)
 _RESERVED = frozenset({"self", "torch", "operator", "_operator", "builtins", "fx_pytree", "pytree",
                        "inf", "nan", "NoneType", "device", "math"})
+
+
+def _module_classes() -> dict:
+    """Class name -> class of every module a model file may hold (the registered layers' integer
+    modules; nothing else is ever instantiated from a file)."""
+    return {c.__name__: c for c in layers.int_types()}
 
 
 def _fname(f):
@@ -69,12 +73,15 @@ def _dec(a, env):
 
 
 def _module_spec(m: nn.Module) -> dict:
+    if layers.for_int(m) is None:
+        raise ValueError(f"cannot save module {type(m).__name__}: not the integer module of a registered "
+                         "layer (tvm_intlstm/quant/layers.py)")
     attrs = {k: v for k, v in vars(m).items() if not k.startswith("_") and k != "training"}
     return {"class": type(m).__name__, "attrs": attrs, "buffers": dict(m.named_buffers())}
 
 
 def _module_from_spec(spec: dict) -> nn.Module:
-    cls = _MODULES.get(spec["class"])
+    cls = _module_classes().get(spec["class"])
     if cls is None:
         raise ValueError(f"unknown module type {spec['class']!r} in quantized model file")
     m = cls.__new__(cls)
@@ -157,7 +164,7 @@ def _check_module_spec(name, spec, where: str) -> None:
         raise ModelFileError(f"{where}: module name {name!r:.80} is not a dotted Python identifier")
     if not isinstance(spec, dict) or set(spec) != {"class", "attrs", "buffers"}:
         raise ModelFileError(f"{where}: module {name!r}: malformed description")
-    if not isinstance(spec["class"], str) or spec["class"] not in _MODULES:
+    if not isinstance(spec["class"], str) or spec["class"] not in _module_classes():
         raise ModelFileError(f"{where}: module {name!r}: unknown module type {spec['class']!r:.80}")
     if not isinstance(spec["attrs"], dict) or not isinstance(spec["buffers"], dict):
         raise ModelFileError(f"{where}: module {name!r}: malformed attributes")

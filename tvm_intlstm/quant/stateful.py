@@ -257,10 +257,11 @@ def add_lstm_states(qmodel, layers=None):
     gm.recompile()
     old_info = qmodel.output_info
     old_infos = list(old_info) if isinstance(old_info, (tuple, list)) else [old_info]
-    from .graph import _info_of_int
+    from . import layers
     new_infos = []
     for node in lstms:
-        st = _info_of_int(gm.get_submodule(node.target)).items[1]
+        mod = gm.get_submodule(node.target)
+        st = layers.for_int(mod).out_info(mod).items[1]
         new_infos += list(st.items)
     return QuantizedModel(gm, tuple(old_infos + new_infos), kinds)
 

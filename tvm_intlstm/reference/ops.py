@@ -369,3 +369,41 @@ def ln_lstm_direction(x, p: LNLSTMDirectionParams, reverse: bool = False, h0=Non
         h, c = ln_lstm_cell(gx[t], h, c, p)
         y[t] = h
     return y, h, c
+
+
+# ---------------------------------------------------------------------------------------------
+# op forms: the reference of each operator declared in tvm_intlstm/opdefs.py whose function above
+# takes other arguments, called like the torch op (PWL tables packed int32 [3, n+1], the LSTM's
+# parameters one by one); `tvm_intlstm.opdefs.reference_function(name)` finds them.
+
+
+def unpack_table(packed, in_frac: int, name: str = "") -> PWLTable:
+    """int32 [3, n+1] (knots; bases padded; slopes padded), the form kernels take -> PWLTable."""
+    a = np.asarray(packed, dtype=np.int64)
+    n = a.shape[1] - 1
+    return PWLTable(a[0].astype(np.int16), a[1, :n].astype(np.int32), a[2, :n].astype(np.int32), int(in_frac), name)
+
+
+def linear_requant(x, w, b, m, s, out_bits: int) -> np.ndarray:
+    """Hidden linear layer (spec 5): requantize_N(W x + b), per-row m, s."""
+    return requantize(linear_acc(x, w, b), m, s, out_bits)
+
+
+def rescale_8(x, m: int, s: int) -> np.ndarray:
+    """int8 -> int8 at another scale (spec 2)."""
+    return requantize(x, m, s, 8)
+
+
+def lstm_direction_op(x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c, mo: int, so: int,
+                      cell_frac: int, reverse: bool, h0=None, c0=None):
+    """`lstm_direction` with the torch op's arguments."""
+    p = LSTMDirectionParams(w_x=np.asarray(w_x), w_h=np.asarray(w_h), bias=np.asarray(bias), mx=np.asarray(mx),
+                            sx=np.asarray(sx), mh=np.asarray(mh), sh=np.asarray(sh), mo=int(mo), so=int(so),
+                            cell_frac=int(cell_frac), sig=unpack_table(sig, GATE_FRAC),
+                            tanh=unpack_table(tanh, GATE_FRAC), tanh_c=unpack_table(tanh_c, cell_frac))
+    return lstm_direction(x, p, bool(reverse), h0, c0)
+
+
+def softmax_op(z, mz: int, sz: int, exp_table) -> np.ndarray:
+    """`softmax` with the exp table packed as the torch op takes it."""
+    return softmax(z, mz, sz, unpack_table(exp_table, SOFTMAX_IN_FRAC))

@@ -109,11 +109,9 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
     import tvm  # pylint: disable=import-outside-toplevel
     from tvm import relax  # pylint: disable=import-outside-toplevel
 
-    from ..frontend.importer import OP_PREFIX  # pylint: disable=import-outside-toplevel
+    from ..frontend.importer import op_args  # pylint: disable=import-outside-toplevel
     from ..kernels import recurrent_units  # pylint: disable=import-outside-toplevel
     from ..passes._lowering import const_numpy, u8_route  # pylint: disable=import-outside-toplevel
-
-    dps = tvm.ir.Op.get("relax.call_dps_packed")
 
     def shape(e):
         return list(e.ty.shape.values)
@@ -133,28 +131,23 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
         calls: list = []
         _walk_calls(func, calls)
         for call in calls:
-            if call.op != dps or not isinstance(call.args[0], relax.ExternFunc):
+            placeholder = op_args(call)   # (op name, arguments by name) of an intlstm.* call
+            if placeholder is None:
                 continue
-            name = str(call.args[0].global_symbol)
-            if not name.startswith(OP_PREFIX):
-                continue
-            op = name[len(OP_PREFIX):]
-            a = list(call.args[1].fields)
-            if op == "linear_i32":
-                (O, K), dt, n = shape(a[1]), "int32", nrows(shape(a[0])[:-1])
-            elif op == "linear_requant":
-                bits = a[5].value
-                bits = int(bits.value if hasattr(bits, "value") else bits)
-                (O, K), dt, n = shape(a[1]), f"int{bits}", nrows(shape(a[0])[:-1])
-            elif op == "lstm_direction":
-                (O, K), dt, n = shape(a[1]), "int16", nrows(shape(a[0])[:2])
-                if isa is not None:
-                    O = 4 * recurrent_units(int(O) // 4, isa)
+            op, a = placeholder
+            # the GEMM of each op with one: rows of x times the weight [O, K]^T, plus the bias
+            if op in ("linear_i32", "linear_requant"):
+                w, b, n = a.w, a.b, nrows(shape(a.x)[:-1])
+                dt = "int32" if op == "linear_i32" else f"int{a.out_bits}"
+            elif op == "lstm_direction":   # the input projection of all time steps
+                w, b, n, dt = a.w_x, a.bias, nrows(shape(a.x)[:2]), "int16"
             else:
                 continue
+            O, K = shape(w)
+            if op == "lstm_direction" and isa is not None:
+                O = 4 * recurrent_units(int(O) // 4, isa)
             # (what the lowering decides on AVX2, from the weights and the bias it corrects)
-            u8 = u8_route(const_numpy(a[1]), a[3] if op == "lstm_direction" else a[2],
-                          isa or "avx2")
+            u8 = u8_route(const_numpy(w), b, isa or "avx2")
             t = GemmTask(int(K), int(O), dt, int(rows) if rows else n, op, u8)
             old = found.get((t.key, u8))
             if old is not None:   # one GEMM shape and weight range, several layers: one task

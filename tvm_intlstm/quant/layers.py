@@ -1,0 +1,249 @@
+"""The layer registry: each layer type the quantizer supports, registered once.
+
+A `Layer` ties together what the rest of the package needs to know about one layer type (the
+model of torchao's `register_quantize_module_handler`):
+
+- prepare (quant/graph.py): the float module types it replaces and the handler making the
+  quantization-aware module (`prepare(float_module, call) -> QAT module`);
+- convert (quant/graph.py): the QAT module's `to_int(input_scales)` makes the integer module;
+  `inputs` says what the layer consumes and `out_info` what its integer outputs are;
+- serialization (quant/serialize.py): the integer module's class is on the model file's
+  allow-list (its attributes and buffers are stored as data);
+- the numpy reference (reference/model.py): `reference(int_module, numpy_args)`, the integer
+  module's forward with each torch op replaced by its numpy reference (`opdefs.reference_ops`).
+
+Layers made from graph functions rather than modules (residual `+`, torch.cat, the input
+boundary) are created by quant/graph.py and registered here for the rest.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+
+from ..nn import intmodules as im
+from ..nn import modules as qm
+from ..opdefs import reference_ops as R
+from .config import QuantConfig
+
+
+class UnsupportedModelError(ValueError):
+    """The float model uses a layer or an operation tvm_intlstm cannot quantize."""
+
+
+@dataclass
+class QInfo:
+    """What an integer value is: 'act' int8 (scale), 'logits' int32 (scale), 'cell' int16 (frac),
+    'ids', 'stack' (per-row infos of h_n/c_n), or 'tuple'."""
+
+    kind: str
+    scale: Any = None
+    items: list = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LayerCall:
+    """Where prepare meets a float layer: its graph node and what the handler may need."""
+
+    node: fx.Node
+    config: QuantConfig
+    final: bool          # does its result reach a model output through layout ops only?
+
+
+def _act_info(mod) -> QInfo:
+    return QInfo("act", mod.out_scale)
+
+
+@dataclass(frozen=True)
+class Layer:
+    int_type: type                               # the integer module (convert's product)
+    reference: Callable[[nn.Module, list], Any]  # (integer module, numpy args) -> numpy outputs
+    float_types: tuple = ()                      # float modules that prepare replaces
+    prepare: Optional[Callable[[nn.Module, LayerCall], nn.Module]] = None
+    qat_type: Optional[type] = None              # the quantization-aware module (to_int: convert)
+    inputs: str = "act"                          # what it consumes: "act" (int8), "float", "ids", "any"
+    out_info: Callable[[nn.Module], QInfo] = _act_info
+    describe: str = ""                           # for error messages listing the supported layers
+
+
+LAYERS: list[Layer] = []
+
+
+def register_layer(layer: Layer) -> Layer:
+    """Register a layer type (its integer module type must be new)."""
+    if any(lay.int_type.__name__ == layer.int_type.__name__ for lay in LAYERS):
+        # (model files name the integer module by class name: it must be unique)
+        raise ValueError(f"a layer with integer module {layer.int_type.__name__} is already registered")
+    if layer.inputs not in ("act", "float", "ids", "any"):
+        raise ValueError(f"layer {layer.int_type.__name__}: inputs must be act, float, ids or any")
+    if layer.float_types and layer.prepare is None:
+        raise ValueError(f"layer {layer.int_type.__name__}: float types without a prepare handler")
+    LAYERS.append(layer)
+    return layer
+
+
+def unregister_layer(int_type: type) -> None:
+    """Remove a registration (for tests that register toy layers)."""
+    LAYERS[:] = [lay for lay in LAYERS if lay.int_type is not int_type]
+
+
+def _find(pred):
+    return next((lay for lay in LAYERS if pred(lay)), None)
+
+
+def for_float(mod: nn.Module) -> Optional[Layer]:
+    """The layer replacing float module `mod` in prepare (None: not supported)."""
+    return _find(lambda lay: isinstance(mod, lay.float_types))
+
+
+def for_qat(mod: nn.Module) -> Optional[Layer]:
+    return _find(lambda lay: lay.qat_type is not None and isinstance(mod, lay.qat_type))
+
+
+def for_int(mod: nn.Module) -> Optional[Layer]:
+    """The layer of an integer module (exact type: the model file and the reference key on it)."""
+    return _find(lambda lay: type(mod) is lay.int_type)
+
+
+def float_types() -> tuple:
+    return tuple(t for lay in LAYERS for t in lay.float_types)
+
+
+def int_types() -> tuple:
+    """The integer module classes a quantized model (and its file) may hold."""
+    return tuple(lay.int_type for lay in LAYERS)
+
+
+def supported_list() -> str:
+    return ", ".join(lay.describe for lay in LAYERS if lay.describe) + \
+        ", residual '+', torch.cat and layout ops"
+
+
+def to_numpy(t):
+    return t.detach().cpu().numpy() if torch.is_tensor(t) else np.asarray(t)
+
+
+def reference(mod: nn.Module, args: list):
+    """Run one integer module of a quantized model on numpy arguments with the numpy reference."""
+    layer = for_int(mod)
+    if layer is None:
+        raise NotImplementedError(f"reference has no implementation for {type(mod).__name__}")
+    return layer.reference(mod, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# the layers
+
+
+register_layer(Layer(
+    im.IntInput, qat_type=qm.QuantInput, inputs="float",
+    reference=lambda mod, a: R.quantize_input(a[0], mod.scale)))
+
+
+register_layer(Layer(
+    im.IntEmbedding, float_types=(nn.Embedding,), qat_type=qm.QuantEmbedding, inputs="ids",
+    prepare=lambda mod, call: qm.QuantEmbedding(mod, call.config),
+    reference=lambda mod, a: R.embedding(a[0], to_numpy(mod.table)),
+    describe="nn.Embedding"))
+
+
+def _lstm_prepare(mod: nn.LSTM, call: LayerCall):
+    from . import stateful  # pylint: disable=import-outside-toplevel  (stateful imports this module)
+    stateful.lstm_state_args(call.node)  # initial states must be model inputs (quant/stateful.py)
+    return qm.QuantLSTM(mod, call.config)
+
+
+def _check_states(mod, hx, batch):
+    """The integer model's state checks (IntLSTM.check_state) on numpy states: the oracle never
+    casts a wrong dtype silently."""
+    if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
+        raise ValueError("LSTM states must be a tuple (h0, c0)")
+    mod.check_state(tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in hx), batch)
+
+
+def _lstm_reference(mod: im.IntLSTM, a):
+    x = a[0]
+    h = np.swapaxes(x, 0, 1) if mod.batch_first else x
+    hx = a[1] if len(a) > 1 else None  # initial states (docs/stateful.md)
+    ndir = 2 if mod.bidirectional else 1
+    if hx is not None:
+        _check_states(mod, hx, h.shape[1])
+    hs, cs = [], []
+    for li in range(mod.num_layers):
+        outs = []
+        for d in range(ndir):
+            p = mod.direction_params(li, d)
+            r = li * ndir + d
+            y, hT, cT = R.lstm_direction(h, *(to_numpy(p[k]) for k in im.IntLSTM.PARAMS),
+                                         p["mo"], p["so"], p["cell_frac"], d == 1,
+                                         None if hx is None else hx[0][r],
+                                         None if hx is None else hx[1][r])
+            outs.append(y)
+            hs.append(hT)
+            cs.append(cT)
+        h = np.concatenate(outs, axis=-1)
+    out = np.swapaxes(h, 0, 1) if mod.batch_first else h
+    return out, (np.stack(hs), np.stack(cs))
+
+
+def _lstm_info(mod: im.IntLSTM) -> QInfo:
+    ndir = 2 if mod.bidirectional else 1
+    h_rows = [QInfo("act", s) for s in mod.layer_scales for _ in range(ndir)]
+    c_rows = [QInfo("cell", f) for f in mod.cell_fracs for _ in range(ndir)]
+    return QInfo("tuple", items=[QInfo("act", mod.out_scale),
+                                 QInfo("tuple", items=[QInfo("stack", items=h_rows),
+                                                       QInfo("stack", items=c_rows)])])
+
+
+register_layer(Layer(
+    im.IntLSTM, float_types=(nn.LSTM,), qat_type=qm.QuantLSTM, prepare=_lstm_prepare,
+    reference=_lstm_reference, out_info=_lstm_info,
+    describe="nn.LSTM (any num_layers, bidirectional, batch_first, bias; no proj_size; initial "
+             "states (h0, c0) as model inputs)"))
+
+
+def _linear_reference(mod: im.IntLinear, a):
+    w, b = to_numpy(mod.w), to_numpy(mod.b)
+    if mod.final:
+        return R.linear_i32(a[0], w, b)
+    return R.linear_requant(a[0], w, b, to_numpy(mod.m), to_numpy(mod.s), 8)
+
+
+def _linear_info(mod: im.IntLinear) -> QInfo:
+    return QInfo("logits", mod.out_scale) if mod.final else QInfo("act", mod.out_scale)
+
+
+register_layer(Layer(
+    im.IntLinear, float_types=(nn.Linear,), qat_type=qm.QuantLinear,
+    prepare=lambda mod, call: qm.QuantLinear(mod, call.config, final=call.final),
+    reference=_linear_reference, out_info=_linear_info, describe="nn.Linear"))
+
+
+register_layer(Layer(
+    im.IntLayerNorm, float_types=(nn.LayerNorm,), qat_type=qm.QuantLayerNorm,
+    prepare=lambda mod, call: qm.QuantLayerNorm(mod, call.config),
+    reference=lambda mod, a: R.layer_norm(a[0], to_numpy(mod.gamma), to_numpy(mod.beta), mod.ml, mod.sl),
+    describe="nn.LayerNorm (last dim)"))
+
+
+register_layer(Layer(
+    im.IntAdd, qat_type=qm.QuantAdd,
+    reference=lambda mod, a: R.residual_add(a[0], a[1], mod.ma, mod.mb, mod.s)))
+
+
+def _cat_reference(mod: im.IntCat, a):
+    parts = [x if r is None else R.rescale(x, r[0], r[1]) for x, r in zip(a, mod.rescales)]
+    return np.concatenate(parts, axis=mod.dim)
+
+
+register_layer(Layer(im.IntCat, qat_type=qm.QuantCat, reference=_cat_reference))
+
+
+# dropout is the identity at inference; the module stays in the graph and passes its input on
+register_layer(Layer(
+    nn.Identity, float_types=(nn.Dropout, nn.Identity), inputs="any",
+    prepare=lambda mod, call: nn.Identity(), reference=lambda mod, a: a[0], describe="nn.Dropout"))
