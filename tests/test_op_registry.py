@@ -44,6 +44,24 @@ def _lstm_case(T=5, B=3, I=6, H=4, states=False, reverse=False):
     return args
 
 
+def _ln_lstm_case(T=4, B=2, I=5, H=3, states=False, reverse=False):
+    mx, sx = fp.quantize_multiplier_array(rng.uniform(1e-2, 5e-2, 4 * H))
+    mh, sh = fp.quantize_multiplier_array(rng.uniform(1e-2, 5e-2, 4 * H))
+    mo, so = fp.quantize_multiplier(2**-30 * 127)
+    ml, sl = fp.quantize_multiplier15(3e-5)
+
+    def ln(D):
+        return [_i(-2**15, 2**15, D, np.int16), _i(-2**30, 2**30, D, np.int64)]
+
+    t = [intops.pack_table(fit_pwl(f, 16, 12)) for f in ("sigmoid", "tanh", "tanh")]
+    args = ([_i(-128, 128, (T, B, I), np.int8), _i(-127, 128, (4 * H, I), np.int8),
+             _i(-127, 128, (4 * H, H), np.int8)] + [torch.from_numpy(v) for v in (mx, sx, mh, sh)]
+            + ln(4 * H) + ln(4 * H) + ln(H) + t + [mo, so, 11, reverse, ml, sl, 3, ml, sl, 0, ml, sl, 9])
+    if states:
+        args += [_i(-128, 128, (B, H), np.int8), _i(-2**15, 2**15, (B, H), np.int16)]
+    return args
+
+
 def _cases():
     """Valid example arguments of every declared op (one or more cases each)."""
     m5, s5 = fp.quantize_multiplier_array(rng.uniform(1e-4, 1e-3, 5))
@@ -57,6 +75,7 @@ def _cases():
         "linear_requant": [[x8, _i(-127, 128, (5, 6), np.int8), _i(-1000, 1000, 5, np.int32),
                             torch.from_numpy(m5), torch.from_numpy(s5), bits] for bits in (8, 16)],
         "lstm_direction": [_lstm_case(), _lstm_case(states=True, reverse=True)],
+        "ln_lstm_direction": [_ln_lstm_case(), _ln_lstm_case(states=True, reverse=True)],
         "residual_add": [[x8, _i(-128, 128, (2, 3, 6), np.int8), 3 << 10, 5 << 10, 13],
                          [x8, _i(-128, 128, (1, 6), np.int8), 3 << 10, 5 << 10, 13]],   # broadcast
         "rescale": [[x8, *fp.quantize_multiplier(0.7)]],

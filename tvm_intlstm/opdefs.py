@@ -314,3 +314,24 @@ register(OpDef(
     "attention_context", (Tensor("p", I16), Tensor("v", I8), Int("mc"), Int("sc")),
     outputs=lambda s, a: [((*s.p[:-1], s.v[-1]), I8)], reference="attention_context",
     doc="ctx = requantize_8(sum_k p_k v_kd) (spec 11). p int16 [..., K], v int8 [..., K, D]."))
+
+
+# --- layer-norm LSTM (spec 8b, 10b) ---------------------------------------------------------------
+
+register(OpDef(
+    "ln_lstm_direction",
+    (Tensor("x", I8), Tensor("w_x", I8), Tensor("w_h", I8),
+     Tensor("mx", I32), Tensor("sx", I32), Tensor("mh", I32), Tensor("sh", I32),
+     Tensor("gamma_x", I16), Tensor("beta_x", "int64"), Tensor("gamma_h", I16), Tensor("beta_h", "int64"),
+     Tensor("gamma_c", I16), Tensor("beta_c", "int64"),
+     Tensor("sig", TABLE), Tensor("tanh", TABLE), Tensor("tanh_c", TABLE),
+     Int("mo"), Int("so"), Int("cell_frac"), Bool("reverse"),
+     Int("ml_x"), Int("sl_x"), Int("eps_x"), Int("ml_h"), Int("sl_h"), Int("eps_h"),
+     Int("ml_c"), Int("sl_c"), Int("eps_c"),
+     Tensor("h0", I8, optional=True), Tensor("c0", I16, optional=True)),
+    outputs=lambda s, a: [((s.x[0], s.x[1], s.w_h[1]), I8), ((s.x[1], s.w_h[1]), I8),
+                          ((s.x[1], s.w_h[1]), I16)],
+    reference="ln_lstm_direction_op",
+    doc="One layer-norm LSTM direction (spec 8b): x int8 [T, B, I] time-major -> (y int8 [T, B, H], "
+        "h_T int8 [B, H], c_T int16 [B, H]); gamma/beta of the input and recurrent layer norms [4H], "
+        "of the cell's [H]; h0/c0 default to zeros.", n_outputs=3))

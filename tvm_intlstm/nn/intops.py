@@ -187,6 +187,59 @@ def attention_context(p: torch.Tensor, v: torch.Tensor, mc: int, sc: int) -> tor
     return requantize(acc, mc, sc, 8)
 
 
+def layer_norm16(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, ml: int, sl: int,
+                 eps: int) -> torch.Tensor:
+    """Layer norm of int16 values over the last axis to int16 Q3.12 (spec 10b)."""
+    xi = x.to(torch.int64)
+    D = xi.shape[-1]
+    S = xi.sum(dim=-1, keepdim=True)
+    mu = torch.div(2 * S + D, 2 * D, rounding_mode="floor")
+    d = xi - mu
+    V = (d * d).sum(dim=-1, keepdim=True)
+    r = torch.clamp(isqrt(torch.div(V, D, rounding_mode="floor") + eps), min=1)
+    n = torch.div(2 * d * (1 << LN_FRAC) + r, 2 * r, rounding_mode="floor")
+    acc = n * gamma.to(torch.int64) + beta.to(torch.int64)
+    return sat(rshift_round(acc * ml, sl), 16).to(torch.int16)
+
+
+def _ln_gates(a: torch.Tensor, gamma, beta, ml, sl, eps) -> torch.Tensor:
+    H = a.shape[-1] // 4
+    blocks = a.unflatten(-1, (4, H))
+    return layer_norm16(blocks, gamma.view(4, H), beta.view(4, H), ml, sl, eps).flatten(-2)
+
+
+def ln_lstm_direction(x: torch.Tensor, w_x: torch.Tensor, w_h: torch.Tensor,
+                      mx: torch.Tensor, sx: torch.Tensor, mh: torch.Tensor, sh: torch.Tensor,
+                      gamma_x: torch.Tensor, beta_x: torch.Tensor, gamma_h: torch.Tensor,
+                      beta_h: torch.Tensor, gamma_c: torch.Tensor, beta_c: torch.Tensor,
+                      sig: torch.Tensor, tanh: torch.Tensor, tanh_c: torch.Tensor,
+                      mo: int, so: int, cell_frac: int, reverse: bool,
+                      ml_x: int, sl_x: int, eps_x: int, ml_h: int, sl_h: int, eps_h: int,
+                      ml_c: int, sl_c: int, eps_c: int,
+                      h0: Optional[torch.Tensor] = None, c0: Optional[torch.Tensor] = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One layer-norm LSTM direction (spec 8b). x int8 [T, B, I] time-major -> (y, h_T, c_T)."""
+    T, B, _ = x.shape
+    H = w_h.shape[1]
+    ax = requantize(int_matmul(x, w_x), mx, sx, 16)          # all steps at once
+    gx = _ln_gates(ax, gamma_x, beta_x, ml_x, sl_x, eps_x)
+    h = torch.zeros((B, H), dtype=torch.int8) if h0 is None else h0.to(torch.int8)
+    c = torch.zeros((B, H), dtype=torch.int16) if c0 is None else c0.to(torch.int16)
+    y = torch.empty((T, B, H), dtype=torch.int8)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        gh = _ln_gates(requantize(int_matmul(h, w_h), mh, sh, 16), gamma_h, beta_h, ml_h, sl_h, eps_h)
+        z = sat(gx[t].to(torch.int64) + gh.to(torch.int64), 16)
+        i = pwl(z[:, 0:H], sig).to(torch.int64)
+        f = pwl(z[:, H:2 * H], sig).to(torch.int64)
+        g = pwl(z[:, 2 * H:3 * H], tanh).to(torch.int64)
+        o = pwl(z[:, 3 * H:4 * H], sig).to(torch.int64)
+        c = sat(rshift_round(f * c.to(torch.int64), 15) + rshift_round(i * g, 30 - cell_frac), 16).to(torch.int16)
+        cn = layer_norm16(c, gamma_c, beta_c, ml_c, sl_c, eps_c)
+        h = requantize(o * pwl(cn, tanh_c).to(torch.int64), mo, so, 8)
+        y[t] = h
+    return y, h.clone(), c.clone()
+
+
 def pack_table(t) -> torch.Tensor:
     """PWLTable -> int32 [3, n+1] (knots; bases padded; slopes padded): the form kernels take
     (tvm_intlstm.reference.ops.unpack_table is the inverse)."""

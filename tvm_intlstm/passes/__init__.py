@@ -1,12 +1,13 @@
 """Relax passes, one per file, composed by `integer_pipeline`:
 
-    LowerBoundary -> LowerLinear -> LowerLSTM -> LowerElementwise -> VerifyIntegerOnly
+    LowerBoundary -> LowerLinear -> LowerLSTM -> LowerLNLSTM -> LowerElementwise -> VerifyIntegerOnly
 """
 import tvm
 
 from .lower_boundary import LowerBoundary
 from .lower_elementwise import LowerElementwise
 from .lower_linear import LowerLinear
+from .lower_ln_lstm import LowerLNLSTM
 from .lower_lstm import LowerLSTM
 from .verify_integer_only import FloatOpError, VerifyIntegerOnly
 
@@ -17,9 +18,10 @@ def integer_pipeline(target, tuned=None, threads: bool = False) -> tvm.transform
     threads=True lets LowerLSTM pick the kernels that use TVM's thread pool (docs/compiler.md)."""
     return tvm.transform.Sequential(
         [LowerBoundary(target), LowerLinear(target, tuned), LowerLSTM(target, tuned, threads),
+         LowerLNLSTM(target, tuned),
          LowerElementwise(target),
          VerifyIntegerOnly()], name="tvm_intlstm.integer_pipeline")
 
 
-__all__ = ["LowerBoundary", "LowerLinear", "LowerLSTM", "LowerElementwise", "VerifyIntegerOnly",
+__all__ = ["LowerBoundary", "LowerLinear", "LowerLSTM", "LowerLNLSTM", "LowerElementwise", "VerifyIntegerOnly",
            "FloatOpError", "integer_pipeline"]

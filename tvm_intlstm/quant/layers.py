@@ -26,9 +26,11 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn import intmodules as im
+from ..nn.ln_lstm import LayerNormLSTM
 from ..nn import modules as qm
 from ..opdefs import reference_ops as R
 from .config import QuantConfig
+from .ln_lstm import IntLNLSTM, QuantLNLSTM
 
 
 class UnsupportedModelError(ValueError):
@@ -247,3 +249,31 @@ register_layer(Layer(im.IntCat, qat_type=qm.QuantCat, reference=_cat_reference))
 register_layer(Layer(
     nn.Identity, float_types=(nn.Dropout, nn.Identity), inputs="any",
     prepare=lambda mod, call: nn.Identity(), reference=lambda mod, a: a[0], describe="nn.Dropout"))
+
+
+# --- layer-norm LSTM (tvm_intlstm.nn.LayerNormLSTM; spec 8b) --------------------------------------
+
+def _ln_lstm_reference(mod, a):
+    x = a[0]
+    if len(a) > 1 and a[1] is not None:
+        raise NotImplementedError("initial states of a LayerNormLSTM are not supported yet")
+    h = np.swapaxes(x, 0, 1) if mod.batch_first else x
+    hs, cs = [], []
+    for li in range(mod.num_layers):
+        outs = []
+        for d in range(mod.ndir):
+            args = [to_numpy(v) if torch.is_tensor(v) else v for v in mod.direction_args(li * mod.ndir + d)]
+            y, hT, cT = R.ln_lstm_direction(h, *args)
+            outs.append(y)
+            hs.append(hT)
+            cs.append(cT)
+        h = np.concatenate(outs, axis=-1)
+    out = np.swapaxes(h, 0, 1) if mod.batch_first else h
+    return out, (np.stack(hs), np.stack(cs))
+
+
+register_layer(Layer(
+    IntLNLSTM, float_types=(LayerNormLSTM,), qat_type=QuantLNLSTM,
+    prepare=lambda mod, call: QuantLNLSTM(mod, call.config), reference=_ln_lstm_reference,
+    out_info=_lstm_info,
+    describe="tvm_intlstm.nn.LayerNormLSTM (any num_layers, bidirectional, batch_first; no states yet)"))

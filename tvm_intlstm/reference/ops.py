@@ -407,3 +407,19 @@ def lstm_direction_op(x, w_x, w_h, bias, mx, sx, mh, sh, sig, tanh, tanh_c, mo: 
 def softmax_op(z, mz: int, sz: int, exp_table) -> np.ndarray:
     """`softmax` with the exp table packed as the torch op takes it."""
     return softmax(z, mz, sz, unpack_table(exp_table, SOFTMAX_IN_FRAC))
+
+
+def ln_lstm_direction_op(x, w_x, w_h, mx, sx, mh, sh, gamma_x, beta_x, gamma_h, beta_h, gamma_c, beta_c,
+                         sig, tanh, tanh_c, mo: int, so: int, cell_frac: int, reverse: bool,
+                         ml_x: int, sl_x: int, eps_x: int, ml_h: int, sl_h: int, eps_h: int,
+                         ml_c: int, sl_c: int, eps_c: int, h0=None, c0=None):
+    """`ln_lstm_direction` (spec 8b) with the torch op's arguments (all three tables in_frac 12)."""
+    a = np.asarray
+    p = LNLSTMDirectionParams(
+        w_x=a(w_x), w_h=a(w_h), mx=a(mx), sx=a(sx), mh=a(mh), sh=a(sh),
+        ln_x=LayerNorm16Params(a(gamma_x), a(beta_x), int(ml_x), int(sl_x), int(eps_x)),
+        ln_h=LayerNorm16Params(a(gamma_h), a(beta_h), int(ml_h), int(sl_h), int(eps_h)),
+        ln_c=LayerNorm16Params(a(gamma_c), a(beta_c), int(ml_c), int(sl_c), int(eps_c)),
+        mo=int(mo), so=int(so), cell_frac=int(cell_frac), sig=unpack_table(sig, GATE_FRAC),
+        tanh=unpack_table(tanh, GATE_FRAC), tanh_c=unpack_table(tanh_c, GATE_FRAC))
+    return ln_lstm_direction(x, p, bool(reverse), h0, c0)

@@ -1,7 +1,8 @@
 """The GEMM tasks of a quantized model: what `tune` tunes and what the records are keyed by.
 
 Tasks. The GEMMs of a compiled model are the `intlstm.linear_i32` / `intlstm.linear_requant`
-placeholder calls and the input projection of every `intlstm.lstm_direction` (gx = x W_x^T over all
+placeholder calls and the input projection of every `intlstm.lstm_direction` and
+`intlstm.ln_lstm_direction` (gx = x W_x^T over all
 T*B rows, int16 out). `extract_tasks` imports the model with static shapes and reads the weight
 shapes (K, O), the output dtype and the row count of each; tasks with equal (K, O, out_dtype) are
 one task (the largest row count is kept).
@@ -141,6 +142,8 @@ def tasks_from_module(mod, rows: int | None = None, default_rows: int = 64,
                 dt = "int32" if op == "linear_i32" else f"int{a.out_bits}"
             elif op == "lstm_direction":   # the input projection of all time steps
                 w, b, n, dt = a.w_x, a.bias, nrows(shape(a.x)[:2]), "int16"
+            elif op == "ln_lstm_direction":   # its projection has no bias (the layer norm's beta)
+                w, b, n, dt = a.w_x, None, nrows(shape(a.x)[:2]), "int16"
             else:
                 continue
             O, K = shape(w)
