@@ -60,6 +60,16 @@ def placeholder_call(op: OpDef, bound: dict) -> relax.Call:
                                  out_ty if len(out_ty) > 1 else out_ty[0])
 
 
+def const_numpy(e):
+    """numpy value of a relax constant, or None (also for anything that is not a constant): how the
+    passes read the quantizer's constants out of placeholder arguments."""
+    if not isinstance(e, tvm.ir.expr.Constant):
+        return None
+    data = getattr(e, "data", None)
+    data = data if data is not None else getattr(e, "value", None)
+    return data.numpy() if hasattr(data, "numpy") else None
+
+
 def _prim_value(e):
     v = e.value
     if isinstance(v, (int, float)):
@@ -153,7 +163,6 @@ _TAKE = tvm.ir.Op.get("relax.take")
 
 
 def _negative_const(e) -> bool:
-    from ..passes._lowering import const_numpy  # pylint: disable=import-outside-toplevel
     v = const_numpy(e)
     return v is not None and bool((v < 0).any())
 

@@ -99,7 +99,7 @@ class Kernel:
 def kernel_convention(func) -> tuple[bool, int]:
     """(u8, packing) of a kernel PrimFunc: packing is the OV of `_gemm.pack_outer` (AVX2), 0 for the
     natural [O, K] layout, -1 for `_gemm.pack_mmla` (aarch64 i8mm), -2 for `_gemm.pack_amx` (AMX
-    tiles); see `_common.with_convention`."""
+    tiles); see `_gemm.with_convention`."""
     attrs = func.attrs if func.attrs is not None else {}
     u8 = bool(int(attrs["intlstm.u8"])) if "intlstm.u8" in attrs else False
     chunk = int(attrs["intlstm.wpack"]) if "intlstm.wpack" in attrs else 0

@@ -1,9 +1,8 @@
 """Shared plumbing of the kernel generators: argument checks, vector splits, ISA selection."""
 from __future__ import annotations
 
-import tvm
-
 from . import isa as _isa
+from ._target import as_target, has_feature  # noqa: F401  (re-exported: the kernels' door)
 
 INT32_MAX = 2**31 - 1
 
@@ -59,58 +58,6 @@ def resolve_isa(target=None, isa: str | None = None) -> str:
     return _isa.pick(target).name
 
 
-def has_feature(target, feature: str) -> bool:
-    """Does LLVM enable CPU `feature` (e.g. "avx2", "dotprod") for this llvm target (its mcpu and
-    mattr)? False when LLVM cannot tell (unknown feature or CPU)."""
-    from tvm.target import codegen  # pylint: disable=import-outside-toplevel
-    try:
-        return bool(codegen.llvm_cpu_has_features(feature, as_target(target)))
-    except Exception:  # pylint: disable=broad-except
-        return False
-
-
-def as_target(target) -> tvm.target.Target:
-    """tvm.target.Target from a Target, a dict, or a string (JSON, a kind name, or the classic
-    'llvm -mcpu=znver3 -mtriple=... -mattr=+a,+b' form that TVM 0.27 no longer parses)."""
-    if isinstance(target, tvm.target.Target):
-        return target
-    if isinstance(target, dict):
-        return tvm.target.Target(target)
-    if not isinstance(target, str):
-        raise TypeError(f"target must be a Target, dict or str, got {type(target)}")
-    s = target.strip()
-    if s.startswith("{"):
-        return tvm.target.Target(s)
-    parts = s.split()
-    if len(parts) == 1:
-        return tvm.target.Target(parts[0])
-    cfg: dict = {"kind": parts[0]}
-    for p in parts[1:]:
-        if not p.startswith("-") or "=" not in p:
-            raise ValueError(f"cannot parse target option {p!r} in {target!r}")
-        key, val = p.lstrip("-").split("=", 1)
-        cfg[key] = val.split(",") if key in ("mattr", "keys", "libs") else val
-    return tvm.target.Target(cfg)
-
-
 def finish(func, name: str, isa: str = "generic"):
     """Attach the symbol name and the ISA the body was written for."""
     return func.with_attr("global_symbol", name).with_attr("intlstm.isa", isa)
-
-
-def with_convention(func, isa: str, w7: bool, packed: bool, ov: int, mmla: bool = False,
-                    tiles: bool = False):
-    """Record how the kernel takes its weight: `intlstm.u8` (the u8 x s8 route: a correction
-    -128 rowsum(W) is added, folded into the bias of linear kernels or passed as `corr` to the
-    recurrent kernel) and `intlstm.wpack` (0: natural [O, K]; else the OV of
-    `_gemm.pack_outer(W, u8, OV)`; -1: `_gemm.pack_mmla(W)`, the aarch64 i8mm form, which also
-    needs a target with i8mm; -2: `_gemm.pack_amx(W)`, the AMX tile form (tiles=True: no u8 route),
-    which also gets `intlstm.amx` = 1: running it needs the process's AMX permission,
-    `runtime.amx.request_amx_permission`). `kernels.prepare_weights` and `build_kernel` read them."""
-    from ._gemm import AMX_PACK, uses_u8  # pylint: disable=import-outside-toplevel
-    if tiles:
-        return (func.with_attr("intlstm.u8", 0).with_attr("intlstm.wpack", AMX_PACK)
-                .with_attr("intlstm.amx", int(not _isa.family(isa).tiles_emulated)))
-    u8 = uses_u8(isa, w7, packed)
-    pack = int(ov) if (packed and _isa.family(isa).outer) else (-1 if mmla else 0)
-    return func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", pack)

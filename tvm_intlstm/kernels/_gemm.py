@@ -492,7 +492,7 @@ AMX_ROWS = 16      # rows of a tile
 AMX_KB = 64        # k per tile step (bytes per tile row)
 AMX_NR = 2 * AMX_ROWS   # rows per register block
 AMX_OC = 32        # channels per register block (two B tiles of 16)
-AMX_PACK = -2      # `intlstm.wpack` of the AMX kernels (see _common.with_convention)
+AMX_PACK = -2      # `intlstm.wpack` of the AMX kernels (see with_convention)
 
 
 def amx_kp(K: int) -> int:
@@ -690,3 +690,20 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
                 group(XS, n0, nrows, WF, CF, store, og)
 
     return gemm
+
+
+def with_convention(func, isa: str, w7: bool, packed: bool, ov: int, mmla: bool = False,
+                    tiles: bool = False):
+    """Record how the kernel takes its weight: `intlstm.u8` (the u8 x s8 route: a correction
+    -128 rowsum(W) is added, folded into the bias of linear kernels or passed as `corr` to the
+    recurrent kernel) and `intlstm.wpack` (0: natural [O, K]; else the OV of
+    `_gemm.pack_outer(W, u8, OV)`; -1: `_gemm.pack_mmla(W)`, the aarch64 i8mm form, which also
+    needs a target with i8mm; -2: `_gemm.pack_amx(W)`, the AMX tile form (tiles=True: no u8 route),
+    which also gets `intlstm.amx` = 1: running it needs the process's AMX permission,
+    `runtime.amx.request_amx_permission`). `kernels.prepare_weights` and `build_kernel` read them."""
+    if tiles:
+        return (func.with_attr("intlstm.u8", 0).with_attr("intlstm.wpack", AMX_PACK)
+                .with_attr("intlstm.amx", int(not _isa.family(isa).tiles_emulated)))
+    u8 = uses_u8(isa, w7, packed)
+    pack = int(ov) if (packed and _isa.family(isa).outer) else (-1 if mmla else 0)
+    return func.with_attr("intlstm.u8", int(u8)).with_attr("intlstm.wpack", pack)

@@ -16,7 +16,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import isa as _isa
-from ._common import finish, requantizer, resolve_isa, with_convention as conv
+from ._common import finish, requantizer, resolve_isa
+from ._gemm import with_convention as conv  # noqa: E402
 from ._gemm import (AMX_NR, KC, MMLA_CP, MMLA_RP, ROW_TILE, amx_kp, amx_shape, amx_source_macro,
                     gemm_amx_macro, gemm_macro, gemm_mmla_macro, gemm_outer_macro, mmla_kp,
                     mmla_source_macro, outer_shape, padded_k, u8_source_macro, uses_u8, x16_source)

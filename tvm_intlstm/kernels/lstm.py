@@ -55,10 +55,9 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import isa as _isa
-from ._common import (check_multiplier, check_shift, finish, requantizer, resolve_isa, vec_split,
-                      with_convention)
+from ._common import check_multiplier, check_shift, finish, requantizer, resolve_isa, vec_split
 from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
-                    x16_source)
+                    with_convention, x16_source)
 
 # Register tiles of the packed recurrent GEMV: 1 row x 4 x 8 channels for batch 1, 2 rows x 4 x 8
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows), or

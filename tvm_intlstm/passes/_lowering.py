@@ -15,7 +15,7 @@ from tvm import relax
 from tvm.relax.expr_functor import PyExprMutator
 
 from .. import kernels as K
-from ..frontend.importer import op_args
+from ..frontend.importer import const_numpy, op_args  # noqa: F401  (const_numpy: the passes' door)
 from ..opdefs import OPS
 
 
@@ -27,15 +27,6 @@ def _static(v, what):
     if not isinstance(v, (int, tvm.tirx.IntImm)):
         raise ValueError(f"{what} must be a static size, got symbolic {v}")
     return int(v)
-
-
-def const_numpy(e):
-    """numpy value of a relax constant, or None (also for anything that is not a constant)."""
-    if not isinstance(e, tvm.ir.expr.Constant):
-        return None
-    data = getattr(e, "data", None)
-    data = data if data is not None else getattr(e, "value", None)
-    return data.numpy() if hasattr(data, "numpy") else None
 
 
 def _shifts_hi(e) -> bool:

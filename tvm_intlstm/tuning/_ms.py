@@ -37,49 +37,16 @@ the GIL. Counts per server are kept (`RPCRunner.per_server`) and reported.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import itertools
 import os
-import sys
 import threading
 import time
-import types
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-_TI = "tvm.s_tir.tensor_intrin"
-
-
-@contextlib.contextmanager
-def fast_tensor_intrin():
-    """Make `import tvm.s_tir.tensor_intrin` a no-op for the duration (see module doc)."""
-    if _TI in sys.modules:
-        yield
-        return
-    spec = importlib.util.find_spec(_TI)
-    stub = types.ModuleType(_TI, "tvm_intlstm stub: backend intrinsics not imported")
-    stub.__path__ = list(spec.submodule_search_locations or [])
-    stub.__spec__ = spec
-    stub.__file__ = spec.origin
-    stub.__tvm_intlstm_stub__ = True
-    sys.modules[_TI] = stub
-    import tvm.s_tir as s_tir_pkg  # pylint: disable=import-outside-toplevel
-
-    had_attr = hasattr(s_tir_pkg, "tensor_intrin")
-    old_attr = getattr(s_tir_pkg, "tensor_intrin", None)
-    s_tir_pkg.tensor_intrin = stub
-    try:
-        yield
-    finally:
-        if sys.modules.get(_TI) is stub:
-            del sys.modules[_TI]
-            # submodules imported through the stub stay importable on their own
-            if had_attr:
-                s_tir_pkg.tensor_intrin = old_attr
-            elif getattr(s_tir_pkg, "tensor_intrin", None) is stub:
-                delattr(s_tir_pkg, "tensor_intrin")
+from ._stub import fast_tensor_intrin  # noqa: E402,F401  (re-exported)
 
 
 # --- builder and runner -----------------------------------------------------------------------

@@ -53,33 +53,16 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from ..kernels._common import requantizer
-from ..kernels._tir import add_i32
+from ._blocks import NT_CHOICES, ROW_PAD, UNROLL_CHOICES, requant_epilogue  # noqa: F401  (re-exported)
 
 KPAIR = 2          # k per vpmaddwd lane
 OVEC = 8           # output channels per int32x8 vector
-ROW_PAD = 8        # the product's rows are padded to a multiple of this
-NT_CHOICES = (1, 2, 4, 8)
-UNROLL_CHOICES = (0, 16, 64, 512)
 INTRIN_AVX2_PMADDWD = "tvm_intlstm_avx2_pmaddwd_8x2_i16i16i32"        # int16 weights (packed per call)
 INTRIN_AVX2_PMADDWD_I8W = "tvm_intlstm_avx2_pmaddwd_8x2_i16i8i32"      # int8 pre-packed weights
 
 
 def padded(K: int, O: int) -> tuple[int, int]:
     return (K + KPAIR - 1) // KPAIR * KPAIR, (O + OVEC - 1) // OVEC * OVEC
-
-
-def requant_epilogue(out_dtype: str, scale: tuple | None = None):
-    """The epilogue of the requantizing block kernels (here and `x86_wide.gemm_blocks_wide`):
-    (acc, b, M, s buffers, channel o) -> requantize_N(acc + b[o], M[o], s[o]) (spec 5, 2), with
-    `scale` baked in as for kernels.linear_requant and the sum written with `_tir.add_i32` (so the
-    requantize stays one vpmuldq per 4 lanes). For out_dtype int32 the plain sum acc + b[o] (the
-    requantizing function body is parsed for every dtype, though only returned for int8/int16)."""
-    if out_dtype == "int32":
-        return lambda acc, Bb, Mb, Sb, o: acc + Bb[o]
-    rq = requantizer(False, scale)
-    bits = int(out_dtype[3:])
-    return lambda acc, Bb, Mb, Sb, o: rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits)
 
 
 def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",

@@ -77,7 +77,7 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from .gemm import NT_CHOICES, ROW_PAD, UNROLL_CHOICES, requant_epilogue
+from ._blocks import NT_CHOICES, ROW_PAD, UNROLL_CHOICES, requant_epilogue
 
 KQUAD = 4                    # k per step (the 4 bytes of one vpdpbusd lane)
 LANES = 16                   # output channels per int32x16 zmm vector
@@ -397,7 +397,7 @@ def import_tvm_x86_intrinsics():
     """Register TVM's x86 tensor intrinsics (dot_16x4_vnni, dot_16x4_avx512) without importing
     every backend's (`import tvm.s_tir.tensor_intrin` alone took minutes here): the module
     tvm.s_tir.tensor_intrin.x86, imported under _ms.fast_tensor_intrin(). Returns the module."""
-    from ._ms import fast_tensor_intrin  # pylint: disable=import-outside-toplevel
+    from ._stub import fast_tensor_intrin  # pylint: disable=import-outside-toplevel
 
     with fast_tensor_intrin():
         import tvm.s_tir.tensor_intrin.x86 as x86  # pylint: disable=import-outside-toplevel

@@ -132,7 +132,7 @@ def prefer(name):
 
 def check_supported(fam, target) -> KernelFamily:
     """`fam` (a family or name) if `target` can run it; else ValueError naming what it needs."""
-    from .._common import as_target  # pylint: disable=import-outside-toplevel
+    from .._target import as_target  # pylint: disable=import-outside-toplevel
     fam = family(fam)
     tgt = as_target(target)
     if fam not in supported(tgt):
@@ -145,7 +145,7 @@ def check_supported(fam, target) -> KernelFamily:
 def features(target):
     """`TargetFeatures` of a target, or None for a target that is not an llvm CPU target."""
     from ...target import target_features  # pylint: disable=import-outside-toplevel
-    from .._common import as_target  # pylint: disable=import-outside-toplevel
+    from .._target import as_target  # pylint: disable=import-outside-toplevel
     tgt = as_target(target)
     if tgt.kind.name != "llvm":
         return None
@@ -165,7 +165,7 @@ def supported(target) -> list[KernelFamily]:
 def pick(target) -> KernelFamily:
     """The family whose kernels a target gets: the one `prefer` asked for (ValueError if the target
     cannot run it), else the supported family of highest priority that is not opt-in."""
-    from .._common import as_target  # pylint: disable=import-outside-toplevel
+    from .._target import as_target  # pylint: disable=import-outside-toplevel
     tgt = as_target(target)
     asked = _PREFERRED.get()
     if asked is not None:

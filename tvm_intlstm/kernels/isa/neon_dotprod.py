@@ -16,7 +16,7 @@ class NeonDotprod(KernelFamily):
         return f.has_dotprod
 
     def mmla(self, target) -> bool:
-        from .._common import has_feature  # pylint: disable=import-outside-toplevel
+        from .._target import has_feature  # pylint: disable=import-outside-toplevel
         return target is not None and has_feature(target, "i8mm")
 
 
