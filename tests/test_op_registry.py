@@ -323,3 +323,21 @@ def test_lstm_initial_states_reach_the_placeholder_by_name():
     # the lowering reads them by name and takes the init-state kernel (docs/stateful.md)
     lowered = LowerLSTM(parse_target("host"))(mod)
     assert not _placeholders(lowered) and "lstm_recurrent" in lowered.script(show_meta=False)
+
+
+# attention ops (issue 18 item 3; tests/test_attention_ops.py has their own tests)
+def _attention_cases():
+    mz, sz = fp.quantize_multiplier(0.003 / 2**-10)
+    return {
+        "attention_dot": [[_i(-128, 128, (2, 3, 5), np.int8), _i(-128, 128, (2, 7, 5), np.int8)]],
+        "additive_scores": [[_i(-2**15, 2**15, (2, 3, 5), np.int16), _i(-2**15, 2**15, (2, 7, 5), np.int16),
+                             _i(-127, 128, 5, np.int8), intops.pack_table(fit_pwl("tanh", 16, 12))]],
+        "masked_softmax": [[_i(-3000, 3000, (3, 2, 7), np.int32), torch.tensor([0, 7, 3]), mz, sz,
+                            intops.pack_table(fit_pwl("exp", 16, 10))],
+                           [_i(-3000, 3000, (2, 5), np.int32), torch.tensor([1, 9], dtype=torch.int32), mz, sz,
+                            intops.pack_table(fit_pwl("exp", 16, 10))]],
+    }
+
+
+CASES.update(_attention_cases())
+NOT_LOWERED_YET.update({"attention_dot", "additive_scores", "masked_softmax"})   # until lower_attention.py
