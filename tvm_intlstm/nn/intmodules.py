@@ -188,14 +188,14 @@ class IntCat(IntModule):
 # attention (issue 18 item 3; docs/integer_spec.md section 11)
 
 
-class IntAttention(IntModule):
-    """Base of the integer attention layers: forward(query int8 [B, Dq] or [B, Q, Dq], keys int8
-    [B, S, Dk], lengths int32/int64 [B] or None) -> (context int8 [B, (Q,) Dk] at `out_scale`,
-    weights int16 [B, (Q,) S] Q0.15). Subclasses give `scores(q [B, Q, Dq], keys) -> int32`."""
+class IntAttention:
+    """Mixin of the integer attention layers (not a layer itself: every IntModule subclass is a
+    registered layer): forward(query int8 [B, Dq] or [B, Q, Dq], keys int8 [B, S, Dk], lengths
+    int32/int64 [B] or None) -> (context int8 [B, (Q,) Dk] at `out_scale`, weights int16 [B, (Q,) S]
+    Q0.15). The layers give `scores(q [B, Q, Dq], keys) -> int32`."""
 
-    def __init__(self, query_size: int, key_size: int, mz: int, sz: int, exp_table, mc: int, sc: int,
-                 out_scale: float):
-        super().__init__()
+    def init_attention(self, query_size: int, key_size: int, mz: int, sz: int, exp_table, mc: int, sc: int,
+                       out_scale: float):
         self.query_size, self.key_size = int(query_size), int(key_size)
         self.mz, self.sz, self.mc, self.sc = int(mz), int(sz), int(mc), int(sc)
         self.register_buffer("exp_table", exp_table.to(torch.int32))
@@ -221,9 +221,6 @@ class IntAttention(IntModule):
         if not torch.compiler.is_compiling() and lengths.numel() and int(lengths.min()) < 0:
             raise ValueError(f"attention lengths must be >= 0, got {int(lengths.min())}")
 
-    def scores(self, q, keys):
-        raise NotImplementedError
-
     def forward(self, query, keys, lengths=None):
         self.check_inputs(query, keys, lengths)
         squeeze = query.dim() == 2
@@ -237,11 +234,12 @@ class IntAttention(IntModule):
         return (ctx.squeeze(1), p.squeeze(1)) if squeeze else (ctx, p)
 
 
-class IntLuongAttention(IntAttention):
+class IntLuongAttention(IntAttention, IntModule):
     """Luong dot (w is None) or general (q' = requantize_8(W q) first) scores (spec 11.1)."""
 
     def __init__(self, query_size, key_size, w, m, s, **common):
-        super().__init__(query_size, key_size, **common)
+        IntModule.__init__(self)
+        self.init_attention(query_size, key_size, **common)
         self.general = w is not None
         if self.general:
             self.register_buffer("w", w.to(torch.int8))
@@ -255,11 +253,12 @@ class IntLuongAttention(IntAttention):
         return OPS.attention_dot(q, keys)
 
 
-class IntBahdanauAttention(IntAttention):
+class IntBahdanauAttention(IntAttention, IntModule):
     """Additive scores (spec 11.1): Q3.12 projections of queries and keys, PWL tanh, dot with v."""
 
     def __init__(self, query_size, key_size, w_q, m_q, s_q, w_k, b_k, m_k, s_k, v, tanh_table, **common):
-        super().__init__(query_size, key_size, **common)
+        IntModule.__init__(self)
+        self.init_attention(query_size, key_size, **common)
         for name, t, dt in (("w_q", w_q, torch.int8), ("m_q", m_q, torch.int32), ("s_q", s_q, torch.int32),
                             ("w_k", w_k, torch.int8), ("b_k", b_k, torch.int32), ("m_k", m_k, torch.int32),
                             ("s_k", s_k, torch.int32), ("v", v, torch.int8), ("tanh_table", tanh_table, torch.int32)):
