@@ -1,6 +1,6 @@
 """Relax passes, one per file, composed by `integer_pipeline`:
 
-    LowerBoundary -> LowerLinear -> LowerLSTM -> LowerElementwise -> VerifyIntegerOnly
+    LowerBoundary -> LowerLinear -> LowerLSTM -> LowerElementwise -> LowerAttention -> VerifyIntegerOnly
 """
 import tvm
 
@@ -17,9 +17,14 @@ def integer_pipeline(target, tuned=None, threads: bool = False) -> tvm.transform
     threads=True lets LowerLSTM pick the kernels that use TVM's thread pool (docs/compiler.md)."""
     return tvm.transform.Sequential(
         [LowerBoundary(target), LowerLinear(target, tuned), LowerLSTM(target, tuned, threads),
-         LowerElementwise(target),
+         LowerElementwise(target), LowerAttention(target),
          VerifyIntegerOnly()], name="tvm_intlstm.integer_pipeline")
 
 
 __all__ = ["LowerBoundary", "LowerLinear", "LowerLSTM", "LowerElementwise", "VerifyIntegerOnly",
            "FloatOpError", "integer_pipeline"]
+
+# attention (issue 18 item 3): scores, masked softmax, softmax, context
+from .lower_attention import LowerAttention  # noqa: E402
+
+__all__.append("LowerAttention")
