@@ -457,7 +457,7 @@ class QuantCat(QuantModule):
 # attention (issue 18 item 3; docs/integer_spec.md section 11)
 
 from ..spec import PROB_FRAC, SOFTMAX_IN_FRAC  # noqa: E402
-from .attention import _as_queries, _check_keys, source_mask  # noqa: E402
+from .attention import _as_queries, _check_keys, masked_softmax, source_mask  # noqa: E402
 
 
 def _fake_masked_softmax(scores, mask, exp_pwl: FloatPWL):
@@ -495,7 +495,6 @@ class _QuantAttention(QuantModule):
 
     def forward_observe(self, query, keys, lengths=None):
         q, squeeze, mask = self._inputs(query, keys, lengths)
-        from .attention import masked_softmax
         w = masked_softmax(self.observe_scores(q, keys), mask)
         ctx = torch.matmul(w, keys)
         self.ctx_obs.update(ctx)
