@@ -24,7 +24,8 @@ packed, parallel, without bias, shift_hi, a baked per-tensor scale, generic; lst
 serial (natural, packed, 7-bit), threaded (parallel=True), reverse + init_state, the fast path
 (shift_hi, folded PWL, baked gate shift); quantize_input, embedding (int64 / int32 ids), rescale_8,
 residual_add, pwl_activation, layer_norm, layer_norm16, ln_lstm_recurrent (both directions),
-softmax (static lengths and symbolic), attention_context.
+softmax (static lengths and symbolic), attention_context, and the attention kernels
+attention_dot, additive_scores, masked_softmax (int64 / int32 lengths, lengths -1 to S + 1).
 The native forms use the target's own micro-kernel ISA (`kernels.resolve_isa`), the generic ones
 run on every family. Shapes are odd on purpose: K = 13, 77; O = 19, 41; H = 20 (24 for the
 threaded form, which needs H % 8 == 0); D = 13; rows 1, 3 and 17; softmax lengths 1, 5, 7, 9, 13,
@@ -480,6 +481,57 @@ def _other_cases():
 
 
 CASES = {c.name: c for c in _linear_cases() + _lstm_cases() + _other_cases()}
+
+
+# attention kernels (issue 18 item 3; kernels/attention.py): scores and the masked softmax
+
+
+def _attention_dot_calls(func, rng):
+    out = []
+    for B, Q, S in ((1, 1, 1), (3, 2, 5), (17, 1, 9)):
+        q = rng.integers(-128, 128, (B, Q, 13)).astype(np.int8)
+        k = rng.integers(-128, 128, (B, S, 13)).astype(np.int8)
+        out.append(([q, k], [((B, Q, S), "int32")], [ops.attention_dot(q, k)]))
+    return out
+
+
+def _additive_scores_calls(func, rng):
+    t = K.pack_pwl(_table("tanh", 16, 12))
+    v = rng.integers(-127, 128, 13).astype(np.int8)
+    out = []
+    for B, Q, S in ((1, 1, 1), (3, 2, 5), (17, 1, 9)):
+        qx = rng.integers(-2**15, 2**15, (B, Q, 13)).astype(np.int16)
+        kx = rng.integers(-2**15, 2**15, (B, S, 13)).astype(np.int16)
+        out.append(([qx, kx, v, t], [((B, Q, S), "int32")], [ops.additive_scores(qx, kx, v, t)]))
+    return out
+
+
+def _masked_softmax_calls(len_dtype):
+    def calls(func, rng):
+        t = _table("exp", 16, 10)
+        Mz, sz = SMAX
+        out = []
+        for B, R, S in ((1, 1, 1), (3, 2, 5), (17, 1, 7), (3, 1, 9), (2, 3, 13), (3, 1, 33)):
+            z = rng.integers(-30000, 30000, (B, R, S)).astype(np.int32)
+            lengths = rng.integers(-1, S + 2, B).astype(len_dtype)
+            lengths[0] = S
+            out.append(([z, lengths, K.pack_pwl(t)], [((B, R, S), "int16")],
+                        [ops.masked_softmax(z, lengths, Mz, sz, t)]))
+        return out
+    return calls
+
+
+def _attention_kernel_cases():
+    from tvm_intlstm.kernels import attention as KA
+    return [
+        Case("attention_dot_13", lambda tg: KA.attention_dot(13), _attention_dot_calls),
+        Case("additive_scores_13", lambda tg: KA.additive_scores(13, 16), _additive_scores_calls),
+        Case("masked_softmax_int64", lambda tg: KA.masked_softmax(16, *SMAX, "int64"), _masked_softmax_calls("int64")),
+        Case("masked_softmax_int32", lambda tg: KA.masked_softmax(16, *SMAX, "int32"), _masked_softmax_calls("int32")),
+    ]
+
+
+CASES.update({c.name: c for c in _attention_kernel_cases()})
 
 
 def _params(want_runnable: bool):

@@ -335,3 +335,26 @@ register(OpDef(
     doc="One layer-norm LSTM direction (spec 8b): x int8 [T, B, I] time-major -> (y int8 [T, B, H], "
         "h_T int8 [B, H], c_T int16 [B, H]); gamma/beta of the input and recurrent layer norms [4H], "
         "of the cell's [H]; h0/c0 default to zeros.", n_outputs=3))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (issue 18 item 3; docs/integer_spec.md section 11). The unmasked `softmax` and
+# `attention_context` above are part of it too.
+
+register(OpDef(
+    "attention_dot", (Tensor("q", I8), Tensor("k", I8)),
+    outputs=lambda s, a: [((s.q[0], s.q[1], s.k[1]), I32)], reference="attention_dot",
+    doc="Luong dot scores (spec 11.1): q int8 [B, Q, D], k int8 [B, S, D] -> int32 [B, Q, S]."))
+
+register(OpDef(
+    "additive_scores", (Tensor("qx", I16), Tensor("kx", I16), Tensor("v", I8), Tensor("tanh_table", TABLE)),
+    outputs=lambda s, a: [((s.qx[0], s.qx[1], s.kx[1]), I32)], reference="additive_scores",
+    doc="Bahdanau scores (spec 11.1): qx int16 Q3.12 [B, Q, A], kx int16 Q3.12 [B, S, A], v int8 [A] "
+        "-> int32 [B, Q, S] = v . sat_8(rshift_round(pwl(tanh, add_sat_16(qx, kx)), 8))."))
+
+register(OpDef(
+    "masked_softmax",
+    (Tensor("z", I32), Tensor("lengths", ("int64", "int32")), Int("mz"), Int("sz"), Tensor("exp_table", TABLE)),
+    outputs=lambda s, a: [(s.z, I16)], reference="masked_softmax_op",
+    doc="Softmax over the last axis restricted to s < lengths[b] (spec 11.2): z int32 [B, ..., S], "
+        "lengths [B] -> int16 Q0.15, 0 at padded positions and in rows of length 0."))

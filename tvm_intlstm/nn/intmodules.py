@@ -182,3 +182,90 @@ class IntCat(IntModule):
     def forward(self, *xs):
         parts = [x if r is None else OPS.rescale(x, r[0], r[1]) for x, r in zip(xs, self.rescales)]
         return torch.cat(parts, dim=self.dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (issue 18 item 3; docs/integer_spec.md section 11)
+
+
+class IntAttention:
+    """Mixin of the integer attention layers (not a layer itself: every IntModule subclass is a
+    registered layer): forward(query int8 [B, Dq] or [B, Q, Dq], keys int8 [B, S, Dk], lengths
+    int32/int64 [B] or None) -> (context int8 [B, (Q,) Dk] at `out_scale`, weights int16 [B, (Q,) S]
+    Q0.15). The layers give `scores(q [B, Q, Dq], keys) -> int32`."""
+
+    def init_attention(self, query_size: int, key_size: int, mz: int, sz: int, exp_table, mc: int, sc: int,
+                       out_scale: float):
+        self.query_size, self.key_size = int(query_size), int(key_size)
+        self.mz, self.sz, self.mc, self.sc = int(mz), int(sz), int(mc), int(sc)
+        self.register_buffer("exp_table", exp_table.to(torch.int32))
+        self.out_scale = float(out_scale)
+
+    def check_inputs(self, query, keys, lengths) -> None:
+        """Clear errors for wrong dtypes, shapes and negative lengths (the torch ops would not)."""
+        for name, v, size in (("query", query, self.query_size), ("keys", keys, self.key_size)):
+            if v.dtype != torch.int8:
+                raise TypeError(f"integer attention {name} must be int8, got {v.dtype}")
+            if v.shape[-1] != size:
+                raise ValueError(f"integer attention {name} must have {size} features, got {list(v.shape)}")
+        if query.dim() not in (2, 3) or keys.dim() != 3:
+            raise ValueError(f"integer attention takes query [B, Dq] or [B, Q, Dq] and keys [B, S, Dk], got "
+                             f"{list(query.shape)} and {list(keys.shape)}")
+        if lengths is None:
+            return
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"attention lengths must be int32/int64 [B], got {lengths.dtype}")
+        if lengths.dim() != 1:
+            raise ValueError(f"attention lengths must be [B], got {list(lengths.shape)}")
+        # (a value check: not while torch.export traces the graph, where it has no value)
+        if not torch.compiler.is_compiling() and lengths.numel() and int(lengths.min()) < 0:
+            raise ValueError(f"attention lengths must be >= 0, got {int(lengths.min())}")
+
+    def forward(self, query, keys, lengths=None):
+        self.check_inputs(query, keys, lengths)
+        squeeze = query.dim() == 2
+        q = query.unsqueeze(1) if squeeze else query
+        z = self.scores(q, keys)
+        if lengths is None:
+            p = OPS.softmax(z, self.mz, self.sz, self.exp_table)
+        else:
+            p = OPS.masked_softmax(z, lengths, self.mz, self.sz, self.exp_table)
+        ctx = OPS.attention_context(p, keys.unsqueeze(1), self.mc, self.sc)   # values = keys
+        return (ctx.squeeze(1), p.squeeze(1)) if squeeze else (ctx, p)
+
+
+class IntLuongAttention(IntAttention, IntModule):
+    """Luong dot (w is None) or general (q' = requantize_8(W q) first) scores (spec 11.1)."""
+
+    def __init__(self, query_size, key_size, w, m, s, **common):
+        IntModule.__init__(self)
+        self.init_attention(query_size, key_size, **common)
+        self.general = w is not None
+        if self.general:
+            self.register_buffer("w", w.to(torch.int8))
+            self.register_buffer("b", torch.zeros(w.shape[0], dtype=torch.int32))
+            self.register_buffer("m", m.to(torch.int32))
+            self.register_buffer("s", s.to(torch.int32))
+
+    def scores(self, q, keys):
+        if self.general:
+            q = OPS.linear_requant(q, self.w, self.b, self.m, self.s, 8)
+        return OPS.attention_dot(q, keys)
+
+
+class IntBahdanauAttention(IntAttention, IntModule):
+    """Additive scores (spec 11.1): Q3.12 projections of queries and keys, PWL tanh, dot with v."""
+
+    def __init__(self, query_size, key_size, w_q, m_q, s_q, w_k, b_k, m_k, s_k, v, tanh_table, **common):
+        IntModule.__init__(self)
+        self.init_attention(query_size, key_size, **common)
+        for name, t, dt in (("w_q", w_q, torch.int8), ("m_q", m_q, torch.int32), ("s_q", s_q, torch.int32),
+                            ("w_k", w_k, torch.int8), ("b_k", b_k, torch.int32), ("m_k", m_k, torch.int32),
+                            ("s_k", s_k, torch.int32), ("v", v, torch.int8), ("tanh_table", tanh_table, torch.int32)):
+            self.register_buffer(name, t.to(dt))
+        self.register_buffer("b_q", torch.zeros(w_q.shape[0], dtype=torch.int32))
+
+    def scores(self, q, keys):
+        qx = OPS.linear_requant(q, self.w_q, self.b_q, self.m_q, self.s_q, 16)
+        kx = OPS.linear_requant(keys, self.w_k, self.b_k, self.m_k, self.s_k, 16)   # all positions at once
+        return OPS.additive_scores(qx, kx, self.v, self.tanh_table)

@@ -252,6 +252,44 @@ def pack_table(t) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
+# attention (issue 18 item 3; spec 11): scores and the masked softmax. (Placed before the
+# registration below, which needs every declared op's function to exist.)
+
+
+def attention_dot(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Luong dot scores (spec 11.1): q int8 [B, Q, D], k int8 [B, S, D] -> int32 [B, Q, S]."""
+    if q.shape[-1] > _MAX_K:
+        raise ValueError(f"attention feature size {q.shape[-1]} exceeds 2^16 (spec 11 bound)")
+    # exact in float64: products below 2^14, sums below 2^30 (see the module docstring)
+    return torch.matmul(q.to(torch.float64), k.to(torch.float64).transpose(1, 2)).to(torch.int32)
+
+
+def additive_scores(qx: torch.Tensor, kx: torch.Tensor, v: torch.Tensor, tanh_table: torch.Tensor) -> torch.Tensor:
+    """Bahdanau scores (spec 11.1): v . sat_8(rshift_round(pwl(tanh, add_sat_16(qx, kx)), 8))."""
+    if v.shape[-1] > _MAX_K:
+        raise ValueError(f"attention size {v.shape[-1]} exceeds 2^16 (spec 11 bound)")
+    u = sat(qx.to(torch.int64)[:, :, None, :] + kx.to(torch.int64)[:, None, :, :], 16)
+    t8 = sat(rshift_round(pwl(u, tanh_table).to(torch.int64), 8), 8)
+    return torch.matmul(t8.to(torch.float64), v.to(torch.float64)).to(torch.int32)   # exact: < 2^30
+
+
+def masked_softmax(z: torch.Tensor, lengths: torch.Tensor, mz: int, sz: int, exp_table: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis of z int32 [B, ..., S] restricted to s < clamp(lengths[b], 0, S)
+    (spec 11.2); 0 at padded positions and in rows of length 0."""
+    S = z.shape[-1]
+    n = lengths.to(torch.int64).clamp(0, S).reshape((-1,) + (1,) * (z.dim() - 1))
+    valid = torch.arange(S, device=z.device) < n
+    zi = z.to(torch.int64)
+    m = torch.where(valid, zi, torch.full_like(zi, -(2**31))).amax(dim=-1, keepdim=True)
+    d = torch.where(valid, torch.clamp(zi - m, min=-(2**31)), torch.zeros_like(zi))
+    e = torch.where(valid, pwl(requantize(d, mz, sz, 16), exp_table).to(torch.int64), torch.zeros_like(zi))
+    E = e.sum(dim=-1, keepdim=True).clamp(min=1)   # > 0 wherever a position is valid
+    p = torch.clamp(torch.div(e * (1 << PROB_FRAC) + torch.div(E, 2, rounding_mode="floor"), E,
+                              rounding_mode="floor"), max=32767)
+    return torch.where(valid, p, torch.zeros_like(p)).to(torch.int16)
+
+
+# ---------------------------------------------------------------------------------------------
 # registration: torch.ops.intlstm.<name> from each declaration
 
 

@@ -451,3 +451,144 @@ class QuantCat(QuantModule):
             return im.IntCat(self.dim, [None] * len(in_scales), in_scales[0])
         s_y = self.obs.scale()
         return im.IntCat(self.dim, [fp.quantize_multiplier(s / s_y) for s in in_scales], s_y)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (issue 18 item 3; docs/integer_spec.md section 11)
+
+from ..spec import PROB_FRAC, SOFTMAX_IN_FRAC  # noqa: E402
+from .attention import _as_queries, _check_keys, masked_softmax, source_mask  # noqa: E402
+
+
+def _fake_masked_softmax(scores, mask, exp_pwl: FloatPWL):
+    """The integer masked softmax (spec 11.2) in float: shifted scores on the Q5.10 grid, the PWL
+    exp on the Q0.15 grid, probabilities on the Q0.15 grid; padded positions and empty rows 0."""
+    valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask[:, None, :].expand_as(scores)
+    neg = torch.finfo(scores.dtype).min
+    m = scores.masked_fill(~valid, neg).amax(dim=-1, keepdim=True).detach()
+    m = torch.where(valid.any(dim=-1, keepdim=True), m, torch.zeros_like(m))
+    d = fake_quant((scores - m).masked_fill(~valid, 0.0), 2.0**-SOFTMAX_IN_FRAC, -32768, 0)
+    e = fake_quant(exp_pwl(d), 2.0**-15, -32768, 32767) * valid
+    p = e / e.sum(dim=-1, keepdim=True).clamp_min(2.0**-15)
+    return fake_quant(p, 2.0**-PROB_FRAC, 0, 32767)
+
+
+class _QuantAttention(QuantModule):
+    """Common part of the attention layers: the context's observer, the exp table, the softmax and
+    the context. Inputs (query, keys, lengths): query and keys int8 activations, lengths a model
+    input of kind "lengths" (quant/layers.py), never quantized."""
+
+    takes_lengths = True   # quant/graph.py convert: its lengths operand is a "lengths" model input
+
+    def __init__(self, att, config):
+        super().__init__(config)
+        self.att = att
+        self.ctx_obs = RangeObserver()
+
+    def exp_table(self):
+        return fit_pwl("exp", self.config.pwl_pieces, SOFTMAX_IN_FRAC, self.config.pwl_method)
+
+    def _inputs(self, query, keys, lengths):
+        q, squeeze = _as_queries(query, self.att.query_size)
+        _check_keys(keys, self.att.key_size, q.shape[0])
+        return q, squeeze, source_mask(lengths, q.shape[0], keys.shape[1], keys.device)
+
+    def forward_observe(self, query, keys, lengths=None):
+        q, squeeze, mask = self._inputs(query, keys, lengths)
+        w = masked_softmax(self.observe_scores(q, keys), mask)
+        ctx = torch.matmul(w, keys)
+        self.ctx_obs.update(ctx)
+        return (ctx.squeeze(1), w.squeeze(1)) if squeeze else (ctx, w)
+
+    def forward_fake(self, query, keys, lengths=None):
+        q, squeeze, mask = self._inputs(query, keys, lengths)
+        w = _fake_masked_softmax(self.fake_scores(q, keys), mask, FloatPWL(self.exp_table()))
+        ctx = fake_quant(torch.matmul(w, keys), self.ctx_obs.scale(), -128, 127)
+        return (ctx.squeeze(1), w.squeeze(1)) if squeeze else (ctx, w)
+
+    def common_int(self, s_z: float, s_k: float) -> dict:
+        """The softmax and context constants of the integer module (spec 11.2, 11.3)."""
+        mz, sz = fp.quantize_multiplier(s_z / 2.0**-SOFTMAX_IN_FRAC)
+        s_c = self.ctx_obs.scale()
+        mc, sc = fp.quantize_multiplier(2.0**-PROB_FRAC * s_k / s_c)
+        return dict(mz=mz, sz=sz, exp_table=pack_table(self.exp_table()), mc=mc, sc=sc, out_scale=s_c)
+
+    @staticmethod
+    def _scales(in_scales):
+        if len(in_scales) < 2 or in_scales[0] is None or in_scales[1] is None:
+            raise ValueError("an attention layer takes (query, keys[, lengths]) with int8 query and keys")
+        return float(in_scales[0]), float(in_scales[1])
+
+
+class QuantLuongAttention(_QuantAttention):
+    """tvm_intlstm.nn.LuongAttention under quantization: "general" observes q' = W q (its int8 scale)."""
+
+    def __init__(self, att, config):
+        super().__init__(att, config)
+        self.q_obs = RangeObserver()
+
+    def observe_scores(self, q, keys):
+        if self.att.query_proj is not None:
+            q = self.att.query_proj(q)
+            self.q_obs.update(q)
+        return torch.matmul(q, keys.transpose(1, 2))
+
+    def fake_scores(self, q, keys):
+        if self.att.query_proj is not None:
+            w = fake_quant_weight_per_row(self.att.query_proj.weight, self.wmax)
+            q = fake_quant(nn.functional.linear(q, w), self.q_obs.scale(), -128, 127)
+        return torch.matmul(q, keys.transpose(1, 2))
+
+    def to_int(self, in_scales):
+        s_q, s_k = self._scales(in_scales)
+        a = self.att
+        w = m = s = None
+        if a.query_proj is not None:   # q' = requantize_8(W q): a hidden linear layer without bias
+            W = a.query_proj.weight.detach()
+            sws = _weight_scales_per_row(W, self.wmax)
+            w = _quant_weight(W, sws, self.wmax)
+            s_q2 = self.q_obs.scale()
+            M, S = fp.quantize_multiplier_array((s_q * sws / s_q2).numpy())
+            m, s = torch.from_numpy(M), torch.from_numpy(S)
+            s_q = s_q2
+        return im.IntLuongAttention(a.query_size, a.key_size, w, m, s, **self.common_int(s_q * s_k, s_k))
+
+
+class QuantBahdanauAttention(_QuantAttention):
+    """tvm_intlstm.nn.BahdanauAttention under quantization: the projections in the fixed Q3.12 domain,
+    the PWL tanh, tanh in Q0.7, v per tensor (spec 11.1)."""
+
+    def tanh_table(self):
+        return fit_pwl("tanh", self.config.pwl_pieces, GATE_FRAC, self.config.pwl_method)
+
+    def observe_scores(self, q, keys):
+        return self.att.scores(q, keys)
+
+    def fake_scores(self, q, keys):
+        a = self.att
+        g_s = 2.0**-GATE_FRAC
+        qx = fake_quant(nn.functional.linear(q, fake_quant_weight_per_row(a.query_proj.weight, self.wmax)),
+                        g_s, -32768, 32767)
+        kx = fake_quant(nn.functional.linear(keys, fake_quant_weight_per_row(a.key_proj.weight, self.wmax),
+                                             a.key_proj.bias), g_s, -32768, 32767)
+        u = torch.clamp(qx[:, :, None, :] + kx[:, None, :, :], -8.0, 8.0 - g_s)
+        t = fake_quant(FloatPWL(self.tanh_table())(u), 2.0**-15, -32768, 32767)
+        t8 = fake_quant(t, 2.0**-7, -128, 127)
+        return nn.functional.linear(t8, fake_quant_weight_per_tensor(a.v.weight)).squeeze(-1)
+
+    def to_int(self, in_scales):
+        s_q, s_k = self._scales(in_scales)
+        a = self.att
+        g = 2.0**-GATE_FRAC
+        Wq, Wk = a.query_proj.weight.detach(), a.key_proj.weight.detach()
+        swq, swk = _weight_scales_per_row(Wq, self.wmax), _weight_scales_per_row(Wk, self.wmax)
+        mq, sq = fp.quantize_multiplier_array((s_q * swq / g).numpy())
+        mk, sk = fp.quantize_multiplier_array((s_k * swk / g).numpy())
+        bk = a.key_proj.bias if a.key_proj.bias is not None else torch.zeros(Wk.shape[0])
+        v = a.v.weight.detach()[0]
+        s_v = float(v.abs().max()) / 127 or 1.0       # per tensor: all scores share one scale
+        vq = torch.clamp(torch.round(v.double() / s_v), -127, 127).to(torch.int8)
+        return im.IntBahdanauAttention(
+            a.query_size, a.key_size, _quant_weight(Wq, swq, self.wmax), torch.from_numpy(mq), torch.from_numpy(sq),
+            _quant_weight(Wk, swk, self.wmax), _quant_bias(bk, s_k * swk), torch.from_numpy(mk), torch.from_numpy(sk),
+            vq, pack_table(self.tanh_table()), **self.common_int(2.0**-7 * s_v, s_k))

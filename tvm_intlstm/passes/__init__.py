@@ -1,9 +1,11 @@
 """Relax passes, one per file, composed by `integer_pipeline`:
 
-    LowerBoundary -> LowerLinear -> LowerLSTM -> LowerLNLSTM -> LowerElementwise -> VerifyIntegerOnly
+    LowerBoundary -> LowerLinear -> LowerLSTM -> LowerLNLSTM -> LowerElementwise -> LowerAttention
+    -> VerifyIntegerOnly
 """
 import tvm
 
+from .lower_attention import LowerAttention
 from .lower_boundary import LowerBoundary
 from .lower_elementwise import LowerElementwise
 from .lower_linear import LowerLinear
@@ -19,9 +21,10 @@ def integer_pipeline(target, tuned=None, threads: bool = False) -> tvm.transform
     return tvm.transform.Sequential(
         [LowerBoundary(target), LowerLinear(target, tuned), LowerLSTM(target, tuned, threads),
          LowerLNLSTM(target, tuned),
-         LowerElementwise(target),
+         LowerElementwise(target), LowerAttention(target),
          VerifyIntegerOnly()], name="tvm_intlstm.integer_pipeline")
 
 
-__all__ = ["LowerBoundary", "LowerLinear", "LowerLSTM", "LowerLNLSTM", "LowerElementwise", "VerifyIntegerOnly",
+__all__ = ["LowerBoundary", "LowerLinear", "LowerLSTM", "LowerLNLSTM", "LowerElementwise", "LowerAttention",
+           "VerifyIntegerOnly",
            "FloatOpError", "integer_pipeline"]

@@ -96,6 +96,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
                 continue
             if not users:
                 continue
+            if layers.lengths_input_kind(gm, node):  # issue 18: attention source lengths, never quantized
+                node.meta["til_kind"] = layers.LENGTHS_KIND
+                continue
             state_kind = stateful.state_input_kind(gm, node)  # issue 18: an LSTM's (h0, c0) input
             if state_kind is not None:  # stays float here; the integer model takes integer states
                 node.meta["til_kind"] = state_kind
@@ -213,7 +216,7 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             kind = node.meta.get("til_kind")
-            info[node] = QInfo(kind) if kind in ("ids",) + stateful.STATE_KINDS else QInfo("float")
+            info[node] = QInfo(kind) if kind in ("ids", layers.LENGTHS_KIND) + stateful.STATE_KINDS else QInfo("float")
         elif node.op == "call_module":
             mod = prepared.get_submodule(node.target)  # the prepared module (gm's copy gets replaced)
             if isinstance(mod, nn.Identity):
@@ -232,6 +235,8 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
                         raise UnsupportedModelError(f"'{node.target}' ({_float_name(layer)}) must take a model "
                                                     "input of token ids directly")
                     continue
+                if i.kind == layers.LENGTHS_KIND and getattr(mod, "takes_lengths", False):
+                    continue  # issue 18: attention source lengths (quant/layers.py)
                 if i.kind != "act":
                     raise UnsupportedModelError(
                         f"'{node.target}' consumes a {i.kind} value from '{a}'; integer layers take int8 "

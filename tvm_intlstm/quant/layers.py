@@ -277,3 +277,91 @@ register_layer(Layer(
     prepare=lambda mod, call: QuantLNLSTM(mod, call.config), reference=_ln_lstm_reference,
     out_info=_lstm_info,
     describe="tvm_intlstm.nn.LayerNormLSTM (any num_layers, bidirectional, batch_first; no states yet)"))
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (issue 18 item 3; docs/integer_spec.md section 11): (query, keys[, lengths]) ->
+# (context int8, weights int16 Q0.15). The source lengths are a model input of kind "lengths"
+# (int32/int64 [B], passed to the integer model unchanged, like token ids).
+
+from ..nn.attention import BahdanauAttention, LuongAttention  # noqa: E402
+
+LENGTHS_KIND = "lengths"
+_ATTENTION_FLOAT = (LuongAttention, BahdanauAttention)
+
+
+def _attention_lengths_arg(node: fx.Node):
+    """The lengths argument of an attention call node (positional or keyword), or None."""
+    if len(node.args) > 2:
+        return node.args[2]
+    return node.kwargs.get("lengths")
+
+
+def lengths_input_kind(gm, placeholder: fx.Node):
+    """"lengths" if this model input is the source lengths of attention layers (and nothing else),
+    else None (quant/graph.py prepare asks it for every model input)."""
+    roles = []
+    for u in placeholder.users:
+        is_att = u.op == "call_module" and isinstance(gm.get_submodule(u.target), _ATTENTION_FLOAT)
+        roles.append(is_att and _attention_lengths_arg(u) is placeholder
+                     and placeholder not in u.args[:2])
+    if not any(roles):
+        return None
+    if not all(roles):
+        raise UnsupportedModelError(
+            f"model input '{placeholder.name}' is the source lengths of an attention layer and also used "
+            "otherwise: give the lengths as their own model input (int32/int64 [B])")
+    return LENGTHS_KIND
+
+
+def _attention_prepare(qat_type):
+    def prepare(mod, call: LayerCall):
+        node = call.node
+        if len(node.args) < 2 or set(node.kwargs) - {"lengths"} or len(node.args) + len(node.kwargs) > 3:
+            raise UnsupportedModelError(f"attention layer '{node.target}' takes (query, keys, lengths=None)")
+        lengths = _attention_lengths_arg(node)
+        if lengths is not None:
+            if not (isinstance(lengths, fx.Node) and lengths.op == "placeholder"):
+                raise UnsupportedModelError(
+                    f"attention layer '{node.target}': its lengths must be a model input (int32/int64 [B]) "
+                    f"passed unchanged, got '{lengths}'")
+            node.args, node.kwargs = (node.args[0], node.args[1], lengths), {}   # convert reads args only
+        return qat_type(mod, call.config)
+    return prepare
+
+
+def _attention_reference(mod: im.IntAttention, a):
+    query, keys = a[0], a[1]
+    lengths = a[2] if len(a) > 2 else None
+    mod.check_inputs(*(None if v is None else torch.from_numpy(np.ascontiguousarray(v)) for v in (query, keys, lengths)))
+    squeeze = query.ndim == 2
+    q = query[:, None] if squeeze else query
+    if isinstance(mod, im.IntLuongAttention):
+        if mod.general:
+            q = R.linear_requant(q, to_numpy(mod.w), to_numpy(mod.b), to_numpy(mod.m), to_numpy(mod.s), 8)
+        z = R.attention_dot(q, keys)
+    else:
+        qx = R.linear_requant(q, to_numpy(mod.w_q), to_numpy(mod.b_q), to_numpy(mod.m_q), to_numpy(mod.s_q), 16)
+        kx = R.linear_requant(keys, to_numpy(mod.w_k), to_numpy(mod.b_k), to_numpy(mod.m_k), to_numpy(mod.s_k), 16)
+        z = R.additive_scores(qx, kx, to_numpy(mod.v), to_numpy(mod.tanh_table))
+    table = to_numpy(mod.exp_table)
+    p = (R.softmax(z, mod.mz, mod.sz, table) if lengths is None
+         else R.masked_softmax(z, lengths, mod.mz, mod.sz, table))
+    ctx = R.attention_context(p, keys[:, None], mod.mc, mod.sc)
+    return (ctx[:, 0], p[:, 0]) if squeeze else (ctx, p)
+
+
+def _attention_info(mod: im.IntAttention) -> QInfo:
+    # the weights are int16 at scale 2^-15: the "cell" kind's format (int16, scale 2^-frac)
+    return QInfo("tuple", items=[QInfo("act", mod.out_scale), QInfo("cell", 15)])
+
+
+register_layer(Layer(
+    im.IntLuongAttention, float_types=(LuongAttention,), qat_type=qm.QuantLuongAttention,
+    prepare=_attention_prepare(qm.QuantLuongAttention), reference=_attention_reference,
+    out_info=_attention_info, describe="tvm_intlstm.nn.LuongAttention (dot, general; lengths masks)"))
+
+register_layer(Layer(
+    im.IntBahdanauAttention, float_types=(BahdanauAttention,), qat_type=qm.QuantBahdanauAttention,
+    prepare=_attention_prepare(qm.QuantBahdanauAttention), reference=_attention_reference,
+    out_info=_attention_info, describe="tvm_intlstm.nn.BahdanauAttention (lengths masks)"))

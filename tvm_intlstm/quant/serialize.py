@@ -242,7 +242,7 @@ def validate_blob(blob, where: str = "quantized model file") -> None:
     if not nodes or nodes[-1].get("op") != "output":
         raise ModelFileError(f"{where}: the node list does not end with an output node")
     kinds = blob["input_kinds"]
-    if len(kinds) != n_inputs or any(k not in ("ids", "float", "state_h", "state_c") for k in kinds):  # states: issue 18
+    if len(kinds) != n_inputs or any(k not in ("ids", "float", "state_h", "state_c", "lengths") for k in kinds):  # states: issue 18
         raise ModelFileError(f"{where}: input_kinds {kinds!r:.80} do not match the {n_inputs} inputs")
 
 

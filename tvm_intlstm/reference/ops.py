@@ -423,3 +423,71 @@ def ln_lstm_direction_op(x, w_x, w_h, mx, sx, mh, sh, gamma_x, beta_x, gamma_h, 
         mo=int(mo), so=int(so), cell_frac=int(cell_frac), sig=unpack_table(sig, GATE_FRAC),
         tanh=unpack_table(tanh, GATE_FRAC), tanh_c=unpack_table(tanh_c, GATE_FRAC))
     return ln_lstm_direction(x, p, bool(reverse), h0, c0)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention (issue 18 item 3): scores and the masked softmax of spec 11 (`softmax` and
+# `attention_context` above are the rest)
+
+ATTENTION_MAX_FEATURES = 2**16   # spec 11: D, A <= 2^16 keep every score sum inside int32
+
+
+def _int_array(x, dtype, what):
+    a = np.asarray(x)
+    if a.dtype != dtype:
+        raise TypeError(f"{what} must be {np.dtype(dtype).name}, got {a.dtype}")
+    return a
+
+
+def attention_dot(q, k) -> np.ndarray:
+    """Luong dot scores (spec 11.1): q int8 [B, Q, D], k int8 [B, S, D] -> int32 [B, Q, S]."""
+    q, k = _int_array(q, np.int8, "attention query"), _int_array(k, np.int8, "attention keys")
+    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"attention_dot takes q [B, Q, D] and k [B, S, D], got {q.shape} and {k.shape}")
+    if q.shape[2] > ATTENTION_MAX_FEATURES:
+        raise ValueError(f"attention feature size {q.shape[2]} exceeds 2^16 (spec 11 bound)")
+    return np.einsum("bid,bsd->bis", _i64(q), _i64(k)).astype(np.int32)
+
+
+def additive_scores(qx, kx, v, tanh_table) -> np.ndarray:
+    """Bahdanau scores (spec 11.1): z[b, i, s] = sum_a v[a] sat_8(rshift_round(pwl(tanh,
+    add_sat_16(qx[b, i, a], kx[b, s, a])), 8)). qx int16 [B, Q, A], kx int16 [B, S, A] (Q3.12),
+    v int8 [A], tanh table packed (in_frac 12) -> int32 [B, Q, S]."""
+    qx, kx = _int_array(qx, np.int16, "query projection"), _int_array(kx, np.int16, "key projection")
+    v = _int_array(v, np.int8, "score vector v")
+    if qx.ndim != 3 or kx.ndim != 3 or qx.shape[0] != kx.shape[0] or not (
+            qx.shape[2] == kx.shape[2] == v.shape[-1]) or v.ndim != 1:
+        raise ValueError(f"additive_scores takes qx [B, Q, A], kx [B, S, A], v [A], got {qx.shape}, "
+                         f"{kx.shape}, {v.shape}")
+    if v.shape[0] > ATTENTION_MAX_FEATURES:
+        raise ValueError(f"attention size {v.shape[0]} exceeds 2^16 (spec 11 bound)")
+    t = pwl(add_sat16(qx[:, :, None, :], kx[:, None, :, :]), unpack_table(tanh_table, GATE_FRAC))
+    t8 = sat(rshift_round(t, 8), 8)
+    return (t8 * _i64(v)).sum(axis=-1).astype(np.int32)
+
+
+def masked_softmax(z, lengths, Mz: int, sz: int, exp_table: PWLTable) -> np.ndarray:
+    """Softmax over the last axis of z int32 [B, ..., S] restricted to the first
+    clamp(lengths[b], 0, S) positions of batch row b (spec 11.2); 0 elsewhere and in empty rows."""
+    z = _int_array(z, np.int32, "scores")
+    lengths = np.asarray(lengths)
+    if lengths.dtype not in (np.int32, np.int64):
+        raise TypeError(f"attention lengths must be int32/int64, got {lengths.dtype}")
+    if z.ndim < 2 or lengths.shape != (z.shape[0],):
+        raise ValueError(f"masked_softmax takes z [B, ..., S] and lengths [B], got {z.shape} and {lengths.shape}")
+    S = z.shape[-1]
+    n = np.clip(_i64(lengths), 0, S).reshape((-1,) + (1,) * (z.ndim - 1))
+    valid = np.arange(S) < n
+    zi = _i64(z)
+    m = np.where(valid, zi, INT32[0]).max(axis=-1, keepdims=True)
+    d = np.where(valid, np.maximum(zi - m, INT32[0]), 0)
+    e = np.where(valid, _i64(pwl(requantize(d, Mz, sz, 16), exp_table)), 0)
+    E = e.sum(axis=-1, keepdims=True)
+    Ed = np.maximum(E, 1)     # E > 0 in every row with a valid position; empty rows give p = 0
+    p = np.where(valid, np.minimum((e * (1 << PROB_FRAC) + Ed // 2) // Ed, INT16[1]), 0)
+    return p.astype(np.int16)
+
+
+def masked_softmax_op(z, lengths, mz: int, sz: int, exp_table) -> np.ndarray:
+    """`masked_softmax` with the exp table packed as the torch op takes it."""
+    return masked_softmax(z, lengths, mz, sz, unpack_table(exp_table, SOFTMAX_IN_FRAC))

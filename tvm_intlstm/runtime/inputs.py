@@ -40,6 +40,13 @@ def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optiona
             V = vocab.get(i)
             if V is not None and a.size and (a.min() < 0 or a.max() >= V):
                 raise IndexError(f"input {i}: token id out of range [0, {V}): min {a.min()}, max {a.max()}")
+        elif kind == "lengths":  # attention source lengths (docs/integer_spec.md 11.2): int64 [B], >= 0
+            if a.dtype not in (np.int64, np.int32) or a.ndim != 1:
+                raise TypeError(f"input {i} takes attention source lengths, int64/int32 [B], got {a.dtype} "
+                                f"{tuple(a.shape)}")
+            a = a.astype(np.int64)
+            if a.size and a.min() < 0:
+                raise ValueError(f"input {i}: attention lengths must be >= 0, got {a.min()}")
         elif kind in _STATE_DTYPES:  # an LSTM state (docs/stateful.md): integers, never converted here
             if a.dtype != _STATE_DTYPES[kind]:
                 raise TypeError(f"input {i} is an LSTM state {kind[-1]}0 and takes {_STATE_DTYPES[kind]} "

@@ -1,0 +1,160 @@
+"""Attention kernels (docs/integer_spec.md section 11): Luong dot scores, Bahdanau additive scores
+and the softmax masked by per-row source lengths. (The unmasked softmax and the context are
+kernels/norm.py's `softmax` and `attention_context`.)
+
+    generator (static args)                      buffers (B, Q, S, R symbolic)
+    attention_dot(D)                             q i8[B,Q,D], k i8[B,S,D] -> z i32[B,Q,S]
+    additive_scores(A, tanh_pieces)              qx i16[B,Q,A], kx i16[B,S,A], v i8[A],
+                                                 tanh i32[3,n+1] -> z i32[B,Q,S]
+    masked_softmax(exp_pieces, Mz, sz, len_dtype)
+                                                 z i32[B,R,S], lengths [B], exp i32[3,n+1]
+                                                 -> p i16[B,R,S]
+
+Single-threaded plain loop nests (the reductions are serial loops over one-element accumulators,
+which LLVM keeps in registers and vectorizes): attention is a small part of a decoder step next to
+its LSTM and output GEMMs.
+"""
+from __future__ import annotations
+
+from tvm.script import tirx as T
+
+from ..spec import PROB_FRAC
+from ._common import check_multiplier, check_shift, finish
+from ._tir import pwl_piece, requantize, rshift_round, sat
+
+MAX_FEATURES = 2**16   # spec 11: keeps every score sum inside int32
+
+
+def _features(n, what):
+    n = int(n)
+    if not 1 <= n <= MAX_FEATURES:
+        raise ValueError(f"attention {what} must be in 1..2^16 (spec 11), got {n}")
+    return n
+
+
+def _pieces(n):
+    n = int(n)
+    if not 1 <= n <= 64:
+        raise ValueError(f"PWL piece count must be in 1..64, got {n}")
+    return n
+
+
+def attention_dot(features: int):
+    """z[b, i, s] = sum_d q[b, i, d] k[b, s, d] in int32 (spec 11.1). Parameters: (q, k, z)."""
+    D = _features(features, "feature size")
+
+    @T.prim_func
+    def attention_dot(q_h: T.handle, k_h: T.handle, z_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        Q = T.int64()
+        S = T.int64()
+        QB = T.match_buffer(q_h, (B, Q, D), "int8")
+        KB = T.match_buffer(k_h, (B, S, D), "int8")
+        Z = T.match_buffer(z_h, (B, Q, S), "int32")
+        ACC = T.alloc_buffer((1,), "int32")
+        for b, i, s in T.grid(B, Q, S):
+            ACC[0] = 0
+            for d in range(D):
+                ACC[0] = ACC[0] + T.Cast("int32", QB[b, i, d]) * T.Cast("int32", KB[b, s, d])
+            Z[b, i, s] = ACC[0]
+
+    return finish(attention_dot, "attention_dot")
+
+
+def additive_scores(attn_size: int, tanh_pieces: int):
+    """z[b, i, s] = sum_a v[a] sat_8(rshift_round(pwl(tanh, add_sat_16(qx[b, i, a], kx[b, s, a])), 8))
+    (spec 11.1), int32 accumulation. Parameters: (qx, kx, v, tanh_table, z)."""
+    A = _features(attn_size, "attention size")
+    n = _pieces(tanh_pieces)
+
+    @T.prim_func
+    def additive_scores(q_h: T.handle, k_h: T.handle, v_h: T.handle, t_h: T.handle, z_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        Q = T.int64()
+        S = T.int64()
+        QX = T.match_buffer(q_h, (B, Q, A), "int16")
+        KX = T.match_buffer(k_h, (B, S, A), "int16")
+        VV = T.match_buffer(v_h, (A,), "int8")
+        TBL = T.match_buffer(t_h, (3, n + 1), "int32")
+        Z = T.match_buffer(z_h, (B, Q, S), "int32")
+        ACC = T.alloc_buffer((1,), "int32")
+        XC = T.alloc_buffer((2,), "int32")   # [clamped input, piece index]
+        for b, i, s in T.grid(B, Q, S):
+            ACC[0] = 0
+            for a in range(A):
+                # u = add_sat_16(qx, kx), clamped to the table's knots; then its piece index
+                XC[0] = T.max(T.min(sat(T.Cast("int32", QX[b, i, a]) + T.Cast("int32", KX[b, s, a]), 16),
+                                    TBL[0, n]), TBL[0, 0])
+                XC[1] = 0
+                for j in range(1, n):
+                    XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, j])
+                ACC[0] = ACC[0] + T.Cast("int32", VV[a]) * sat(rshift_round(pwl_piece(TBL, XC[1], XC[0]), 8), 8)
+            Z[b, i, s] = ACC[0]
+
+    return finish(additive_scores, "additive_scores")
+
+
+def masked_softmax(exp_pieces: int, Mz: int, sz: int, len_dtype: str = "int64"):
+    """p[b, r, :] = the softmax of z[b, r, :] over its first clamp(lengths[b], 0, S) positions, 0
+    elsewhere and in rows of length 0 (spec 11.2). (Mz, sz) baked; the exp table (in_frac 10) is a
+    buffer. Parameters: (z, lengths, exp_table, p)."""
+    n = _pieces(exp_pieces)
+    Mz = check_multiplier(Mz)
+    sz = check_shift(sz, 1, 62)
+    if len_dtype not in ("int32", "int64"):
+        raise ValueError(f"attention lengths are int32 or int64, got {len_dtype}")
+
+    # The exponentials go to an int32 row EX and the int16 stores happen in the normalization
+    # loop (an int64 division per element, scalar), as in norm.softmax: see the LLVM 22 masked
+    # store miscompile described there.
+    @T.prim_func
+    def masked_softmax(z_h: T.handle, l_h: T.handle, t_h: T.handle, p_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        R = T.int64()
+        S = T.int64()
+        Z = T.match_buffer(z_h, (B, R, S), "int32")
+        LEN = T.match_buffer(l_h, (B,), len_dtype)
+        TBL = T.match_buffer(t_h, (3, n + 1), "int32")
+        P = T.match_buffer(p_h, (B, R, S), "int16")
+        NV = T.alloc_buffer((1,), "int64")    # valid positions of the batch row
+        MX = T.alloc_buffer((1,), "int32")
+        E = T.alloc_buffer((1,), "int64")
+        XC = T.alloc_buffer((2,), "int32")
+        EX = T.alloc_buffer((S,), "int32")
+        for b in range(B):
+            NV[0] = T.max(T.min(T.Cast("int64", LEN[b]), S), T.int64(0))
+            for r in range(R):
+                if NV[0] > T.int64(0):
+                    MX[0] = Z[b, r, 0]
+                    for k in range(S):
+                        if k < NV[0]:
+                            MX[0] = T.max(MX[0], Z[b, r, k])
+                    E[0] = T.int64(0)
+                    for k in range(S):
+                        if k < NV[0]:
+                            XC[0] = T.max(T.min(T.Cast("int32", requantize(T.Cast("int32", T.max(
+                                T.Cast("int64", Z[b, r, k]) - T.Cast("int64", MX[0]), T.int64(-(2**31)))),
+                                Mz, sz, 16)), TBL[0, n]), TBL[0, 0])
+                            XC[1] = T.int32(0)
+                            for j in range(1, n):
+                                XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, j])
+                            EX[k] = pwl_piece(TBL, XC[1], XC[0])
+                            E[0] = E[0] + T.Cast("int64", EX[k])
+                    # E > 0 for every valid table (spec 11.2); the guard keeps a bad table from
+                    # dividing by zero
+                    E[0] = T.max(E[0], T.int64(1))
+                    for k in range(S):
+                        if k < NV[0]:
+                            P[b, r, k] = T.Cast("int16", T.min(T.floordiv(
+                                T.Cast("int64", EX[k]) * T.int64(1 << PROB_FRAC) + T.floordiv(E[0], T.int64(2)),
+                                E[0]), T.int64(32767)))
+                        else:
+                            P[b, r, k] = T.int16(0)
+                else:
+                    for k in range(S):
+                        P[b, r, k] = T.int16(0)
+
+    return finish(masked_softmax, "masked_softmax")
