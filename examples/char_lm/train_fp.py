@@ -1,14 +1,16 @@
 """Train the float CharLM on the CPython-docs corpus (time-budgeted, resumable).
 
-Example (the reference run, one CPU thread, ~75 min wall time)::
+Example (the reference run's 1,535 steps, reproducible by steps; one CPU thread, 17 min of
+steps on a shared Zen 5 core; the first run, by time budget on another machine, took 70 min)::
 
-    OMP_NUM_THREADS=1 python -m examples.char_lm.train_fp --minutes 70 --threads 1 \\
-        --out examples/char_lm/runs/fp.pt
+    OMP_NUM_THREADS=1 python -m examples.char_lm.train_fp --steps 1535 --threads 1 \\
+        --eval-every-steps 256 --out examples/char_lm/runs/fp.pt
 
 Training: Adam (lr 2e-3, betas 0.9/0.999), gradient-norm clipping at 1.0, linear
 warm-up over the first 100 steps then cosine decay to ``lr * min_lr_frac`` over the
-*time* budget (the schedule is a function of elapsed training time, so it ends at the
-budget whatever the machine's speed). By default every step draws ``batch`` windows
+*time* budget ``--minutes`` (the schedule is a function of elapsed training time, so it ends at
+the budget whatever the machine's speed) or, with ``--steps``, over that many steps (the same
+run on any machine, up to float rounding). By default every step draws ``batch`` windows
 of ``seq_len`` characters at uniform random positions of the train split and runs
 them from a zero LSTM state -- exactly the condition of the :func:`~examples.char_lm.model.bpc`
 protocol (``--mode tbptt`` instead carries the state across contiguous chunks).
@@ -82,6 +84,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--no-final-eval", action="store_true", help="skip the full valid/test evaluation at the end")
     p.add_argument("--resume", action="store_true", help="continue from <out stem>.last.pt if it exists")
+    p.add_argument(
+        "--init", type=Path, default=None,
+        help="start from this checkpoint's weights (fresh optimizer and schedule): float fine-tuning, e.g. the "
+        "float control of a QAT run with the same recipe and batches",
+    )
     return p.parse_args(argv)
 
 
@@ -126,6 +133,9 @@ def main(argv=None) -> None:
     step, elapsed, best, history = 0, 0.0, float("inf"), []
     tb_epoch, tb_pos = 0, 0
 
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["model"])
+        log(f"initialised from {args.init}")
     if args.resume and last_path.exists():
         st = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
