@@ -13,7 +13,9 @@ elsewhere (``SUBSET_WINDOWS`` = 512 evenly spaced windows: main job and ablation
 
 Writes ``runs/eval.json`` (everything) and ``model/metrics.json`` (the small file shipped with the
 model: the FP and QAT figures that ``main.py`` reprints and ``tests/test_char_lm_model.py`` checks),
-and refreshes the figures table in docs/char_lm.md (between its ``figures`` markers).
+and refreshes the figures table in docs/char_lm.md (between its ``figures`` markers). With ``--qat``
+naming another model than the shipped one it only writes ``runs/eval_<its stem>.json`` and prints
+the table.
 """
 from __future__ import annotations
 
@@ -62,12 +64,12 @@ def eval_int(path: Path, test, full: bool, tag: str) -> dict:
     return res
 
 
-def fmt_table(r: dict) -> str:
+def fmt_table(r: dict, qat_label: str = "shipped") -> str:
     fp = r["fp"]
     rows = ["| model | test BPC (full split) | gap vs FP | subset (512 windows) | gap | slice (16 windows) |",
             "|---|---|---|---|---|---|"]
     for key, label in (("fp", "FP32 (PyTorch)"), ("ptq", "PTQ integer (compiled module)"),
-                       ("qat", "QAT integer (compiled module, shipped)")):
+                       ("qat", f"QAT integer (compiled module, {qat_label})")):
         if key not in r:
             continue
         m = r[key]
@@ -76,7 +78,7 @@ def fmt_table(r: dict) -> str:
         g_sub = "" if key == "fp" else f"{C.rel_gap(m['test_bpc_subset'], fp['test_bpc_subset']):+.2f} %"
         rows.append(f"| {label} | {'n/a' if full is None else f'{full:.4f}'} | {g_full} | {m['test_bpc_subset']:.4f} "
                     f"| {g_sub} | {m['test_bpc_slice']:.4f} |")
-    if "qat" in r:
+    if "qat" in r and qat_label == "shipped":
         rows.append(f"\nFigure checked by tests/test_char_lm_model.py (shipped model, {C.SLICE_WINDOWS}-window test "
                     f"slice, compiled module): `qat_test_bpc_slice = {r['qat']['test_bpc_slice']:.5f}`")
     return "\n".join(rows)
@@ -117,8 +119,12 @@ def main(argv=None) -> None:
             r[key] = eval_int(path, test, full, key.upper())
         else:
             C.log(f"{key.upper()}: {path} not found, skipped")
-    C.write_json(C.RUNS / "eval.json", r)
-    if full and "qat" in r:
+    # Only the shipped model's evaluation may rewrite the shipped metrics and the docs table; another
+    # QAT model (e.g. a new run under runs/) is recorded next to it in runs/.
+    shipped_qat = a.qat.resolve() == C.SHIPPED_QPT.resolve()
+    eval_json = C.RUNS / ("eval.json" if shipped_qat else f"eval_{a.qat.stem}.json")
+    C.write_json(eval_json, r)
+    if full and "qat" in r and shipped_qat:
         shipped = {"protocol": r["protocol"], "date": r["date"], "target": r["target"],
                    "fp": {k: v for k, v in r["fp"].items() if k.startswith("test_bpc") or k == "checkpoint_step"},
                    "ptq": {k: v for k, v in r.get("ptq", {}).items() if k.startswith("test_bpc")},
@@ -127,8 +133,8 @@ def main(argv=None) -> None:
         C.log(f"wrote {C.SHIPPED_METRICS.relative_to(C.REPO)}")
         if update_doc(fmt_table(r), "figures"):
             C.log(f"updated the figures table in {DOC.relative_to(C.REPO)}")
-    print(fmt_table(r))
-    C.log(f"evaluate done in {time.time() - t_all:.0f} s; wrote runs/eval.json")
+    print(fmt_table(r, "shipped" if shipped_qat else a.qat.name))
+    C.log(f"evaluate done in {time.time() - t_all:.0f} s; wrote {eval_json.relative_to(C.REPO)}")
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Train the float CharLM on the CPython-docs corpus (time-budgeted, resumable).
 
-Example (the reference run, one CPU thread, ~75 min wall time)::
+Example (the reference run's 1,535 steps, reproducible by steps; one CPU thread, 17 min of
+steps on a shared Zen 5 core; the first run, by time budget on another machine, took 70 min)::
 
-    OMP_NUM_THREADS=1 python -m examples.char_lm.train_fp --minutes 70 --threads 1 \\
-        --out examples/char_lm/runs/fp.pt
+    OMP_NUM_THREADS=1 python -m examples.char_lm.train_fp --steps 1535 --threads 1 \\
+        --eval-every-steps 256 --out examples/char_lm/runs/fp.pt
 
 Training: Adam (lr 2e-3, betas 0.9/0.999), gradient-norm clipping at 1.0, linear
 warm-up over the first 100 steps then cosine decay to ``lr * min_lr_frac`` over the
-*time* budget (the schedule is a function of elapsed training time, so it ends at the
-budget whatever the machine's speed). By default every step draws ``batch`` windows
+*time* budget ``--minutes`` (the schedule is a function of elapsed training time, so it ends at
+the budget whatever the machine's speed) or, with ``--steps``, over that many steps (the same
+run on any machine, up to float rounding). By default every step draws ``batch`` windows
 of ``seq_len`` characters at uniform random positions of the train split and runs
 them from a zero LSTM state -- exactly the condition of the :func:`~examples.char_lm.model.bpc`
 protocol (``--mode tbptt`` instead carries the state across contiguous chunks).
@@ -55,6 +57,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("examples/char_lm/runs/fp.pt"))
     p.add_argument("--minutes", type=float, default=70.0, help="training-step time budget in minutes (excludes evaluations; total across resumes)")
+    p.add_argument(
+        "--steps", type=int, default=0,
+        help="stop at this step count instead of the time budget (the cosine schedule then runs over steps, "
+        "so the run is reproducible on any machine; --minutes is ignored)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
@@ -69,10 +76,19 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=20, help="steps between progress lines")
     p.add_argument("--eval-every", type=float, default=300.0, help="seconds between valid evaluations")
+    p.add_argument(
+        "--eval-every-steps", type=int, default=0,
+        help="steps between valid evaluations (instead of --eval-every; with --steps it makes the saved best model reproducible)",
+    )
     p.add_argument("--eval-windows", type=int, default=1024, help="valid windows per periodic evaluation")
     p.add_argument("--eval-batch", type=int, default=32)
     p.add_argument("--no-final-eval", action="store_true", help="skip the full valid/test evaluation at the end")
     p.add_argument("--resume", action="store_true", help="continue from <out stem>.last.pt if it exists")
+    p.add_argument(
+        "--init", type=Path, default=None,
+        help="start from this checkpoint's weights (fresh optimizer and schedule): float fine-tuning, e.g. the "
+        "float control of a QAT run with the same recipe and batches",
+    )
     return p.parse_args(argv)
 
 
@@ -117,6 +133,9 @@ def main(argv=None) -> None:
     step, elapsed, best, history = 0, 0.0, float("inf"), []
     tb_epoch, tb_pos = 0, 0
 
+    if args.init is not None:
+        model.load_state_dict(torch.load(args.init, map_location="cpu", weights_only=False)["model"])
+        log(f"initialised from {args.init}")
     if args.resume and last_path.exists():
         st = torch.load(last_path, map_location="cpu", weights_only=False)
         model.load_state_dict(st["model"])
@@ -172,6 +191,16 @@ def main(argv=None) -> None:
         )
 
     budget = args.minutes * 60.0
+
+    def progress() -> float:
+        # Fraction of the schedule done: by steps when a step count is given, else by training time.
+        return step / args.steps if args.steps else elapsed / budget
+
+    def eval_due() -> bool:
+        if args.eval_every_steps:
+            return step % args.eval_every_steps == 0
+        return elapsed - last_eval >= args.eval_every
+
     metrics_path.unlink(missing_ok=True)  # stale once the model changes
     # ----- batch sources
     def tbptt_source():
@@ -194,9 +223,9 @@ def main(argv=None) -> None:
     win_loss, win_n, win_t0 = 0.0, 0, time.time()
     if step == 0:
         evaluate_and_save()  # the untrained baseline (~log2 V)
-    while elapsed < budget:
+    while progress() < 1.0:
         t0 = time.time()
-        lr = lr_at(step, elapsed / budget, args)
+        lr = lr_at(step, progress(), args)
         for g in opt.param_groups:
             g["lr"] = lr
         x, y = next(batches)
@@ -217,13 +246,14 @@ def main(argv=None) -> None:
         win_n += 1
         if step % args.log_every == 0:
             wall = time.time() - win_t0
+            of_budget = f"step {step}/{args.steps} | {elapsed / 60:5.1f} min" if args.steps else f"step {step} | {elapsed / 60:5.1f}/{args.minutes:g} min"
             log(
-                f"step {step} | {elapsed / 60:5.1f}/{args.minutes:g} min | lr {lr:.2e} | "
+                f"{of_budget} | lr {lr:.2e} | "
                 f"train BPC {win_loss / win_n / math.log(2):.4f} | gnorm {gnorm:.2f} | "
                 f"{wall / win_n:.2f} s/step | {win_n * args.batch * args.seq_len / wall:,.0f} chars/s"
             )
             win_loss, win_n, win_t0 = 0.0, 0, time.time()
-        if elapsed - last_eval >= args.eval_every:
+        if eval_due():
             evaluate_and_save()
             last_eval = elapsed
             win_loss, win_n, win_t0 = 0.0, 0, time.time()  # keep eval time out of s/step
