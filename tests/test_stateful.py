@@ -14,7 +14,8 @@ from torch import nn
 
 import tvm_intlstm as til
 from tvm_intlstm.compiler import compile as til_compile, load
-from tvm_intlstm.quant.stateful import StateError, add_lstm_states
+from tvm_intlstm.quant import add_lstm_states
+from tvm_intlstm.quant.state_format import StateError
 
 SEQ = 70      # longer than the largest chunk (64), and not a multiple of any chunk size
 

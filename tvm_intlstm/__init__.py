@@ -18,7 +18,7 @@ _LAZY = {
     "QuantConfig": ".quant", "quantize": ".quant", "prepare_qat": ".quant", "convert": ".quant",
     "QuantizedModel": ".quant", "UnsupportedModelError": ".quant", "save_quantized": ".quant",
     "load_quantized": ".quant",
-    "add_lstm_states": ".quant.stateful", "StateFormat": ".quant.stateful",   # docs/stateful.md
+    "add_lstm_states": ".quant.api", "StateFormat": ".quant.state_format",   # docs/stateful.md
     "compile": ".compiler", "load": ".compiler", "CompiledModule": ".compiler",
     "RPCConfig": ".tuning._ms",     # tune(..., rpc=RPCConfig(...))
 }

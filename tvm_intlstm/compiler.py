@@ -84,11 +84,11 @@ class CompiledModule:
         return tuple(f.zeros(batch).numpy() for f in self._state_formats)
 
     def quantize_state(self, *states) -> tuple:
-        from .quant.stateful import convert_states
+        from .quant.state_format import convert_states
         return tuple(s.numpy() for s in convert_states(self._state_formats, states, "quantize"))
 
     def dequantize_state(self, *states) -> tuple:
-        from .quant.stateful import convert_states
+        from .quant.state_format import convert_states
         return tuple(s.numpy() for s in convert_states(self._state_formats, states, "dequantize"))
 
     def __call__(self, *inputs):
@@ -111,7 +111,7 @@ class CompiledModule:
 def _check_state_batches(arrays, formats, batch_of) -> None:
     """State inputs [L*D, B, H] have the data input's batch size B (the VM would only say
     "match_cast error"; this names the inputs)."""
-    from .quant.stateful import StateError
+    from .quant.state_format import StateError
     for f in formats:
         f.check(arrays[f.input_index], f"input {f.input_index}:")
     batches = {int(arrays[f.input_index].shape[1]) for f in formats}
@@ -252,7 +252,7 @@ def load(path: str | os.PathLike) -> CompiledModule:
 
 
 def _state_formats_from_meta(meta: dict) -> list:
-    from .quant.stateful import StateFormat
+    from .quant.state_format import StateFormat
     try:
         return [StateFormat.from_data(d) for d in meta.get("state_formats", [])]
     except (TypeError, ValueError) as e:

@@ -155,7 +155,7 @@ def export_quantized(qmodel, example_inputs, dynamic: bool = True):
 
 
 def _state_input_indices(qmodel) -> set:
-    from ..quant.stateful import STATE_KINDS  # pylint: disable=import-outside-toplevel
+    from ..quant.state_format import STATE_KINDS  # pylint: disable=import-outside-toplevel
     return {i for i, k in enumerate(qmodel.input_kinds) if k in STATE_KINDS}
 
 

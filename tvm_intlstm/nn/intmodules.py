@@ -103,7 +103,7 @@ class IntLSTM(IntModule):
     def check_state(self, hx, batch) -> None:
         """Initial states must be the integer states of docs/stateful.md: h0 int8 and c0 int16, both
         [L*D, B, H] (a StateError, a ValueError, names what is wrong and how to get them right)."""
-        from ..quant.stateful import StateError
+        from ..quant.state_format import StateError
         ndir = 2 if self.bidirectional else 1
         H = self.l0_d0_w_h.shape[1]
         if not (isinstance(hx, (tuple, list)) and len(hx) == 2):

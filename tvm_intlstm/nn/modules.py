@@ -214,7 +214,7 @@ class QuantLSTM(QuantModule):
 
     def _check_args(self, x, hx):
         if hx is not None:
-            from ..quant.stateful import observe_states
+            from ..quant.state_format import observe_states
             observe_states(self, hx)  # shapes as nn.LSTM wants them (docs/stateful.md)
         if x.dim() != 3:
             raise ValueError(f"nn.LSTM input must be 3-D (batched), got shape {tuple(x.shape)}")

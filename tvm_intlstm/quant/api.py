@@ -142,3 +142,61 @@ def convert(model) -> graph.QuantizedModel:
     if isinstance(model, graph.QuantizedModel):
         return model
     raise TypeError(f"convert takes a QATModel, got {type(model).__name__}")
+
+
+def add_lstm_states(qmodel, layers=None):
+    """A copy of an integer model whose LSTMs (all, or those named in `layers`) take their initial
+    states as extra inputs and return their final states as extra outputs.
+
+    New inputs come after the model's own, (h0, c0) per LSTM in graph order; outputs become
+    (original outputs..., h_n, c_n per LSTM). Every integer module is kept: same weights, same
+    scales, same bits from the zero state (so a model trained and quantized without states, like
+    the shipped char LM, streams without retraining). Raises for LSTMs that already take states."""
+    import copy
+    import operator
+
+    from ..nn.intmodules import IntLSTM
+    from .graph import QuantizedModel
+    from .state_format import STATE_KINDS
+    gm = copy.deepcopy(qmodel.gm)
+    g = gm.graph
+    lstms = [n for n in g.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), IntLSTM)]
+    if layers is not None:
+        unknown = set(layers) - {n.target for n in lstms}
+        if unknown:
+            raise ValueError(f"no LSTM named {sorted(unknown)} in the model; its LSTMs: "
+                             f"{[n.target for n in lstms]}")
+        lstms = [n for n in lstms if n.target in layers]
+    if not lstms:
+        raise ValueError("the model has no LSTM to give states to")
+    out_node = next(n for n in g.nodes if n.op == "output")
+    last_input = [n for n in g.nodes if n.op == "placeholder"][-1]
+    outs, kinds = [], list(qmodel.input_kinds)
+    for node in lstms:
+        if len(node.args) > 1 and node.args[1] is not None:
+            raise ValueError(f"LSTM '{node.target}' already takes states")
+        stem = node.target.replace(".", "_")
+        with g.inserting_after(last_input):
+            c0 = g.placeholder(f"{stem}_c0")
+        with g.inserting_after(last_input):
+            h0 = g.placeholder(f"{stem}_h0")
+        last_input = c0
+        node.args = (node.args[0], (h0, c0))
+        kinds += list(STATE_KINDS)
+        with g.inserting_before(out_node):
+            state = g.call_function(operator.getitem, (node, 1))
+            outs += [g.call_function(operator.getitem, (state, 0)), g.call_function(operator.getitem, (state, 1))]
+    old = out_node.args[0]
+    old_outs = list(old) if isinstance(old, (tuple, list)) else [old]
+    out_node.args = (tuple(old_outs + outs),)
+    g.lint()
+    gm.recompile()
+    old_info = qmodel.output_info
+    old_infos = list(old_info) if isinstance(old_info, (tuple, list)) else [old_info]
+    from . import layers
+    new_infos = []
+    for node in lstms:
+        mod = gm.get_submodule(node.target)
+        st = layers.for_int(mod).out_info(mod).items[1]
+        new_infos += list(st.items)
+    return QuantizedModel(gm, tuple(old_infos + new_infos), kinds)

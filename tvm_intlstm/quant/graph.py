@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..nn import modules as qm
-from . import layers, stateful
+from . import layers, state_format, stateful
 from .config import QuantConfig
 from .layers import LayerCall, QInfo, UnsupportedModelError  # noqa: F401  (re-exported)
 
@@ -297,7 +297,7 @@ class QuantizedModel(nn.Module):
     def forward(self, *args):
         if len(args) != len(self.input_kinds):
             raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(args)}"
-                            + stateful.input_count_hint(self.input_kinds, len(args)))
+                            + state_format.input_count_hint(self.input_kinds, len(args)))
         with torch.no_grad():
             return self.gm(*args)
 
@@ -313,11 +313,11 @@ class QuantizedModel(nn.Module):
 
     def quantize_state(self, *states) -> tuple:
         """Float states (one per state input, in input order) -> integer states."""
-        return stateful.convert_states(self.state_formats(), states, "quantize")
+        return state_format.convert_states(self.state_formats(), states, "quantize")
 
     def dequantize_state(self, *states) -> tuple:
         """Integer states (one per state input, in input order) -> float32."""
-        return stateful.convert_states(self.state_formats(), states, "dequantize")
+        return state_format.convert_states(self.state_formats(), states, "dequantize")
 
     @property
     def output_scales(self):

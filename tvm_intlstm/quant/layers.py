@@ -30,11 +30,9 @@ from ..nn.ln_lstm import LayerNormLSTM
 from ..nn import modules as qm
 from ..opdefs import reference_ops as R
 from .config import QuantConfig
+from .errors import UnsupportedModelError  # noqa: F401  (re-exported)
 from .ln_lstm import IntLNLSTM, QuantLNLSTM
-
-
-class UnsupportedModelError(ValueError):
-    """The float model uses a layer or an operation tvm_intlstm cannot quantize."""
+from . import stateful
 
 
 @dataclass
@@ -154,7 +152,6 @@ register_layer(Layer(
 
 
 def _lstm_prepare(mod: nn.LSTM, call: LayerCall):
-    from . import stateful  # pylint: disable=import-outside-toplevel  (stateful imports this module)
     stateful.lstm_state_args(call.node)  # initial states must be model inputs (quant/stateful.py)
     return qm.QuantLSTM(mod, call.config)
 

@@ -22,7 +22,7 @@ def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optiona
         arrays.append(np.asarray(x))
     vocab = vocab or {}
     if kinds and len(arrays) != len(kinds):
-        from ..quant.stateful import input_count_hint
+        from ..quant.state_format import input_count_hint
         raise TypeError(f"model takes {len(kinds)} inputs, got {len(arrays)}" + input_count_hint(kinds, len(arrays)))
     out = []
     for i, (a, kind) in enumerate(zip(arrays, kinds or [None] * len(arrays))):
