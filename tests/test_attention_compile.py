@@ -146,3 +146,38 @@ def test_masked_softmax_kernel_extremes(len_dtype):
             for ln in (lengths, np.full(B, S, len_dtype), rng.integers(-2, S + 3, B).astype(len_dtype)):
                 (p,) = _run(func, [z, ln, K.pack_pwl(exp)], [((B, R, S), "int16")])
                 np.testing.assert_array_equal(p, ops.masked_softmax(z, ln, mz, sz, exp))
+
+
+@pytest.fixture(scope="module")
+def dot_model():
+    torch.manual_seed(3)
+    model = DecoderStep("general").eval()
+    return til.quantize(model, [_inputs(4, 9) for _ in range(6)])
+
+
+def test_cli_compiles_a_model_with_lengths(dot_model, tmp_path):
+    """`tvm-intlstm compile` builds int64 example inputs for ids and lengths (not float32)."""
+    from tvm_intlstm import cli
+    qpt = tmp_path / "attn.qpt"
+    til.save_quantized(dot_model, qpt)
+    so = tmp_path / "attn.so"
+    cli.main(["compile", str(qpt), "--example-shape", "2,5", "--example-shape", "2",
+              "--example-shape", "2", "-o", str(so)])
+    args = _inputs(3, 7, [7, 1, 4])
+    got = til.load(so)(*args)
+    for g, w in zip(got, til.reference(dot_model)(*(a.numpy() for a in args))):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.skipif(not all(__import__("shutil").which(t) for t in ("aarch64-linux-gnu-g++", "qemu-aarch64")),
+                    reason="needs the aarch64 toolchain and qemu (.ci/install_apt.sh installs them)")
+def test_rpi5_build_under_qemu(dot_model, tmp_path):
+    """The attention kernels cross-compiled for aarch64 (rpi5) give the reference's bits under qemu."""
+    from tvm_intlstm.runtime.emulate import run_emulated
+    lib = til.compile(dot_model, "rpi5", example_inputs=_inputs(3, 9), verbose=False).export_library(
+        tmp_path / "attn_rpi5.so")
+    for B, S, lengths in ((3, 9, [0, 1, 9]), (1, 1, [1])):
+        args = [a.numpy() for a in _inputs(B, S, lengths)]
+        got = run_emulated(lib, args, cpu="cortex-a76", verbose=False)
+        for g, w in zip(got, til.reference(dot_model)(*args)):
+            np.testing.assert_array_equal(g, w)

@@ -26,8 +26,8 @@ def cmd_compile(a):
     q = til.load_quantized(a.model)
     if len(a.example_shape) != len(q.input_kinds):
         sys.exit(f"error: the model has {len(q.input_kinds)} inputs; give --example-shape once per input")
-    ex = [torch.zeros(s, dtype=torch.int64) if k == "ids" else torch.zeros(s, dtype=torch.float32)
-          for s, k in zip(a.example_shape, q.input_kinds)]
+    from .runtime.inputs import example_input
+    ex = [torch.from_numpy(example_input(k, s)) for s, k in zip(a.example_shape, q.input_kinds)]
     cm = til.compile(q, target=a.target, example_inputs=tuple(ex), tuning_logs=a.tuning_logs,
                      threads=a.threads, kernels=a.kernels)
     parent = os.path.dirname(os.path.abspath(a.output))

@@ -10,6 +10,18 @@ import numpy as np
 
 
 _STATE_DTYPES = {"state_h": np.int8, "state_c": np.int16}
+# the dtype a model input of each kind takes (features: float32)
+INPUT_DTYPES = {"ids": np.int64, "lengths": np.int64, **_STATE_DTYPES}
+
+
+def example_input(kind: str, shape) -> np.ndarray:
+    """A valid placeholder input of `kind` and `shape` (for tracing / compiling from the command line):
+    zeros in the kind's dtype, except attention lengths, which are the full length (dim 1 of the
+    keys is not known here: 1, the smallest valid length, keeps every position index valid)."""
+    dt = INPUT_DTYPES.get(kind, np.float32)
+    if kind == "lengths":
+        return np.ones(shape, dt)
+    return np.zeros(shape, dt)
 
 
 def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optional[list] = None,

@@ -131,8 +131,8 @@ def run_tune(a) -> int:
         if len(a.example_shape) != len(model.input_kinds):
             raise ValueError(f"the model has {len(model.input_kinds)} inputs; give --example-shape "
                              "once per input")
-        example = tuple(torch.zeros(s, dtype=torch.int64) if k == "ids"
-                        else torch.zeros(s, dtype=torch.float32)
+        from ..runtime.inputs import example_input  # pylint: disable=import-outside-toplevel
+        example = tuple(torch.from_numpy(example_input(k, s))
                         for s, k in zip(a.example_shape, model.input_kinds))
     elif a.rows:
         from .tasks import GemmTask  # pylint: disable=import-outside-toplevel
