@@ -110,7 +110,9 @@ def save_quantized(qmodel: QuantizedModel, path) -> str:
             entry["target"] = n.target
         nodes.append(entry)
     blob = {"format": FORMAT, "nodes": nodes, "modules": modules, "output_info": info_to_data(qmodel.output_info),
-            "input_kinds": list(qmodel.input_kinds)}
+            "input_kinds": list(qmodel.input_kinds),
+            # int8 activation inputs' scales (kind "act", issue 18), as {"index": scale}
+            "input_scales": {str(k): float(v) for k, v in getattr(qmodel, "input_scales", {}).items()}}
     path = os.fspath(path)
     torch.save(blob, path)
     return path
@@ -242,8 +244,14 @@ def validate_blob(blob, where: str = "quantized model file") -> None:
     if not nodes or nodes[-1].get("op") != "output":
         raise ModelFileError(f"{where}: the node list does not end with an output node")
     kinds = blob["input_kinds"]
-    if len(kinds) != n_inputs or any(k not in ("ids", "float", "state_h", "state_c", "lengths") for k in kinds):  # states: issue 18
+    if len(kinds) != n_inputs or any(k not in ("ids", "float", "state_h", "state_c", "lengths", "act") for k in kinds):  # states, act: issue 18
         raise ModelFileError(f"{where}: input_kinds {kinds!r:.80} do not match the {n_inputs} inputs")
+    # optional (files before issue 18 have none): {"index": positive float} for each "act" input
+    scales = blob.get("input_scales", {})
+    if not isinstance(scales, dict) or set(scales) != {str(i) for i, k in enumerate(kinds) if k == "act"} or not all(
+            isinstance(v, float) and v > 0 for v in scales.values()):
+        raise ModelFileError(f"{where}: input_scales {scales!r:.80} must give a positive float scale for "
+                             "each int8 activation input (kind 'act') and nothing else")
 
 
 def load_quantized(path) -> QuantizedModel:
@@ -297,4 +305,5 @@ def _build(blob) -> QuantizedModel:
         env[e["name"]] = n
     g.lint()
     gm = fx.GraphModule(root, g)
-    return QuantizedModel(gm, info_from_data(blob["output_info"]), blob["input_kinds"])
+    return QuantizedModel(gm, info_from_data(blob["output_info"]), blob["input_kinds"],
+                          {int(k): v for k, v in blob.get("input_scales", {}).items()})
