@@ -236,7 +236,6 @@ def check_elf_library(path: str) -> None:
 def load(path: str | os.PathLike) -> CompiledModule:
     """Load an exported module (and its .json metadata). The .so is native code: load only files from
     a trusted source."""
-    import json
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no compiled module at {path}")
@@ -245,9 +244,11 @@ def load(path: str | os.PathLike) -> CompiledModule:
         raise ValueError(f"{path} has no metadata file {meta_path}: export it with CompiledModule.export_library")
     from .runtime.inputs import read_meta
     meta = read_meta(path)
-    if isinstance(meta, dict) and meta.get("format") == "tvm_intlstm-seq2seq-1":
-        from .seq2seq import load_seq2seq   # issue 18: an encode + decode_step library
-        return load_seq2seq(path)
+    if isinstance(meta, dict) and meta.get("format") == "tvm_intlstm-seq2seq-1":   # issue 18
+        # (tvm_intlstm.load dispatches such a file to seq2seq.load_seq2seq; this module does not
+        # import seq2seq, which imports it)
+        raise ValueError(f"{path} is an encoder-decoder library (encode + decode_step): open it with "
+                         "tvm_intlstm.load or tvm_intlstm.load_seq2seq")
     if not isinstance(meta, dict) or meta.get("format") != "tvm_intlstm-1":
         raise ValueError(f"{meta_path} is not a tvm_intlstm module description")
     target = _target(meta["target"])

@@ -312,6 +312,10 @@ class CompiledSeq2Seq:
     def state_formats(self) -> list:
         return self._decode.state_formats()
 
+    def quantize_state(self, h, c) -> tuple:
+        """Float decoder states -> int8 h / int16 c in the decoder's formats (docs/stateful.md)."""
+        return self._decode.quantize_state(h, c)
+
     def encode(self, src, lengths) -> np.ndarray:
         src, lengths = check_sources(src, lengths)
         return self._encode(*((src, lengths) if self.encoder_takes_lengths else (src,)))
