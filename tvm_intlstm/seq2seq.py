@@ -113,6 +113,10 @@ class QuantizedSeq2Seq:
             raise Seq2SeqError(f"the decoder's enc input is at scale {decoder.input_scales[3]}, the encoder's "
                                f"output at {out.scale}: quantize them together with quantize_seq2seq")
         self.encoder, self.decoder = encoder, decoder
+        # F of enc [B, S, F]: the encoder's output size, from one run on a one-token source
+        one = torch.zeros(1, 1, dtype=torch.int64)
+        self.decoder_features = int(encoder(*((one, torch.ones(1, dtype=torch.int64))
+                                              if self.encoder_takes_lengths else (one,))).shape[-1])
 
     @property
     def enc_scale(self) -> float:
@@ -141,23 +145,8 @@ class QuantizedSeq2Seq:
         check_decoder_inputs(prev, enc, lengths, self.decoder_features)
         return self.decoder(*(torch.as_tensor(_np(a)) for a in (prev, h, c, enc, lengths)))
 
-    @property
-    def decoder_features(self) -> int:
-        """F of enc [B, S, F] (the encoder's output features)."""
-        return _encoder_features(self.encoder)
-
     def reference(self) -> "Seq2SeqReference":
         return Seq2SeqReference(self)
-
-
-def _encoder_features(encoder) -> int:
-    """The encoder output's feature size, from its last LSTM (2 H when bidirectional)."""
-    from .nn.intmodules import IntLSTM
-    lstms = [m for m in encoder.gm.modules() if isinstance(m, IntLSTM)]
-    if not lstms:
-        raise Seq2SeqError("the encoder has no LSTM")
-    m = lstms[-1]
-    return int(m.l0_d0_w_h.shape[1]) * (2 if m.bidirectional else 1)
 
 
 class Seq2SeqReference:
