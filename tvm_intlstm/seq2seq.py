@@ -177,8 +177,8 @@ def _decoder_lstm_states_shape(prepared):
     """(rows, hidden) of the decoder's state inputs, from the LSTM they feed (after prepare)."""
     from .nn.modules import QuantLSTM
     ph = [n for n in prepared.graph.nodes if n.op == "placeholder"]
-    user = next(iter(ph[1].users))
-    mod = prepared.get_submodule(user.target)
+    user = next(iter(ph[1].users), None)
+    mod = prepared.get_submodule(user.target) if user is not None and user.op == "call_module" else None
     if not isinstance(mod, QuantLSTM):
         raise Seq2SeqError("the decoder's h0 must feed its nn.LSTM: " + _DECODER_SIGNATURE)
     m = mod.lstm
