@@ -19,10 +19,14 @@ _LAZY = {
     "QuantizedModel": ".quant", "UnsupportedModelError": ".quant", "save_quantized": ".quant",
     "load_quantized": ".quant",
     "add_lstm_states": ".quant.api", "StateFormat": ".quant.state_format",   # docs/stateful.md
-    "compile": ".compiler", "load": ".compiler", "CompiledModule": ".compiler",
+    "compile": ".compiler", "CompiledModule": ".compiler",
     "RPCConfig": ".tuning._ms",     # tune(..., rpc=RPCConfig(...))
+    # encoder-decoder models (docs/seq2seq.md)
+    "quantize_seq2seq": ".seq2seq", "compile_seq2seq": ".seq2seq", "load_seq2seq": ".seq2seq",
+    "QuantizedSeq2Seq": ".seq2seq", "CompiledSeq2Seq": ".seq2seq", "greedy_decode": ".seq2seq",
+    "beam_search": ".seq2seq",
 }
-__all__ = sorted(_LAZY) + ["reference", "tune"]
+__all__ = sorted(_LAZY) + ["reference", "tune", "load"]
 
 
 def __getattr__(name):
@@ -43,6 +47,22 @@ def tune(*args, **kwargs):
     """MetaSchedule tuning of a quantized model's GEMM kernels (see tvm_intlstm.tuning.tune)."""
     from .tuning import tune as _tune
     return _tune(*args, **kwargs)
+
+
+def load(path):
+    """Reopen an exported library (its .so and .so.json): a CompiledModule, or a
+    seq2seq.CompiledSeq2Seq for an encoder-decoder library (encode + decode_step). The .so is
+    native code: load only files from a trusted source."""
+    from .runtime.inputs import read_meta
+    from .compiler import load as _load_module
+    from .seq2seq import SEQ2SEQ_FORMAT, load_seq2seq
+    try:
+        meta = read_meta(path)
+    except ValueError:
+        meta = None        # compiler.load names the corrupt file
+    if isinstance(meta, dict) and meta.get("format") == SEQ2SEQ_FORMAT:
+        return load_seq2seq(path)
+    return _load_module(path)
 
 
 __version__ = "0.1.0"

@@ -33,8 +33,14 @@ class CompiledModule:
     from a final linear layer). Thread-safe: calls are serialized by a lock (one Relax VM)."""
 
     def __init__(self, executable, target, input_kinds, output_info, ir_module=None, vocab_sizes=None,
-                 input_shapes=None, state_formats=None, state_batch_of=None, amx: bool = False):
+                 input_shapes=None, state_formats=None, state_batch_of=None, amx: bool = False,
+                 entry: str = "main", input_scales=None):
         self.executable = executable
+        # the Relax function a call runs: "main", or one function of a library holding several
+        # (issue 18: a seq2seq library's "encode" / "decode_step", tvm_intlstm/seq2seq.py)
+        self.entry = entry
+        # {input index: scale} of int8 activation inputs (kind "act"), as QuantizedModel.input_scales
+        self.input_scales = {int(k): float(v) for k, v in (input_scales or {}).items()}
         self._state_formats = list(state_formats or [])  # quant.stateful.StateFormat per state input
         # (input index, axis) of the data input whose batch the states' dim 1 must equal, or None
         self.state_batch_of = tuple(state_batch_of) if state_batch_of else None
@@ -97,7 +103,7 @@ class CompiledModule:
             _check_state_batches(arrays, self._state_formats, self.state_batch_of)
         args = [_to_tvm(a) for a in arrays]
         with self._lock:
-            out = self._get_vm()["main"](*args)
+            out = self._get_vm()[self.entry](*args)
         return _to_numpy(out)
 
     def export_library(self, path: str | os.PathLike) -> str:
@@ -176,13 +182,19 @@ def _to_numpy(out):
     return out.numpy()
 
 
-def _write_meta(path, cm):
-    import json
+def module_meta(cm) -> dict:
+    """The .so.json description of one compiled function (a seq2seq library has one per function)."""
     from .target import target_to_dict
-    meta = {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": target_to_dict(cm.target),
+    return {"format": "tvm_intlstm-1", "input_kinds": cm.input_kinds, "target": target_to_dict(cm.target),
             "input_shapes": cm.input_shapes, "amx": cm.amx,
             "output_info": info_to_data(cm.output_info), "vocab_sizes": {str(k): v for k, v in cm.vocab_sizes.items()},
-            "state_formats": [f.to_data() for f in cm._state_formats], "state_batch_of": cm.state_batch_of}
+            "state_formats": [f.to_data() for f in cm._state_formats], "state_batch_of": cm.state_batch_of,
+            "input_scales": {str(k): v for k, v in cm.input_scales.items()}}
+
+
+def _write_meta(path, cm):
+    import json
+    meta = module_meta(cm)
     with open(path + ".json", "w") as f:
         json.dump(meta, f, indent=1)
 
@@ -224,7 +236,6 @@ def check_elf_library(path: str) -> None:
 def load(path: str | os.PathLike) -> CompiledModule:
     """Load an exported module (and its .json metadata). The .so is native code: load only files from
     a trusted source."""
-    import json
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no compiled module at {path}")
@@ -233,22 +244,39 @@ def load(path: str | os.PathLike) -> CompiledModule:
         raise ValueError(f"{path} has no metadata file {meta_path}: export it with CompiledModule.export_library")
     from .runtime.inputs import read_meta
     meta = read_meta(path)
+    if isinstance(meta, dict) and meta.get("format") == "tvm_intlstm-seq2seq-1":   # issue 18
+        # (tvm_intlstm.load dispatches such a file to seq2seq.load_seq2seq; this module does not
+        # import seq2seq, which imports it)
+        raise ValueError(f"{path} is an encoder-decoder library (encode + decode_step): open it with "
+                         "tvm_intlstm.load or tvm_intlstm.load_seq2seq")
     if not isinstance(meta, dict) or meta.get("format") != "tvm_intlstm-1":
         raise ValueError(f"{meta_path} is not a tvm_intlstm module description")
     target = _target(meta["target"])
+    ex = load_executable(path, target)
+    return module_from_meta(ex, target, meta)
+
+
+def load_executable(path: str, target):
+    """The Relax executable of an exported library, after the checks that keep a bad file from
+    crashing the process (CPU features, a truncated ELF)."""
     from .target import check_runs_on_host
     check_runs_on_host(target, path)   # before the library is mapped: no SIGILL later
     check_elf_library(path)
     try:
         lib = tvm.runtime.load_module(path)
-        ex = relax.VMExecutable(lib) if hasattr(relax, "VMExecutable") else lib
+        return relax.VMExecutable(lib) if hasattr(relax, "VMExecutable") else lib
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path} is not a loadable TVM module ({e})") from e
+
+
+def module_from_meta(ex, target, meta: dict, entry: str = "main") -> CompiledModule:
+    """A CompiledModule running function `entry` of `ex`, described by `meta` (module_meta's dict)."""
     return CompiledModule(ex, target, meta["input_kinds"], info_from_data(meta["output_info"]),
                           vocab_sizes={int(k): v for k, v in meta["vocab_sizes"].items()},
                           input_shapes=meta.get("input_shapes"),
                           state_formats=_state_formats_from_meta(meta),
-                          state_batch_of=meta.get("state_batch_of"), amx=bool(meta.get("amx", False)))
+                          state_batch_of=meta.get("state_batch_of"), amx=bool(meta.get("amx", False)),
+                          entry=entry, input_scales=meta.get("input_scales"))
 
 
 def _state_formats_from_meta(meta: dict) -> list:
@@ -328,8 +356,7 @@ def _compile(model, tgt, example_inputs, tuning_logs, verbose, threads):
     t0 = time.perf_counter()
     _log("importing (torch.export -> Relax)", verbose)
     mod = import_quantized(model, example_inputs)
-    input_shapes = [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape.values]
-                    for p in mod["main"].params]
+    input_shapes = input_shapes_of(mod["main"])
     state_batch_of = _state_batch_of(mod["main"], model.state_formats())
     _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
     if verbose:
@@ -347,6 +374,13 @@ def _compile(model, tgt, example_inputs, tuning_logs, verbose, threads):
     _log("building", verbose)
     ex = tvm.compile(mod, target=tgt)
     _log(f"done in {time.perf_counter() - t0:.1f} s", verbose)
+    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab_sizes(model), input_shapes,
+                          model.state_formats(), state_batch_of, amx=_uses_amx(lowered),
+                          input_scales=model.input_scales)
+
+
+def vocab_sizes(model) -> dict:
+    """{input index: vocabulary size} of the token-id inputs feeding an embedding directly."""
     vocab = {}
     from .nn.intmodules import IntEmbedding
     for node in model.gm.graph.nodes:
@@ -355,5 +389,9 @@ def _compile(model, tgt, example_inputs, tuning_logs, verbose, threads):
             if src.op == "placeholder":
                 idx = [n for n in model.gm.graph.nodes if n.op == "placeholder"].index(src)
                 vocab[idx] = int(model.gm.get_submodule(node.target).table.shape[0])
-    return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab, input_shapes,
-                          model.state_formats(), state_batch_of, amx=_uses_amx(lowered))
+    return vocab
+
+
+def input_shapes_of(func) -> list:
+    """Per parameter of a Relax function: its dims, an int for a static dim, None for a symbolic one."""
+    return [[int(d) if isinstance(d, tvm.tirx.IntImm) else None for d in p.ty.shape.values] for p in func.params]

@@ -73,12 +73,36 @@ def _is_final(node: fx.Node) -> bool:
     return False
 
 
-def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
-    """Trace `model` and swap its layers for quantization-aware modules (observe mode)."""
+# input kind of an int8 activation computed outside the model at a known scale (issue 18: the
+# decoder's encoder states, quant/seq2seq.py): no quantize kernel, its consumers see int8 at that scale
+INT8_ACT_KIND = "act"
+
+
+def _int8_input_scales(placeholders, int8_inputs) -> dict:
+    """{placeholder node: scale} from `int8_inputs` ({input name or index: scale})."""
+    out = {}
+    for key, scale in (int8_inputs or {}).items():
+        found = [n for i, n in enumerate(placeholders) if key in (i, n.target, n.name)]
+        if not found:
+            raise ValueError(f"int8_inputs names input {key!r}, but the model's inputs are "
+                             f"{[n.target for n in placeholders]}")
+        if not (isinstance(scale, float) or isinstance(scale, int)) or not scale > 0:
+            raise ValueError(f"int8 input {key!r}: its scale must be a positive number, got {scale!r}")
+        out[found[0]] = float(scale)
+    return out
+
+
+def prepare(model: nn.Module, config: QuantConfig, int8_inputs: dict | None = None) -> fx.GraphModule:
+    """Trace `model` and swap its layers for quantization-aware modules (observe mode).
+
+    int8_inputs ({input name or index: scale}): inputs that arrive as int8 activations at that scale
+    (input kind "act"), e.g. an encoder's integer output fed to a decoder; calibration feeds them
+    as floats on that grid (q * scale)."""
     model = copy.deepcopy(model)
     gm = trace(model)
     g = gm.graph
     counter = 0
+    int8_scales = _int8_input_scales([n for n in g.nodes if n.op == "placeholder"], int8_inputs)
 
     def add_module(prefix, mod):
         nonlocal counter
@@ -90,6 +114,9 @@ def prepare(model: nn.Module, config: QuantConfig) -> fx.GraphModule:
     for node in list(g.nodes):
         if node.op == "placeholder":
             users = list(node.users)
+            if node in int8_scales:  # issue 18: an external int8 activation, not quantized here
+                node.meta["til_kind"], node.meta["til_scale"] = INT8_ACT_KIND, int8_scales[node]
+                continue
             if users and all(u.op == "call_module" and getattr(layers.for_float(gm.get_submodule(u.target)),
                                                                "inputs", None) == "ids" for u in users):
                 node.meta["til_kind"] = "ids"
@@ -216,6 +243,9 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             kind = node.meta.get("til_kind")
+            if kind == INT8_ACT_KIND:   # an external int8 activation (prepare's int8_inputs)
+                info[node] = QInfo(INT8_ACT_KIND, node.meta["til_scale"])
+                continue
             info[node] = QInfo(kind) if kind in ("ids", layers.LENGTHS_KIND) + stateful.STATE_KINDS else QInfo("float")
         elif node.op == "call_module":
             mod = prepared.get_submodule(node.target)  # the prepared module (gm's copy gets replaced)
@@ -264,8 +294,10 @@ def convert(prepared: fx.GraphModule) -> "QuantizedModel":
             info[node] = _tree_map(outs, lambda n: info[n])
     gm.recompile()
     out_info = info[next(n for n in gm.graph.nodes if n.op == "output")]
-    in_kinds = [info[n].kind for n in gm.graph.nodes if n.op == "placeholder"]
-    return QuantizedModel(gm, out_info, in_kinds)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    in_kinds = [info[n].kind for n in placeholders]
+    in_scales = {i: info[n].scale for i, n in enumerate(placeholders) if info[n].kind == INT8_ACT_KIND}
+    return QuantizedModel(gm, out_info, in_kinds, in_scales)
 
 
 def _float_name(layer) -> str:
@@ -282,22 +314,35 @@ def _tree_map(x, f):
     return x
 
 
+def check_int8_inputs(args, kinds, scales) -> None:
+    """Inputs of kind "act" (int8 activations computed elsewhere, e.g. an encoder's output) must be
+    int8 (torch or numpy): a float there would be read as integers silently."""
+    for i, (a, kind) in enumerate(zip(args, kinds)):
+        dt = str(getattr(a, "dtype", type(a).__name__)).replace("torch.", "")
+        if kind == INT8_ACT_KIND and dt != "int8":
+            raise TypeError(f"input {i} takes int8 activations at scale {scales.get(i)} (an integer "
+                            f"model's output, e.g. the encoder's), got {dt}")
+
+
 class QuantizedModel(nn.Module):
     """An integer-only model: forward takes float32 features or int64 token ids and returns integer
     tensors (int8 activations, int32 logits). `output_info`/`output_scales` describe the outputs;
     `dequantize(outputs)` turns them into floats (the optional output boundary)."""
 
-    def __init__(self, gm: fx.GraphModule, output_info, input_kinds):
+    def __init__(self, gm: fx.GraphModule, output_info, input_kinds, input_scales=None):
         super().__init__()
         self.gm = gm
         self.output_info = output_info
         self.input_kinds = input_kinds
+        # {input index: scale} of the int8 activation inputs (kind "act", prepare's int8_inputs)
+        self.input_scales = {int(k): float(v) for k, v in (input_scales or {}).items()}
         self.eval()
 
     def forward(self, *args):
         if len(args) != len(self.input_kinds):
             raise TypeError(f"model takes {len(self.input_kinds)} inputs, got {len(args)}"
                             + state_format.input_count_hint(self.input_kinds, len(args)))
+        check_int8_inputs(args, self.input_kinds, self.input_scales)
         with torch.no_grad():
             return self.gm(*args)
 

@@ -94,8 +94,22 @@ def _module_from_spec(spec: dict) -> nn.Module:
     return m
 
 
+SEQ2SEQ_FORMAT = "tvm_intlstm.quantized-seq2seq/1"   # issue 18: an encoder + decoder pair in one file
+
+
 def save_quantized(qmodel: QuantizedModel, path) -> str:
-    """Write a QuantizedModel to `path` (a .pt file of tensors and plain data)."""
+    """Write a QuantizedModel (or a seq2seq.QuantizedSeq2Seq: both models in one file) to `path`
+    (a .pt file of tensors and plain data)."""
+    from ..seq2seq import QuantizedSeq2Seq
+    blob = ({"format": SEQ2SEQ_FORMAT, "encoder": to_blob(qmodel.encoder), "decoder": to_blob(qmodel.decoder)}
+            if isinstance(qmodel, QuantizedSeq2Seq) else to_blob(qmodel))
+    path = os.fspath(path)
+    torch.save(blob, path)
+    return path
+
+
+def to_blob(qmodel: QuantizedModel) -> dict:
+    """A QuantizedModel as the data save_quantized writes."""
     gm = qmodel.gm
     nodes, modules = [], {}
     for n in gm.graph.nodes:
@@ -110,10 +124,10 @@ def save_quantized(qmodel: QuantizedModel, path) -> str:
             entry["target"] = n.target
         nodes.append(entry)
     blob = {"format": FORMAT, "nodes": nodes, "modules": modules, "output_info": info_to_data(qmodel.output_info),
-            "input_kinds": list(qmodel.input_kinds)}
-    path = os.fspath(path)
-    torch.save(blob, path)
-    return path
+            "input_kinds": list(qmodel.input_kinds),
+            # int8 activation inputs' scales (kind "act", issue 18), as {"index": scale}
+            "input_scales": {str(k): float(v) for k, v in getattr(qmodel, "input_scales", {}).items()}}
+    return blob
 
 
 class ModelFileError(ValueError):
@@ -242,8 +256,14 @@ def validate_blob(blob, where: str = "quantized model file") -> None:
     if not nodes or nodes[-1].get("op") != "output":
         raise ModelFileError(f"{where}: the node list does not end with an output node")
     kinds = blob["input_kinds"]
-    if len(kinds) != n_inputs or any(k not in ("ids", "float", "state_h", "state_c", "lengths") for k in kinds):  # states: issue 18
+    if len(kinds) != n_inputs or any(k not in ("ids", "float", "state_h", "state_c", "lengths", "act") for k in kinds):  # states, act: issue 18
         raise ModelFileError(f"{where}: input_kinds {kinds!r:.80} do not match the {n_inputs} inputs")
+    # optional (files before issue 18 have none): {"index": positive float} for each "act" input
+    scales = blob.get("input_scales", {})
+    if not isinstance(scales, dict) or set(scales) != {str(i) for i, k in enumerate(kinds) if k == "act"} or not all(
+            isinstance(v, float) and v > 0 for v in scales.values()):
+        raise ModelFileError(f"{where}: input_scales {scales!r:.80} must give a positive float scale for "
+                             "each int8 activation input (kind 'act') and nothing else")
 
 
 def load_quantized(path) -> QuantizedModel:
@@ -255,6 +275,21 @@ def load_quantized(path) -> QuantizedModel:
         blob = torch.load(path, weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise ValueError(f"{path} is not a tvm_intlstm quantized model file ({type(e).__name__}: {e})") from e
+    if isinstance(blob, dict) and blob.get("format") == SEQ2SEQ_FORMAT:   # an encoder + decoder pair
+        if set(blob) != {"format", "encoder", "decoder"}:
+            raise ModelFileError(f"{path}: malformed encoder-decoder model file (fields {sorted(map(str, blob))})")
+        from ..seq2seq import QuantizedSeq2Seq
+        try:
+            return QuantizedSeq2Seq(_from_blob(blob["encoder"], f"{path} (encoder)"),
+                                    _from_blob(blob["decoder"], f"{path} (decoder)"))
+        except (TypeError, ValueError) as e:
+            if isinstance(e, ModelFileError):
+                raise
+            raise ModelFileError(f"{path}: inconsistent encoder-decoder model file ({e})") from e
+    return _from_blob(blob, path)
+
+
+def _from_blob(blob, path) -> QuantizedModel:
     try:
         validate_blob(blob, path)
     except ModelFileError:
@@ -297,4 +332,5 @@ def _build(blob) -> QuantizedModel:
         env[e["name"]] = n
     g.lint()
     gm = fx.GraphModule(root, g)
-    return QuantizedModel(gm, info_from_data(blob["output_info"]), blob["input_kinds"])
+    return QuantizedModel(gm, info_from_data(blob["output_info"]), blob["input_kinds"],
+                          {int(k): v for k, v in blob.get("input_scales", {}).items()})

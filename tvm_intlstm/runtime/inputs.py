@@ -64,6 +64,10 @@ def check_inputs(inputs: Iterable, kinds: Optional[list] = None, shapes: Optiona
                 raise TypeError(f"input {i} is an LSTM state {kind[-1]}0 and takes {_STATE_DTYPES[kind]} "
                                 f"[L*D, B, H], got {a.dtype}: start from model.zero_state(batch), feed back the "
                                 "returned h_n / c_n, or convert float states with model.quantize_state(...)")
+        elif kind == "act":  # an int8 activation computed elsewhere (issue 18: a decoder's encoder states)
+            if a.dtype != np.int8:
+                raise TypeError(f"input {i} takes int8 activations (another integer model's output, e.g. the "
+                                f"encoder's), got {a.dtype}: pass that output unchanged")
         elif kind is not None:
             if a.dtype != np.float32:
                 raise TypeError(f"input {i} takes float32 features, got {a.dtype}")
