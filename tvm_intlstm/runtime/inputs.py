@@ -11,7 +11,7 @@ import numpy as np
 
 _STATE_DTYPES = {"state_h": np.int8, "state_c": np.int16}
 # the dtype a model input of each kind takes (features: float32)
-INPUT_DTYPES = {"ids": np.int64, "lengths": np.int64, **_STATE_DTYPES}
+INPUT_DTYPES = {"ids": np.int64, "lengths": np.int64, "act": np.int8, **_STATE_DTYPES}
 
 
 def example_input(kind: str, shape) -> np.ndarray:
