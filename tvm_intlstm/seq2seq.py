@@ -153,7 +153,7 @@ class Seq2SeqReference:
     """The numpy oracle of a QuantizedSeq2Seq (til.reference of each model): numpy in, numpy out."""
 
     def __init__(self, q: QuantizedSeq2Seq):
-        from .reference import model as ref_model
+        from .quant import oracle as ref_model
         self.q = q
         self._enc = ref_model.reference(q.encoder)
         self._dec = ref_model.reference(q.decoder)

@@ -3,7 +3,7 @@
 Each holds integer buffers only (plus the float scales of its outputs as metadata for
 dequantization) and calls one `torch.ops.intlstm.*` op per integer operation, so `torch.export`
 sees exactly the operators the compiler lowers. The numpy reference runs the same modules
-through tvm_intlstm/reference/model.py.
+through tvm_intlstm/quant/oracle.py.
 """
 from __future__ import annotations
 

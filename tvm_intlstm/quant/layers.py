@@ -9,7 +9,7 @@ model of torchao's `register_quantize_module_handler`):
   `inputs` says what the layer consumes and `out_info` what its integer outputs are;
 - serialization (quant/serialize.py): the integer module's class is on the model file's
   allow-list (its attributes and buffers are stored as data);
-- the numpy reference (reference/model.py): `reference(int_module, numpy_args)`, the integer
+- the numpy reference (quant/oracle.py): `reference(int_module, numpy_args)`, the integer
   module's forward with each torch op replaced by its numpy reference (`opdefs.reference_ops`).
 
 Layers made from graph functions rather than modules (residual `+`, torch.cat, the input

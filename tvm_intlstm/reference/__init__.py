@@ -1,7 +1,8 @@
 """numpy integer reference (the oracle). `reference(qmodel)` runs a whole quantized model.
 
 `tvm_intlstm.reference` is this package and is also callable: `tvm_intlstm.reference(qmodel)` is
-`tvm_intlstm.reference.model.reference(qmodel)` (which needs torch; `ops` needs only numpy).
+`tvm_intlstm.quant.oracle.reference(qmodel)` (the graph walker, which needs torch; `ops` needs only
+numpy).
 """
 import sys
 import types
@@ -12,7 +13,7 @@ from .ops import PWLTable, LSTMDirectionParams  # noqa: F401
 
 class _CallablePackage(types.ModuleType):
     def __call__(self, qmodel):
-        from .model import reference  # pylint: disable=import-outside-toplevel
+        from ..quant.oracle import reference  # pylint: disable=import-outside-toplevel
         return reference(qmodel)
 
 

@@ -1,6 +1,8 @@
 """Whole-model numpy reference: runs a QuantizedModel's graph with tvm_intlstm.reference.ops.
 
-Every integer module is evaluated by the numpy oracle from its integer buffers (the reference
+The torch side of the oracle (it walks the model's torch.fx graph and reads its buffers), so it
+lives with the quantizer; tvm_intlstm/reference/ holds the numpy-only ops (importable without torch
+or tvm) and calls this for `tvm_intlstm.reference(qmodel)`. Every integer module is evaluated by the numpy oracle from its integer buffers (the reference
 handler its layer registers in quant/layers.py); layout ops map to numpy equivalents. No torch
 arithmetic is used (torch tensors are only read to numpy).
 """
@@ -11,8 +13,8 @@ import operator
 import numpy as np
 import torch
 
-from ..quant import layers
-from ..quant.layers import to_numpy as _np
+from . import layers
+from .layers import to_numpy as _np
 
 
 def _layout(target, args, kwargs):
@@ -47,9 +49,9 @@ class ReferenceModel:
     """Callable numpy reference of a QuantizedModel: returns numpy integer arrays."""
 
     def __init__(self, qmodel):
-        from ..quant.graph import QuantizedModel
+        from .graph import QuantizedModel
         if not isinstance(qmodel, QuantizedModel):
-            from ..quant.api import QATModel
+            from .api import QATModel
             if isinstance(qmodel, QATModel):
                 qmodel = qmodel.convert()
             else:
