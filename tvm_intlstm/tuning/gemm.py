@@ -40,7 +40,8 @@ The design space (`schedule_gemm`, used as a MetaSchedule ScheduleFn space) make
 - `pragma_auto_unroll_max_step` sampled from UNROLL_CHOICES on the gemm block.
 
 AVX-512 machines (x86_wide.py): `gemm_blocks_for_isa(isa, ...)`, `prepare_weights(isa, W, bias)`
-and `design_spaces(sch, isa, O)` dispatch on the isa names of `x86_wide.x86_isa(target)`.
+and `design_spaces(sch, isa, O)` dispatch on the design-space names of `x86_wide.x86_isa(target)`
+(names of tuning spaces, not of the kernel families of kernels/isa/, which they are derived from).
 For "avx512_vnni" and "avx512" the kernel is x86_wide.gemm_blocks_wide: the same call interface,
 a u8 source block (x + 128), weights packed [OP/16, KP/4, 16, 4] (layout "o16k4") and the +128
 correction folded into the bias by prepare_weights (bias - 128 * rowsum(W)); the 16 x 4 step is

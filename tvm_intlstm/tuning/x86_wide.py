@@ -68,8 +68,9 @@ symbolic-N kernel), `sample_perfect_tile` of OP/16 into (panel, vectors per regi
 4 zmm-vectors wide: nt * 4 accumulators fill the 32 zmm registers at nt = 8) and of KP/4 into
 (k0, k1), the epilogue per row tile from the accumulator tile, and the unroll pragma.
 
-`x86_isa(target)`: "avx512_vnni" | "avx512" | "avx2" | None, from the target's mcpu/mattr as LLVM
-resolves them (codegen.llvm_cpu_has_features, so "-mattr=-avx512vnni" or "+avx512bw" count too).
+`x86_isa(target)`: "avx512_vnni" | "avx512" | "avx2" | None, from the kernel families' feature object
+of the target (`kernels.isa.features`: its mcpu/mattr as LLVM resolves them, so "-mattr=-avx512vnni"
+or "+avx512bw" count too). These are tuning design-space names, not kernel family names.
 """
 from __future__ import annotations
 
@@ -100,28 +101,21 @@ MAX_O_VECTORS = {16: 4, 8: 8}    # vectors per register tile (max_innermost_fact
 
 # --- target -> isa --------------------------------------------------------------------------------
 def x86_isa(target) -> str | None:
-    """'avx512_vnni' (AVX-512F/BW + AVX512-VNNI), 'avx512' (AVX-512F/BW, no VNNI), 'avx2', or None
-    (not an x86 llvm target, or no AVX2). `target`: a tvm.target.Target, a dict or a target string
-    (classic 'llvm -mcpu=cascadelake' form accepted). Decided from the CPU features LLVM derives
-    from mcpu and mattr: cascadelake, icelake-server, sapphirerapids, znver4 -> avx512_vnni;
-    skylake-avx512 -> avx512; znver3, haswell, alderlake (AVX-VNNI is 256-bit only) -> avx2."""
-    from ..kernels._common import as_target, has_feature  # pylint: disable=import-outside-toplevel
+    """The design space of this module a target's GEMMs get: 'avx512_vnni' (AVX-512F/BW +
+    AVX512-VNNI), 'avx512' (AVX-512F/BW, no VNNI), 'avx2', or None (not an x86 llvm target, or no
+    AVX2). These are design-space names (which block kernel and tensor intrinsic), not kernel
+    family names: the answer comes from the families' one feature object, `kernels.isa.features`
+    (TargetFeatures), e.g. 'avx512' names a space although no family is called so. `target`: a
+    tvm.target.Target, a dict or a target string (classic 'llvm -mcpu=cascadelake' accepted).
+    cascadelake, icelake-server, sapphirerapids, znver4 -> avx512_vnni; skylake-avx512 -> avx512;
+    znver3, haswell, alderlake (AVX-VNNI is 256-bit only) -> avx2."""
+    from ..kernels import isa as _isa  # pylint: disable=import-outside-toplevel
 
-    tgt = as_target(target)
-    if tgt.kind.name != "llvm":
+    f = _isa.features(target)
+    if f is None or not f.is_x86 or not f.has_avx2:
         return None
-    triple = str(tgt.attrs.get("mtriple", "") or "")
-    if triple and not (triple.startswith("x86_64") or triple.startswith("i686")
-                       or triple.startswith("i386")):
-        return None
-
-    def has(feature):
-        return has_feature(tgt, feature)
-
-    if not has("avx2"):
-        return None
-    if has("avx512f") and has("avx512bw"):
-        return "avx512_vnni" if has("avx512vnni") else "avx512"
+    if f.has_avx512:
+        return "avx512_vnni" if f.has_vnni else "avx512"
     return "avx2"
 
 
