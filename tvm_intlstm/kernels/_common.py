@@ -21,6 +21,14 @@ def check_shift(s, lo: int = 0, hi: int = 62) -> int:
     return s
 
 
+def check_pieces(n) -> int:
+    """A PWL table's piece count (spec 7: 1 to 64)."""
+    n = int(n)
+    if not 1 <= n <= 64:
+        raise ValueError(f"PWL piece count must be in 1..64, got {n}")
+    return n
+
+
 def requantizer(shift_hi: bool = False, scale: tuple | None = None):
     """The requantize (spec 2) of a kernel epilogue, called as rq(acc, M, s, bits):
     `_tir.requantize_hi` when every shift is known to be in [32, 62] (shift_hi=True, or a baked
@@ -56,6 +64,21 @@ def resolve_isa(target=None, isa: str | None = None) -> str:
     if target is None:
         return "generic"
     return _isa.pick(target).name
+
+
+def without_params(func, *names: str):
+    """`func` without the parameters (buffers) named `names`, which its body must not use: one
+    TVMScript definition then serves the variants of a kernel with and without optional operands
+    (a TVMScript signature is fixed). The result is the PrimFunc the shorter signature parses to."""
+    from tvm import tirx  # pylint: disable=import-outside-toplevel
+    dropped = [p for p in func.params if p.name in names]
+    if len(dropped) != len(names):
+        raise ValueError(f"{names} are not all parameters of {[p.name for p in func.params]}")
+    used = tirx.analysis.undefined_vars(func.body)
+    if any(u.same_as(p) for u in used for p in dropped):
+        raise ValueError(f"the kernel body uses a parameter to be dropped, one of {names}")
+    keep = [p for p in func.params if p.name not in names]
+    return tirx.PrimFunc(keep, func.body, func.ret_type, func.attrs, func.span)
 
 
 def finish(func, name: str, isa: str = "generic"):

@@ -13,7 +13,8 @@ The PWL evaluation (spec 7) is not a single expression here: an expression with 
 terms, inlined into its uses, made TVM's CompactBufferAllocation pass take minutes (it
 substitutes bound values into index expressions). The kernels count the piece index in a small
 stack buffer instead (`for q in T.unroll(1, n): IDX[v] += XC[v] >= knot[q]`), which LLVM keeps
-in registers, and finish with `pwl_piece` once the index is known. The integer square root
+in registers (one value at a time: the macro `pwl_index_into`), and finish with `pwl_piece` once
+the index is known. The integer square root
 (spec 10) is a statement sequence too: the macro `isqrt_into`.
 """
 from __future__ import annotations
@@ -148,6 +149,17 @@ def pwl_piece(table, idx, xc) -> PrimExpr:
     slopes; `lstm.pack_pwl`). `table` is a buffer (or a buffer view) indexed [row, idx]; idx and xc
     are scalar or vector int32 expressions."""
     return sat(table[1, idx] + rshift_round(table[2, idx] * (xc - table[0, idx]), PWL_FRAC), 16)
+
+
+@T.macro
+def pwl_index_into(TBL, n, x, XC, i, IDX, j):
+    """XC[i] = the int32 value x clamped to the knots of table TBL (n pieces, `lstm.pack_pwl`) and
+    IDX[j] = its piece index (spec 7), counted in these int32 stack buffers; the PWL value is then
+    pwl_piece(TBL, IDX[j], XC[i])."""
+    XC[i] = T.max(T.min(x, TBL[0, n]), TBL[0, 0])
+    IDX[j] = 0
+    for q in range(1, n):
+        IDX[j] = IDX[j] + T.Cast("int32", XC[i] >= TBL[0, q])
 
 
 @T.macro

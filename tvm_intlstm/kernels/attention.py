@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ..spec import PROB_FRAC
-from ._common import check_multiplier, check_shift, finish
-from ._tir import pwl_piece, requantize, rshift_round, sat
+from ._common import check_multiplier, check_pieces, check_shift, finish, without_params
+from ._tir import pwl_index_into, pwl_piece, rshift_round, sat
+from .norm import prob16, softmax_exp_into
 
 MAX_FEATURES = 2**16   # spec 11: keeps every score sum inside int32
 
@@ -32,75 +32,66 @@ def _features(n, what):
     return n
 
 
-def _pieces(n):
-    n = int(n)
-    if not 1 <= n <= 64:
-        raise ValueError(f"PWL piece count must be in 1..64, got {n}")
-    return n
+def _scores(name: str, F: int, src_dtype: str, n: int, term):
+    """The score kernels: z[b, i, s] = sum over a < F of the int32 term of (q[b, i, a], k[b, s, a]),
+    computed by the macro term(QX, KX, VV, TBL, XC, ACC, b, i, s, a) into ACC[0]. Parameters
+    (q, k, v, tanh_table, z); with n = 0 (no PWL table) (q, k, z)."""
+
+    @T.prim_func
+    def scores(q_h: T.handle, k_h: T.handle, v_h: T.handle, t_h: T.handle, z_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        Q = T.int64()
+        S = T.int64()
+        QX = T.match_buffer(q_h, (B, Q, F), src_dtype)
+        KX = T.match_buffer(k_h, (B, S, F), src_dtype)
+        VV = T.match_buffer(v_h, (F,), "int8")
+        TBL = T.match_buffer(t_h, (3, n + 1), "int32")
+        Z = T.match_buffer(z_h, (B, Q, S), "int32")
+        ACC = T.alloc_buffer((1,), "int32")
+        if n > 0:
+            XC = T.alloc_buffer((2,), "int32")   # [clamped input, piece index]
+        for b, i, s in T.grid(B, Q, S):
+            ACC[0] = 0
+            for a in range(F):
+                term(QX, KX, VV, TBL, XC if n > 0 else None, ACC, b, i, s, a)
+            Z[b, i, s] = ACC[0]
+
+    return finish(scores if n > 0 else without_params(scores, "VV", "TBL"), name)
 
 
 def attention_dot(features: int):
     """z[b, i, s] = sum_d q[b, i, d] k[b, s, d] in int32 (spec 11.1). Parameters: (q, k, z)."""
     D = _features(features, "feature size")
 
-    @T.prim_func
-    def attention_dot(q_h: T.handle, k_h: T.handle, z_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        B = T.int64()
-        Q = T.int64()
-        S = T.int64()
-        QB = T.match_buffer(q_h, (B, Q, D), "int8")
-        KB = T.match_buffer(k_h, (B, S, D), "int8")
-        Z = T.match_buffer(z_h, (B, Q, S), "int32")
-        ACC = T.alloc_buffer((1,), "int32")
-        for b, i, s in T.grid(B, Q, S):
-            ACC[0] = 0
-            for d in range(D):
-                ACC[0] = ACC[0] + T.Cast("int32", QB[b, i, d]) * T.Cast("int32", KB[b, s, d])
-            Z[b, i, s] = ACC[0]
+    @T.macro
+    def product(QB, KB, VV, TBL, XC, ACC, b, i, s, d):
+        ACC[0] = ACC[0] + T.Cast("int32", QB[b, i, d]) * T.Cast("int32", KB[b, s, d])
 
-    return finish(attention_dot, "attention_dot")
+    return _scores("attention_dot", D, "int8", 0, product)
 
 
 def additive_scores(attn_size: int, tanh_pieces: int):
     """z[b, i, s] = sum_a v[a] sat_8(rshift_round(pwl(tanh, add_sat_16(qx[b, i, a], kx[b, s, a])), 8))
     (spec 11.1), int32 accumulation. Parameters: (qx, kx, v, tanh_table, z)."""
     A = _features(attn_size, "attention size")
-    n = _pieces(tanh_pieces)
+    n = check_pieces(tanh_pieces)
 
-    @T.prim_func
-    def additive_scores(q_h: T.handle, k_h: T.handle, v_h: T.handle, t_h: T.handle, z_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        B = T.int64()
-        Q = T.int64()
-        S = T.int64()
-        QX = T.match_buffer(q_h, (B, Q, A), "int16")
-        KX = T.match_buffer(k_h, (B, S, A), "int16")
-        VV = T.match_buffer(v_h, (A,), "int8")
-        TBL = T.match_buffer(t_h, (3, n + 1), "int32")
-        Z = T.match_buffer(z_h, (B, Q, S), "int32")
-        ACC = T.alloc_buffer((1,), "int32")
-        XC = T.alloc_buffer((2,), "int32")   # [clamped input, piece index]
-        for b, i, s in T.grid(B, Q, S):
-            ACC[0] = 0
-            for a in range(A):
-                # u = add_sat_16(qx, kx), clamped to the table's knots; then its piece index
-                XC[0] = T.max(T.min(sat(T.Cast("int32", QX[b, i, a]) + T.Cast("int32", KX[b, s, a]), 16),
-                                    TBL[0, n]), TBL[0, 0])
-                XC[1] = 0
-                for j in range(1, n):
-                    XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, j])
-                ACC[0] = ACC[0] + T.Cast("int32", VV[a]) * sat(rshift_round(pwl_piece(TBL, XC[1], XC[0]), 8), 8)
-            Z[b, i, s] = ACC[0]
+    @T.macro
+    def additive(QX, KX, VV, TBL, XC, ACC, b, i, s, a):
+        # u = add_sat_16(qx, kx), clamped to the table's knots; then its piece index
+        pwl_index_into(TBL, n, sat(T.Cast("int32", QX[b, i, a]) + T.Cast("int32", KX[b, s, a]), 16),
+                       XC, 0, XC, 1)
+        ACC[0] = ACC[0] + T.Cast("int32", VV[a]) * sat(rshift_round(pwl_piece(TBL, XC[1], XC[0]), 8), 8)
 
-    return finish(additive_scores, "additive_scores")
+    return _scores("additive_scores", A, "int16", n, additive)
 
 
 def masked_softmax(exp_pieces: int, Mz: int, sz: int, len_dtype: str = "int64"):
     """p[b, r, :] = the softmax of z[b, r, :] over its first clamp(lengths[b], 0, S) positions, 0
     elsewhere and in rows of length 0 (spec 11.2). (Mz, sz) baked; the exp table (in_frac 10) is a
     buffer. Parameters: (z, lengths, exp_table, p)."""
-    n = _pieces(exp_pieces)
+    n = check_pieces(exp_pieces)
     Mz = check_multiplier(Mz)
     sz = check_shift(sz, 1, 62)
     if len_dtype not in ("int32", "int64"):
@@ -135,22 +126,13 @@ def masked_softmax(exp_pieces: int, Mz: int, sz: int, len_dtype: str = "int64"):
                     E[0] = T.int64(0)
                     for k in range(S):
                         if k < NV[0]:
-                            XC[0] = T.max(T.min(T.Cast("int32", requantize(T.Cast("int32", T.max(
-                                T.Cast("int64", Z[b, r, k]) - T.Cast("int64", MX[0]), T.int64(-(2**31)))),
-                                Mz, sz, 16)), TBL[0, n]), TBL[0, 0])
-                            XC[1] = T.int32(0)
-                            for j in range(1, n):
-                                XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, j])
-                            EX[k] = pwl_piece(TBL, XC[1], XC[0])
-                            E[0] = E[0] + T.Cast("int64", EX[k])
+                            softmax_exp_into(Z[b, r, k], MX[0], TBL, n, Mz, sz, XC, EX, k, E)
                     # E > 0 for every valid table (spec 11.2); the guard keeps a bad table from
                     # dividing by zero
                     E[0] = T.max(E[0], T.int64(1))
                     for k in range(S):
                         if k < NV[0]:
-                            P[b, r, k] = T.Cast("int16", T.min(T.floordiv(
-                                T.Cast("int64", EX[k]) * T.int64(1 << PROB_FRAC) + T.floordiv(E[0], T.int64(2)),
-                                E[0]), T.int64(32767)))
+                            P[b, r, k] = prob16(EX[k], E[0])
                         else:
                             P[b, r, k] = T.int16(0)
                 else:

@@ -7,10 +7,31 @@ All take a symbolic number of rows N (T.int64 var) and a static feature size; sc
 from __future__ import annotations
 
 import numpy as np
+from tvm import tirx
 from tvm.script import tirx as T
 
 from ._tir import pwl_piece, requantize, rshift_round, sat_cast
-from ._common import check_multiplier, check_shift, finish, vec_split
+from ._common import check_multiplier, check_pieces, check_shift, finish, vec_split, without_params
+
+
+def _map_rows(name: str, features: int, in_dtype: str, value, binary: bool = False):
+    """y int8 [N, D] = value(a, b) element by element of a (and b) [N, D], N symbolic, the feature
+    axis vectorized. Parameters (a, b, y), or (a, y) when not binary (value's b is then unused)."""
+    D = int(features)
+    DO, DV = vec_split(D, 16)
+
+    @T.prim_func
+    def rows(a_h: T.handle, b_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        A = T.match_buffer(a_h, (N, D), in_dtype)
+        B = T.match_buffer(b_h, (N, D), in_dtype)
+        Y = T.match_buffer(y_h, (N, D), "int8")
+        for n, do in T.grid(N, DO):
+            for dv in T.vectorized(DV):
+                Y[n, do * DV + dv] = value(A[n, do * DV + dv], B[n, do * DV + dv])
+
+    return finish(rows if binary else without_params(rows, "B"), name)
 
 
 def quantize_input(features: int, scale: float):
@@ -20,28 +41,16 @@ def quantize_input(features: int, scale: float):
     LLVM codegen sets no fast-math flags by default; `build_kernel` refuses fast-math targets),
     so the result is the correctly rounded float32 quotient, as numpy computes it. NaN inputs
     (rejected by the runtime wrapper, spec 1) give 0."""
-    K = int(features)
     s32 = float(np.float32(scale))
     if not (np.isfinite(s32) and s32 > 0):
         raise ValueError(f"quantize scale must be a positive finite float32, got {scale!r}")
-    KO, KV = vec_split(K, 16)
 
-    @T.prim_func
-    def quantize_input(x_h: T.handle, q_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        N = T.int64()
-        X = T.match_buffer(x_h, (N, K), "float32")
-        Q = T.match_buffer(q_h, (N, K), "int8")
-        for n, ko in T.grid(N, KO):
-            for kv in T.vectorized(KV):
-                # NaN (rejected by the runtime wrapper) -> 0 rather than an undefined conversion
-                Q[n, ko * KV + kv] = T.if_then_else(
-                    X[n, ko * KV + kv] != X[n, ko * KV + kv], T.int8(0), T.Cast(
-                        "int8",
-                        T.max(T.min(T.floor(X[n, ko * KV + kv] / T.float32(s32) + T.float32(0.5)),
-                                    T.float32(127.0)), T.float32(-128.0))))
+    def quantize(x, _):
+        # NaN (rejected by the runtime wrapper) -> 0 rather than an undefined conversion
+        return T.if_then_else(tirx.NE(x, x), T.int8(0), T.Cast("int8", T.max(T.min(
+            T.floor(x / T.float32(s32) + T.float32(0.5)), T.float32(127.0)), T.float32(-128.0))))
 
-    return finish(quantize_input, "quantize_input")
+    return _map_rows("quantize_input", features, "float32", quantize)
 
 
 def embedding(vocab: int, dim: int, id_dtype: str = "int64"):
@@ -74,52 +83,22 @@ def embedding(vocab: int, dim: int, id_dtype: str = "int64"):
 
 def rescale_8(features: int, M: int, s: int):
     """int8 [N, D] -> int8 [N, D]: requantize_8(q, M, s) (spec 2), M and s baked."""
-    D = int(features)
     M, s = check_multiplier(M), check_shift(s)
-    DO, DV = vec_split(D, 16)
-
-    @T.prim_func
-    def rescale_8(x_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        N = T.int64()
-        X = T.match_buffer(x_h, (N, D), "int8")
-        Y = T.match_buffer(y_h, (N, D), "int8")
-        for n, do in T.grid(N, DO):
-            for dv in T.vectorized(DV):
-                Y[n, do * DV + dv] = requantize(X[n, do * DV + dv], M, s, 8)
-
-    return finish(rescale_8, "rescale_8")
+    return _map_rows("rescale_8", features, "int8", lambda x, _: requantize(x, M, s, 8))
 
 
 def residual_add(features: int, Ma: int, Mb: int, s: int):
     """int8 a, b [N, D] -> int8: sat_8(rshift_round(a*Ma + b*Mb, s)) in int64 (spec 9)."""
-    D = int(features)
     Ma, Mb, s = check_multiplier(Ma), check_multiplier(Mb), check_shift(s)
-    DO, DV = vec_split(D, 16)
-
-    @T.prim_func
-    def residual_add(a_h: T.handle, b_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        N = T.int64()
-        A = T.match_buffer(a_h, (N, D), "int8")
-        B = T.match_buffer(b_h, (N, D), "int8")
-        Y = T.match_buffer(y_h, (N, D), "int8")
-        for n, do in T.grid(N, DO):
-            for dv in T.vectorized(DV):
-                Y[n, do * DV + dv] = sat_cast(rshift_round(
-                    T.Cast("int64", A[n, do * DV + dv]) * T.int64(Ma)
-                    + T.Cast("int64", B[n, do * DV + dv]) * T.int64(Mb), s), 8)
-
-    return finish(residual_add, "residual_add")
+    return _map_rows("residual_add", features, "int8", lambda a, b: sat_cast(rshift_round(
+        T.Cast("int64", a) * T.int64(Ma) + T.Cast("int64", b) * T.int64(Mb), s), 8), binary=True)
 
 
 def pwl_activation(pieces: int):
     """Stand-alone PWL activation (spec 7): x int16 [N] -> y int16 [N] with an int32 [3, n+1]
     table (`lstm.pack_pwl`). The LSTM and softmax kernels inline the same evaluation; this one
     serves other activations and exhaustive testing. Parameters: (x, table, y)."""
-    n = int(pieces)
-    if not 1 <= n <= 64:
-        raise ValueError(f"PWL piece count must be in 1..64, got {n}")
+    n = check_pieces(pieces)
     V = 8
 
     @T.macro

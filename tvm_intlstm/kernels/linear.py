@@ -16,7 +16,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import isa as _isa
-from ._common import finish, requantizer, resolve_isa
+from ._common import finish, requantizer, resolve_isa, without_params
 from ._gemm import with_convention as conv  # noqa: E402
 from ._gemm import (AMX_NR, KC, MMLA_CP, MMLA_RP, ROW_TILE, amx_kp, amx_shape, amx_source_macro,
                     gemm_amx_macro, gemm_macro, gemm_mmla_macro, gemm_outer_macro, mmla_kp,
@@ -104,6 +104,42 @@ def product(K: int, O: int, isa: str, w7: bool, packed: bool, bias: bool, mmla: 
     return (O, K), None, K, None, gemm, 0
 
 
+def _linear(name: str, K: int, O: int, out_dtype: str, bias: bool, requant: bool, target, isa,
+            w7: bool, packed: bool, parallel: bool, epilogue):
+    """The PrimFunc of both linear kernels: parameters (x, W, b, M, s, y), without b if not bias and
+    without M, s if not requant. epilogue(acc, o, Bb, Mb, Sb): the value stored for channel o."""
+    isa = resolve_isa(target, isa)
+    mmla = uses_mmla(target, isa, packed)
+    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla, parallel)
+    wide = src_dt is not None
+    ACC_ROWS = lin_tile(isa, packed)[0] * lin_tile(isa, packed)[1]
+
+    @T.prim_func
+    def linear(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle, s_h: T.handle,
+               y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        N = T.int64()
+        X = T.match_buffer(x_h, (N, K), "int8")
+        W = T.match_buffer(w_h, WS, "int8")
+        Bb = T.match_buffer(b_h, (O,), "int32")
+        Mb = T.match_buffer(m_h, (O,), "int32")
+        Sb = T.match_buffer(s_h, (O,), "int32")
+        Y = T.match_buffer(y_h, (N, O), out_dtype)
+        ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
+        RED = T.alloc_buffer((ROW_TILE,), "int32")
+        if wide:
+            XS = T.alloc_buffer((N + XR, KP), src_dt)
+            sext(X, XS, N)
+        else:
+            XS = X
+        gemm(XS, 0, N, W, ACC, RED,
+             lambda n, o, acc: tirx.BufferStore(Y, epilogue(acc, o, Bb, Mb, Sb), [n, o]))
+
+    unused = (() if bias else ("Bb",)) + (() if requant else ("Mb", "Sb"))
+    return conv(finish(without_params(linear, *unused), name, isa), isa, w7, packed,
+                lin_tile(isa, packed)[1], mmla=mmla, tiles=uses_tiles(isa, packed))
+
+
 def linear_i32(in_features: int, out_features: int, bias: bool = True, target=None,
                isa: str | None = None, w7: bool = False, packed: bool = False,
                parallel: bool = False):
@@ -118,49 +154,8 @@ def linear_i32(in_features: int, out_features: int, bias: bool = True, target=No
     TVM's pool (one parallel launch per call: for GEMMs with many rows, e.g. an LSTM input
     projection over T*B rows; a launch costs more than it saves on a few rows)."""
     K, O = _check_dims(in_features, out_features)
-    isa = resolve_isa(target, isa)
-    mmla = uses_mmla(target, isa, packed)
-    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla, parallel)
-    wide = src_dt is not None
-    ACC_ROWS = lin_tile(isa, packed)[0] * lin_tile(isa, packed)[1]
-
-    if bias:
-        @T.prim_func
-        def linear_i32(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            N = T.int64()
-            X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, WS, "int8")
-            Bb = T.match_buffer(b_h, (O,), "int32")
-            Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
-            RED = T.alloc_buffer((ROW_TILE,), "int32")
-            if wide:
-                XS = T.alloc_buffer((N + XR, KP), src_dt)
-                sext(X, XS, N)
-            else:
-                XS = X
-            gemm(XS, 0, N, W, ACC, RED,
-                 lambda n, o, acc: tirx.BufferStore(Y, acc + Bb[o], [n, o]))
-    else:
-        @T.prim_func
-        def linear_i32(x_h: T.handle, w_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            N = T.int64()
-            X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, WS, "int8")
-            Y = T.match_buffer(y_h, (N, O), "int32")
-            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
-            RED = T.alloc_buffer((ROW_TILE,), "int32")
-            if wide:
-                XS = T.alloc_buffer((N + XR, KP), src_dt)
-                sext(X, XS, N)
-            else:
-                XS = X
-            gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(Y, acc, [n, o]))
-
-    return conv(finish(linear_i32, "linear_i32", isa), isa, w7, packed, lin_tile(isa, packed)[1],
-                mmla=mmla, tiles=uses_tiles(isa, packed))
+    return _linear("linear_i32", K, O, "int32", bias, False, target, isa, w7, packed, parallel,
+                   lambda acc, o, Bb, Mb, Sb: (acc + Bb[o]) if bias else acc)
 
 
 def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
@@ -183,53 +178,6 @@ def linear_requant(in_features: int, out_features: int, out_dtype: str = "int8",
     if out_dtype not in ("int8", "int16"):
         raise ValueError(f"out_dtype must be int8 or int16, got {out_dtype}")
     bits = int(out_dtype[3:])
-    isa = resolve_isa(target, isa)
-    mmla = uses_mmla(target, isa, packed)
-    WS, src_dt, KP, sext, gemm, XR = product(K, O, isa, w7, packed, bias, mmla, parallel)
-    wide = src_dt is not None
-    ACC_ROWS = lin_tile(isa, packed)[0] * lin_tile(isa, packed)[1]
-
-    if bias:
-        @T.prim_func
-        def linear_requant(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle,
-                           s_h: T.handle, y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            N = T.int64()
-            X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, WS, "int8")
-            Bb = T.match_buffer(b_h, (O,), "int32")
-            Mb = T.match_buffer(m_h, (O,), "int32")
-            Sb = T.match_buffer(s_h, (O,), "int32")
-            Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
-            RED = T.alloc_buffer((ROW_TILE,), "int32")
-            if wide:
-                XS = T.alloc_buffer((N + XR, KP), src_dt)
-                sext(X, XS, N)
-            else:
-                XS = X
-            gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
-                Y, rq(add_i32(acc, Bb[o]), Mb[o], Sb[o], bits), [n, o]))
-    else:
-        @T.prim_func
-        def linear_requant(x_h: T.handle, w_h: T.handle, m_h: T.handle, s_h: T.handle,
-                           y_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            N = T.int64()
-            X = T.match_buffer(x_h, (N, K), "int8")
-            W = T.match_buffer(w_h, WS, "int8")
-            Mb = T.match_buffer(m_h, (O,), "int32")
-            Sb = T.match_buffer(s_h, (O,), "int32")
-            Y = T.match_buffer(y_h, (N, O), out_dtype)
-            ACC = T.alloc_buffer((max(ROW_TILE, ACC_ROWS, MMLA_RP * MMLA_CP), 8), "int32")
-            RED = T.alloc_buffer((ROW_TILE,), "int32")
-            if wide:
-                XS = T.alloc_buffer((N + XR, KP), src_dt)
-                sext(X, XS, N)
-            else:
-                XS = X
-            gemm(XS, 0, N, W, ACC, RED, lambda n, o, acc: tirx.BufferStore(
-                Y, rq(acc, Mb[o], Sb[o], bits), [n, o]))
-
-    return conv(finish(linear_requant, "linear_requant", isa), isa, w7, packed,
-                lin_tile(isa, packed)[1], mmla=mmla, tiles=uses_tiles(isa, packed))
+    return _linear("linear_requant", K, O, out_dtype, bias, True, target, isa, w7, packed, parallel,
+                   lambda acc, o, Bb, Mb, Sb: rq(add_i32(acc, Bb[o]) if bias else acc, Mb[o], Sb[o],
+                                                 bits))

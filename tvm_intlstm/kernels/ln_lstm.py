@@ -11,19 +11,10 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
-from ._common import check_multiplier, check_shift, finish
-from ._tir import add_sat16, pwl_piece, requantize, rshift_round, sat_cast
+from ._common import finish
+from ._tir import add_sat16, pwl_index_into, pwl_piece, requantize, rshift_round, sat_cast
+from .lstm import check_direction, recurrent_kernel
 from .norm import check_ln16, ln16_row
-
-
-@T.macro
-def _pwl_scalar(TBL, n, x, XC, IDX):
-    """XC[0], IDX[0] = the clamped input and piece index of x for table TBL of n pieces (spec 7);
-    the value is then pwl_piece(TBL, IDX[0], XC[0])."""
-    XC[0] = T.max(T.min(T.Cast("int32", x), TBL[0, n]), TBL[0, 0])
-    IDX[0] = 0
-    for q in range(1, n):
-        IDX[0] = IDX[0] + T.Cast("int32", XC[0] >= TBL[0, q])
 
 
 def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tuple, ln_c: tuple,
@@ -42,25 +33,18 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
         y      int8  [T, B, H] (out), h_T int8 [B, H] (out), c_T int16 [B, H] (out)
 
     ln_h, ln_c: (Ml, sl, eps) of the two layer norms, baked like mo, so and cell_frac."""
-    H = int(hidden)
-    if H <= 0:
-        raise ValueError(f"hidden size must be positive, got {H}")
+    H, mo, so, F, (n_sig, n_tanh, n_tc) = check_direction(
+        hidden, mo, so, cell_frac, (sig_pieces, tanh_pieces, tanh_c_pieces))
     G = 4 * H
-    mo = check_multiplier(mo)
-    so = check_shift(so, 1, 62)
-    F = check_shift(cell_frac, 0, 15)
     _, mlh, slh, eh = check_ln16(H, *ln_h)
     _, mlc, slc, ec = check_ln16(H, *ln_c)
-    n_sig, n_tanh, n_tc = int(sig_pieces), int(tanh_pieces), int(tanh_c_pieces)
-    for n in (n_sig, n_tanh, n_tc):
-        if not 1 <= n <= 64:
-            raise ValueError(f"PWL piece counts must be in 1..64, got {n}")
     ig_shift = 30 - F
 
     @T.macro
     def gate(TBL, n, t, b, q, j, GX, GH, XC, IDX, GATE):
         # gate q of unit j: pwl(TBL, add_sat_16(gx, gh)) into GATE[q] (Q0.15 in int32)
-        _pwl_scalar(TBL, n, add_sat16(GX[t, b, q * H + j], GH[0, q, j]), XC, IDX)
+        pwl_index_into(TBL, n, T.Cast("int32", add_sat16(GX[t, b, q * H + j], GH[0, q, j])),
+                       XC, 0, IDX, 0)
         GATE[q] = T.Cast("int32", pwl_piece(TBL, IDX[0], XC[0]))
 
     @T.macro
@@ -88,36 +72,14 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
                 CN[0, 0, j] = CT[b, j]
             ln16_row(CN, CL, GAMC, BETC, 0, 0, H, mlc, slc, ec, ACC, ISQ)
             for j in range(H):
-                _pwl_scalar(TANHC, n_tc, CL[0, 0, j], XC, IDX)
+                pwl_index_into(TANHC, n_tc, T.Cast("int32", CL[0, 0, j]), XC, 0, IDX, 0)
                 HT[b, j] = requantize(OG[j] * T.Cast("int32", pwl_piece(TANHC, IDX[0], XC[0])),
                                       mo, so, 8)
                 Y[t, b, j] = HT[b, j]
 
-    @T.prim_func
-    def ln_lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
-                          gh_h: T.handle, bh_h: T.handle, gc_h: T.handle, bc_h: T.handle,
-                          sig_h: T.handle, tanh_h: T.handle, tanhc_h: T.handle,
-                          h0_h: T.handle, c0_h: T.handle,
-                          y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        TT = T.int64()
-        B = T.int64()
-        GX = T.match_buffer(gx_h, (TT, B, G), "int16")
-        WH = T.match_buffer(wh_h, (G, H), "int8")
-        MH = T.match_buffer(mh_h, (G,), "int32")
-        SH = T.match_buffer(sh_h, (G,), "int32")
-        GAMH = T.match_buffer(gh_h, (4, H), "int16")
-        BETH = T.match_buffer(bh_h, (4, H), "int64")
-        GAMC = T.match_buffer(gc_h, (1, H), "int16")
-        BETC = T.match_buffer(bc_h, (1, H), "int64")
-        SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
-        TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
-        TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
-        H0 = T.match_buffer(h0_h, (B, H), "int8")
-        C0 = T.match_buffer(c0_h, (B, H), "int16")
-        Y = T.match_buffer(y_h, (TT, B, H), "int8")
-        HT = T.match_buffer(hT_h, (B, H), "int8")
-        CT = T.match_buffer(cT_h, (B, H), "int16")
+    @T.macro
+    def direction(TT, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, H0, C0,
+                  Y, HT, CT):
         AH = T.alloc_buffer((1, 4, H), "int16")
         GH = T.alloc_buffer((1, 4, H), "int16")
         CN = T.alloc_buffer((1, 1, H), "int16")
@@ -140,4 +102,7 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
                 step(t, B, GX, WH, MH, SH, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, Y, HT, CT,
                      AH, GH, CN, CL, ACC, ACC32, ISQ, XC, IDX, GATE, OG)
 
+    # the parameters of kernels/lstm.py's kernel, less the u8 correction, plus the layer norms'
+    ln_lstm_recurrent = recurrent_kernel(H, (G, H), (n_sig, n_tanh, n_tc), direction, corr=False,
+                                         layer_norm=True)
     return finish(ln_lstm_recurrent, "ln_lstm_recurrent")

@@ -55,7 +55,8 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from . import isa as _isa
-from ._common import check_multiplier, check_shift, finish, requantizer, resolve_isa, vec_split
+from ._common import (check_multiplier, check_pieces, check_shift, finish, requantizer, resolve_isa,
+                      vec_split, without_params)
 from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
                     with_convention, x16_source)
 
@@ -154,6 +155,64 @@ def pad_units(a, hidden: int, units: int, axis: int = 0, fill: str = "zero") -> 
     return np.ascontiguousarray(np.moveaxis(out, 0, axis))
 
 
+def check_direction(hidden: int, mo: int, so: int, cell_frac: int, pieces: tuple) -> tuple:
+    """(H, mo, so, F, piece counts) of a recurrent direction (spec 8 / 8b), checked."""
+    H = int(hidden)
+    if H <= 0:
+        raise ValueError(f"hidden size must be positive, got {H}")
+    return (H, check_multiplier(mo), check_shift(so, 1, 62), check_shift(cell_frac, 0, 15),
+            tuple(check_pieces(n) for n in pieces))
+
+
+def recurrent_kernel(H: int, w_shape, pieces: tuple, direction, init_state: bool = True,
+                     corr: bool = True, layer_norm: bool = False):
+    """The PrimFunc of a recurrent direction kernel (spec 8 / 8b), G = 4 H, T and B symbolic:
+
+        gx int16 [T, B, G], w_h int8 w_shape, mh, sh int32 [G], corr int32 [G],
+        gam_h int16 [4, H], bet_h int64 [4, H], gam_c int16 [1, H], bet_c int64 [1, H],
+        sig, tanh, tanh_c int32 [3, n + 1] (n: `pieces`), h0 int8 [B, H], c0 int16 [B, H],
+        y int8 [T, B, H] (out), h_T int8 [B, H] (out), c_T int16 [B, H] (out),
+
+    keeping corr (the u8 correction) if `corr`, the layer norms' gamma / beta if `layer_norm` and
+    h0, c0 if `init_state`. The macro `direction` takes T, B and all these buffers, in this order,
+    and writes y, h_T and c_T. One signature serves the LSTM and the layer-norm LSTM kernels."""
+    G = 4 * H
+    n_sig, n_tanh, n_tc = pieces
+
+    @T.prim_func
+    def recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
+                  corr_h: T.handle, gh_h: T.handle, bh_h: T.handle, gc_h: T.handle,
+                  bc_h: T.handle, sig_h: T.handle, tanh_h: T.handle, tanhc_h: T.handle,
+                  h0_h: T.handle, c0_h: T.handle, y_h: T.handle, hT_h: T.handle,
+                  cT_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        TT = T.int64()
+        B = T.int64()
+        GX = T.match_buffer(gx_h, (TT, B, G), "int16")
+        WH = T.match_buffer(wh_h, w_shape, "int8")
+        MH = T.match_buffer(mh_h, (G,), "int32")
+        SH = T.match_buffer(sh_h, (G,), "int32")
+        CORR = T.match_buffer(corr_h, (G,), "int32")
+        GAMH = T.match_buffer(gh_h, (4, H), "int16")
+        BETH = T.match_buffer(bh_h, (4, H), "int64")
+        GAMC = T.match_buffer(gc_h, (1, H), "int16")
+        BETC = T.match_buffer(bc_h, (1, H), "int64")
+        SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
+        TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
+        TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
+        H0 = T.match_buffer(h0_h, (B, H), "int8")
+        C0 = T.match_buffer(c0_h, (B, H), "int16")
+        Y = T.match_buffer(y_h, (TT, B, H), "int8")
+        HT = T.match_buffer(hT_h, (B, H), "int8")
+        CT = T.match_buffer(cT_h, (B, H), "int16")
+        direction(TT, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, H0, C0,
+                  Y, HT, CT)
+
+    unused = ((() if corr else ("CORR",)) + (() if layer_norm else ("GAMH", "BETH", "GAMC", "BETC"))
+              + (() if init_state else ("H0", "C0")))
+    return without_params(recurrent, *unused)
+
+
 def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces: int = 16,
                    tanh_pieces: int = 16, tanh_c_pieces: int = 16, reverse: bool = False,
                    init_state: bool = False, target=None, isa: str | None = None,
@@ -195,17 +254,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     knot, base and rounding folded in, computed per call from the tables) instead of three plus a
     subtraction and the rounding add.
     """
-    H = int(hidden)
-    if H <= 0:
-        raise ValueError(f"hidden size must be positive, got {H}")
+    H, mo, so, F, (n_sig, n_tanh, n_tc) = check_direction(
+        hidden, mo, so, cell_frac, (sig_pieces, tanh_pieces, tanh_c_pieces))
     G = 4 * H
-    mo = check_multiplier(mo)
-    so = check_shift(so, 1, 62)
-    F = check_shift(cell_frac, 0, 15)
-    n_sig, n_tanh, n_tc = (int(sig_pieces), int(tanh_pieces), int(tanh_c_pieces))
-    for n in (n_sig, n_tanh, n_tc):
-        if not 1 <= n <= 64:
-            raise ValueError(f"PWL piece counts must be in 1..64, got {n}")
     isa = resolve_isa(target, isa)
     fam = _isa.family(isa)
     u8 = uses_u8(isa, w7, packed)
@@ -603,8 +654,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 else:
                     step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
 
-    # Two signatures (with/without h0, c0): TVMScript parameter lists are fixed. `corr` is always a
-    # parameter; only the u8 route reads it (the others get zeros from `kernels.prepare_weights`).
+    # Without init_state the states start at zero. `corr` is always a parameter; only the u8 route
+    # reads it (the others get zeros from `kernels.prepare_weights`).
     @T.macro
     def zero_state(B, HT, CT):
         for b, jo in T.grid(B, JO):
@@ -619,51 +670,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 HT[b, jo * JV + jv] = H0[b, jo * JV + jv]
                 CT[b, jo * JV + jv] = C0[b, jo * JV + jv]
 
-    if init_state:
-        @T.prim_func
-        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
-                           corr_h: T.handle, sig_h: T.handle, tanh_h: T.handle,
-                           tanhc_h: T.handle, h0_h: T.handle, c0_h: T.handle,
-                           y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            TT = T.int64()
-            B = T.int64()
-            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
-            WH = T.match_buffer(wh_h, WS, "int8")
-            MH = T.match_buffer(mh_h, (G,), "int32")
-            SH = T.match_buffer(sh_h, (G,), "int32")
-            CORR = T.match_buffer(corr_h, (G,), "int32")
-            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
-            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
-            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
-            H0 = T.match_buffer(h0_h, (B, H), "int8")
-            C0 = T.match_buffer(c0_h, (B, H), "int16")
-            Y = T.match_buffer(y_h, (TT, B, H), "int8")
-            HT = T.match_buffer(hT_h, (B, H), "int8")
-            CT = T.match_buffer(cT_h, (B, H), "int16")
+    @T.macro
+    def direction(TT, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, H0, C0,
+                  Y, HT, CT):
+        if init_state:
             copy_state(B, H0, C0, HT, CT)
-            run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
-    else:
-        @T.prim_func
-        def lstm_recurrent(gx_h: T.handle, wh_h: T.handle, mh_h: T.handle, sh_h: T.handle,
-                           corr_h: T.handle, sig_h: T.handle, tanh_h: T.handle,
-                           tanhc_h: T.handle, y_h: T.handle, hT_h: T.handle, cT_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            TT = T.int64()
-            B = T.int64()
-            GX = T.match_buffer(gx_h, (TT, B, G), "int16")
-            WH = T.match_buffer(wh_h, WS, "int8")
-            MH = T.match_buffer(mh_h, (G,), "int32")
-            SH = T.match_buffer(sh_h, (G,), "int32")
-            CORR = T.match_buffer(corr_h, (G,), "int32")
-            SIG = T.match_buffer(sig_h, (3, n_sig + 1), "int32")
-            TANH = T.match_buffer(tanh_h, (3, n_tanh + 1), "int32")
-            TANHC = T.match_buffer(tanhc_h, (3, n_tc + 1), "int32")
-            Y = T.match_buffer(y_h, (TT, B, H), "int8")
-            HT = T.match_buffer(hT_h, (B, H), "int8")
-            CT = T.match_buffer(cT_h, (B, H), "int16")
+        else:
             zero_state(B, HT, CT)
-            run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
+        run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT)
 
+    lstm_recurrent = recurrent_kernel(H, WS, (n_sig, n_tanh, n_tc), direction,
+                                      init_state=init_state)
     func = with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)
     return func.with_attr("intlstm.gate_interleave", int(fused)).with_attr("intlstm.pwl_fold", int(fold))

@@ -7,24 +7,30 @@ digit-by-digit loop of the reference (`reference.ops.isqrt`).
 """
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.script import tirx as T
 
-from ._common import check_multiplier, check_shift, finish, vec_split
+from ._common import check_multiplier, check_pieces, check_shift, finish, vec_split
 from ..spec import LN_FRAC, PROB_FRAC
-from ._tir import isqrt_into, pwl_piece, requantize, rshift_round, sat_cast
+from ._tir import isqrt_into, pwl_index_into, pwl_piece, requantize, rshift_round, sat_cast
+
+
+def _check_ln(features: int, Ml: int, sl: int, spec: str) -> tuple[int, int, int]:
+    """D, Ml, sl of a layer norm (spec 10 / 10b), checked."""
+    D = int(features)
+    if not 1 <= D <= 4096:
+        raise ValueError(f"integer layer norm supports 1 <= D <= 4096, got {D}")
+    Ml = check_multiplier(Ml)
+    if Ml >= 2**15:
+        raise ValueError(f"layer norm multiplier must be below 2^15 (spec {spec}), got {Ml}")
+    return D, Ml, check_shift(sl, 1, 62)
 
 
 def layer_norm(features: int, Ml: int, sl: int):
     """x int8 [N, D], gamma int16 [D], beta int64 [D] -> int8 [N, D] (spec 10, int64 arithmetic).
 
     (Ml, sl) is the 15-bit multiplier of spec 10 (2^14 <= Ml < 2^15, 1 <= sl <= 62), baked in."""
-    D = int(features)
-    if not 1 <= D <= 4096:
-        raise ValueError(f"integer layer norm supports 1 <= D <= 4096, got {D}")
-    Ml = check_multiplier(Ml)
-    if Ml >= 2**15:
-        raise ValueError(f"layer norm multiplier must be below 2^15 (spec 10), got {Ml}")
-    sl = check_shift(sl, 1, 62)
+    D, Ml, sl = _check_ln(features, Ml, sl, "10")
 
     @T.prim_func
     def layer_norm(x_h: T.handle, g_h: T.handle, b_h: T.handle, y_h: T.handle):
@@ -80,16 +86,11 @@ def ln16_row(X, Y, GAM, BET, n, g, D, Ml, sl, eps, ACC, ISQ):
 
 def check_ln16(features: int, Ml: int, sl: int, eps: int) -> tuple[int, int, int, int]:
     """The baked constants of a spec-10b layer norm, checked (clear errors instead of wrong code)."""
-    D = int(features)
-    if not 1 <= D <= 4096:
-        raise ValueError(f"integer layer norm supports 1 <= D <= 4096, got {D}")
-    Ml = check_multiplier(Ml)
-    if Ml >= 2**15:
-        raise ValueError(f"layer norm multiplier must be below 2^15 (spec 10b), got {Ml}")
+    D, Ml, sl = _check_ln(features, Ml, sl, "10b")
     eps = int(eps)
     if not 0 <= eps < 2**46:
         raise ValueError(f"layer norm epsilon E must be in [0, 2^46), got {eps}")
-    return D, Ml, check_shift(sl, 1, 62), eps
+    return D, Ml, sl, eps
 
 
 def layer_norm16(groups: int, features: int, Ml: int, sl: int, eps: int = 0):
@@ -117,18 +118,40 @@ def layer_norm16(groups: int, features: int, Ml: int, sl: int, eps: int = 0):
     return finish(layer_norm16, "layer_norm16")
 
 
+@T.macro
+def softmax_exp_into(z, zmax, TBL, n, Mz, sz, XC, EX, k, E):
+    """One exponential of a softmax row (spec 11): d = requantize_16(max(z - zmax, -2^31), Mz, sz),
+    then e = pwl(exp, d) into EX[k] (int32, holding an int16 value), added to the row sum E[0]
+    (int64). XC: int32 [2] scratch (clamped input, piece index)."""
+    pwl_index_into(TBL, n, T.Cast("int32", requantize(T.Cast("int32", T.max(
+        T.Cast("int64", z) - T.Cast("int64", zmax), T.int64(-(2**31)))), Mz, sz, 16)),
+        XC, 0, XC, 1)
+    EX[k] = pwl_piece(TBL, XC[1], XC[0])
+    E[0] = E[0] + T.Cast("int64", EX[k])
+
+
+def prob16(ex, e):
+    """A softmax probability (spec 11): min(floor((ex 2^PROB_FRAC + e / 2) / e), 32767) as int16,
+    from the exponential ex (int32) and the row sum e (int64, > 0)."""
+    return T.Cast("int16", T.min(T.floordiv(
+        T.Cast("int64", ex) * T.int64(1 << PROB_FRAC) + T.floordiv(e, T.int64(2)), e),
+        T.int64(32767)))
+
+
 def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
     """z int32 [R, K] -> p int16 [R, K] (spec 11): probabilities over the last axis.
 
     The exp table is int32 [3, exp_pieces + 1] (`lstm.pack_pwl` format, in_frac 10), a buffer;
     (Mz, sz) are baked. `length` fixes K statically; None (default) makes it symbolic, so one
     build serves every source length. Parameters: (z, exp_table, p)."""
-    n = int(exp_pieces)
-    if not 1 <= n <= 64:
-        raise ValueError(f"PWL piece count must be in 1..64, got {n}")
+    n = check_pieces(exp_pieces)
     Mz = check_multiplier(Mz)
     sz = check_shift(sz, 1, 62)
     static_k = length is not None
+    # K: the static length, or a symbolic one (the buffers bind it; rows of length 0 are skipped)
+    K = int(length) if static_k else tirx.Var("K", "int64")
+    if static_k and K <= 0:
+        raise ValueError("softmax length must be positive")
 
     # The exponentials go to an int32 row EX, not straight into the int16 output: a workaround for
     # an LLVM 22 x86 miscompile. With a static length LLVM's loop vectorizer folds the tail of
@@ -142,64 +165,31 @@ def softmax(exp_pieces: int, Mz: int, sz: int, length: int | None = None):
     # (llvm/llvm-project#179489, fixed upstream by #179853.) An int32 store has nothing to
     # truncate, and the int16 stores happen in the normalization loop, which has an int64
     # division per element and stays scalar. tests/test_guarded_buffers.py checks every length.
-    @T.macro
-    def body(Z, TBL, P, R, K, MX, E, XC, EX):
-        for r in range(R):
-            MX[0] = Z[r, 0]
-            for k in range(K):
-                MX[0] = T.max(MX[0], Z[r, k])
-            E[0] = T.int64(0)
-            for k in range(K):
-                # d = requantize_16(max(z - m, -2^31)), then e = pwl(exp, d), kept in EX (int32,
-                # holding an int16 value)
-                XC[0] = T.max(T.min(T.Cast("int32", requantize(T.Cast("int32", T.max(
-                    T.Cast("int64", Z[r, k]) - T.Cast("int64", MX[0]), T.int64(-(2**31)))),
-                    Mz, sz, 16)), TBL[0, n]), TBL[0, 0])
-                XC[1] = T.int32(0)
-                for q in range(1, n):
-                    XC[1] = XC[1] + T.Cast("int32", XC[0] >= TBL[0, q])
-                EX[k] = pwl_piece(TBL, XC[1], XC[0])
-                E[0] = E[0] + T.Cast("int64", EX[k])
-            # E > 0 for every valid table (spec 11); the guard only keeps a bad table from
-            # dividing by zero
-            E[0] = T.max(E[0], T.int64(1))
-            for k in range(K):
-                P[r, k] = T.Cast("int16", T.min(T.floordiv(
-                    T.Cast("int64", EX[k]) * T.int64(1 << PROB_FRAC) + T.floordiv(E[0], T.int64(2)),
-                    E[0]), T.int64(32767)))
 
-    if static_k:
-        KS = int(length)
-        if KS <= 0:
-            raise ValueError("softmax length must be positive")
-
-        @T.prim_func
-        def softmax(z_h: T.handle, t_h: T.handle, p_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            R = T.int64()
-            Z = T.match_buffer(z_h, (R, KS), "int32")
-            TBL = T.match_buffer(t_h, (3, n + 1), "int32")
-            P = T.match_buffer(p_h, (R, KS), "int16")
-            MX = T.alloc_buffer((1,), "int32")
-            E = T.alloc_buffer((1,), "int64")
-            XC = T.alloc_buffer((2,), "int32")
-            EX = T.alloc_buffer((KS,), "int32")
-            body(Z, TBL, P, R, KS, MX, E, XC, EX)
-    else:
-        @T.prim_func
-        def softmax(z_h: T.handle, t_h: T.handle, p_h: T.handle):
-            T.func_attr({"tirx.noalias": True})
-            R = T.int64()
-            K = T.int64()
-            Z = T.match_buffer(z_h, (R, K), "int32")
-            TBL = T.match_buffer(t_h, (3, n + 1), "int32")
-            P = T.match_buffer(p_h, (R, K), "int16")
-            MX = T.alloc_buffer((1,), "int32")
-            E = T.alloc_buffer((1,), "int64")
-            XC = T.alloc_buffer((2,), "int32")
-            EX = T.alloc_buffer((K,), "int32")
-            if K > 0:
-                body(Z, TBL, P, R, K, MX, E, XC, EX)
+    @T.prim_func
+    def softmax(z_h: T.handle, t_h: T.handle, p_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        R = T.int64()
+        Z = T.match_buffer(z_h, (R, K), "int32")
+        TBL = T.match_buffer(t_h, (3, n + 1), "int32")
+        P = T.match_buffer(p_h, (R, K), "int16")
+        MX = T.alloc_buffer((1,), "int32")
+        E = T.alloc_buffer((1,), "int64")
+        XC = T.alloc_buffer((2,), "int32")
+        EX = T.alloc_buffer((K,), "int32")
+        if K > 0:
+            for r in range(R):
+                MX[0] = Z[r, 0]
+                for k in range(K):
+                    MX[0] = T.max(MX[0], Z[r, k])
+                E[0] = T.int64(0)
+                for k in range(K):
+                    softmax_exp_into(Z[r, k], MX[0], TBL, n, Mz, sz, XC, EX, k, E)
+                # E > 0 for every valid table (spec 11); the guard only keeps a bad table from
+                # dividing by zero
+                E[0] = T.max(E[0], T.int64(1))
+                for k in range(K):
+                    P[r, k] = prob16(EX[k], E[0])
 
     return finish(softmax, "softmax")
 

@@ -56,10 +56,27 @@ _LOCK = threading.Lock()
 _PREFIX = "tvm_intlstm-inproc:"
 
 
+def _build_each(build_inputs, keep, builder: str) -> list:
+    """BuilderResults of both builders: each candidate compiled with tvm.compile in this process,
+    keep(executable, target) stores it and returns its key or path; an error becomes the result's
+    error message, prefixed by the builder's name."""
+    import tvm  # pylint: disable=import-outside-toplevel
+    from tvm.s_tir.meta_schedule.builder import BuilderResult  # pylint: disable=import-outside-toplevel
+
+    results = []
+    for bi in build_inputs:
+        try:
+            ex = tvm.compile(bi.mod, target=bi.target)
+            results.append(BuilderResult(keep(ex, bi.target), None))
+        except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
+            results.append(BuilderResult(None, f"{builder}: {type(e).__name__}: {e}"))
+    return results
+
+
 def _classes():
     """Define the PyBuilder/PyRunner/PyMeasureCallback subclasses (after tvm is imported)."""
     from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder import PyBuilder
     from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
     from tvm.s_tir.meta_schedule.runner import PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
@@ -69,19 +86,13 @@ def _classes():
         """Builds each candidate with tvm.compile in this process; the artifact stays in memory."""
 
         def build(self, build_inputs):
-            import tvm  # pylint: disable=import-outside-toplevel
+            def keep(ex, _target):
+                key = f"{_PREFIX}{next(_COUNTER)}"
+                with _LOCK:
+                    _ARTIFACTS[key] = ex
+                return key
 
-            results = []
-            for bi in build_inputs:
-                try:
-                    ex = tvm.compile(bi.mod, target=bi.target)
-                    key = f"{_PREFIX}{next(_COUNTER)}"
-                    with _LOCK:
-                        _ARTIFACTS[key] = ex
-                    results.append(BuilderResult(key, None))
-                except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
-                    results.append(BuilderResult(None, f"InProcessBuilder: {type(e).__name__}: {e}"))
-            return results
+            return _build_each(build_inputs, keep, "InProcessBuilder")
 
     @derived_object
     class InProcessRunner(PyRunner):
@@ -283,7 +294,7 @@ class RPCConfig:
 def _rpc_classes():
     """PyBuilder/PyRunner for tuning over RPC (after tvm is imported); see the module doc."""
     from tvm.ir.utils import derived_object  # pylint: disable=import-outside-toplevel
-    from tvm.s_tir.meta_schedule.builder import BuilderResult, PyBuilder
+    from tvm.s_tir.meta_schedule.builder import PyBuilder
     from tvm.s_tir.meta_schedule.runner import PyRunner
     from tvm.s_tir.meta_schedule.runner.local_runner import LocalRunnerFuture
 
@@ -301,18 +312,12 @@ def _rpc_classes():
             self.work_dir = work_dir
 
         def build(self, build_inputs):
-            import tvm  # pylint: disable=import-outside-toplevel
+            def keep(ex, target):
+                path = os.path.join(self.work_dir, f"cand{next(_COUNTER)}.so")
+                export_library(ex, path, target)
+                return path
 
-            results = []
-            for bi in build_inputs:
-                try:
-                    ex = tvm.compile(bi.mod, target=bi.target)
-                    path = os.path.join(self.work_dir, f"cand{next(_COUNTER)}.so")
-                    export_library(ex, path, bi.target)
-                    results.append(BuilderResult(path, None))
-                except Exception as e:  # noqa: BLE001  # pylint: disable=broad-except
-                    results.append(BuilderResult(None, f"RPCBuilder: {type(e).__name__}: {e}"))
-            return results
+            return _build_each(build_inputs, keep, "RPCBuilder")
 
     @derived_object
     class RPCRunner(PyRunner):

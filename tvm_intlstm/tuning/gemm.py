@@ -40,7 +40,8 @@ The design space (`schedule_gemm`, used as a MetaSchedule ScheduleFn space) make
 - `pragma_auto_unroll_max_step` sampled from UNROLL_CHOICES on the gemm block.
 
 AVX-512 machines (x86_wide.py): `gemm_blocks_for_isa(isa, ...)`, `prepare_weights(isa, W, bias)`
-and `design_spaces(sch, isa, O)` dispatch on the isa names of `x86_wide.x86_isa(target)`.
+and `design_spaces(sch, isa, O)` dispatch on the design-space names of `x86_wide.x86_isa(target)`
+(names of tuning spaces, not of the kernel families of kernels/isa/, which they are derived from).
 For "avx512_vnni" and "avx512" the kernel is x86_wide.gemm_blocks_wide: the same call interface,
 a u8 source block (x + 128), weights packed [OP/16, KP/4, 16, 4] (layout "o16k4") and the +128
 correction folded into the bias by prepare_weights (bias - 128 * rowsum(W)); the 16 x 4 step is
@@ -53,7 +54,9 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from ._blocks import NT_CHOICES, ROW_PAD, UNROLL_CHOICES, requant_epilogue  # noqa: F401  (re-exported)
+from ._blocks import (NT_CHOICES, ROW_PAD, UNROLL_CHOICES,  # noqa: F401  (re-exported)
+                      check_linear, dot_desc, dot_intrin, finish_tiles, gemm_block_kernel,
+                      sample_tiles)
 
 KPAIR = 2          # k per vpmaddwd lane
 OVEC = 8           # output channels per int32x8 vector
@@ -76,26 +79,8 @@ def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
     (None, s): a per-tensor multiplier and/or shift baked into the epilogue, which is then as cheap
     as the default kernel's; the M / s buffers stay parameters). It changes no block or loop, so
     a trace tuned on one epilogue replays on another."""
-    K, O = int(in_features), int(out_features)
-    if K <= 0 or O <= 0:
-        raise ValueError(f"linear sizes must be positive, got K={K}, O={O}")
-    if K > 2**16:
-        raise ValueError("spec 5 bounds K <= 2^16")
-    if out_dtype not in ("int8", "int16", "int32"):
-        raise ValueError(f"out_dtype must be int8, int16 or int32, got {out_dtype}")
+    K, O = check_linear(in_features, out_features, out_dtype)
     KP, OP = padded(K, O)
-    requant = out_dtype != "int32"
-    # the row count: a fresh symbolic var (bound by the buffers), or the static specialization
-    N = tirx.Var("N", "int64") if n_rows is None else tirx.IntImm("int64", int(n_rows))
-    # rows of the product padded to a multiple of ROW_PAD (zero rows, never stored), so that every
-    # row tile in NT_CHOICES divides them: no predicate, which tensorize cannot take
-    NP = (int(n_rows) + ROW_PAD - 1) // ROW_PAD * ROW_PAD if n_rows is not None else \
-        tirx.floordiv(N + (ROW_PAD - 1), ROW_PAD) * ROW_PAD
-    if n_rows is not None:
-        NP = tirx.IntImm("int64", NP)
-
-    wshape = (OP // OVEC, KP // KPAIR, OVEC, KPAIR) if packed else (O, K)
-    w16shape = (1, 1) if packed else (OP, KP)
 
     def wread(W, W16, o, k):
         if packed:
@@ -108,77 +93,12 @@ def gemm_blocks(in_features: int, out_features: int, out_dtype: str = "int8",
         return tirx.if_then_else(tirx.all(o < O, k < K), tirx.Cast(
             "int16", W[tirx.min(o, O - 1), tirx.min(k, K - 1)]), tirx.const(0, "int16"))
 
-    epilogue = requant_epilogue(out_dtype, scale)
-
-    @T.prim_func(s_tir=True)
-    def gemm_requant(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle, s_h: T.handle,
-                     y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        X = T.match_buffer(x_h, (N, K), "int8")
-        W = T.match_buffer(w_h, wshape, "int8")
-        Bb = T.match_buffer(b_h, (O,), "int32")
-        Mb = T.match_buffer(m_h, (O,), "int32")
-        Sb = T.match_buffer(s_h, (O,), "int32")
-        Y = T.match_buffer(y_h, (N, O), out_dtype)
-        X16 = T.sblock_alloc_buffer((NP, KP), "int16")
-        W16 = T.sblock_alloc_buffer(w16shape, "int16")
-        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
-        for n, k in T.grid(NP, KP):
-            with T.sblock("x16"):
-                vn, vk = T.axis.remap("SS", [n, k])
-                X16[vn, vk] = T.if_then_else(
-                    vn < N and vk < K, T.Cast("int16", X[T.min(vn, N - 1), T.min(vk, K - 1)]),
-                    T.int16(0))
-        if not packed:
-            for o, k in T.grid(OP, KP):
-                with T.sblock("w16"):
-                    vo, vk = T.axis.remap("SS", [o, k])
-                    W16[vo, vk] = wext(W, vo, vk)
-        for n, o, k in T.grid(NP, OP, KP):
-            with T.sblock("gemm"):
-                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
-                with T.init():
-                    ACC[vn, vo] = 0
-                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", X16[vn, vk]) * wread(W, W16, vo, vk)
-        for n, o in T.grid(N, O):
-            with T.sblock("epilogue"):
-                vn, vo = T.axis.remap("SS", [n, o])
-                Y[vn, vo] = epilogue(ACC[vn, vo], Bb, Mb, Sb, vo)
-
-    @T.prim_func(s_tir=True)
-    def gemm_i32(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        X = T.match_buffer(x_h, (N, K), "int8")
-        W = T.match_buffer(w_h, wshape, "int8")
-        Bb = T.match_buffer(b_h, (O,), "int32")
-        Y = T.match_buffer(y_h, (N, O), "int32")
-        X16 = T.sblock_alloc_buffer((NP, KP), "int16")
-        W16 = T.sblock_alloc_buffer(w16shape, "int16")
-        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
-        for n, k in T.grid(NP, KP):
-            with T.sblock("x16"):
-                vn, vk = T.axis.remap("SS", [n, k])
-                X16[vn, vk] = T.if_then_else(
-                    vn < N and vk < K, T.Cast("int16", X[T.min(vn, N - 1), T.min(vk, K - 1)]),
-                    T.int16(0))
-        if not packed:
-            for o, k in T.grid(OP, KP):
-                with T.sblock("w16"):
-                    vo, vk = T.axis.remap("SS", [o, k])
-                    W16[vo, vk] = wext(W, vo, vk)
-        for n, o, k in T.grid(NP, OP, KP):
-            with T.sblock("gemm"):
-                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
-                with T.init():
-                    ACC[vn, vo] = 0
-                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", X16[vn, vk]) * wread(W, W16, vo, vk)
-        for n, o in T.grid(N, O):
-            with T.sblock("epilogue"):
-                vn, vo = T.axis.remap("SS", [n, o])
-                Y[vn, vo] = ACC[vn, vo] + Bb[vo]
-
-    func = gemm_requant if requant else gemm_i32
-    default_name = ("linear_requant" if requant else "linear_i32")
+    func = gemm_block_kernel(
+        K, O, KP, OP, out_dtype, n_rows,
+        (OP // OVEC, KP // KPAIR, OVEC, KPAIR) if packed else (O, K),
+        ("x16", "int16", lambda x: T.Cast("int16", x), T.int16(0)), wread,
+        w16=((1, 1), None) if packed else ((OP, KP), wext), scale=scale)
+    default_name = "linear_requant" if out_dtype != "int32" else "linear_i32"
     func = func.with_attr("global_symbol", name or default_name)
     return func.with_attr("intlstm.weight_layout", "o8k2" if packed else "ok")
 
@@ -198,58 +118,23 @@ def pack_weights(W: np.ndarray) -> np.ndarray:
 
 
 # --- the AVX2 tensor intrinsic --------------------------------------------------------------------
-@T.prim_func(s_tir=True)
-def _pmaddwd_desc(A: T.Buffer((2,), "int16", offset_factor=1),
-                  B: T.Buffer((8, 2), "int16", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i, k in T.grid(8, 2):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
+def _pmaddwd_impl(w_dtype: str):
+    """One vpmaddwd of the broadcast int16 pair of A against 8 weight pairs (int16, or int8
+    sign-extended by vpmovsxbw)."""
+    def weights(B):
+        if w_dtype == "int16":
+            return B.vload([0, 0], dtype="int16x16")
+        return T.Cast("int16x16", B.vload([0, 0], dtype="int8x16"))
 
-
-@T.prim_func(s_tir=True)
-def _pmaddwd_impl(A: T.Buffer((2,), "int16", offset_factor=1),
-                  B: T.Buffer((8, 2), "int16", offset_factor=1),
-                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
+    @T.macro
+    def step(A, B, C):
         a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
         a_b = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
         C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            a_b, B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a_b, weights(B), dtype="int32x8")
 
-
-@T.prim_func(s_tir=True)
-def _pmaddwd_i8w_desc(A: T.Buffer((2,), "int16", offset_factor=1),
-                      B: T.Buffer((8, 2), "int8", offset_factor=1),
-                      C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i, k in T.grid(8, 2):
-            with T.sblock("update"):
-                vi, vk = T.axis.remap("SR", [i, k])
-                C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
-
-
-@T.prim_func(s_tir=True)
-def _pmaddwd_i8w_impl(A: T.Buffer((2,), "int16", offset_factor=1),
-                      B: T.Buffer((8, 2), "int8", offset_factor=1),
-                      C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        a_pair = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-        a_b = T.reinterpret(T.broadcast(a_pair, 8), dtype="int16x16")
-        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            a_b, T.Cast("int16x16", B.vload([0, 0], dtype="int8x16")), dtype="int32x8")
+    return dot_intrin(8, KPAIR, "int16", w_dtype, step,
+                      "_pmaddwd_impl" if w_dtype == "int16" else "_pmaddwd_i8w_impl")
 
 
 def register_intrinsics() -> None:
@@ -261,9 +146,13 @@ def register_intrinsics() -> None:
     from .x86_wide import register_wide_intrinsics  # pylint: disable=import-outside-toplevel
 
     if TensorIntrin.get(INTRIN_AVX2_PMADDWD, allow_missing=True) is None:
-        TensorIntrin.register(INTRIN_AVX2_PMADDWD, _pmaddwd_desc, _pmaddwd_impl)
+        TensorIntrin.register(INTRIN_AVX2_PMADDWD,
+                              dot_desc(8, KPAIR, "int16", "int16", "_pmaddwd_desc"),
+                              _pmaddwd_impl("int16"))
     if TensorIntrin.get(INTRIN_AVX2_PMADDWD_I8W, allow_missing=True) is None:
-        TensorIntrin.register(INTRIN_AVX2_PMADDWD_I8W, _pmaddwd_i8w_desc, _pmaddwd_i8w_impl)
+        TensorIntrin.register(INTRIN_AVX2_PMADDWD_I8W,
+                              dot_desc(8, KPAIR, "int16", "int8", "_pmaddwd_i8w_desc"),
+                              _pmaddwd_impl("int8"))
     register_wide_intrinsics()
 
 
@@ -280,16 +169,7 @@ def schedule_gemm(sch: s_tir.Schedule, isa: str = "avx2", O: int | None = None,
     gemm = sch.get_sblock("gemm")
     epi = sch.get_sblock("epilogue")
     packed = str(sch.mod["main"].attrs.get("intlstm.weight_layout", "ok")) == "o8k2"
-    n, o, k = sch.get_loops(gemm)
-    nt = sch.sample_categorical(list(NT_CHOICES), [1.0 / len(NT_CHOICES)] * len(NT_CHOICES),
-                                decision=NT_CHOICES.index(dec["nt"]) if "nt" in dec else None)
-    n0, n1 = sch.split(n, [None, nt])
-    oq, o8 = sch.split(o, [None, OVEC])
-    o0, o1 = sch.split(oq, sch.sample_perfect_tile(oq, n=2, max_innermost_factor=8,
-                                                             decision=dec.get("o_tile")))
-    kq, kp = sch.split(k, [None, KPAIR])
-    k0, k1 = sch.split(kq, sch.sample_perfect_tile(kq, n=2, max_innermost_factor=128,
-                                                             decision=dec.get("k_tile")))
+    n0, n1, o0, o1, o8, k0, k1, kp = sample_tiles(sch, gemm, dec, OVEC, 8, KPAIR)
     if isa == "avx2":
         sch.reorder(o0, n0, k0, k1, n1, o1, o8, kp)
     else:
@@ -307,19 +187,7 @@ def schedule_gemm(sch: s_tir.Schedule, isa: str = "avx2", O: int | None = None,
         sch.tensorize(o8, INTRIN_AVX2_PMADDWD_I8W if packed else INTRIN_AVX2_PMADDWD)
     else:
         sch.unroll(kp)
-    sch.unroll(n1)
-    sch.unroll(o1)
-    if O is not None and O % OVEC == 0:
-        eo = sch.get_loops(epi)[-1]
-        _, ev = sch.split(eo, [None, OVEC])
-        sch.vectorize(ev)
-    unroll = sch.sample_categorical(
-        list(UNROLL_CHOICES), [1.0 / len(UNROLL_CHOICES)] * len(UNROLL_CHOICES),
-        decision=UNROLL_CHOICES.index(dec["unroll"]) if "unroll" in dec else None)
-    # the pragmas RewriteParallelVectorizeUnroll would derive from "meta_schedule.unroll_explicit",
-    # set directly: the trace then needs no postprocessor and replays as it is on symbolic N
-    sch.annotate(n0, "pragma_auto_unroll_max_step", unroll)
-    sch.annotate(n0, "pragma_unroll_explicit", 1)
+    finish_tiles(sch, epi, n0, n1, o1, OVEC if O is not None and O % OVEC == 0 else None, dec)
 
 
 def _pack_per_call(sch, o0, order):

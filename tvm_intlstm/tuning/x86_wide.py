@@ -68,8 +68,9 @@ symbolic-N kernel), `sample_perfect_tile` of OP/16 into (panel, vectors per regi
 4 zmm-vectors wide: nt * 4 accumulators fill the 32 zmm registers at nt = 8) and of KP/4 into
 (k0, k1), the epilogue per row tile from the accumulator tile, and the unroll pragma.
 
-`x86_isa(target)`: "avx512_vnni" | "avx512" | "avx2" | None, from the target's mcpu/mattr as LLVM
-resolves them (codegen.llvm_cpu_has_features, so "-mattr=-avx512vnni" or "+avx512bw" count too).
+`x86_isa(target)`: "avx512_vnni" | "avx512" | "avx2" | None, from the kernel families' feature object
+of the target (`kernels.isa.features`: its mcpu/mattr as LLVM resolves them, so "-mattr=-avx512vnni"
+or "+avx512bw" count too). These are tuning design-space names, not kernel family names.
 """
 from __future__ import annotations
 
@@ -77,7 +78,8 @@ import numpy as np
 from tvm import s_tir, tirx
 from tvm.script import tirx as T
 
-from ._blocks import NT_CHOICES, ROW_PAD, UNROLL_CHOICES, requant_epilogue
+from ._blocks import (check_linear, dot_desc, dot_intrin, finish_tiles, gemm_block_kernel,
+                      sample_tiles)
 
 KQUAD = 4                    # k per step (the 4 bytes of one vpdpbusd lane)
 LANES = 16                   # output channels per int32x16 zmm vector
@@ -99,28 +101,21 @@ MAX_O_VECTORS = {16: 4, 8: 8}    # vectors per register tile (max_innermost_fact
 
 # --- target -> isa --------------------------------------------------------------------------------
 def x86_isa(target) -> str | None:
-    """'avx512_vnni' (AVX-512F/BW + AVX512-VNNI), 'avx512' (AVX-512F/BW, no VNNI), 'avx2', or None
-    (not an x86 llvm target, or no AVX2). `target`: a tvm.target.Target, a dict or a target string
-    (classic 'llvm -mcpu=cascadelake' form accepted). Decided from the CPU features LLVM derives
-    from mcpu and mattr: cascadelake, icelake-server, sapphirerapids, znver4 -> avx512_vnni;
-    skylake-avx512 -> avx512; znver3, haswell, alderlake (AVX-VNNI is 256-bit only) -> avx2."""
-    from ..kernels._common import as_target, has_feature  # pylint: disable=import-outside-toplevel
+    """The design space of this module a target's GEMMs get: 'avx512_vnni' (AVX-512F/BW +
+    AVX512-VNNI), 'avx512' (AVX-512F/BW, no VNNI), 'avx2', or None (not an x86 llvm target, or no
+    AVX2). These are design-space names (which block kernel and tensor intrinsic), not kernel
+    family names: the answer comes from the families' one feature object, `kernels.isa.features`
+    (TargetFeatures), e.g. 'avx512' names a space although no family is called so. `target`: a
+    tvm.target.Target, a dict or a target string (classic 'llvm -mcpu=cascadelake' accepted).
+    cascadelake, icelake-server, sapphirerapids, znver4 -> avx512_vnni; skylake-avx512 -> avx512;
+    znver3, haswell, alderlake (AVX-VNNI is 256-bit only) -> avx2."""
+    from ..kernels import isa as _isa  # pylint: disable=import-outside-toplevel
 
-    tgt = as_target(target)
-    if tgt.kind.name != "llvm":
+    f = _isa.features(target)
+    if f is None or not f.is_x86 or not f.has_avx2:
         return None
-    triple = str(tgt.attrs.get("mtriple", "") or "")
-    if triple and not (triple.startswith("x86_64") or triple.startswith("i686")
-                       or triple.startswith("i386")):
-        return None
-
-    def has(feature):
-        return has_feature(tgt, feature)
-
-    if not has("avx2"):
-        return None
-    if has("avx512f") and has("avx512bw"):
-        return "avx512_vnni" if has("avx512vnni") else "avx512"
+    if f.has_avx512:
+        return "avx512_vnni" if f.has_vnni else "avx512"
     return "avx2"
 
 
@@ -179,88 +174,19 @@ def gemm_blocks_wide(in_features: int, out_features: int, out_dtype: str = "int8
     row count (tuning), None: symbolic N (the compiler's kernel). lanes: 16 (AVX-512) or 8 (AVX2:
     the exact check of the same arithmetic, or with isa W7_ISA the 7-bit vpmaddubsw kernel).
     scale: a baked per-tensor multiplier and/or shift, as for gemm.gemm_blocks."""
-    K, O = int(in_features), int(out_features)
-    if K <= 0 or O <= 0:
-        raise ValueError(f"linear sizes must be positive, got K={K}, O={O}")
-    if K > 2**16:
-        raise ValueError("spec 5 bounds K <= 2^16")
-    if out_dtype not in ("int8", "int16", "int32"):
-        raise ValueError(f"out_dtype must be int8, int16 or int32, got {out_dtype}")
+    K, O = check_linear(in_features, out_features, out_dtype)
     if lanes not in LAYOUTS:
         raise ValueError(f"lanes must be one of {tuple(LAYOUTS)}, got {lanes}")
     KP, OP = padded_wide(K, O, lanes)
-    requant = out_dtype != "int32"
-    N = tirx.Var("N", "int64") if n_rows is None else tirx.IntImm("int64", int(n_rows))
-    NP = (int(n_rows) + ROW_PAD - 1) // ROW_PAD * ROW_PAD if n_rows is not None else \
-        tirx.floordiv(N + (ROW_PAD - 1), ROW_PAD) * ROW_PAD
-    if n_rows is not None:
-        NP = tirx.IntImm("int64", NP)
-    wshape = (OP // lanes, KP // KQUAD, lanes, KQUAD)
 
-    def wread(W, o, k):
+    def wread(W, _W16, o, k):
         return tirx.Cast("int32", W[o // lanes, k // KQUAD, o % lanes, k % KQUAD])
 
-    epilogue = requant_epilogue(out_dtype, scale)
-
-    @T.prim_func(s_tir=True)
-    def gemm_requant(x_h: T.handle, w_h: T.handle, b_h: T.handle, m_h: T.handle, s_h: T.handle,
-                     y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        X = T.match_buffer(x_h, (N, K), "int8")
-        W = T.match_buffer(w_h, wshape, "int8")
-        Bb = T.match_buffer(b_h, (O,), "int32")
-        Mb = T.match_buffer(m_h, (O,), "int32")
-        Sb = T.match_buffer(s_h, (O,), "int32")
-        Y = T.match_buffer(y_h, (N, O), out_dtype)
-        XU = T.sblock_alloc_buffer((NP, KP), "uint8")
-        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
-        for n, k in T.grid(NP, KP):
-            with T.sblock("xu8"):
-                vn, vk = T.axis.remap("SS", [n, k])
-                XU[vn, vk] = T.if_then_else(
-                    vn < N and vk < K,
-                    T.Cast("uint8", T.Cast("int32", X[T.min(vn, N - 1), T.min(vk, K - 1)]) + 128),
-                    T.uint8(128))
-        for n, o, k in T.grid(NP, OP, KP):
-            with T.sblock("gemm"):
-                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
-                with T.init():
-                    ACC[vn, vo] = 0
-                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", XU[vn, vk]) * wread(W, vo, vk)
-        for n, o in T.grid(N, O):
-            with T.sblock("epilogue"):
-                vn, vo = T.axis.remap("SS", [n, o])
-                Y[vn, vo] = epilogue(ACC[vn, vo], Bb, Mb, Sb, vo)
-
-    @T.prim_func(s_tir=True)
-    def gemm_i32(x_h: T.handle, w_h: T.handle, b_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        X = T.match_buffer(x_h, (N, K), "int8")
-        W = T.match_buffer(w_h, wshape, "int8")
-        Bb = T.match_buffer(b_h, (O,), "int32")
-        Y = T.match_buffer(y_h, (N, O), "int32")
-        XU = T.sblock_alloc_buffer((NP, KP), "uint8")
-        ACC = T.sblock_alloc_buffer((NP, OP), "int32")
-        for n, k in T.grid(NP, KP):
-            with T.sblock("xu8"):
-                vn, vk = T.axis.remap("SS", [n, k])
-                XU[vn, vk] = T.if_then_else(
-                    vn < N and vk < K,
-                    T.Cast("uint8", T.Cast("int32", X[T.min(vn, N - 1), T.min(vk, K - 1)]) + 128),
-                    T.uint8(128))
-        for n, o, k in T.grid(NP, OP, KP):
-            with T.sblock("gemm"):
-                vn, vo, vk = T.axis.remap("SSR", [n, o, k])
-                with T.init():
-                    ACC[vn, vo] = 0
-                ACC[vn, vo] = ACC[vn, vo] + T.Cast("int32", XU[vn, vk]) * wread(W, vo, vk)
-        for n, o in T.grid(N, O):
-            with T.sblock("epilogue"):
-                vn, vo = T.axis.remap("SS", [n, o])
-                Y[vn, vo] = ACC[vn, vo] + Bb[vo]
-
-    func = gemm_requant if requant else gemm_i32
-    default_name = "linear_requant" if requant else "linear_i32"
+    func = gemm_block_kernel(
+        K, O, KP, OP, out_dtype, n_rows, (OP // lanes, KP // KQUAD, lanes, KQUAD),
+        ("xu8", "uint8", lambda x: T.Cast("uint8", T.Cast("int32", x) + 128), T.uint8(128)),
+        wread, scale=scale)
+    default_name = "linear_requant" if out_dtype != "int32" else "linear_i32"
     func = func.with_attr("global_symbol", name or default_name)
     return func.with_attr("intlstm.weight_layout", LAYOUTS[lanes])
 
@@ -274,49 +200,30 @@ def weight_lanes(func) -> int | None:
 
 
 # --- the tensor intrinsics ------------------------------------------------------------------------
-def _u8s8_desc(lanes):
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            for i, k in T.grid(lanes, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.Cast("int32", A[vk]) * T.Cast("int32", B[vi, vk])
-    return desc
-
-
 def _u8s8_pmaddwd_impl(lanes):
     """u8 x s8 (lanes x 4) -> int32 lanes, exact, with two vpmaddwd (see the module doc)."""
     pmaddwd = {16: "llvm.x86.avx512.pmaddw.d.512", 8: "llvm.x86.avx2.pmadd.wd"}[lanes]
     i8v, i16v, i32v = f"int8x{4 * lanes}", f"int16x{2 * lanes}", f"int32x{lanes}"
     w2 = 2 * lanes
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            # a = u0 | u1 << 8 | u2 << 16 | u3 << 24
-            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a02 = T.bitwise_and(a, T.int32(0x00FF00FF))                  # int16 pair (u0, u2)
-            a13 = T.bitwise_and(T.shift_right(a, T.int32(8)), T.int32(0x00FF00FF))   # (u1, u3)
-            e = T.reinterpret(B.vload([0, 0], dtype=i8v), dtype=i16v)    # [2i] = w_i0 | w_i1 << 8
-            w_even = T.shift_right(T.shift_left(e, T.Broadcast(T.int16(8), w2)),
-                                   T.Broadcast(T.int16(8), w2))          # (w_i0, w_i2), int16
-            w_odd = T.shift_right(e, T.Broadcast(T.int16(8), w2))        # (w_i1, w_i3), int16
-            C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=i32v) + T.call_llvm_pure_intrin(
+    @T.macro
+    def step(A, B, C):
+        # a = u0 | u1 << 8 | u2 << 16 | u3 << 24
+        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        a02 = T.bitwise_and(a, T.int32(0x00FF00FF))                  # int16 pair (u0, u2)
+        a13 = T.bitwise_and(T.shift_right(a, T.int32(8)), T.int32(0x00FF00FF))   # (u1, u3)
+        e = T.reinterpret(B.vload([0, 0], dtype=i8v), dtype=i16v)    # [2i] = w_i0 | w_i1 << 8
+        w_even = T.shift_right(T.shift_left(e, T.Broadcast(T.int16(8), w2)),
+                               T.Broadcast(T.int16(8), w2))          # (w_i0, w_i2), int16
+        w_odd = T.shift_right(e, T.Broadcast(T.int16(8), w2))        # (w_i1, w_i3), int16
+        C[T.ramp(T.int32(0), 1, lanes)] = C.vload([0], dtype=i32v) + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(pmaddwd),
+            T.reinterpret(T.Broadcast(a02, lanes), dtype=i16v), w_even, dtype=i32v) + \
+            T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id(pmaddwd),
-                T.reinterpret(T.Broadcast(a02, lanes), dtype=i16v), w_even, dtype=i32v) + \
-                T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id(pmaddwd),
-                    T.reinterpret(T.Broadcast(a13, lanes), dtype=i16v), w_odd, dtype=i32v)
-    return impl
+                T.reinterpret(T.Broadcast(a13, lanes), dtype=i16v), w_odd, dtype=i32v)
+
+    return dot_intrin(lanes, KQUAD, "uint8", "int8", step)
 
 
 def _u8s7_pmaddubsw_impl():
@@ -325,22 +232,18 @@ def _u8s7_pmaddubsw_impl():
     exact only for weights in [-64, 64]: |pair| <= 2 * 255 * 64 = 32640 < 2^15. The description is
     the exact u8 x s8 dot of INTRIN_AVX2_U8S8; the weight bound is the caller's promise (tune gives
     this intrinsic only to GEMMs whose constant weights fit, `passes._lowering.u8_route`)."""
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((8, 4), "int8", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            pairs = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                T.reinterpret(T.Broadcast(a, 8), dtype="uint8x32"),
-                B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
-            C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
-                T.Broadcast(T.int16(1), 16), dtype="int32x8")
-    return impl
+    @T.macro
+    def step(A, B, C):
+        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        pairs = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+            T.reinterpret(T.Broadcast(a, 8), dtype="uint8x32"),
+            B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+        C[T.ramp(T.int32(0), 1, 8)] = C.vload([0], dtype="int32x8") + T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs,
+            T.Broadcast(T.int16(1), 16), dtype="int32x8")
+
+    return dot_intrin(8, KQUAD, "uint8", "int8", step)
 
 
 def _vnni_impl(lanes: int = 16):
@@ -359,19 +262,19 @@ def _vnni_impl(lanes: int = 16):
     i32v = f"int32x{lanes}"
     name = f"llvm.x86.avx512.vpdpbusd.{32 * lanes}"
 
-    @T.prim_func(s_tir=True)
-    def impl(A: T.Buffer((4,), "uint8", offset_factor=1),
-             B: T.Buffer((lanes, 4), "int8", offset_factor=1),
-             C: T.Buffer((lanes,), "int32", offset_factor=1)) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:lanes], A[0:4], B[0:lanes, 0:4])
-            T.writes(C[0:lanes])
-            a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id(name), C.vload([0], dtype=i32v),
-                T.reinterpret(T.Broadcast(a, lanes), dtype=a_dt),
-                T.reinterpret(B.vload([0, 0], dtype=f"int8x{nb}"), dtype=b_dt), dtype=i32v)
-    return impl
+    @T.macro
+    def step(A, B, C):
+        a = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+        C[T.ramp(T.int32(0), 1, lanes)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id(name), C.vload([0], dtype=i32v),
+            T.reinterpret(T.Broadcast(a, lanes), dtype=a_dt),
+            T.reinterpret(B.vload([0, 0], dtype=f"int8x{nb}"), dtype=b_dt), dtype=i32v)
+
+    return dot_intrin(lanes, KQUAD, "uint8", "int8", step)
+
+
+def _u8s8_desc(lanes: int):
+    return dot_desc(lanes, KQUAD, "uint8", "int8")
 
 
 def register_wide_intrinsics() -> None:
@@ -436,17 +339,7 @@ def schedule_gemm_wide(sch: s_tir.Schedule, isa: str = "avx512_vnni", O: int | N
         register_wide_intrinsics()
     gemm = sch.get_sblock("gemm")
     epi = sch.get_sblock("epilogue")
-    n, o, k = sch.get_loops(gemm)
-    nt = sch.sample_categorical(list(NT_CHOICES), [1.0 / len(NT_CHOICES)] * len(NT_CHOICES),
-                                decision=NT_CHOICES.index(dec["nt"]) if "nt" in dec else None)
-    n0, n1 = sch.split(n, [None, nt])
-    oq, ol = sch.split(o, [None, lanes])
-    o0, o1 = sch.split(oq, sch.sample_perfect_tile(oq, n=2,
-                                                   max_innermost_factor=MAX_O_VECTORS[lanes],
-                                                   decision=dec.get("o_tile")))
-    kq, k4 = sch.split(k, [None, KQUAD])
-    k0, k1 = sch.split(kq, sch.sample_perfect_tile(kq, n=2, max_innermost_factor=128,
-                                                   decision=dec.get("k_tile")))
+    n0, n1, o0, o1, ol, k0, k1, k4 = sample_tiles(sch, gemm, dec, lanes, MAX_O_VECTORS[lanes], KQUAD)
     if intrin is not None:
         sch.reorder(o0, n0, k0, k1, n1, o1, ol, k4)
     else:
@@ -461,19 +354,8 @@ def schedule_gemm_wide(sch: s_tir.Schedule, isa: str = "avx512_vnni", O: int | N
         sch.tensorize(ol, intrin)
     else:
         sch.vectorize(sch.get_loops(init)[-1])
-    sch.unroll(n1)
-    sch.unroll(o1)
-    if O is not None:
-        vec = lanes if O % lanes == 0 else (8 if O % 8 == 0 else None)
-        if vec is not None:
-            eo = sch.get_loops(epi)[-1]
-            _, ev = sch.split(eo, [None, vec])
-            sch.vectorize(ev)
-    unroll = sch.sample_categorical(
-        list(UNROLL_CHOICES), [1.0 / len(UNROLL_CHOICES)] * len(UNROLL_CHOICES),
-        decision=UNROLL_CHOICES.index(dec["unroll"]) if "unroll" in dec else None)
-    sch.annotate(n0, "pragma_auto_unroll_max_step", unroll)
-    sch.annotate(n0, "pragma_unroll_explicit", 1)
+    vec = None if O is None else lanes if O % lanes == 0 else (8 if O % 8 == 0 else None)
+    finish_tiles(sch, epi, n0, n1, o1, vec, dec)
 
 
 def design_spaces_wide(sch: s_tir.Schedule, isa: str = "avx512_vnni", O: int | None = None) -> list:
