@@ -1,6 +1,7 @@
 """PER / WER of the float G2P model on a split (greedy and beam search), and per-word latency.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate_fp                     # test split
+    OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate_fp --mixed-batches 64  # + padded batches
     OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate_fp --word quantization
 
 Words are decoded in batches of one source length each (:func:`examples.g2p.data.eval_batches`),
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from . import data as D
@@ -27,10 +29,21 @@ from .model import beam_decode, greedy_decode, load_checkpoint
 RUNS = Path(__file__).resolve().parent / "runs"
 
 
-def decode_entries(model, entries: Sequence[D.Entry], beam: int = 1, batch: int = 256) -> list[list[str]]:
-    """Predicted phonemes of every entry's word (in ``entries`` order)."""
+def mixed_length_batches(entries: Sequence[D.Entry], batch: int):
+    """Consecutive entries (alphabetical: mixed lengths, padded): what a deployment batching words
+    as they come would run; the encoder's reverse direction then starts in the padding."""
+    for k in range(0, len(entries), batch):
+        sel = np.arange(k, min(k + batch, len(entries)))
+        yield sel, D.make_batch([entries[i] for i in sel])
+
+
+def decode_entries(model, entries: Sequence[D.Entry], beam: int = 1, batch: int = 256,
+                   mixed_lengths: bool = False) -> list[list[str]]:
+    """Predicted phonemes of every entry's word (in ``entries`` order); by default in batches of
+    one length (each word as if alone), with ``mixed_lengths`` in padded batches."""
     hyps: list[list[str]] = [[] for _ in entries]
-    for sel, b in D.eval_batches(entries, batch):
+    batches = mixed_length_batches(entries, batch) if mixed_lengths else D.eval_batches(entries, batch)
+    for sel, b in batches:
         src, lengths = torch.from_numpy(b.src), torch.from_numpy(b.lengths)
         ids = greedy_decode(model, src, lengths) if beam == 1 else beam_decode(model, src, lengths, beam)
         for i, row in zip(sel, ids):
@@ -74,6 +87,8 @@ def main(argv=None) -> None:
     p.add_argument("--word", action="append", help="print the pronunciation of this word (repeatable) and exit")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--mixed-batches", type=int, default=0, metavar="B",
+                   help="also report greedy figures in padded batches of B consecutive (mixed-length) words")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, ckpt = load_checkpoint(args.checkpoint)
@@ -97,6 +112,15 @@ def main(argv=None) -> None:
               f"[{dt:.1f} s for the split; {lat:.2f} ms per word alone, median]")
         out["greedy" if beam == 1 else f"beam{beam}"] = {"first": single.as_dict(), "closest": multi.as_dict(),
                                                          "ms_per_word_batch1": lat}
+    if args.mixed_batches:
+        hyps = decode_entries(model, entries, 1, args.mixed_batches, mixed_lengths=True)
+        single, multi = score(entries, hyps)
+        alone = decode_entries(model, entries, 1)
+        changed = sum(a != h for a, h in zip(alone, hyps))
+        print(f"greedy, padded mixed-length batches of {args.mixed_batches}: PER {100 * single.per:.2f} %  "
+              f"WER {100 * single.wer:.2f} %  ({changed} of {len(entries)} words decoded differently than alone)")
+        out["greedy_mixed_batches"] = {"batch": args.mixed_batches, "first": single.as_dict(),
+                                       "closest": multi.as_dict(), "words_changed": changed}
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
 
