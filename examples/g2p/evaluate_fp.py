@@ -81,7 +81,9 @@ def word_latency_ms(model, entries: Sequence[D.Entry], beam: int, n: int = 200) 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=RUNS / "fp.pt")
+    # the trained FP model is shipped (examples/g2p/model/fp.pt: the quantizer starts from it and the
+    # PER/WER comparison needs it); a new train_fp run writes runs/fp.pt
+    p.add_argument("--checkpoint", type=Path, default=Path(__file__).resolve().parent / "model" / "fp.pt")
     p.add_argument("--split", choices=D.SPLITS, default="test")
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--word", action="append", help="print the pronunciation of this word (repeatable) and exit")
