@@ -7,22 +7,13 @@ from tvm_intlstm import kernels as K
 from tvm_intlstm.quant.fixed_point import quantize_multiplier15
 from tvm_intlstm.reference import ops
 
+from test_kernels import run
 from test_ln_lstm_reference import _float_and_int, exact_layer_norm16
 
 TARGET = K.host_target()
 rng = np.random.default_rng(515)
 
 
-def nd(a):
-    import tvm
-    return tvm.runtime.tensor(np.ascontiguousarray(a))
-
-
-def run(kernel, inputs, outs):
-    out_t = [nd(np.zeros(shape, dtype)) for shape, dtype in outs]
-    kernel(*[nd(a) for a in inputs], *out_t)
-    res = [o.numpy() for o in out_t]
-    return res[0] if len(res) == 1 else res
 
 
 @pytest.mark.parametrize("G,D,eps", [(1, 1, 0), (4, 13, 7), (1, 256, 2**40)])

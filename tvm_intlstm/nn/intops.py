@@ -99,6 +99,29 @@ def linear_requant(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, m: torch.T
 
 
 
+def _gates_and_cell(z: torch.Tensor, c: torch.Tensor, sig, tanh, cell_frac: int):
+    """i, f, g, o of z [B, 4H] by PWL and the new cell (spec 8; shared by 8b): (o int64, c int16)."""
+    H = z.shape[1] // 4
+    i = pwl(z[:, 0:H], sig).to(torch.int64)
+    f = pwl(z[:, H:2 * H], sig).to(torch.int64)
+    g = pwl(z[:, 2 * H:3 * H], tanh).to(torch.int64)
+    o = pwl(z[:, 3 * H:4 * H], sig).to(torch.int64)
+    c = sat(rshift_round(f * c.to(torch.int64), 15) + rshift_round(i * g, 30 - cell_frac), 16).to(torch.int16)
+    return o, c
+
+
+def _run_direction(gx: torch.Tensor, B: int, H: int, step, reverse: bool, h0, c0):
+    """The time loop of an (LN-)LSTM direction: (h, c) = step(gx[t], h, c) from (h0, c0) (zeros by
+    default), forward or reversed. Returns (y int8 [T, B, H], h_T, c_T)."""
+    h = torch.zeros((B, H), dtype=torch.int8) if h0 is None else h0.to(torch.int8)
+    c = torch.zeros((B, H), dtype=torch.int16) if c0 is None else c0.to(torch.int16)
+    y = torch.empty((gx.shape[0], B, H), dtype=torch.int8)
+    for t in (range(gx.shape[0] - 1, -1, -1) if reverse else range(gx.shape[0])):
+        h, c = step(gx[t], h, c)
+        y[t] = h
+    return y, h.clone(), c.clone()
+
+
 def lstm_direction(x: torch.Tensor, w_x: torch.Tensor, w_h: torch.Tensor, bias: torch.Tensor,
                    mx: torch.Tensor, sx: torch.Tensor, mh: torch.Tensor, sh: torch.Tensor,
                    sig: torch.Tensor, tanh: torch.Tensor, tanh_c: torch.Tensor,
@@ -106,25 +129,15 @@ def lstm_direction(x: torch.Tensor, w_x: torch.Tensor, w_h: torch.Tensor, bias: 
                    h0: Optional[torch.Tensor] = None, c0: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One LSTM direction (spec 8). x int8 [T, B, I] time-major -> (y int8 [T,B,H], h_T int8, c_T int16)."""
-    T, B, _ = x.shape
+    _, B, _ = x.shape
     H = w_h.shape[1]
     gx = requantize(int_matmul(x, w_x) + bias.to(torch.int64), mx, sx, 16)  # all steps at once
-    h = torch.zeros((B, H), dtype=torch.int8) if h0 is None else h0.to(torch.int8)
-    c = torch.zeros((B, H), dtype=torch.int16) if c0 is None else c0.to(torch.int16)
-    y = torch.empty((T, B, H), dtype=torch.int8)
-    steps = range(T - 1, -1, -1) if reverse else range(T)
-    for t in steps:
-        gh = requantize(int_matmul(h, w_h), mh, sh, 16)
-        z = sat(gx[t].to(torch.int64) + gh.to(torch.int64), 16)
-        i = pwl(z[:, 0:H], sig).to(torch.int64)
-        f = pwl(z[:, H:2 * H], sig).to(torch.int64)
-        g = pwl(z[:, 2 * H:3 * H], tanh).to(torch.int64)
-        o = pwl(z[:, 3 * H:4 * H], sig).to(torch.int64)
-        c = sat(rshift_round(f * c.to(torch.int64), 15) + rshift_round(i * g, 30 - cell_frac), 16).to(torch.int16)
-        tc = pwl(c, tanh_c).to(torch.int64)
-        h = requantize(o * tc, mo, so, 8)
-        y[t] = h
-    return y, h.clone(), c.clone()
+    def step(gx_t, h, c):
+        z = sat(gx_t.to(torch.int64) + requantize(int_matmul(h, w_h), mh, sh, 16).to(torch.int64), 16)
+        o, c = _gates_and_cell(z, c, sig, tanh, cell_frac)
+        return requantize(o * pwl(c, tanh_c).to(torch.int64), mo, so, 8), c
+
+    return _run_direction(gx, B, H, step, reverse, h0, c0)
 
 
 
@@ -219,25 +232,17 @@ def ln_lstm_direction(x: torch.Tensor, w_x: torch.Tensor, w_h: torch.Tensor,
                       h0: Optional[torch.Tensor] = None, c0: Optional[torch.Tensor] = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One layer-norm LSTM direction (spec 8b). x int8 [T, B, I] time-major -> (y, h_T, c_T)."""
-    T, B, _ = x.shape
+    _, B, _ = x.shape
     H = w_h.shape[1]
     ax = requantize(int_matmul(x, w_x), mx, sx, 16)          # all steps at once
     gx = _ln_gates(ax, gamma_x, beta_x, ml_x, sl_x, eps_x)
-    h = torch.zeros((B, H), dtype=torch.int8) if h0 is None else h0.to(torch.int8)
-    c = torch.zeros((B, H), dtype=torch.int16) if c0 is None else c0.to(torch.int16)
-    y = torch.empty((T, B, H), dtype=torch.int8)
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+    def step(gx_t, h, c):
         gh = _ln_gates(requantize(int_matmul(h, w_h), mh, sh, 16), gamma_h, beta_h, ml_h, sl_h, eps_h)
-        z = sat(gx[t].to(torch.int64) + gh.to(torch.int64), 16)
-        i = pwl(z[:, 0:H], sig).to(torch.int64)
-        f = pwl(z[:, H:2 * H], sig).to(torch.int64)
-        g = pwl(z[:, 2 * H:3 * H], tanh).to(torch.int64)
-        o = pwl(z[:, 3 * H:4 * H], sig).to(torch.int64)
-        c = sat(rshift_round(f * c.to(torch.int64), 15) + rshift_round(i * g, 30 - cell_frac), 16).to(torch.int16)
+        o, c = _gates_and_cell(sat(gx_t.to(torch.int64) + gh.to(torch.int64), 16), c, sig, tanh, cell_frac)
         cn = layer_norm16(c, gamma_c, beta_c, ml_c, sl_c, eps_c)
-        h = requantize(o * pwl(cn, tanh_c).to(torch.int64), mo, so, 8)
-        y[t] = h
-    return y, h.clone(), c.clone()
+        return requantize(o * pwl(cn, tanh_c).to(torch.int64), mo, so, 8), c
+
+    return _run_direction(gx, B, H, step, reverse, h0, c0)
 
 
 def pack_table(t) -> torch.Tensor:

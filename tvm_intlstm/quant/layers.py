@@ -171,16 +171,23 @@ def _lstm_reference(mod: im.IntLSTM, a):
     ndir = 2 if mod.bidirectional else 1
     if hx is not None:
         _check_states(mod, hx, h.shape[1])
+    def direction(h, li, d):
+        p, r = mod.direction_params(li, d), li * ndir + d
+        return R.lstm_direction(h, *(to_numpy(p[k]) for k in im.IntLSTM.PARAMS),
+                                p["mo"], p["so"], p["cell_frac"], d == 1,
+                                None if hx is None else hx[0][r], None if hx is None else hx[1][r])
+
+    return _stacked_reference(mod, h, ndir, direction)
+
+
+def _stacked_reference(mod, h, ndir: int, direction):
+    """A stacked (bidirectional) recurrent layer in the oracle: direction(h, layer, d) -> (y, h_T,
+    c_T) per layer and direction, outputs concatenated, states stacked as nn.LSTM does."""
     hs, cs = [], []
     for li in range(mod.num_layers):
         outs = []
         for d in range(ndir):
-            p = mod.direction_params(li, d)
-            r = li * ndir + d
-            y, hT, cT = R.lstm_direction(h, *(to_numpy(p[k]) for k in im.IntLSTM.PARAMS),
-                                         p["mo"], p["so"], p["cell_frac"], d == 1,
-                                         None if hx is None else hx[0][r],
-                                         None if hx is None else hx[1][r])
+            y, hT, cT = direction(h, li, d)
             outs.append(y)
             hs.append(hT)
             cs.append(cT)
@@ -255,18 +262,12 @@ def _ln_lstm_reference(mod, a):
     if len(a) > 1 and a[1] is not None:
         raise NotImplementedError("initial states of a LayerNormLSTM are not supported yet")
     h = np.swapaxes(x, 0, 1) if mod.batch_first else x
-    hs, cs = [], []
-    for li in range(mod.num_layers):
-        outs = []
-        for d in range(mod.ndir):
-            args = [to_numpy(v) if torch.is_tensor(v) else v for v in mod.direction_args(li * mod.ndir + d)]
-            y, hT, cT = R.ln_lstm_direction(h, *args)
-            outs.append(y)
-            hs.append(hT)
-            cs.append(cT)
-        h = np.concatenate(outs, axis=-1)
-    out = np.swapaxes(h, 0, 1) if mod.batch_first else h
-    return out, (np.stack(hs), np.stack(cs))
+
+    def direction(h, li, d):
+        args = mod.direction_args(li * mod.ndir + d)
+        return R.ln_lstm_direction(h, *(to_numpy(v) if torch.is_tensor(v) else v for v in args))
+
+    return _stacked_reference(mod, h, mod.ndir, direction)
 
 
 register_layer(Layer(

@@ -170,23 +170,21 @@ def lstm_gates_x(x, p: LSTMDirectionParams) -> np.ndarray:
     return requantize(linear_acc(x, p.w_x, p.bias), p.mx, p.sx, 16)
 
 
-def lstm_cell(gx_t, h, c, p: LSTMDirectionParams):
-    """One LSTM step (spec 8) given the precomputed input gates gx_t [B, 4H]. Returns (h int8, c int16)."""
+def gates_and_cell(z, c, p):
+    """The gates of z [B, 4H] (i, f, g, o by PWL) and the new cell (spec 8, shared by 8b): (o as
+    int64, c_new int16)."""
     H = p.hidden
-    gh = requantize(linear_acc(h, p.w_h), p.mh, p.sh, 16)
-    z = add_sat16(gx_t, gh)
     i = _i64(pwl(z[:, 0:H], p.sig))
     f = _i64(pwl(z[:, H:2 * H], p.sig))
     g = _i64(pwl(z[:, 2 * H:3 * H], p.tanh))
     o = _i64(pwl(z[:, 3 * H:4 * H], p.sig))
     c_new = sat(rshift_round(f * _i64(c), 15) + rshift_round(i * g, 30 - p.cell_frac), 16).astype(np.int16)
-    tc = _i64(pwl(c_new, p.tanh_c))
-    h_new = requantize(o * tc, p.mo, p.so, 8)
-    return h_new, c_new
+    return o, c_new
 
 
-def lstm_direction(x, p: LSTMDirectionParams, reverse: bool = False, h0=None, c0=None):
-    """One LSTM direction over a sequence. x: int8 [T, B, I] (time major).
+def run_direction(x, p, gates_x, cell, reverse: bool = False, h0=None, c0=None):
+    """The time loop of one (LN-)LSTM direction: gx = gates_x(x, p) for all steps, then
+    (h, c) = cell(gx[t], h, c, p) step by step from (h0, c0) (zeros by default). x: int8 [T, B, I].
 
     Returns (y int8 [T, B, H], h_T int8 [B, H], c_T int16 [B, H])."""
     x = np.asarray(x)
@@ -196,13 +194,28 @@ def lstm_direction(x, p: LSTMDirectionParams, reverse: bool = False, h0=None, c0
     H = p.hidden
     h = np.zeros((B, H), np.int8) if h0 is None else np.asarray(h0, np.int8)
     c = np.zeros((B, H), np.int16) if c0 is None else np.asarray(c0, np.int16)
-    gx = lstm_gates_x(x, p)
+    gx = gates_x(x, p)
     y = np.zeros((T, B, H), np.int8)
-    steps = range(T - 1, -1, -1) if reverse else range(T)
-    for t in steps:
-        h, c = lstm_cell(gx[t], h, c, p)
+    for t in (range(T - 1, -1, -1) if reverse else range(T)):
+        h, c = cell(gx[t], h, c, p)
         y[t] = h
     return y, h, c
+
+
+def lstm_cell(gx_t, h, c, p: LSTMDirectionParams):
+    """One LSTM step (spec 8) given the precomputed input gates gx_t [B, 4H]. Returns (h int8, c int16)."""
+    gh = requantize(linear_acc(h, p.w_h), p.mh, p.sh, 16)
+    o, c_new = gates_and_cell(add_sat16(gx_t, gh), c, p)
+    tc = _i64(pwl(c_new, p.tanh_c))
+    h_new = requantize(o * tc, p.mo, p.so, 8)
+    return h_new, c_new
+
+
+def lstm_direction(x, p: LSTMDirectionParams, reverse: bool = False, h0=None, c0=None):
+    """One LSTM direction over a sequence (spec 8). x: int8 [T, B, I] (time major).
+
+    Returns (y int8 [T, B, H], h_T int8 [B, H], c_T int16 [B, H])."""
+    return run_direction(x, p, lstm_gates_x, lstm_cell, reverse, h0, c0)
 
 
 def residual_add(a, b, Ma: int, Mb: int, s: int) -> np.ndarray:
@@ -341,12 +354,7 @@ def ln_lstm_cell(gx_t, h, c, p: LNLSTMDirectionParams):
     """One layer-norm LSTM step (spec 8b) given gx_t [B, 4H]. Returns (h int8, c int16)."""
     H = p.hidden
     ah = requantize(linear_acc(h, p.w_h), p.mh, p.sh, 16)
-    z = add_sat16(gx_t, _ln_gates(ah, p.ln_h, H))
-    i = _i64(pwl(z[:, 0:H], p.sig))
-    f = _i64(pwl(z[:, H:2 * H], p.sig))
-    g = _i64(pwl(z[:, 2 * H:3 * H], p.tanh))
-    o = _i64(pwl(z[:, 3 * H:4 * H], p.sig))
-    c_new = sat(rshift_round(f * _i64(c), 15) + rshift_round(i * g, 30 - p.cell_frac), 16).astype(np.int16)
+    o, c_new = gates_and_cell(add_sat16(gx_t, _ln_gates(ah, p.ln_h, H)), c, p)
     tc = _i64(pwl(p.ln_c(c_new), p.tanh_c))
     h_new = requantize(o * tc, p.mo, p.so, 8)
     return h_new, c_new
@@ -356,19 +364,7 @@ def ln_lstm_direction(x, p: LNLSTMDirectionParams, reverse: bool = False, h0=Non
     """One layer-norm LSTM direction over a sequence (spec 8b). x: int8 [T, B, I] (time major).
 
     Returns (y int8 [T, B, H], h_T int8 [B, H], c_T int16 [B, H])."""
-    x = np.asarray(x)
-    if x.dtype != np.int8:
-        raise TypeError(f"LSTM input must be int8, got {x.dtype}")
-    T, B, _ = x.shape
-    H = p.hidden
-    h = np.zeros((B, H), np.int8) if h0 is None else np.asarray(h0, np.int8)
-    c = np.zeros((B, H), np.int16) if c0 is None else np.asarray(c0, np.int16)
-    gx = ln_lstm_gates_x(x, p)
-    y = np.zeros((T, B, H), np.int8)
-    for t in (range(T - 1, -1, -1) if reverse else range(T)):
-        h, c = ln_lstm_cell(gx[t], h, c, p)
-        y[t] = h
-    return y, h, c
+    return run_direction(x, p, ln_lstm_gates_x, ln_lstm_cell, reverse, h0, c0)
 
 
 # ---------------------------------------------------------------------------------------------
