@@ -15,7 +15,8 @@ int32 logits); the same driver runs the reference. Latency: median ms to pronoun
 (batch 1: encode + the decode steps) over 200 evenly spaced test words, for the compiled library and
 for the FP PyTorch model (``evaluate_fp.word_latency_ms``), interleaved in one run.
 
-Writes ``runs/g2p_eval.json``. The library is also exported to ``runs/g2p_ptq.so`` (+ ``.so.json``),
+Without ``runs/g2p_ptq.qpt`` it runs :mod:`examples.g2p.quantize_ptq` first (a few seconds), so
+``--word`` is a one-command demo from a fresh checkout. Writes ``runs/g2p_eval.json``. The library is also exported to ``runs/g2p_ptq.so`` (+ ``.so.json``),
 which ``--word`` reuses when it is newer than the model file (else it compiles).
 
 QAT of the encoder-decoder pair is not provided by the library yet (docs/seq2seq.md): no QAT row.
@@ -115,7 +116,9 @@ def cpu_name() -> str:
 def lib_for_words(qpt: Path, so: Path):
     if so.exists() and so.stat().st_mtime >= qpt.stat().st_mtime:
         return til.load(so)
-    return compile_host(til.load_quantized(qpt), verify=False)
+    lib = compile_host(til.load_quantized(qpt), verify=False)
+    lib.export_library(so)
+    return lib
 
 
 def main(argv=None) -> None:
@@ -130,7 +133,11 @@ def main(argv=None) -> None:
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if not a.qpt.exists():
-        sys.exit(f"no quantized model at {a.qpt}: run python -m examples.g2p.quantize_ptq first")
+        if a.qpt.resolve() != PTQ_QPT.resolve():
+            sys.exit(f"no quantized model at {a.qpt}: run python -m examples.g2p.quantize_ptq --out {a.qpt} first")
+        log(f"no {a.qpt.name} yet: quantizing the shipped FP model first (examples.g2p.quantize_ptq, a few s)")
+        from .quantize_ptq import main as quantize_main
+        quantize_main([])
     so = a.qpt.with_suffix(".so")
     if a.word:
         lib = lib_for_words(a.qpt, so)
