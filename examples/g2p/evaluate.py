@@ -98,7 +98,7 @@ def latencies(lib, model, entries, n: int = LATENCY_WORDS) -> dict:
         t_int.append(1e3 * (t1 - t0))
         t_fp.append(1e3 * (t2 - t1))
         same += a == b
-    return {"words": len(words), "compiled_ms_median": statistics.median(t_int),
+    return {"words": len(words), "same_phonemes": same, "compiled_ms_median": statistics.median(t_int),
             "fp_ms_median": statistics.median(t_fp), "compiled_ms_mean": statistics.fmean(t_int),
             "fp_ms_mean": statistics.fmean(t_fp)}
 
