@@ -8,4 +8,6 @@ A BiLSTM encoder and an attention LSTM decoder in the shape the tvm_intlstm comp
 * :mod:`examples.g2p.metrics`     -- phoneme and word error rates
 * :mod:`examples.g2p.train_fp`    -- float training
 * :mod:`examples.g2p.evaluate_fp` -- PER / WER and latency of the float model
+* :mod:`examples.g2p.quantize_ptq` -- PTQ of the float model (til.quantize_seq2seq)
+* :mod:`examples.g2p.evaluate`    -- the integer pair through the compiled library: PER / WER, latency
 """
