@@ -38,12 +38,6 @@ class LNLSTMRanges:
     c: float = 0.0
     h: float = 0.0
 
-    def update(self, ax, ah, c, h):
-        self.ax = max(self.ax, float(ax.abs().max()))
-        self.ah = max(self.ah, float(ah.abs().max()))
-        self.c = max(self.c, float(c.abs().max()))
-        self.h = max(self.h, float(h.abs().max()))
-
 
 @torch.no_grad()
 def ln_lstm_ranges(direction, inputs, reverse: bool = False,
@@ -51,16 +45,27 @@ def ln_lstm_ranges(direction, inputs, reverse: bool = False,
     """Ranges of `direction` (nn.ln_lstm.LayerNormLSTMDirection) over float inputs [T, B, I]."""
     r = ranges or LNLSTMRanges()
     for x in inputs:
-        B, H = x.shape[1], direction.hidden_size
-        h = x.new_zeros(B, H)
-        c = x.new_zeros(B, H)
-        gx = direction.input_gates(x)
-        r.ax = max(r.ax, float((x @ direction.weight_ih.t()).abs().max()))
-        for t in (range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])):
-            ah = h @ direction.weight_hh.t()
-            h, c = direction.step(gx[t], h, c)
-            r.update(x.new_zeros(1), ah, c, h)
+        observe_direction(direction, x, reverse, r)
     return r
+
+
+@torch.no_grad()
+def observe_direction(direction, x, reverse: bool, r: LNLSTMRanges):
+    """The exact float run of one direction over x [T, B, I] from the zero state, widening the
+    ranges `r`; returns (y [T, B, H], h_T, c_T)."""
+    B, H = x.shape[1], direction.hidden_size
+    h, c = x.new_zeros(B, H), x.new_zeros(B, H)
+    ax = x @ direction.weight_ih.t()
+    r.ax = max(r.ax, float(ax.abs().max()))
+    gx = gate_layer_norm(ax, direction.gamma_ih, direction.beta_ih, direction.eps)  # input_gates(x)
+    ys = [None] * x.shape[0]
+    for t in (range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])):
+        r.ah = max(r.ah, float((h @ direction.weight_hh.t()).abs().max()))
+        h, c = direction.step(gx[t], h, c)
+        r.c = max(r.c, float(c.abs().max()))
+        r.h = max(r.h, float(h.abs().max()))
+        ys[t] = h
+    return torch.stack(ys), h, c
 
 
 def _layer_norm16(gamma: torch.Tensor, beta: torch.Tensor | None, s_in: float,
@@ -178,7 +183,7 @@ class QuantLNLSTM(QuantModule):
                 k = li * self.ndir + d
                 direction = m.directions[k]
                 y, h, c = (self._direction_fake(direction, h_in, d == 1, s_h, c_s) if fake
-                           else self._direction_observe(direction, h_in, d == 1, self.ranges[k]))
+                           else observe_direction(direction, h_in, d == 1, self.ranges[k]))
                 outs.append(y)
                 hs.append(h)
                 cs.append(c)
@@ -189,21 +194,6 @@ class QuantLNLSTM(QuantModule):
                     h_in = _fq(h_in, s_h, -128, 127)
         out = h_in.transpose(0, 1) if m.batch_first else h_in
         return out, (torch.stack(hs), torch.stack(cs))
-
-    @torch.no_grad()
-    def _direction_observe(self, direction, x, reverse, r):
-        B, H = x.shape[1], direction.hidden_size
-        h, c = x.new_zeros(B, H), x.new_zeros(B, H)
-        r.ax = max(r.ax, float((x @ direction.weight_ih.t()).abs().max()))
-        gx = direction.input_gates(x)
-        ys = [None] * x.shape[0]
-        for t in (range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])):
-            r.ah = max(r.ah, float((h @ direction.weight_hh.t()).abs().max()))
-            h, c = direction.step(gx[t], h, c)
-            r.c = max(r.c, float(c.abs().max()))
-            r.h = max(r.h, float(h.abs().max()))
-            ys[t] = h
-        return torch.stack(ys), h, c
 
     def _direction_fake(self, direction, x, reverse, s_h, c_s):
         wx = fake_quant_weight_per_row(direction.weight_ih, self.wmax)
