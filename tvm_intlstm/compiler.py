@@ -343,13 +343,34 @@ def compile(model, target="host", example_inputs: Sequence = None, tuning_logs=N
     # contiguous: torch.export guards a view's strides against its sizes (x[:, :3] of a [B, 20]
     # tensor gives the guard T != 20, which breaks the symbolic time dim)
     example_inputs = tuple(torch.as_tensor(x).contiguous() for x in example_inputs)
-    tgt = _target(target)
-    from .target import check_ieee_float
-    check_ieee_float(tgt)
+    tgt, family = checked_target(target, kernels)
     from .kernels import isa as families
-    family = None if kernels is None else families.check_supported(kernels, tgt)
     with families.prefer(family):
         return _compile(model, tgt, example_inputs, tuning_logs, verbose, threads)
+
+
+def checked_target(target, kernels=None):
+    """(tvm Target, kernel family asked for or None) of compile's `target` / `kernels` arguments:
+    an IEEE-float target (check_ieee_float) and a family it can run (ValueError otherwise)."""
+    from .kernels import isa as families
+    from .target import check_ieee_float
+    tgt = _target(target)
+    check_ieee_float(tgt)
+    return tgt, None if kernels is None else families.check_supported(kernels, tgt)
+
+
+def lower_and_build(mod, tgt, tuning_logs, threads: bool, verbose: bool):
+    """(lowered IRModule, executable): the integer pipeline (with the tuning logs' kernels, if any)
+    and TVM's build, for every function of `mod` (one model, or an encoder-decoder's two)."""
+    tuned = None
+    if tuning_logs:
+        from .tuning import apply_tuning_logs
+        tuned = apply_tuning_logs(tuning_logs, tgt)
+        _log(f"tuning logs {tuning_logs}: {tuned}", verbose)
+    with tgt:
+        lowered = integer_pipeline(tgt, tuned, threads=threads)(mod)
+    _log("building", verbose)
+    return lowered, tvm.compile(lowered, target=tgt)
 
 
 def _compile(model, tgt, example_inputs, tuning_logs, verbose, threads):
@@ -363,16 +384,7 @@ def _compile(model, tgt, example_inputs, tuning_logs, verbose, threads):
         hint = weight_route_hint(model, tgt)
         if hint:
             _log(hint, verbose)
-    tuned = None
-    if tuning_logs:
-        from .tuning import apply_tuning_logs
-        tuned = apply_tuning_logs(tuning_logs, tgt)
-        _log(f"tuning logs {tuning_logs}: {tuned}", verbose)
-    with tgt:
-        mod = integer_pipeline(tgt, tuned, threads=threads)(mod)
-    lowered = mod
-    _log("building", verbose)
-    ex = tvm.compile(mod, target=tgt)
+    lowered, ex = lower_and_build(mod, tgt, tuning_logs, threads, verbose)
     _log(f"done in {time.perf_counter() - t0:.1f} s", verbose)
     return CompiledModule(ex, tgt, model.input_kinds, model.output_info, lowered, vocab_sizes(model), input_shapes,
                           model.state_formats(), state_batch_of, amx=_uses_amx(lowered),

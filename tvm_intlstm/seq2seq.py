@@ -360,18 +360,14 @@ def compile_seq2seq(q: QuantizedSeq2Seq, target="host", tuning_logs=None, verbos
     (one Relax IRModule, one lowering, one VerifyIntegerOnly, one .so). Batch size, source length
     and the number of decoder steps per call are symbolic. Options as in til.compile."""
     import tvm
-    from .compiler import (_log, _state_batch_of, _target, _uses_amx, input_shapes_of, vocab_sizes,
-                           CompiledModule)
+    from .compiler import (_log, _state_batch_of, _uses_amx, checked_target, input_shapes_of,
+                           lower_and_build, vocab_sizes, CompiledModule)
     from .frontend.importer import import_quantized
     from .kernels import isa as families
-    from .passes import integer_pipeline
-    from .target import check_ieee_float
     if not isinstance(q, QuantizedSeq2Seq):
         raise TypeError(f"compile_seq2seq takes a QuantizedSeq2Seq (quantize_seq2seq's result), got "
                         f"{type(q).__name__}; a single model compiles with til.compile")
-    tgt = _target(target)
-    check_ieee_float(tgt)
-    family = None if kernels is None else families.check_supported(kernels, tgt)
+    tgt, family = checked_target(target, kernels)
     t0 = time.perf_counter()
     # example shapes only (every dim that can vary is symbolic): batch 3, source length 5 and
     # one decoder step, sizes distinct so that torch.export does not equate the dims
@@ -386,16 +382,9 @@ def compile_seq2seq(q: QuantizedSeq2Seq, target="host", tuning_logs=None, verbos
     for name, model, args in (("encode", q.encoder, enc_args), ("decode_step", q.decoder, dec_args)):
         funcs[name] = import_quantized(model, args)["main"].with_attr("global_symbol", name)
     mod = tvm.IRModule(funcs)
+    _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
     with families.prefer(family):
-        tuned = None
-        if tuning_logs:
-            from .tuning import apply_tuning_logs
-            tuned = apply_tuning_logs(tuning_logs, tgt)
-        _log(f"lowering to integer kernels for {tgt.attrs.get('mcpu', '') or tgt.kind.name}", verbose)
-        with tgt:
-            lowered = integer_pipeline(tgt, tuned, threads=threads)(mod)
-        _log("building", verbose)
-        ex = tvm.compile(lowered, target=tgt)
+        lowered, ex = lower_and_build(mod, tgt, tuning_logs, threads, verbose)
     _log(f"done in {time.perf_counter() - t0:.1f} s", verbose)
     amx = _uses_amx(lowered)
     cms = {}
