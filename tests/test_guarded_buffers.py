@@ -264,6 +264,10 @@ def _lstm_cases():
         ("threaded_w7_reverse_init_fast", 24,
          dict(packed=True, w7=True, reverse=True, init_state=True, parallel=True, shift_hi=True,
               pwl_fold=True, gate_scale=(None, 37)), True),
+        # 48 units: on the AVX-512 families the serial forms' cell runs on 16-unit zmm blocks
+        # (a pair of blocks and a last single one); with one worker the threaded form's steps too
+        ("serial_packed_zmm_cell", 48, dict(packed=True, parallel=False, pwl_fold=True), True),
+        ("threaded_zmm_cell_init", 48, dict(packed=True, parallel=True, init_state=True), True),
     ]
     cases = []
     for fname, H, kw, native in forms:

@@ -199,6 +199,57 @@ def test_recurrent_full_range(fam, target, H):
             assert_lstm_equal(run_recurrent(f, k, p, gx), ref_recurrence(gx, p))
 
 
+AVX512_TARGET = "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"
+
+
+@pytest.fixture
+def pool_size():
+    """Set the size of TVM's thread pool for a test (`runtime.config_threadpool`), restored after."""
+    num = tvm.get_global_func("runtime.NumThreads")
+    config = tvm.get_global_func("runtime.config_threadpool")
+    before = int(num())
+    yield lambda n: config(0, n)
+    config(0, before)
+
+
+@pytest.mark.parametrize("H", [16, 48, 64])
+@pytest.mark.parametrize("fold", [False, True])
+def test_recurrent_zmm_cell(H, fold, pool_size):
+    """The AVX-512 family's 16-unit zmm cell (serial forms, and the threaded form's steps on a pool
+    of one worker, batch 1 included): H = 16 (one block), 48 (a pair and a last single block), 64
+    (two pairs), saturating gates, extreme states, both directions, against the reference. Where
+    the CPU lacks AVX-512 VNNI the kernels are compiled and their assembly checked only."""
+    rng = np.random.default_rng(H + 100 * fold)
+    w_h = _full_range_weights(rng, 4 * H, H)
+    p = make_lstm(rng, H, 12, w_h=w_h)
+    tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
+    if fold and not all(K.pwl_foldable(t) for t in tabs):
+        pytest.fail("the test's tables should be foldable")
+    for parallel in (False, True):
+        for reverse in (False, True):
+            f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
+                                 tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces,
+                                 target=AVX512_TARGET, isa="avx512_vnni", w7=True, packed=True,
+                                 parallel=parallel, reverse=reverse, init_state=True, pwl_fold=fold)
+            k = _kernel(f, AVX512_TARGET)
+            asm = (k or K.build_kernel(f, AVX512_TARGET)).module.inspect_source("asm")
+            # the cell's table lookups: vpermd on zmm registers
+            assert any("vpermd" in l and "%zmm" in l for l in asm.splitlines())
+            if k is None:
+                continue
+            for workers in ((1, 2) if parallel else (1,)):
+                pool_size(workers)
+                for T_, B in ((1, 1), (4, 1), (3, 2), (2, 5), (2, 8)):
+                    gx = rng.integers(-2**15, 2**15, (T_, B, 4 * H)).astype(np.int16)
+                    gx[0, 0, :] = -2**15                 # saturating gate adds
+                    gx[-1, B - 1, : 2 * H] = 2**15 - 1
+                    h0 = rng.integers(-128, 128, (B, H)).astype(np.int8)
+                    c0 = rng.integers(-2**15, 2**15, (B, H)).astype(np.int16)
+                    c0[0, :4] = [-2**15, 2**15 - 1, 0, -1]
+                    assert_lstm_equal(run_recurrent(f, k, p, gx, h0=h0, c0=c0),
+                                      ref_recurrence(gx, p, reverse, h0, c0))
+
+
 class _Net(torch.nn.Module):
     def __init__(self):
         super().__init__()

@@ -279,6 +279,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # the threaded form's steps on a pool of one worker with several batch rows (step_solo)
         gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV,
                                       prefetch_w=False) if fused else None
+        # ... and at batch 1 where the cell is 16 lanes wide (C16): all products, then all cells
+        gemm1_solo = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV) if fused else None
         # 4-row tiles where the family has the registers (the 32 zmm of AVX-512): more rows share
         # each weight load. Taken when 4 divides the batch (a tile's missing rows would be computed
         # anyway); gemm4p is the threaded form's (cells still per group, 2 rows at once)
@@ -291,7 +293,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         HP = padded_k(H) if wide else H
         gemm = gemm_macro(H, G, isa)
         gemm2 = gemm
-        gemm2_solo = gemm4 = gemm4p = None
+        gemm2_solo = gemm1_solo = gemm4 = gemm4p = None
         outer = False
     rows4, rows4p = gemm4 is not None, gemm4p is not None and fused
     JO, JV = vec_split(H, 8)
@@ -348,6 +350,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # of the table's halves and a blend on idx > 7. The tables are copied once per call into TV
     # [3 tables, 3 rows, 16] (padded by repeating the last column) so both halves are in bounds.
     U = 2 if fast_pwl and JO % 2 == 0 else 1
+    # families with 16-lane cells (AVX-512): the serial forms' cells (`step`, `step_solo`) on
+    # 16-unit zmm blocks, each table one register (vpermd zmm: no blend), U16 blocks interleaved
+    C16 = fast_pwl and fam.cell_lanes == 16 and H % 16 == 0
+    NB16 = H // 16
+    U16 = 2 if C16 and NB16 >= 2 else 1
+    PAIRS16, TAIL16 = NB16 // U16, NB16 % U16 == 1  # (a last single block when NB16 is odd)
     # tables of <= 8 pieces (QuantConfig(pwl_pieces=8)) fit one register: one vpermd per lookup, no
     # blend, and the binary search starts one level down (k_8 is never counted)
     small = max(n_sig, n_tanh, n_tc) <= 8
@@ -390,9 +398,13 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                                        BS[t, level, tirx.Ramp(0, 1, 8)], p)
         return p * tirx.Broadcast(tirx.const(2, "int32"), 8) + tirx.Cast("int32x8", xc > k)
 
+    # scratch of the serial forms' cells: rows (4 per block) and lanes; binary-search rows
+    SU, SW = (max(U, U16), 16) if C16 else (U, JV)
+    BW = 16 if C16 else 8
+
     @T.macro
     def fill_bs(BS, TBL, t, n):
-        for l in range(8):
+        for l in range(BW):
             bs_fill(BS, TBL, t, n, 0, l)
             bs_fill(BS, TBL, t, n, 1, l)
             bs_fill(BS, TBL, t, n, 2, l)
@@ -407,6 +419,82 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 1, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
         IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 2, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
         IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 3, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
+
+    def perm16(tbl, idx):
+        return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.permvar.si.512", tbl, idx)
+
+    def pwl_vec16(XC, IDX, TV, t, g):
+        """pwl_vec on 16 lanes (C16): a table of <= 16 pieces is one zmm, one vpermd per lookup."""
+        idx = IDX[g, tirx.Ramp(0, 1, 16)]
+        x = XC[g, tirx.Ramp(0, 1, 16)]
+
+        def look(r):
+            return perm16(TV[t, r, tirx.Ramp(0, 1, 16)], idx)
+
+        if fold:
+            u = tirx.Cast("uint32x16", look(2)) * tirx.Cast("uint32x16", x) + tirx.Cast("uint32x16", look(1))
+            return sat(tirx.Cast("int32x16", u) >> tirx.Broadcast(tirx.const(PWL_FRAC, "int32"), 16), 16)
+        return sat(look(1) + rshift_round(look(2) * (x - look(0)), PWL_FRAC), 16)
+
+    def bs_level16(BS, t, level, xc, p):
+        k = perm16(BS[t, level, tirx.Ramp(0, 1, 16)], p)
+        return p * tirx.Broadcast(tirx.const(2, "int32"), 16) + tirx.Cast("int32x16", xc > k)
+
+    @T.macro
+    def bs_index16(XC, IDX, BS, t, g):
+        # bs_index on 16 lanes (BS rows hold 16 entries: lanes 8..15 repeat 0..7, never indexed)
+        if small:
+            IDX[g, T.Ramp(0, 1, 16)] = T.Cast("int32x16", XC[g, T.Ramp(0, 1, 16)] > T.Broadcast(BS[t, 1, 0], 16))
+        else:
+            IDX[g, T.Ramp(0, 1, 16)] = T.Cast("int32x16", XC[g, T.Ramp(0, 1, 16)] > BS[t, 0, T.Ramp(0, 1, 16)])
+            IDX[g, T.Ramp(0, 1, 16)] = bs_level16(BS, t, 1, XC[g, T.Ramp(0, 1, 16)], IDX[g, T.Ramp(0, 1, 16)])
+        IDX[g, T.Ramp(0, 1, 16)] = bs_level16(BS, t, 2, XC[g, T.Ramp(0, 1, 16)], IDX[g, T.Ramp(0, 1, 16)])
+        IDX[g, T.Ramp(0, 1, 16)] = bs_level16(BS, t, 3, XC[g, T.Ramp(0, 1, 16)], IDX[g, T.Ramp(0, 1, 16)])
+
+    # where cell16 finds gate g of block u (16 units from unit(u)) in Z: one 16-wide load
+    # (natural order) or the two 8-unit halves of adjacent channel groups (gate-interleaved order)
+    # (q: the first of the call's 16-unit blocks)
+    def z16_natural(Z, b, q):
+        return lambda u, g: Z[b, tirx.Ramp(g * H + (q + u) * 16, 1, 16)]
+
+    def z16_interleaved(Z, b, q):
+        return lambda u, g: tirx.Shuffle(
+            [Z[b, tirx.Ramp((q + u) * 64 + g * 8, 1, 8)],
+             Z[b, tirx.Ramp((q + u) * 64 + 32 + g * 8, 1, 8)]], list(range(16)))
+
+    def units16(q):
+        return lambda u: (q + u) * 16
+
+    @T.macro
+    def cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, zval, unit, SRC, nxt):
+        """cell8 on UU blocks of 16 units of batch row b (C16; the serial forms only)."""
+        for u in T.unroll(UU):
+            for g in T.unroll(4):   # z rows i, f, g, o
+                XC[u * 4 + g, T.Ramp(0, 1, 16)] = T.Cast("int32x16", zval(u, g))
+                for jv in T.vectorized(16):
+                    XC[u * 4 + g, jv] = T.max(T.min(XC[u * 4 + g, jv], LIM[g, 1]), LIM[g, 0])
+        for u in T.unroll(UU):
+            for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
+                bs_index16(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g)
+                ACT[u * 4 + g, T.Ramp(0, 1, 16)] = pwl_vec16(XC, IDX, TV, T.if_then_else(g == 2, 1, 0), u * 4 + g)
+        for u in T.unroll(UU):
+            for jv in T.vectorized(16):
+                XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[b, unit(u) + jv]), 15)
+                                    + rshift_round(ACT[u * 4, jv] * ACT[u * 4 + 2, jv], ig_shift), 16)
+                CT[b, unit(u) + jv] = T.Cast("int16", XC[u * 4, jv])
+                XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
+        for u in T.unroll(UU):
+            bs_index16(XC, IDX, BS, 2, u * 4)
+            ACT[u * 4 + 2, T.Ramp(0, 1, 16)] = pwl_vec16(XC, IDX, TV, 2, u * 4)   # tanh(c)
+        for u in T.unroll(UU):
+            for jv in T.vectorized(16):
+                HT[b, unit(u) + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
+                Y[tt, b, unit(u) + jv] = HT[b, unit(u) + jv]
+                if fused:
+                    if u8:
+                        SRC[nxt + b, unit(u) + jv] = T.Cast("uint8", T.Cast("int32", HT[b, unit(u) + jv]) + 128)
+                    else:
+                        SRC[nxt + b, unit(u) + jv] = T.Cast("int16", HT[b, unit(u) + jv])
 
     @T.macro
     def cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, brow, unit, zcol, valid, SRC, nxt):
@@ -508,11 +596,24 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             gemm4(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
                   t % 2 == 1, gx_addr(GX, tt))
         else:
-            gemm2_solo(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+            if B == 1:
+                gemm1_solo(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
+                           t % 2 == 1, gx_addr(GX, tt))
+            else:
+                gemm2_solo(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
                        t % 2 == 1, gx_addr(GX, tt))
-        for b, jp in T.grid(B, JO // U):
-            cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
-                  zcol_interleaved(jp), valid_all(), H16, ((t + 1) % 2) * B)
+        if C16:
+            for b, jp in T.grid(B, PAIRS16):
+                cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16, z16_interleaved(Z, b, jp * U16),
+                       units16(jp * U16), H16, ((t + 1) % 2) * B)
+            if TAIL16:
+                for b in range(B):
+                    cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
+                           z16_interleaved(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), H16, ((t + 1) % 2) * B)
+        else:
+            for b, jp in T.grid(B, JO // U):
+                cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
+                      zcol_interleaved(jp), valid_all(), H16, ((t + 1) % 2) * B)
 
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
@@ -533,7 +634,15 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                       gx_addr(GX, tt))
         else:
             gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
-        if fast_pwl:
+        if C16:
+            for b, jp in T.grid(B, PAIRS16):
+                cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16, z16_natural(Z, b, jp * U16),
+                       units16(jp * U16), H16, 0)
+            if TAIL16:
+                for b in range(B):
+                    cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
+                           z16_natural(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), H16, 0)
+        elif fast_pwl:
             for b, jp in T.grid(B, JO // U):
                 cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
                       zcol_natural(jp), valid_all(), H16, 0)
@@ -582,12 +691,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         Z = T.alloc_buffer((B, G), "int16")
         ACC = T.alloc_buffer((max(ROW_TILE, (4 if fam.rec_rows4 else 2) * REC_OV), 8), "int32")
         RED = T.alloc_buffer((ROW_TILE,), "int32")
-        XC = T.alloc_buffer((4 * U, JV), "int32")
-        IDX = T.alloc_buffer((4 * U, JV), "int32")
-        ACT = T.alloc_buffer((4 * U, JV), "int32")
+        XC = T.alloc_buffer((4 * SU, SW), "int32")
+        IDX = T.alloc_buffer((4 * SU, SW), "int32")
+        ACT = T.alloc_buffer((4 * SU, SW), "int32")
         LIM = T.alloc_buffer((5, 2), "int32")
         TV = T.alloc_buffer((3, 3, 16), "int32")
-        BS = T.alloc_buffer((3, 4, 8), "int32")
+        BS = T.alloc_buffer((3, 4, BW), "int32")
         if fast_pwl:
             fill_bs(BS, SIG, 0, n_sig)
             fill_bs(BS, TANH, 1, n_tanh)
@@ -619,7 +728,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             # instead (no launch); at batch 1 its one worker walks the groups zig-zag as the serial
             # form does (-3 % per step: a step starts where the previous one left W_h in L2)
             solo = T.call_packed("runtime.NumThreads", dtype="int32") == 1
-            if solo and B > 1:
+            if solo and (B > 1 or C16):
                 for t in range(TT):
                     if reverse:
                         step_solo(TT - 1 - t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED,

@@ -45,6 +45,8 @@ class KernelFamily:
     vec_lanes = 8           # int32 lanes of the outer-product GEMM's step on the u8 route (8: ymm)
     lin_tile = None         # (rows, 8-channel vectors) of the packed linear register tile, None:
                             # linear.LIN_NR x LIN_OV
+    cell_lanes = 8          # units per vector of the x86 cell in the serial forms (16: zmm, vpermd
+                            # on 16 lanes holds a 16-piece table in one register)
     rec_rows4 = False       # recurrent GEMM (batch > 1) also in 4-row register tiles (taken when 4
                             # divides the batch; else 2-row tiles): needs 32 vector registers
     tiles = False           # packed linear kernels (linear layers, LSTM input projections) use AMX

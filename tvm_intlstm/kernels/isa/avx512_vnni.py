@@ -1,7 +1,7 @@
 """x86 AVX512-VNNI on 512-bit vectors: the x86_vnni family with its GEMM step widened to zmm, one
 vpdpbusd per 64 multiply-adds (16 int32 lanes = two adjacent 8-channel vectors of the packed
 layout, whose 64 weight bytes per k quad are contiguous). Packing, the u8 correction, the cell and
-the threaded form are unchanged (the cell stays on 8-unit ymm blocks). CPUs that run zmm at full
+the threaded form are unchanged; the cell of the serial forms runs on 16-unit zmm blocks. CPUs that run zmm at full
 width (Zen 5) or double-pumped (Zen 4) or on two ports (Xeon Ice Lake / Sapphire Rapids) all halve
 the step's instruction count; `-mattr=-avx512vnni` falls back to x86_vnni (ymm) where AVX-VNNI
 exists."""
@@ -24,6 +24,8 @@ class AVX512VNNI(X86VNNI):
     # tiles; 8-row tiles were faster in the kernel alone but 1.29x slower in the compiled model,
     # not explained yet: perhaps as its 1 KiB accumulator tile is no longer a stack buffer)
     rec_rows4 = True
+    # the serial forms' cells (one worker: batch > 1 steps) on 16-unit zmm blocks
+    cell_lanes = 16
     # linear kernels / input projections: 6 rows x 4 vectors of 8 channels (12 zmm accumulators):
     # 256->2048 over 512 rows 1099 -> 618 us (870 GOP/s), 650->2624 over 280 rows 1895 -> 1004 us
     # on a Zen 5 core (8 x 4 is as fast; 4 x 4 0.63x, the default 4 x 2 1.0x)
