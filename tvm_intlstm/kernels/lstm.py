@@ -45,7 +45,14 @@ batch rows it runs no launch and schedules each step as the serial form does, al
 all cells (`step_solo`; the cells right after each group's products were ~4-9 % slower per batch-8
 step). gx and the per-channel constants come in the interleaved order too, so the gate epilogue
 reads one stream, not four. Two workers take ~0.55-0.6x as long per step at batch 1 and 8 on a
-Zen 3 core pair (BENCHMARKS.md). `python benchmarks/bench_kernels.py --w7
+Zen 3 core pair (BENCHMARKS.md).
+
+Families with 16-lane cells (`KernelFamily.cell_lanes`, AVX-512): the serial forms' cells (`step`,
+`step_solo`) run on 16-unit zmm blocks, two interleaved, each 16-piece table one register (one
+vpermd zmm per lookup, no blend), and a pool of one worker runs `step_solo` at batch 1 too (all
+products, then all cells): on a Zen 5 core the 256->512 model at T=64 took 0.78 -> 0.65 ms at
+batch 1 and 2.56 -> 2.44 ms at batch 8 (one thread), the per-group 8-unit cells being the slower
+part at batch 1. `python benchmarks/bench_kernels.py --w7
 --compare-serial [--batch 8] [--threads 2]` times the forms side by side.
 """
 from __future__ import annotations
@@ -725,8 +732,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             # the time loop runs once in every worker of the thread pool (one launch per call);
             # each step's group loop is split among them and ends with a barrier, since the next
             # step reads all of h. A pool of one worker with several batch rows runs step_solo
-            # instead (no launch); at batch 1 its one worker walks the groups zig-zag as the serial
-            # form does (-3 % per step: a step starts where the previous one left W_h in L2)
+            # instead (no launch), and so does batch 1 where the cell is 16 lanes wide (C16); else
+            # at batch 1 its one worker walks the groups zig-zag as the serial form does (-3 % per
+            # step: a step starts where the previous one left W_h in L2)
             solo = T.call_packed("runtime.NumThreads", dtype="int32") == 1
             if solo and (B > 1 or C16):
                 for t in range(TT):
