@@ -357,16 +357,27 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                             use_u8)
             for r in T.unroll(NR):
                 if nb * NR + r < nrows:
-                    for ov in T.unroll(OVT):
-                        if (og * OV + oh * OVT + ov + 1) * 8 <= O:
-                            for l in T.vectorized(8):
-                                store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
-                                      ACC[r * OVT + ov, l])
+                    # the epilogue on the step's vector width: VM adjacent 8-channel vectors at once
+                    # where they are all in range (zmm: half the epilogue's instructions)
+                    for ovm in T.unroll(OVT // VM):
+                        if (og * OV + oh * OVT + ovm * VM + VM) * 8 <= O:
+                            for l in T.vectorized(8 * VM):
+                                store(nb * NR + r, (og * OV + oh * OVT + ovm * VM) * 8 + l,
+                                      ACCF[(r * OVT + ovm * VM) * 8 + l])
                         else:
-                            for l in range(8):
-                                if (og * OV + oh * OVT + ov) * 8 + l < O:
-                                    store(nb * NR + r, (og * OV + oh * OVT + ov) * 8 + l,
-                                          ACC[r * OVT + ov, l])
+                            # (a channel tail: per 8-channel vector as before. A guarded scalar loop
+                            # over all 16 channels instead wrote past the output on AVX-512: its
+                            # guard was lost somewhere in the lowering)
+                            for ov in T.unroll(VM):
+                                if (og * OV + oh * OVT + ovm * VM + ov + 1) * 8 <= O:
+                                    for l in T.vectorized(8):
+                                        store(nb * NR + r, (og * OV + oh * OVT + ovm * VM + ov) * 8 + l,
+                                              ACCF[(r * OVT + ovm * VM + ov) * 8 + l])
+                                else:
+                                    for l in range(8):
+                                        if (og * OV + oh * OVT + ovm * VM + ov) * 8 + l < O:
+                                            store(nb * NR + r, (og * OV + oh * OVT + ovm * VM + ov) * 8 + l,
+                                                  ACCF[(r * OVT + ovm * VM + ov) * 8 + l])
         if group_done is not None:
             group_done(og, nrows, group_args)
 
