@@ -298,6 +298,42 @@ def test_errors():
             make(Stock(), data)
 
 
+def test_seq2seq_decoder_step():
+    """A decoder step with multi-head attention quantized as a pair with a BiLSTM encoder
+    (quantize_seq2seq: enc is an int8 activation input): its integer modules equal the reference,
+    one step and three teacher-forced steps (Q = 3). (Compiled with compile_seq2seq it equals the
+    reference too; not run here to keep this file fast.)"""
+    from test_seq2seq import HD, HE, TGT_V, E as E_DEC, Encoder, _calib
+    from tvm_intlstm import seq2seq as s2s
+
+    class Decoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(TGT_V, E_DEC)
+            self.lstm = nn.LSTM(E_DEC, HD, batch_first=True)
+            self.attn = MultiheadAttention(HD, 2, kdim=2 * HE)
+            self.out = nn.Linear(2 * HD, TGT_V)
+
+        def forward(self, prev, h0, c0, enc, lengths):
+            y, (h, c) = self.lstm(self.emb(prev), (h0, c0))
+            ctx, _ = self.attn(y, enc, lengths)
+            return self.out(torch.cat([y, ctx], -1)), h, c
+
+    torch.manual_seed(0)
+    pair = s2s.quantize_seq2seq(Encoder().eval(), Decoder().eval(), _calib(1))
+    assert pair.decoder.input_kinds == ["ids", "state_h", "state_c", "act", "lengths"]
+    ref = pair.reference()
+    src, ln = rng.integers(0, 13, (3, 7)), np.array([4, 1, 7])
+    enc = pair.encode(src, ln)
+    h, c = pair.decoder.zero_state(3)
+    for T in (1, 3):
+        prev = rng.integers(0, TGT_V, (3, T))
+        got = pair.decode_step(prev, h, c, enc, ln)
+        for g, w in zip(got, ref.decode_step(prev, h, c, enc, ln)):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        h, c = got[1], got[2]
+
+
 # ---------------------------------------------------------------------------------------------
 # compiled
 
