@@ -25,7 +25,8 @@ serial (natural, packed, 7-bit), threaded (parallel=True), reverse + init_state,
 (shift_hi, folded PWL, baked gate shift); quantize_input, embedding (int64 / int32 ids), rescale_8,
 residual_add, pwl_activation, layer_norm, layer_norm16, ln_lstm_recurrent (both directions),
 softmax (static lengths and symbolic), attention_context, and the attention kernels
-attention_dot, additive_scores, masked_softmax (int64 / int32 lengths, lengths -1 to S + 1).
+attention_dot, additive_scores, masked_softmax (int64 / int32 lengths, lengths -1 to S + 1), and
+multi-head attention's per-head scores mha_scores (2 heads of 13 features).
 The native forms use the target's own micro-kernel ISA (`kernels.resolve_isa`), the generic ones
 run on every family. Shapes are odd on purpose: K = 13, 77; O = 19, 41; H = 20 (24 for the
 threaded form, which needs H % 8 == 0); D = 13; rows 1, 3 and 17; softmax lengths 1, 5, 7, 9, 13,
@@ -529,6 +530,15 @@ def _masked_softmax_calls(len_dtype):
     return calls
 
 
+def _mha_scores_calls(func, rng):
+    out = []
+    for B, Q, S in ((1, 1, 1), (3, 2, 5), (17, 1, 9)):
+        q = rng.integers(-128, 128, (B, Q, 26)).astype(np.int8)
+        k = rng.integers(-128, 128, (B, S, 26)).astype(np.int8)
+        out.append(([q, k], [((B, 2, Q, S), "int32")], [ops.mha_scores(q, k, 2)]))
+    return out
+
+
 def _attention_kernel_cases():
     from tvm_intlstm.kernels import attention as KA
     return [
@@ -536,6 +546,7 @@ def _attention_kernel_cases():
         Case("additive_scores_13", lambda tg: KA.additive_scores(13, 16), _additive_scores_calls),
         Case("masked_softmax_int64", lambda tg: KA.masked_softmax(16, *SMAX, "int64"), _masked_softmax_calls("int64")),
         Case("masked_softmax_int32", lambda tg: KA.masked_softmax(16, *SMAX, "int32"), _masked_softmax_calls("int32")),
+        Case("mha_scores_26_h2", lambda tg: KA.mha_scores(26, 2), _mha_scores_calls),
     ]
 
 

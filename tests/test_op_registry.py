@@ -355,6 +355,8 @@ def _attention_cases():
                             intops.pack_table(fit_pwl("exp", 16, 10))],
                            [_i(-3000, 3000, (2, 5), np.int32), torch.tensor([1, 9], dtype=torch.int32), mz, sz,
                             intops.pack_table(fit_pwl("exp", 16, 10))]],
+        "mha_scores": [[_i(-128, 128, (2, 3, 8), np.int8), _i(-128, 128, (2, 7, 8), np.int8), heads]
+                       for heads in (1, 2, 4)],
     }
 
 

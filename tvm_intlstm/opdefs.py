@@ -358,3 +358,9 @@ register(OpDef(
     outputs=lambda s, a: [(s.z, I16)], reference="masked_softmax_op",
     doc="Softmax over the last axis restricted to s < lengths[b] (spec 11.2): z int32 [B, ..., S], "
         "lengths [B] -> int16 Q0.15, 0 at padded positions and in rows of length 0."))
+
+register(OpDef(
+    "mha_scores", (Tensor("q", I8), Tensor("k", I8), Int("num_heads")),
+    outputs=lambda s, a: [((s.q[0], a.num_heads, s.q[1], s.k[1]), I32)], reference="mha_scores",
+    doc="Multi-head dot scores (spec 11.4): q int8 [B, Q, E], k int8 [B, S, E], E = num_heads * dh "
+        "-> int32 [B, num_heads, Q, S], z[b, h, i, s] = sum_{d < dh} q[b, i, h dh + d] k[b, s, h dh + d]."))

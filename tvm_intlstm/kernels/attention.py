@@ -1,11 +1,12 @@
-"""Attention kernels (docs/integer_spec.md section 11): Luong dot scores, Bahdanau additive scores
-and the softmax masked by per-row source lengths. (The unmasked softmax and the context are
+"""Attention kernels (docs/integer_spec.md section 11): Luong dot scores, Bahdanau additive scores,
+multi-head dot scores and the softmax masked by per-row source lengths. (The unmasked softmax and the context are
 kernels/norm.py's `softmax` and `attention_context`.)
 
     generator (static args)                      buffers (B, Q, S, R symbolic)
     attention_dot(D)                             q i8[B,Q,D], k i8[B,S,D] -> z i32[B,Q,S]
     additive_scores(A, tanh_pieces)              qx i16[B,Q,A], kx i16[B,S,A], v i8[A],
                                                  tanh i32[3,n+1] -> z i32[B,Q,S]
+    mha_scores(E, num_heads)                     q i8[B,Q,E], k i8[B,S,E] -> z i32[B,H,Q,S]
     masked_softmax(exp_pieces, Mz, sz, len_dtype)
                                                  z i32[B,R,S], lengths [B], exp i32[3,n+1]
                                                  -> p i16[B,R,S]
@@ -140,3 +141,32 @@ def masked_softmax(exp_pieces: int, Mz: int, sz: int, len_dtype: str = "int64"):
                         P[b, r, k] = T.int16(0)
 
     return finish(masked_softmax, "masked_softmax")
+
+
+def mha_scores(embed_dim: int, num_heads: int):
+    """z[b, h, i, s] = sum_{d < dh} q[b, i, h dh + d] k[b, s, h dh + d] in int32 (spec 11.4), dh =
+    embed_dim / num_heads: the per-head dot scores of multi-head attention, read from the
+    projections' [B, L, E] layout (no head transpose). Parameters: (q, k, z)."""
+    E = _features(embed_dim, "embedding size")
+    H = int(num_heads)
+    if H < 1 or E % H:
+        raise ValueError(f"mha_scores: embed_dim {E} must be a multiple of num_heads {H}")
+    dh = E // H
+
+    @T.prim_func
+    def mha_scores(q_h: T.handle, k_h: T.handle, z_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        B = T.int64()
+        Q = T.int64()
+        S = T.int64()
+        QB = T.match_buffer(q_h, (B, Q, E), "int8")
+        KB = T.match_buffer(k_h, (B, S, E), "int8")
+        Z = T.match_buffer(z_h, (B, H, Q, S), "int32")
+        ACC = T.alloc_buffer((1,), "int32")
+        for b, h, i, s in T.grid(B, H, Q, S):
+            ACC[0] = 0
+            for d in range(dh):
+                ACC[0] = ACC[0] + T.Cast("int32", QB[b, i, h * dh + d]) * T.Cast("int32", KB[b, s, h * dh + d])
+            Z[b, h, i, s] = ACC[0]
+
+    return finish(mha_scores, "mha_scores")

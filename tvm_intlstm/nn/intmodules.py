@@ -269,3 +269,50 @@ class IntBahdanauAttention(IntAttention, IntModule):
         qx = OPS.linear_requant(q, self.w_q, self.b_q, self.m_q, self.s_q, 16)
         kx = OPS.linear_requant(keys, self.w_k, self.b_k, self.m_k, self.s_k, 16)   # all positions at once
         return OPS.additive_scores(qx, kx, self.v, self.tanh_table)
+
+
+class IntMultiheadAttention(IntAttention, IntModule):
+    """Multi-head attention for a decoder query (spec 11.4): int8 q/k/v projections (hidden linear
+    layers, k and v over every source position), per-head dot scores (`mha_scores`; 1/sqrt(dh) is
+    in (mz, sz)), the (masked) softmax per head, each head's context (`attention_context`, one
+    scale for all heads), the heads concatenated and the int8 output projection. forward(query,
+    keys, lengths) -> (output int8 [B, (Q,) E] at `out_scale`, weights int16 [B, H, (Q,) S] Q0.15)."""
+
+    PROJECTIONS = ("q", "k", "v", "o")
+
+    def __init__(self, query_size, key_size, num_heads, proj: dict, ctx_scale: float, out_scale: float,
+                 **common):
+        """proj: for each of q, k, v, o a tuple (w int8, b int32, m int32, s int32) of its hidden
+        linear layer (spec 5); common: mz, sz, exp_table, mc, sc as the other attention layers."""
+        IntModule.__init__(self)
+        self.init_attention(query_size, key_size, out_scale=ctx_scale, **common)
+        self.num_heads = int(num_heads)
+        if self.num_heads < 1 or self.query_size % self.num_heads:
+            raise ValueError(f"embed size {self.query_size} must be a multiple of num_heads {self.num_heads}")
+        self.ctx_scale = float(ctx_scale)
+        self.out_scale = float(out_scale)
+        for p in self.PROJECTIONS:
+            for name, t, dt in zip("wbms", proj[p], (torch.int8, torch.int32, torch.int32, torch.int32)):
+                self.register_buffer(f"{name}_{p}", t.to(dt))
+
+    def linear(self, x, p: str):
+        """The hidden linear layer of projection p (q, k, v or o): requantize_8(W x + b)."""
+        return OPS.linear_requant(x, getattr(self, f"w_{p}"), getattr(self, f"b_{p}"), getattr(self, f"m_{p}"),
+                                  getattr(self, f"s_{p}"), 8)
+
+    def forward(self, query, keys, lengths=None):
+        self.check_inputs(query, keys, lengths)
+        squeeze = query.dim() == 2
+        q = self.linear(query.unsqueeze(1) if squeeze else query, "q")   # [B, Q, E]
+        k = self.linear(keys, "k")                                        # [B, S, E], every position
+        v = self.linear(keys, "v")
+        z = OPS.mha_scores(q, k, self.num_heads)                          # [B, H, Q, S]
+        if lengths is None:
+            p = OPS.softmax(z, self.mz, self.sz, self.exp_table)
+        else:
+            p = OPS.masked_softmax(z, lengths, self.mz, self.sz, self.exp_table)
+        dh = self.query_size // self.num_heads
+        vh = v.unflatten(-1, (self.num_heads, dh)).transpose(1, 2).unsqueeze(2)   # [B, H, 1, S, dh]
+        ctx = OPS.attention_context(p, vh, self.mc, self.sc)               # [B, H, Q, dh]
+        out = self.linear(ctx.transpose(1, 2).flatten(-2), "o")            # heads concatenated: [B, Q, E]
+        return (out.squeeze(1), p.squeeze(2)) if squeeze else (out, p)

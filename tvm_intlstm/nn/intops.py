@@ -294,6 +294,20 @@ def masked_softmax(z: torch.Tensor, lengths: torch.Tensor, mz: int, sz: int, exp
     return torch.where(valid, p, torch.zeros_like(p)).to(torch.int16)
 
 
+def mha_scores(q: torch.Tensor, k: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Multi-head dot scores (spec 11.4): q int8 [B, Q, E], k int8 [B, S, E] -> int32 [B, H, Q, S],
+    head h over features h*dh .. (h+1)*dh - 1 (dh = E / H)."""
+    H, E = int(num_heads), q.shape[-1]
+    if H < 1 or E % H or k.shape[-1] != E:
+        raise ValueError(f"mha_scores: q [B, Q, E] and k [B, S, E] with E a multiple of num_heads, got "
+                         f"{list(q.shape)}, {list(k.shape)} and num_heads {H}")
+    if E // H > _MAX_K:
+        raise ValueError(f"attention head size {E // H} exceeds 2^16 (spec 11 bound)")
+    qh = q.to(torch.float64).unflatten(-1, (H, E // H)).transpose(1, 2)     # [B, H, Q, dh]
+    kh = k.to(torch.float64).unflatten(-1, (H, E // H)).transpose(1, 2)     # [B, H, S, dh]
+    return torch.matmul(qh, kh.transpose(-1, -2)).to(torch.int32)            # exact: < 2^30
+
+
 # ---------------------------------------------------------------------------------------------
 # registration: torch.ops.intlstm.<name> from each declaration
 

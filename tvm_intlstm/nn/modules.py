@@ -9,6 +9,8 @@ docs/integer_spec.md; the graph-level driver (tvm_intlstm/quant/graph.py) suppli
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -457,13 +459,15 @@ class QuantCat(QuantModule):
 # attention (issue 18 item 3; docs/integer_spec.md section 11)
 
 from ..spec import PROB_FRAC, SOFTMAX_IN_FRAC  # noqa: E402
-from .attention import _as_queries, _check_keys, masked_softmax, source_mask  # noqa: E402
+from .attention import (_as_queries, _check_keys, batch_mask, check_mha, masked_softmax,  # noqa: E402
+                        merge_heads, source_mask, split_heads)
 
 
 def _fake_masked_softmax(scores, mask, exp_pwl: FloatPWL):
     """The integer masked softmax (spec 11.2) in float: shifted scores on the Q5.10 grid, the PWL
     exp on the Q0.15 grid, probabilities on the Q0.15 grid; padded positions and empty rows 0."""
-    valid = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask[:, None, :].expand_as(scores)
+    valid = (torch.ones_like(scores, dtype=torch.bool) if mask is None
+             else batch_mask(mask, scores).expand_as(scores))
     neg = torch.finfo(scores.dtype).min
     m = scores.masked_fill(~valid, neg).amax(dim=-1, keepdim=True).detach()
     m = torch.where(valid.any(dim=-1, keepdim=True), m, torch.zeros_like(m))
@@ -592,3 +596,85 @@ class QuantBahdanauAttention(_QuantAttention):
             a.query_size, a.key_size, _quant_weight(Wq, swq, self.wmax), torch.from_numpy(mq), torch.from_numpy(sq),
             _quant_weight(Wk, swk, self.wmax), _quant_bias(bk, s_k * swk), torch.from_numpy(mk), torch.from_numpy(sk),
             vq, pack_table(self.tanh_table()), **self.common_int(2.0**-7 * s_v, s_k))
+
+
+class QuantMultiheadAttention(_QuantAttention):
+    """tvm_intlstm.nn.MultiheadAttention under quantization (spec 11.4): the q, k, v and output
+    projections are hidden linear layers (int8 per-row weights, calibrated int8 outputs), 1/sqrt(dh)
+    goes into the softmax's input multiplier, one context scale for all heads. QAT: no dropout."""
+
+    def __init__(self, att, config):
+        check_mha(att)
+        super().__init__(att, config)
+        self.proj_obs = nn.ModuleDict({p: RangeObserver() for p in "qkv"})
+        self.out_obs = RangeObserver()
+
+    def _float_weights(self):
+        (wq, bq), (wk, bk), (wv, bv) = self.att.projections()
+        return {"q": (wq, bq), "k": (wk, bk), "v": (wv, bv), "o": (self.att.out_proj.weight, self.att.out_proj.bias)}
+
+    def _attend(self, q, keys, mask, project, softmax, context, output):
+        """The layer's dataflow with the arithmetic of one mode: project(x, p) for p in q, k, v;
+        softmax(scores [B, H, Q, S], mask); context(ctx [B, Q, E]); output(y)."""
+        H = self.att.num_heads
+        qh, kh, vh = (split_heads(project(x, p), H) for x, p in ((q, "q"), (keys, "k"), (keys, "v")))
+        scores = torch.matmul(qh, kh.transpose(-1, -2)) / math.sqrt(self.att.head_dim)
+        w = softmax(scores, mask)
+        y = output(context(merge_heads(torch.matmul(w, vh))))
+        return y, w
+
+    def forward_observe(self, query, keys, lengths=None):
+        q, squeeze, mask = self._inputs(query, keys, lengths)
+        W = self._float_weights()
+
+        def project(x, p):
+            y = nn.functional.linear(x, *W[p])
+            self.proj_obs[p].update(y)
+            return y
+
+        def observe(obs):
+            def f(x):
+                obs.update(x)
+                return x
+            return f
+
+        y, w = self._attend(q, keys, mask, project, masked_softmax, observe(self.ctx_obs),
+                            lambda c: observe(self.out_obs)(nn.functional.linear(c, *W["o"])))
+        return (y.squeeze(1), w.squeeze(2)) if squeeze else (y, w)
+
+    def forward_fake(self, query, keys, lengths=None):
+        q, squeeze, mask = self._inputs(query, keys, lengths)
+        W = self._float_weights()
+        exp_pwl = FloatPWL(self.exp_table())
+
+        def linear(x, p, scale):
+            w, b = W[p]
+            return fake_quant(nn.functional.linear(x, fake_quant_weight_per_row(w, self.wmax), b), scale, -128, 127)
+
+        y, w = self._attend(q, keys, mask, lambda x, p: linear(x, p, self.proj_obs[p].scale()),
+                            lambda z, m: _fake_masked_softmax(z, m, exp_pwl),
+                            lambda c: fake_quant(c, self.ctx_obs.scale(), -128, 127),
+                            lambda c: linear(c, "o", self.out_obs.scale()))
+        return (y.squeeze(1), w.squeeze(2)) if squeeze else (y, w)
+
+    def to_int(self, in_scales):
+        s_x, s_k = self._scales(in_scales)
+        a = self.att
+        W = self._float_weights()
+        s_ctx = self.ctx_obs.scale()
+        scales = {"q": (s_x, self.proj_obs["q"].scale()), "k": (s_k, self.proj_obs["k"].scale()),
+                  "v": (s_k, self.proj_obs["v"].scale()), "o": (s_ctx, self.out_obs.scale())}
+        proj = {}
+        for p, (s_in, s_out) in scales.items():   # each a hidden linear layer (spec 5)
+            w, b = W[p]
+            w = w.detach()
+            sws = _weight_scales_per_row(w, self.wmax)
+            b = b if b is not None else torch.zeros(w.shape[0])
+            M, S = fp.quantize_multiplier_array((s_in * sws / s_out).numpy())
+            proj[p] = (_quant_weight(w, sws, self.wmax), _quant_bias(b, s_in * sws), torch.from_numpy(M),
+                       torch.from_numpy(S))
+        # scores: s_z = s_q' s_k' / sqrt(dh) (the scaling folded into the softmax's multiplier)
+        common = self.common_int(scales["q"][1] * scales["k"][1] / math.sqrt(a.head_dim), scales["v"][1])
+        common.pop("out_scale")   # (the context scale s_ctx; the layer's output is the projection's)
+        return im.IntMultiheadAttention(a.embed_dim, a.kdim, a.num_heads, proj, ctx_scale=s_ctx,
+                                        out_scale=scales["o"][1], **common)

@@ -1,9 +1,10 @@
 """LowerAttention(target): the attention operators of docs/integer_spec.md section 11 -> TIR kernels:
-scores (`attention_dot`, `additive_scores`: kernels/attention.py), the masked softmax
+scores (`attention_dot`, `additive_scores`, `mha_scores`: kernels/attention.py), the masked softmax
 (kernels/attention.py), the unmasked softmax with a symbolic source length and the context
 (kernels/norm.py). The projections of an attention layer (Luong "general", Bahdanau's W_q q and
-W_k k) are `linear_requant` ops, lowered by LowerLinear like any hidden linear layer (W_k k for
-every source position in one GEMM).
+W_k k, multi-head attention's q/k/v and output projections) are `linear_requant` ops, lowered by
+LowerLinear like any hidden linear layer (W_k k for every source position in one GEMM); the
+multi-head layer's head split of the values and head concat of the contexts are layout ops.
 """
 from __future__ import annotations
 
@@ -52,6 +53,12 @@ class _LowerAttentionMutator(OpLowering):
         n = self._table_pieces(a.tanh_table, "tanh")
         gv = self._kernel(("additive_scores", A, n), lambda: KA.additive_scores(A, n))
         return self._emit(gv, [a.qx, a.kx, a.v, a.tanh_table], [qs[0], qs[1], ks[1]], "int32")
+
+    def _lower_mha_scores(self, a):
+        qs, ks = _shape(a.q), _shape(a.k)
+        E = _static(qs[-1], "attention embedding size")
+        gv = self._kernel(("mha_scores", E, a.num_heads), lambda: KA.mha_scores(E, a.num_heads))
+        return self._emit(gv, [a.q, a.k], [qs[0], a.num_heads, qs[1], ks[1]], "int32")
 
     def _lower_softmax(self, a):
         n = self._table_pieces(a.exp_table, "exp")

@@ -143,8 +143,8 @@ def prepare(model: nn.Module, config: QuantConfig, int8_inputs: dict | None = No
                 continue
             else:
                 raise UnsupportedModelError(
-                    f"unsupported layer '{node.target}' ({type(mod).__module__}.{type(mod).__name__}). "
-                    f"Supported: {_supported_list()}")
+                    f"unsupported layer '{node.target}' ({type(mod).__module__}.{type(mod).__name__})."
+                    f"{layers.unsupported_hint(mod)} Supported: {_supported_list()}")
             _set_submodule(gm, node.target, new)
         elif node.op == "call_function":
             if node.target in ADD_FUNCS:

@@ -282,10 +282,10 @@ register_layer(Layer(
 # (context int8, weights int16 Q0.15). The source lengths are a model input of kind "lengths"
 # (int32/int64 [B], passed to the integer model unchanged, like token ids).
 
-from ..nn.attention import BahdanauAttention, LuongAttention  # noqa: E402
+from ..nn.attention import BahdanauAttention, LuongAttention, MultiheadAttention  # noqa: E402
 
 LENGTHS_KIND = "lengths"
-_ATTENTION_FLOAT = (LuongAttention, BahdanauAttention)
+_ATTENTION_FLOAT = (LuongAttention, BahdanauAttention, MultiheadAttention)
 
 
 def _attention_lengths_arg(node: fx.Node):
@@ -363,3 +363,47 @@ register_layer(Layer(
     im.IntBahdanauAttention, float_types=(BahdanauAttention,), qat_type=qm.QuantBahdanauAttention,
     prepare=_attention_prepare(qm.QuantBahdanauAttention), reference=_attention_reference,
     out_info=_attention_info, describe="tvm_intlstm.nn.BahdanauAttention (lengths masks)"))
+
+
+
+# --- multi-head attention for a decoder query (tvm_intlstm.nn.MultiheadAttention; spec 11.4) ------
+
+def _mha_reference(mod: im.IntMultiheadAttention, a):
+    query, keys = a[0], a[1]
+    lengths = a[2] if len(a) > 2 else None
+    mod.check_inputs(*(None if v is None else torch.from_numpy(np.ascontiguousarray(v)) for v in (query, keys, lengths)))
+    squeeze = query.ndim == 2
+
+    def linear(x, p):
+        return R.linear_requant(x, *(to_numpy(getattr(mod, f"{n}_{p}")) for n in "wbms"), 8)
+
+    q = linear(query[:, None] if squeeze else query, "q")
+    k, v = linear(keys, "k"), linear(keys, "v")
+    z = R.mha_scores(q, k, mod.num_heads)
+    table = to_numpy(mod.exp_table)
+    p = (R.softmax(z, mod.mz, mod.sz, table) if lengths is None
+         else R.masked_softmax(z, lengths, mod.mz, mod.sz, table))
+    B, S, E = v.shape
+    H = mod.num_heads
+    vh = v.reshape(B, S, H, E // H).transpose(0, 2, 1, 3)[:, :, None]      # [B, H, 1, S, dh]
+    ctx = R.attention_context(p, vh, mod.mc, mod.sc)                      # [B, H, Q, dh]
+    out = linear(ctx.transpose(0, 2, 1, 3).reshape(B, ctx.shape[2], E), "o")
+    return (out[:, 0], p[:, :, 0]) if squeeze else (out, p)
+
+
+register_layer(Layer(
+    im.IntMultiheadAttention, float_types=(MultiheadAttention,), qat_type=qm.QuantMultiheadAttention,
+    prepare=_attention_prepare(qm.QuantMultiheadAttention), reference=_mha_reference,
+    out_info=_attention_info,
+    describe="tvm_intlstm.nn.MultiheadAttention (a torch.nn.MultiheadAttention called as (query, keys, "
+             "lengths); decoder queries over encoder states, lengths masks)"))
+
+
+def unsupported_hint(mod: nn.Module) -> str:
+    """A hint for a float module no layer supports, naming what to use instead ("" if none)."""
+    if isinstance(mod, nn.MultiheadAttention):
+        return (" For multi-head attention over encoder states use tvm_intlstm.nn.MultiheadAttention "
+                "(a torch.nn.MultiheadAttention subclass with the same weights: "
+                "tvm_intlstm.nn.MultiheadAttention.from_torch(mha)), called as attn(query, keys, lengths) "
+                "with batch-first tensors and source lengths [B] instead of a key_padding_mask.")
+    return ""

@@ -487,3 +487,20 @@ def masked_softmax(z, lengths, Mz: int, sz: int, exp_table: PWLTable) -> np.ndar
 def masked_softmax_op(z, lengths, mz: int, sz: int, exp_table) -> np.ndarray:
     """`masked_softmax` with the exp table packed as the torch op takes it."""
     return masked_softmax(z, lengths, mz, sz, unpack_table(exp_table, SOFTMAX_IN_FRAC))
+
+
+def mha_scores(q, k, num_heads: int) -> np.ndarray:
+    """Multi-head dot scores (spec 11.4): z[b, h, i, s] = sum_{d < dh} q[b, i, h dh + d] k[b, s, h dh + d]
+    for q int8 [B, Q, E], k int8 [B, S, E], E = num_heads * dh -> int32 [B, num_heads, Q, S]."""
+    q, k = _int_array(q, np.int8, "attention query"), _int_array(k, np.int8, "attention keys")
+    H = int(num_heads)
+    if q.ndim != 3 or k.ndim != 3 or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+        raise ValueError(f"mha_scores takes q [B, Q, E] and k [B, S, E], got {q.shape} and {k.shape}")
+    if H < 1 or q.shape[2] % H:
+        raise ValueError(f"mha_scores: E = {q.shape[2]} is not a multiple of num_heads = {H}")
+    dh = q.shape[2] // H
+    if dh > ATTENTION_MAX_FEATURES:
+        raise ValueError(f"attention head size {dh} exceeds 2^16 (spec 11 bound)")
+    qh = _i64(q).reshape(q.shape[0], q.shape[1], H, dh)
+    kh = _i64(k).reshape(k.shape[0], k.shape[1], H, dh)
+    return np.einsum("bihd,bshd->bhis", qh, kh).astype(np.int32)
