@@ -87,6 +87,14 @@ def dev_per(q, entries) -> tuple:
     return res, time.time() - t0
 
 
+def _rel(path: Path) -> str:
+    """A path relative to the repository when it is inside it (no machine paths in shipped files)."""
+    try:
+        return str(Path(path).resolve().relative_to(HERE.parents[1]))
+    except ValueError:
+        return str(path)
+
+
 def main(argv=None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(1)
@@ -161,14 +169,15 @@ def main(argv=None) -> None:
     a.out.parent.mkdir(parents=True, exist_ok=True)
     til.save_quantized(best["q"], a.out)
     fp_bytes, q_bytes = state_dict_bytes(model), a.out.stat().st_size
-    meta = {"checkpoint": str(a.checkpoint), "steps": step, "minutes_of_steps": round(elapsed / 60, 2),
+    meta = {"checkpoint": _rel(a.checkpoint), "steps": step, "minutes_of_steps": round(elapsed / 60, 2),
             "best_step": best["step"], "best_dev_per": best["per"], "best_dev_wer": best["wer"],
             "dev_words": len(dev_eval), "history": history,
-            "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
+            "config": {k: (_rel(v) if isinstance(v, Path) else v) for k, v in vars(a).items()},
             "qpt_bytes": q_bytes, "fp_state_dict_bytes": fp_bytes}
     a.out.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
     log(f"wrote {a.out} ({q_bytes / 1e6:.2f} MB; FP32 state dict {fp_bytes / 1e6:.2f} MB: "
-        f"{fp_bytes / q_bytes:.2f}x smaller) and {a.out.with_suffix('.json').name}")
+        f"{fp_bytes / q_bytes:.2f}x smaller) and {a.out.with_suffix('.json').name}; to ship it: cp {a.out} "
+        f"{HERE / 'model' / 'qat.qpt'} (evaluate.py's default)")
 
 
 if __name__ == "__main__":
