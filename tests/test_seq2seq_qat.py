@@ -154,13 +154,14 @@ def test_eval_mode_is_the_integer_pair_and_fake_quant_is_close(trained):
     # the fake-quantized encoder output is the integer encoder's on its grid
     with torch.no_grad():
         fenc = qat.encode(src, lengths)
-    enc_err = (fenc / qat.enc_scale - enc.float()).abs().max().item()
-    assert enc_err <= 1.0, enc_err           # measured 0 (at most one int8 step allowed)
+    enc_diff = (fenc / qat.enc_scale - enc.float()).abs()
+    enc_err, enc_frac = enc_diff.max().item(), (enc_diff > 0.5).float().mean().item()
+    assert enc_err <= 1.0 and enc_frac < 0.02, (enc_err, enc_frac)   # measured: 1 step on ~0.3 % of the values
     # and the fake-quantized logits are close to the integer ones
     rel = ((fake - want).abs().max() / want.abs().max()).item()
-    assert rel < 0.02, rel                   # measured ~1e-3
+    assert rel < 0.02, rel                   # measured 1.4e-3
     agree = (fake.argmax(-1) == want.argmax(-1)).float().mean().item()
-    print(f"fake-quant vs integer: enc max |diff| {enc_err} int8 steps, logits max rel diff {rel:.2e}, "
+    print(f"fake-quant vs integer: enc max |diff| {enc_err} int8 steps on {enc_frac:.2%} of the values, logits max rel diff {rel:.2e}, "
           f"argmax agreement {agree:.4f}")
     assert agree > 0.97, agree
 

@@ -8,6 +8,8 @@ The model shape:
         -> (logits [B, 1, V], h [L, B, Hd], c [L, B, Hd])
 
     q = quantize_seq2seq(encoder, decoder_step, calib)   # calib: (src, lengths, dec_in) batches
+    qat = prepare_qat_seq2seq(encoder, decoder_step, calib)   # or QAT: train qat(src, lengths, dec_in),
+    q = convert_seq2seq(qat)                                 # then the same kind of QuantizedSeq2Seq
     lib = compile_seq2seq(q, "host")                      # one library: encode + decode_step
     lib.export_library("g2p.so"); lib = til.load("g2p.so")
     greedy_decode(lib, src, lengths, bos, eos, max_len)   # == greedy_decode(q.reference(), ...)
