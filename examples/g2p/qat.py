@@ -1,7 +1,7 @@
 """Quantization-aware fine-tuning of the shipped float G2P model into an integer-only encoder +
 decoder pair (tvm_intlstm.prepare_qat_seq2seq, docs/seq2seq.md).
 
-    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python -m examples.g2p.qat --minutes 12   # -> runs/g2p_qat.qpt
+    OMP_NUM_THREADS=1 taskset -c 1 .venv/bin/python -m examples.g2p.qat --minutes 12   # the shipped run -> runs/g2p_qat.qpt
     OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.qat --steps 2000 --out runs/x.qpt
 
 1. Load ``model/fp.pt`` and PTQ-calibrate the pair exactly as :mod:`examples.g2p.quantize_ptq`
@@ -58,14 +58,14 @@ def parse_args(argv=None):
     p.add_argument("--minutes", type=float, default=12.0, help="budget of training-step time (evaluations excluded)")
     p.add_argument("--steps", type=int, default=0, help="train this many steps instead (schedule over steps)")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--min-lr-frac", type=float, default=0.1)
     p.add_argument("--warmup-steps", type=int, default=50)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calib-batches", type=int, default=CALIB_BATCHES)
     p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--eval-every", type=float, default=150.0, help="seconds of steps between dev evaluations")
+    p.add_argument("--eval-every", type=float, default=120.0, help="seconds of steps between dev evaluations")
     p.add_argument("--eval-every-steps", type=int, default=0, help="steps between dev evaluations (instead)")
     p.add_argument("--dev-words", type=int, default=0, help="evaluate on this many evenly spaced dev words (0: all)")
     return p.parse_args(argv)
