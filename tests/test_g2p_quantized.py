@@ -78,3 +78,26 @@ def test_saved_pair_round_trip(pair_and_lib, tmp_path):
     b = D.make_batch([e for e in _entries() if len(e.word) == 5])
     a = til.greedy_decode(q.reference(), b.src, b.lengths, D.BOS, D.EOS, 8)
     assert til.greedy_decode(q2.reference(), b.src, b.lengths, D.BOS, D.EOS, 8) == a
+
+
+# the shipped QAT-integer model (examples/g2p/qat.py, docs/g2p.md): loads (data-only model file),
+# compiles for the host (VerifyIntegerOnly) and pronounces words identically through the compiled
+# library and the numpy reference; the words' phonemes are pinned (what the model said when shipped)
+SHIPPED_QAT = REPO / "examples" / "g2p" / "model" / "qat.qpt"
+SHIPPED_SAYS = {
+    "quantization": "K W AA N T AH Z EY SH AH N", "phoneme": "F OW N IY M", "through": "TH R UW",
+    "colonel": "K ER N AH L", "tvm": "T IY V IY EH M",
+}
+
+
+def test_shipped_qat_model():
+    from examples.g2p.evaluate import QAT_SHIPPED
+    assert QAT_SHIPPED == SHIPPED_QAT and SHIPPED_QAT.is_file(), "examples/g2p/model/qat.qpt is shipped"
+    q = til.load_quantized(SHIPPED_QAT)
+    assert isinstance(q, til.QuantizedSeq2Seq)
+    lib = compile_host(q)
+    ref = q.reference()
+    for word, phonemes in SHIPPED_SAYS.items():
+        got = pronounce_int(lib, word)
+        assert got == pronounce_int(ref, word), word
+        assert " ".join(got) == phonemes, (word, got)

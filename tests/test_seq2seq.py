@@ -5,6 +5,9 @@ bit; greedy and beam-search drivers give the same outputs on the compiled librar
 reference; export / load, model files and clear errors. Small random models: one compile."""
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -233,6 +236,39 @@ def test_export_and_load(pair, lib, tmp_path):
     from tvm_intlstm.compiler import load as load_one_model
     with pytest.raises(ValueError, match="encoder-decoder library"):
         load_one_model(path)
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("aarch64-linux-gnu-g++", "qemu-aarch64")),
+                    reason="needs the aarch64 tools of .ci/install_arm.sh")
+def test_rpi5_build_under_qemu(pair, tmp_path):
+    """The pair compiled for the rpi5 preset (aarch64, cross-compiled, one .so with encode and
+    decode_step): encode and greedy decode steps run under qemu-aarch64 give the reference's bits."""
+    from tvm_intlstm.runtime.emulate import run_emulated
+    lib = s2s.compile_seq2seq(pair, "rpi5", verbose=False)
+    path = lib.export_library(tmp_path / "s2s_rpi5.so")
+    meta = json.loads(open(path + ".json").read())
+    assert meta["format"] == s2s.SEQ2SEQ_FORMAT and "aarch64" in json.dumps(meta["target"])
+    ref = pair.reference()
+    rng = np.random.default_rng(21)
+    src, ln = _sources(rng, [4, 1, 6])
+
+    def emu(function, args):
+        return run_emulated(path, [np.ascontiguousarray(a) for a in args], cpu="cortex-a76", function=function,
+                            verbose=False)
+
+    (enc,) = emu("encode", (src, ln))
+    _eq([enc], [ref.encode(src, ln)], "aarch64 encode")
+    h, c = ref.zero_state(3)
+    prev = np.full((3, 1), BOS, np.int64)
+    for step in range(3):            # greedy steps, the state carried across calls
+        got = emu("decode_step", (prev, h, c, enc, ln))
+        want = ref.decode_step(prev, h, c, enc, ln)
+        _eq(got, want, f"aarch64 decode_step {step}")
+        logits, h, c = want
+        prev = np.argmax(logits[:, -1], axis=-1)[:, None].astype(np.int64)
+    # T = 2 teacher-forced steps in one call
+    prev2 = rng.integers(0, TGT_V, (3, 2))
+    _eq(emu("decode_step", (prev2, h, c, enc, ln)), ref.decode_step(prev2, h, c, enc, ln), "aarch64 T=2")
 
 
 def test_model_file_round_trip(pair, tmp_path):

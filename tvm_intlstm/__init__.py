@@ -24,7 +24,8 @@ _LAZY = {
     # encoder-decoder models (docs/seq2seq.md)
     "quantize_seq2seq": ".seq2seq", "compile_seq2seq": ".seq2seq", "load_seq2seq": ".seq2seq",
     "QuantizedSeq2Seq": ".seq2seq", "CompiledSeq2Seq": ".seq2seq", "greedy_decode": ".seq2seq",
-    "beam_search": ".seq2seq",
+    "beam_search": ".seq2seq", "prepare_qat_seq2seq": ".seq2seq", "convert_seq2seq": ".seq2seq",
+    "QATSeq2Seq": ".seq2seq",
 }
 __all__ = sorted(_LAZY) + ["reference", "tune", "load"]
 

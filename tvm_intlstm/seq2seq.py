@@ -8,6 +8,8 @@ The model shape:
         -> (logits [B, 1, V], h [L, B, Hd], c [L, B, Hd])
 
     q = quantize_seq2seq(encoder, decoder_step, calib)   # calib: (src, lengths, dec_in) batches
+    qat = prepare_qat_seq2seq(encoder, decoder_step, calib)   # or QAT: train qat(src, lengths, dec_in),
+    q = convert_seq2seq(qat)                                 # then the same kind of QuantizedSeq2Seq
     lib = compile_seq2seq(q, "host")                      # one library: encode + decode_step
     lib.export_library("g2p.so"); lib = til.load("g2p.so")
     greedy_decode(lib, src, lengths, bos, eos, max_len)   # == greedy_decode(q.reference(), ...)
@@ -208,24 +210,29 @@ def _as_batch(batch, i):
     return torch.from_numpy(src), torch.from_numpy(lengths), torch.from_numpy(dec_in.astype(np.int64))
 
 
-@torch.no_grad()
-def quantize_seq2seq(encoder: nn.Module, decoder_step: nn.Module, calib_data: Iterable,
-                     config=None) -> QuantizedSeq2Seq:
-    """Post-training quantization of an encoder and a decoder step (the model shape in the module
-    docstring). `calib_data`: batches (src [B, S], lengths [B], dec_in [B, T]) with dec_in[:, t] the
-    decoder's input at step t (BOS, then the target shifted: teacher forcing).
-
-    The encoder is calibrated and converted first; the decoder is then calibrated step by step
-    from the zero state (its float states carried, as it will run), with `enc` the integer
-    encoder's output dequantized (q * s_enc, exactly the values the integer decoder will see), and
-    converted with `enc` an int8 input at the encoder's output scale."""
+def _check_float_pair(encoder, decoder_step, what: str) -> None:
     from .quant import api, graph
-    from .quant.config import QuantConfig
     for m, name in ((encoder, "encoder"), (decoder_step, "decoder_step")):
+        if isinstance(m, (QuantizedSeq2Seq, QATSeq2Seq)):
+            raise TypeError(f"{name} is a whole encoder-decoder pair ({type(m).__name__}); {what} takes the "
+                            "float encoder and the float decoder step")
+        if isinstance(m, (graph.QuantizedModel, api.QATModel)):
+            raise TypeError(f"{name} is already quantized ({type(m).__name__}): {what} takes the float model")
+        if isinstance(m, torch.fx.GraphModule) and any(
+                type(sub).__module__.startswith("tvm_intlstm.nn.modules") for sub in m.modules()):
+            raise TypeError(f"{name} is already prepared for quantization: {what} takes the float model")
         if not isinstance(m, nn.Module):
             raise TypeError(f"{name} must be a float torch.nn.Module, got {type(m).__name__}")
-        if isinstance(m, (graph.QuantizedModel, api.QATModel)):
-            raise TypeError(f"{name} is already quantized: pass the float model")
+
+
+@torch.no_grad()
+def _calibrate_pair(encoder, decoder_step, calib_data, config, what: str) -> dict:
+    """Prepare and calibrate the pair as quantize_seq2seq does (the encoder first, converted; then
+    the decoder step by step with `enc` the integer encoder's output dequantized). Returns the
+    prepared (observe-mode) graphs, the integer encoder and the facts about them."""
+    from .quant import api, graph
+    from .quant.config import QuantConfig
+    _check_float_pair(encoder, decoder_step, what)
     config = config or QuantConfig()
     batches = [_as_batch(b, i) for i, b in enumerate(calib_data)]
     if not batches:
@@ -262,14 +269,157 @@ def quantize_seq2seq(encoder: nn.Module, decoder_step: nn.Module, calib_data: It
                 raise Seq2SeqError("the decoder step must return (logits, h, c): " + _DECODER_SIGNATURE)
             _, h, c = outs
     api._warn_zero_ranges(pd)
+    return {"pe": pe, "qe": qe, "pd": pd, "s_enc": s_enc, "n_enc_inputs": n_enc_inputs,
+            "state_shape": (rows, hidden), "config": config}
+
+
+def _convert_decoder(pd):
+    from .quant import graph
     qd = graph.convert(pd)
     if list(qd.input_kinds) != DECODER_KINDS:
         raise Seq2SeqError(f"the decoder's inputs became {qd.input_kinds}, expected {DECODER_KINDS}: "
                            + _DECODER_SIGNATURE)
-    info = qd.output_info
-    if not (isinstance(info, (tuple, list)) and len(info) == 3 and info[0].kind == "logits"):
-        raise Seq2SeqError("the decoder step must return (logits from a final nn.Linear, h, c): " + _DECODER_SIGNATURE)
-    return QuantizedSeq2Seq(qe, qd)
+    return qd
+
+
+def quantize_seq2seq(encoder: nn.Module, decoder_step: nn.Module, calib_data: Iterable,
+                     config=None) -> QuantizedSeq2Seq:
+    """Post-training quantization of an encoder and a decoder step (the model shape in the module
+    docstring). `calib_data`: batches (src [B, S], lengths [B], dec_in [B, T]) with dec_in[:, t] the
+    decoder's input at step t (BOS, then the target shifted: teacher forcing).
+
+    The encoder is calibrated and converted first; the decoder is then calibrated step by step
+    from the zero state (its float states carried, as it will run), with `enc` the integer
+    encoder's output dequantized (q * s_enc, exactly the values the integer decoder will see), and
+    converted with `enc` an int8 input at the encoder's output scale.
+    (QAT of the pair: prepare_qat_seq2seq, convert_seq2seq.)"""
+    cal = _calibrate_pair(encoder, decoder_step, calib_data, config, "quantize_seq2seq")
+    return QuantizedSeq2Seq(cal["qe"], _convert_decoder(cal["pd"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# quantization-aware training of the pair
+
+
+class QATSeq2Seq(nn.Module):
+    """An encoder and a decoder step prepared for quantization-aware training as a pair
+    (prepare_qat_seq2seq): `encoder` and `decoder` are the prepared graphs (fake quantization with
+    straight-through gradients, the activation ranges fixed by the PTQ calibration).
+
+    The decoder's `enc` input is fake-quantized at the encoder's output scale `enc_scale` (int8,
+    the grid the integer decoder's "act" input is on), so the decoder trains on the values the
+    integer encoder hands it.
+
+    train(): `forward(src, lengths, dec_in)` -> float logits [B, T, V], teacher-forced: the
+    fake-quantized encoder, then the fake-quantized decoder over the T inputs from the zero state
+    (one call: the decoder step's LSTM runs the T steps, as T decode_step calls would).
+    eval(): the same call runs the converted integer pair (QuantizedSeq2Seq, cached until the
+    parameters change) and returns its logits dequantized, so what is evaluated is what is deployed.
+    `fake_forward` is the fake-quantized forward in either mode; `convert()` freezes the pair into
+    the QuantizedSeq2Seq quantize_seq2seq returns."""
+
+    def __init__(self, encoder, decoder, enc_scale: float, encoder_takes_lengths: bool, state_shape: tuple,
+                 config):
+        super().__init__()
+        from .quant import graph
+        self.encoder, self.decoder = encoder, decoder
+        self.enc_scale = float(enc_scale)
+        self.encoder_takes_lengths = bool(encoder_takes_lengths)
+        self.state_shape = tuple(state_shape)     # (rows L, hidden H) of the decoder's h0 / c0
+        self.config = config
+        self._cache = None
+        graph.set_mode(encoder, "qat")
+        graph.set_mode(decoder, "qat")
+
+    # the fake-quantized pair ------------------------------------------------------------------
+    def zero_state(self, batch: int) -> tuple:
+        """Float zero states (h0, c0) [L, B, H] of the fake-quantized decoder."""
+        rows, hidden = self.state_shape
+        return torch.zeros(rows, batch, hidden), torch.zeros(rows, batch, hidden)
+
+    def encode(self, src, lengths) -> torch.Tensor:
+        """The fake-quantized encoder's output on the int8 grid of enc_scale (float [B, S, F])."""
+        from .nn.fake_quant import fake_quant
+        src, lengths = check_sources(src, lengths)
+        args = (src, lengths) if self.encoder_takes_lengths else (src,)
+        y = self.encoder(*(torch.from_numpy(a) for a in args))
+        return fake_quant(y, self.enc_scale, -128, 127)
+
+    def decode_step(self, prev, h, c, enc, lengths) -> tuple:
+        """The fake-quantized decoder step: (float logits [B, T, V], h, c)."""
+        prev, lengths = torch.as_tensor(_np(prev)), torch.as_tensor(_np(lengths))
+        return self.decoder(prev, h, c, enc, lengths)
+
+    def fake_forward(self, src, lengths, dec_in) -> torch.Tensor:
+        dec_in = _dec_in(dec_in, _np(src).shape[0])
+        enc = self.encode(src, lengths)
+        logits, _, _ = self.decode_step(dec_in, *self.zero_state(dec_in.shape[0]), enc, lengths)
+        return logits
+
+    def forward(self, src, lengths, dec_in) -> torch.Tensor:
+        if self.training:
+            self._cache = None
+            return self.fake_forward(src, lengths, dec_in)
+        q = self.convert()
+        dec_in = _dec_in(dec_in, _np(src).shape[0])
+        enc = q.encode(src, lengths)
+        logits, _, _ = q.decode_step(dec_in, *q.zero_state(dec_in.shape[0]), enc, lengths)
+        return logits.to(torch.float32) * q.logits_scale
+
+    # the integer pair ---------------------------------------------------------------------------
+    def _version(self):
+        return tuple(p._version for p in self.parameters())
+
+    def convert(self) -> QuantizedSeq2Seq:
+        """The integer pair (QuantizedSeq2Seq) of the current parameters (cached until they change)."""
+        from .quant import graph
+        v = self._version()
+        if self._cache is None or self._cache[0] != v:
+            qe = graph.convert(self.encoder)
+            out = qe.output_info
+            if isinstance(out, (tuple, list)) or out.kind != "act" or float(out.scale) != self.enc_scale:
+                raise Seq2SeqError(f"the encoder's output scale moved from {self.enc_scale} to "
+                                   f"{getattr(out, 'scale', out)}; its ranges must stay those of the calibration")
+            self._cache = (v, QuantizedSeq2Seq(qe, _convert_decoder(self.decoder)))
+        return self._cache[1]
+
+
+def _dec_in(dec_in, batch: int) -> torch.Tensor:
+    d = _np(dec_in)
+    if d.dtype not in (np.int64, np.int32) or d.ndim != 2 or d.shape[0] != batch or d.shape[1] < 1:
+        raise Seq2SeqError(f"dec_in must be int64 token ids [B={batch}, T] (BOS, then the target shifted), got "
+                           f"{d.dtype} {tuple(d.shape)}")
+    return torch.from_numpy(np.ascontiguousarray(d.astype(np.int64)))
+
+
+def prepare_qat_seq2seq(encoder: nn.Module, decoder_step: nn.Module, calib_data: Iterable,
+                        config=None) -> QATSeq2Seq:
+    """Prepare a float encoder and decoder step for quantization-aware training as a pair.
+
+    The pair is first calibrated exactly as quantize_seq2seq calibrates it (`calib_data`: batches
+    (src [B, S], lengths [B], dec_in [B, T]); calibration is required: the decoder's `enc` scale is
+    the encoder's output scale, which must be known before the decoder is prepared), then both
+    prepared graphs switch to fake quantization. Train the returned QATSeq2Seq on teacher-forced
+    batches (`qat(src, lengths, dec_in)` -> logits [B, T, V]) and `convert_seq2seq` it (or
+    `qat.convert()`, `til.convert(qat)`) into the QuantizedSeq2Seq that compile_seq2seq,
+    greedy_decode and beam_search take. The returned pair is in train mode."""
+    if calib_data is None:
+        raise ValueError("prepare_qat_seq2seq needs calib_data ((src, lengths, dec_in) batches): the decoder's "
+                         "enc input is int8 at the encoder's output scale, known only after calibration")
+    cal = _calibrate_pair(encoder, decoder_step, calib_data, config, "prepare_qat_seq2seq")
+    qat = QATSeq2Seq(cal["pe"], cal["pd"], cal["s_enc"], cal["n_enc_inputs"] == 2, cal["state_shape"],
+                     cal["config"])
+    return qat.train()
+
+
+def convert_seq2seq(qat_pair) -> QuantizedSeq2Seq:
+    """The integer pair (QuantizedSeq2Seq) of a QATSeq2Seq; a QuantizedSeq2Seq is returned as is."""
+    if isinstance(qat_pair, QATSeq2Seq):
+        return qat_pair.convert()
+    if isinstance(qat_pair, QuantizedSeq2Seq):
+        return qat_pair
+    raise TypeError(f"convert_seq2seq takes a QATSeq2Seq (prepare_qat_seq2seq's result), got "
+                    f"{type(qat_pair).__name__}; a single QAT model converts with til.convert")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -364,6 +514,9 @@ def compile_seq2seq(q: QuantizedSeq2Seq, target="host", tuning_logs=None, verbos
                            lower_and_build, vocab_sizes, CompiledModule)
     from .frontend.importer import import_quantized
     from .kernels import isa as families
+    if isinstance(q, QATSeq2Seq):
+        raise TypeError("compile_seq2seq takes a QuantizedSeq2Seq; this is a QATSeq2Seq (the trainable pair): "
+                        "convert it first with convert_seq2seq(qat_pair)")
     if not isinstance(q, QuantizedSeq2Seq):
         raise TypeError(f"compile_seq2seq takes a QuantizedSeq2Seq (quantize_seq2seq's result), got "
                         f"{type(q).__name__}; a single model compiles with til.compile")
@@ -406,8 +559,9 @@ def _runner(model):
         return _TorchRunner(model)
     if isinstance(model, (CompiledSeq2Seq, Seq2SeqReference, _TorchRunner)):
         return model
+    hint = "; convert the QAT pair first with convert_seq2seq" if isinstance(model, QATSeq2Seq) else ""
     raise TypeError(f"the decoding drivers take a CompiledSeq2Seq (compile_seq2seq / til.load), a "
-                    f"QuantizedSeq2Seq or its reference(), got {type(model).__name__}")
+                    f"QuantizedSeq2Seq or its reference(), got {type(model).__name__}{hint}")
 
 
 class _TorchRunner:

@@ -1,9 +1,10 @@
-"""Test PER / WER of the FP and PTQ-integer G2P models, the integer pair running THROUGH THE COMPILED
+"""Test PER / WER of the FP and an integer G2P model (QAT or PTQ), the integer pair running THROUGH THE COMPILED
 LIBRARY (tvm_intlstm.compile_seq2seq for this machine), after checking that its greedy outputs equal
 the numpy reference's (QuantizedSeq2Seq.reference()) on the whole test split; and decode latency per
 word of the compiled library against the FP PyTorch model, in the same run, one thread.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate                     # runs/g2p_ptq.qpt, test split
+    OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate                     # model/qat.qpt (shipped), test split
+    OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate --model ptq         # runs/g2p_ptq.qpt
     OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate --ref-words 500     # reference check on a subset
     OMP_NUM_THREADS=1 .venv/bin/python -m examples.g2p.evaluate --word quantization --word tvm
 
@@ -15,11 +16,12 @@ int32 logits); the same driver runs the reference. Latency: median ms to pronoun
 (batch 1: encode + the decode steps) over 200 evenly spaced test words, for the compiled library and
 for the FP PyTorch model (``evaluate_fp.word_latency_ms``), interleaved in one run.
 
-Without ``runs/g2p_ptq.qpt`` it runs :mod:`examples.g2p.quantize_ptq` first (a few seconds), so
-``--word`` is a one-command demo from a fresh checkout. Writes ``runs/g2p_eval.json``. The library is also exported to ``runs/g2p_ptq.so`` (+ ``.so.json``),
-which ``--word`` reuses when it is newer than the model file (else it compiles).
-
-QAT of the encoder-decoder pair is not provided by the library yet (docs/seq2seq.md): no QAT row.
+Models (``--model``): ``qat`` (the default) is the shipped QAT-integer pair ``model/qat.qpt``
+(:mod:`examples.g2p.qat`); ``ptq`` is ``runs/g2p_ptq.qpt``, which is made first by
+:mod:`examples.g2p.quantize_ptq` when missing (a few seconds); ``--qpt`` names another file. So
+``--word`` is a one-command demo from a fresh checkout. Writes ``runs/g2p_eval_<model>.json``. The
+library is also exported to ``runs/<qpt stem>.so`` (+ ``.so.json``), which ``--word`` reuses when it
+is newer than the model file (else it compiles).
 """
 from __future__ import annotations
 
@@ -43,10 +45,13 @@ import tvm_intlstm as til  # noqa: E402
 from . import data as D  # noqa: E402
 from .evaluate_fp import decode_entries, score  # noqa: E402
 from .model import load_checkpoint, max_decode_len  # noqa: E402
-from .quantize_ptq import FP_CKPT, PTQ_QPT, log  # noqa: E402
+from .quantize_ptq import FP_CKPT, PTQ_QPT, log, state_dict_bytes  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"
+QAT_SHIPPED = HERE / "model" / "qat.qpt"
+MODELS = {"qat": QAT_SHIPPED, "ptq": PTQ_QPT}
+LABELS = {"qat": "QAT integer (compiled library)", "ptq": "PTQ integer (compiled library)"}
 EVAL_BATCH = 256
 LATENCY_WORDS = 200
 
@@ -123,22 +128,28 @@ def lib_for_words(qpt: Path, so: Path):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--qpt", type=Path, default=PTQ_QPT, help="the quantized pair (quantize_ptq)")
+    p.add_argument("--model", choices=sorted(MODELS), default="qat",
+                   help="qat: the shipped model/qat.qpt (default); ptq: runs/g2p_ptq.qpt (made when missing)")
+    p.add_argument("--qpt", type=Path, default=None, help="another quantized pair file (instead of --model's)")
     p.add_argument("--checkpoint", type=Path, default=FP_CKPT, help="the FP model")
     p.add_argument("--split", choices=D.SPLITS, default="test")
     p.add_argument("--ref-words", type=int, default=0, metavar="N",
                    help="check compiled == reference on N evenly spaced words only (default: the whole split)")
     p.add_argument("--word", action="append", help="print the phonemes from the compiled library (repeatable) and exit")
-    p.add_argument("--json", type=Path, default=RUNS / "g2p_eval.json")
+    p.add_argument("--json", type=Path, default=None, help="default: runs/g2p_eval_<model>.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
+    a.qpt = a.qpt or MODELS[a.model]
+    a.json = a.json or RUNS / f"g2p_eval_{a.model}.json"
     if not a.qpt.exists():
         if a.qpt.resolve() != PTQ_QPT.resolve():
-            sys.exit(f"no quantized model at {a.qpt}: run python -m examples.g2p.quantize_ptq --out {a.qpt} first")
+            maker = "qat" if a.model == "qat" else "quantize_ptq"
+            sys.exit(f"no quantized model at {a.qpt}: run python -m examples.g2p.{maker} --out {a.qpt} first")
         log(f"no {a.qpt.name} yet: quantizing the shipped FP model first (examples.g2p.quantize_ptq, a few s)")
         from .quantize_ptq import main as quantize_main
         quantize_main([])
-    so = a.qpt.with_suffix(".so")
+    RUNS.mkdir(parents=True, exist_ok=True)
+    so = RUNS / (a.qpt.stem + ".so")
     if a.word:
         lib = lib_for_words(a.qpt, so)
         for w in a.word:
@@ -153,8 +164,9 @@ def main(argv=None) -> None:
     log(f"{a.qpt.name} compiled for the host ({lib.target.attrs.get('mcpu', '') or lib.target.kind.name}) in "
         f"{time.time() - t0:.1f} s; VerifyIntegerOnly passed")
     lib.export_library(so)
-    res: dict = {"split": a.split, "words": len(entries), "cpu": cpu_name(), "qpt": a.qpt.name,
-                 "qpt_bytes": a.qpt.stat().st_size, "threads": 1}
+    res: dict = {"split": a.split, "words": len(entries), "cpu": cpu_name(), "model": a.model, "qpt": a.qpt.name,
+                 "qpt_bytes": a.qpt.stat().st_size, "fp_state_dict_bytes": state_dict_bytes(model), "threads": 1,
+                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
     t0 = time.time()
     hyp_fp = decode_entries(model, entries, 1)
@@ -179,11 +191,11 @@ def main(argv=None) -> None:
         f"({mism} differ) [{res['reference_check']['seconds']} s]")
 
     rows = {}
-    for name, hyps in (("fp", hyp_fp), ("ptq", hyp_int)):
+    for name, hyps in (("fp", hyp_fp), (a.model, hyp_int)):
         single, multi = score(entries, hyps)
         rows[name] = {"first": single.as_dict(), "closest": multi.as_dict()}
     res["rates"] = rows
-    res["ptq_words_differing_from_fp"] = sum(x != y for x, y in zip(hyp_fp, hyp_int))
+    res["int_words_differing_from_fp"] = sum(x != y for x, y in zip(hyp_fp, hyp_int))
     res["latency"] = latencies(lib, model, entries)
 
     L = res["latency"]
@@ -193,12 +205,17 @@ def main(argv=None) -> None:
           "| ms per word alone (median) |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, label, ms in (("fp", "FP32 (PyTorch)", L["fp_ms_median"]),
-                            ("ptq", "PTQ integer (compiled library)", L["compiled_ms_median"])):
+                            (a.model, LABELS[a.model], L["compiled_ms_median"])):
         f, m = rows[name]["first"], rows[name]["closest"]
         print(f"| {label} | {100 * f['per']:.2f} % | {100 * f['wer']:.2f} % | {100 * m['per']:.2f} % "
               f"| {100 * m['wer']:.2f} % | {ms:.2f} |")
-    print(f"PTQ output differs from FP on {res['ptq_words_differing_from_fp']:,} words; compiled == reference on "
-          f"{len(sub):,} words: {mism == 0}")
+    print(f"{a.model.upper()} output differs from FP on {res['int_words_differing_from_fp']:,} words; compiled == "
+          f"reference on {len(sub):,} words: {mism == 0}")
+    print(f"latency: compiled {L['compiled_ms_median']:.2f} ms vs FP {L['fp_ms_median']:.2f} ms per word (median; means "
+          f"{L['compiled_ms_mean']:.2f} / {L['fp_ms_mean']:.2f}): {L['fp_ms_median'] / L['compiled_ms_median']:.1f}x; "
+          f"{L['same_phonemes']}/{L['words']} latency words pronounced alike")
+    print(f"size: {a.qpt.name} {res['qpt_bytes'] / 1e6:.2f} MB vs FP32 state dict {res['fp_state_dict_bytes'] / 1e6:.2f} MB"
+          f" ({res['fp_state_dict_bytes'] / res['qpt_bytes']:.2f}x smaller)")
     a.json.parent.mkdir(parents=True, exist_ok=True)
     a.json.write_text(json.dumps(res, indent=1) + "\n")
     log(f"wrote {a.json}")

@@ -10,7 +10,7 @@ a little padding, as in training), the decoder calibrated step by step with teac
 integer modules == the numpy reference, greedy) and written with ``tvm_intlstm.save_quantized``
 (one data-only file holding both models); its size is printed against the float state dict's.
 
-QAT of the pair is not provided by the library yet (docs/seq2seq.md), so there is no QAT script.
+QAT of the pair (fine-tuning from this calibration): :mod:`examples.g2p.qat`.
 """
 from __future__ import annotations
 

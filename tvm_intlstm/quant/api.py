@@ -137,11 +137,17 @@ def prepare_qat(model: nn.Module, config: Optional[QuantConfig] = None,
 
 
 def convert(model) -> graph.QuantizedModel:
+    """The integer model of a QATModel (a QuantizedModel is returned as is); the integer pair
+    (seq2seq.QuantizedSeq2Seq) of a seq2seq.QATSeq2Seq (prepare_qat_seq2seq)."""
     if isinstance(model, QATModel):
         return model.convert()
     if isinstance(model, graph.QuantizedModel):
         return model
-    raise TypeError(f"convert takes a QATModel, got {type(model).__name__}")
+    from ..seq2seq import QATSeq2Seq, QuantizedSeq2Seq
+    if isinstance(model, (QATSeq2Seq, QuantizedSeq2Seq)):
+        from ..seq2seq import convert_seq2seq
+        return convert_seq2seq(model)
+    raise TypeError(f"convert takes a QATModel (or a QATSeq2Seq), got {type(model).__name__}")
 
 
 def add_lstm_states(qmodel, layers=None):

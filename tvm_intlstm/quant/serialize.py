@@ -101,6 +101,9 @@ def save_quantized(qmodel: QuantizedModel, path) -> str:
     """Write a QuantizedModel (or a seq2seq.QuantizedSeq2Seq: both models in one file) to `path`
     (a .pt file of tensors and plain data)."""
     from ..seq2seq import QuantizedSeq2Seq
+    if not isinstance(qmodel, (QuantizedModel, QuantizedSeq2Seq)):
+        raise TypeError(f"save_quantized takes a QuantizedModel or a QuantizedSeq2Seq, got {type(qmodel).__name__}"
+                        + ("; convert it first: til.convert(model)" if hasattr(qmodel, "convert") else ""))
     blob = ({"format": SEQ2SEQ_FORMAT, "encoder": to_blob(qmodel.encoder), "decoder": to_blob(qmodel.decoder)}
             if isinstance(qmodel, QuantizedSeq2Seq) else to_blob(qmodel))
     path = os.fspath(path)
