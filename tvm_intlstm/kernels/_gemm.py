@@ -272,7 +272,7 @@ def pack_outer(W, u8: bool, OV: int) -> np.ndarray:
 
 
 def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: int | None = None,
-                     parallel: bool = False, prefetch_w: bool = True):
+                     parallel: bool = False, prefetch_w: bool = True, span: int = 1):
     """Same contract as `gemm_macro` (ACC must be at least [NR * OVT, 8] int32; RED is unused) for W
     packed by `pack_outer(W, u8, OV)` and a source XS zero padded to outer_shape(...)[1] * KQ columns
     (u8: uint8 u = x + 128; else int16). Families with `outer` (x86); the step of a k quad / pair is
@@ -290,16 +290,24 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
 
     Optional hooks of the macro call: `pf_out(n, o)` (an address to prefetch for row n, channel o,
     once per row tile and `pf_step` channels), and `group_done(og, nrows, group_args)` (a macro
-    expanded after every row of channel group og has been stored)."""
+    expanded after every row of channel group og has been stored).
+
+    span=2 (with parallel; OG even): the parallel loop runs over pairs of channel groups and
+    group_done(pair, nrows, group_args) follows each pair (the 16-lane cells of the threaded
+    recurrent form)."""
     fam = _isa.family(isa)
     if not fam.outer:
         raise ValueError(f"the outer-product GEMM is an x86 kernel; family {isa!r} has none")
+    if span not in (1, 2) or (span == 2 and not parallel):
+        raise ValueError(f"span must be 1, or 2 with parallel=True; got {span}")
     OVT = OV if OVT is None else int(OVT)
     if OV % OVT:
         raise ValueError(f"OVT={OVT} must divide OV={OV}")
     use_u8 = uses_u8(isa, u8)
     kq = outer_kq(use_u8)
     OG, KQN, OC, _ = outer_shape(K, O, use_u8, OV)
+    if span == 2 and OG % 2:
+        raise ValueError(f"span=2 needs an even number of channel groups, got {OG}")
     lanes_x = 32 if use_u8 else 16      # x lanes of one ymm (u8 / int16)
     xdt = "uint8" if use_u8 else "int16"
     line_steps = max(1, 64 // (OC * kq))   # k steps per 64-byte line of a tile
@@ -319,6 +327,12 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     def prefetch_line(addr):
         i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
         return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, i32(0), i32(3), i32(1))
+
+    def walk2(flip, og0):
+        """walk over the OG / 2 pairs of channel groups (span=2)."""
+        if isinstance(flip, bool):
+            return OG // 2 - 1 - og0 if flip else og0
+        return tirx.if_then_else(flip, OG // 2 - 1 - og0, og0)
 
     def walk(flip, og0):
         """The channel group at position og0 of the walk: backwards when flip (a PrimExpr or a
@@ -385,7 +399,17 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     def gemm(XS, n0, nrows, W, ACC, RED, store, flip=False, pf_out=None, group_done=None,
              group_args=None, pf_step=32):
         WF = T.decl_buffer((OG * KQN * OC * kq,), "int8", data=W.data)
-        if parallel:
+        if parallel and span == 2:
+            # pairs of channel groups per iteration, group_done(pair, ...) after both (16 units
+            # for the cells of a 16-lane family)
+            for og0 in T.parallel(OG // 2):
+                og2 = T.Bind(walk2(flip, og0))
+                ACCP = T.alloc_buffer((NR * OVT, 8), "int32")   # per worker
+                for s2 in range(2):
+                    group(XS, n0, nrows, WF, ACCP, store, og2 * 2 + s2, pf_out, None, None, pf_step)
+                if group_done is not None:
+                    group_done(og2, nrows, group_args)
+        elif parallel:
             for og0 in T.parallel(OG):
                 # (a flip here reverses the whole range, so the caller passes one only when the pool
                 # has a single worker: with several it would swap their ranges every step)

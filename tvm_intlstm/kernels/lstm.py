@@ -274,15 +274,19 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # (at least two groups: a parallel loop of one iteration is simplified away, and codegen then
     # rejects the launch point around it)
     fused = bool(parallel) and packed and fam.threaded and fast_pwl and REC_OV == 4 and H >= 16
+    # the threaded form of a family with 16-lane cells: its parallel loop runs over pairs of channel
+    # groups (16 units), each pair's products followed by their cells on zmm blocks
+    P16 = fused and fam.cell_lanes == 16 and H % 16 == 0 and H >= 32   # (two pairs at least)
+    span = 2 if P16 else 1
     if packed and fam.outer:
         # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
-        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, parallel=fused)
+        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, parallel=fused, span=span)
         # the 2-row tile re-reads each channel group from L1: no software prefetch of W_h (it
         # only took issue slots; batch-8 step -3 to -8 % on one worker, -2.6 % on two)
         gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, parallel=fused,
-                                 prefetch_w=False)
+                                 prefetch_w=False, span=span)
         # the threaded form's steps on a pool of one worker with several batch rows (step_solo)
         gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV,
                                       prefetch_w=False) if fused else None
@@ -292,7 +296,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # each weight load. Taken when 4 divides the batch (a tile's missing rows would be computed
         # anyway); gemm4p is the threaded form's (cells still per group, 2 rows at once)
         gemm4, gemm4p = (gemm_outer_macro(H, G, isa, u8, NR=4, OV=REC_OV, parallel=par,
-                                          prefetch_w=False) if fam.rec_rows4 else None
+                                          prefetch_w=False, span=span if par else 1)
+                         if fam.rec_rows4 else None
                          for par in (False, fused))
         outer = True
     else:
@@ -473,8 +478,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         return lambda u: (q + u) * 16
 
     @T.macro
-    def cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, zval, unit, SRC, nxt):
-        """cell8 on UU blocks of 16 units of batch row b (C16; the serial forms only)."""
+    def cell16(tt, brow, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, zval, unit, valid, SRC, nxt):
+        """cell8 on UU blocks of 16 units (C16): block u is batch row brow(u), units unit(u) ..
+        + 16, gates zval(u, g); valid(u) guards its state stores (row tails of a tile)."""
         for u in T.unroll(UU):
             for g in T.unroll(4):   # z rows i, f, g, o
                 XC[u * 4 + g, T.Ramp(0, 1, 16)] = T.Cast("int32x16", zval(u, g))
@@ -486,22 +492,27 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 ACT[u * 4 + g, T.Ramp(0, 1, 16)] = pwl_vec16(XC, IDX, TV, T.if_then_else(g == 2, 1, 0), u * 4 + g)
         for u in T.unroll(UU):
             for jv in T.vectorized(16):
-                XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[b, unit(u) + jv]), 15)
+                XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[brow(u), unit(u) + jv]), 15)
                                     + rshift_round(ACT[u * 4, jv] * ACT[u * 4 + 2, jv], ig_shift), 16)
-                CT[b, unit(u) + jv] = T.Cast("int16", XC[u * 4, jv])
+            if valid(u):
+                for jv in T.vectorized(16):
+                    CT[brow(u), unit(u) + jv] = T.Cast("int16", XC[u * 4, jv])
+            for jv in T.vectorized(16):
                 XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
         for u in T.unroll(UU):
             bs_index16(XC, IDX, BS, 2, u * 4)
             ACT[u * 4 + 2, T.Ramp(0, 1, 16)] = pwl_vec16(XC, IDX, TV, 2, u * 4)   # tanh(c)
         for u in T.unroll(UU):
-            for jv in T.vectorized(16):
-                HT[b, unit(u) + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
-                Y[tt, b, unit(u) + jv] = HT[b, unit(u) + jv]
-                if fused:
-                    if u8:
-                        SRC[nxt + b, unit(u) + jv] = T.Cast("uint8", T.Cast("int32", HT[b, unit(u) + jv]) + 128)
-                    else:
-                        SRC[nxt + b, unit(u) + jv] = T.Cast("int16", HT[b, unit(u) + jv])
+            if valid(u):
+                for jv in T.vectorized(16):
+                    HT[brow(u), unit(u) + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
+                    Y[tt, brow(u), unit(u) + jv] = HT[brow(u), unit(u) + jv]
+                    if fused:
+                        if u8:
+                            SRC[nxt + brow(u), unit(u) + jv] = T.Cast(
+                                "uint8", T.Cast("int32", HT[brow(u), unit(u) + jv]) + 128)
+                        else:
+                            SRC[nxt + brow(u), unit(u) + jv] = T.Cast("int16", HT[brow(u), unit(u) + jv])
 
     @T.macro
     def cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, brow, unit, zcol, valid, SRC, nxt):
@@ -560,8 +571,31 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                       valid_tile(nb, nrows, NR_), a[8], a[9])
         return cell_group
 
-    cell_group1 = make_cell_group(1)
-    cell_group2 = make_cell_group(2)
+    def z16_rows(Z, brow, q):
+        # gate g of the 16 units of channel-group pair q, in the gate-interleaved order
+        return lambda u, g: tirx.Shuffle(
+            [Z[brow(u), tirx.Ramp(q * 64 + g * 8, 1, 8)],
+             Z[brow(u), tirx.Ramp(q * 64 + 32 + g * 8, 1, 8)]], list(range(16)))
+
+    def units_pair(q):
+        return lambda u: q * 16
+
+    def make_cell_pair(NR_):
+        @T.macro
+        def cell_pair(q, nrows, a):
+            # make_cell_group's macro for P16: after pair q of channel groups, the cells of its 16
+            # units in every row, NR_ rows interleaved, on zmm blocks
+            XCL = T.alloc_buffer((4 * NR_, 16), "int32")
+            IDXL = T.alloc_buffer((4 * NR_, 16), "int32")
+            ACTL = T.alloc_buffer((4 * NR_, 16), "int32")
+            for nb in range((nrows + NR_ - 1) // NR_):
+                cell16(a[0], rows_tile(nb, nrows, NR_), a[2], a[3], a[4], XCL, IDXL, ACTL, a[5], a[6],
+                       a[7], NR_, z16_rows(a[1], rows_tile(nb, nrows, NR_), q), units_pair(q),
+                       valid_tile(nb, nrows, NR_), a[8], a[9])
+        return cell_pair
+
+    cell_group1 = make_cell_pair(1) if P16 else make_cell_group(1)
+    cell_group2 = make_cell_pair(2) if P16 else make_cell_group(2)
 
     @T.macro
     def fill_source(B, HT, SRC):
@@ -611,12 +645,14 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                        t % 2 == 1, gx_addr(GX, tt))
         if C16:
             for b, jp in T.grid(B, PAIRS16):
-                cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16, z16_interleaved(Z, b, jp * U16),
-                       units16(jp * U16), H16, ((t + 1) % 2) * B)
+                cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16,
+                       z16_interleaved(Z, b, jp * U16), units16(jp * U16), valid_all(), H16,
+                       ((t + 1) % 2) * B)
             if TAIL16:
                 for b in range(B):
-                    cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
-                           z16_interleaved(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), H16, ((t + 1) % 2) * B)
+                    cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
+                           z16_interleaved(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), valid_all(),
+                           H16, ((t + 1) % 2) * B)
         else:
             for b, jp in T.grid(B, JO // U):
                 cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
@@ -643,12 +679,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         if C16:
             for b, jp in T.grid(B, PAIRS16):
-                cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16, z16_natural(Z, b, jp * U16),
-                       units16(jp * U16), H16, 0)
+                cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16,
+                       z16_natural(Z, b, jp * U16), units16(jp * U16), valid_all(), H16, 0)
             if TAIL16:
                 for b in range(B):
-                    cell16(tt, b, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
-                           z16_natural(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), H16, 0)
+                    cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
+                           z16_natural(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), valid_all(), H16, 0)
         elif fast_pwl:
             for b, jp in T.grid(B, JO // U):
                 cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
