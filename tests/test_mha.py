@@ -301,8 +301,8 @@ def test_errors():
 def test_seq2seq_decoder_step():
     """A decoder step with multi-head attention quantized as a pair with a BiLSTM encoder
     (quantize_seq2seq: enc is an int8 activation input): its integer modules equal the reference,
-    one step and three teacher-forced steps (Q = 3). (Compiled with compile_seq2seq it equals the
-    reference too; not run here to keep this file fast.)"""
+    one step and three teacher-forced steps (Q = 3); compiled with compile_seq2seq into one
+    library, its decode steps and greedy decoding equal the reference's."""
     from test_seq2seq import HD, HE, TGT_V, E as E_DEC, Encoder, _calib
     from tvm_intlstm import seq2seq as s2s
 
@@ -332,6 +332,18 @@ def test_seq2seq_decoder_step():
         for g, w in zip(got, ref.decode_step(prev, h, c, enc, ln)):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
         h, c = got[1], got[2]
+    lib = s2s.compile_seq2seq(pair, "host", verbose=False)
+    enc_c = lib.encode(src, ln)
+    np.testing.assert_array_equal(np.asarray(enc_c), np.asarray(ref.encode(src, ln)))
+    h, c = lib.zero_state(3)
+    for T in (1, 3):
+        prev = rng.integers(0, TGT_V, (3, T))
+        got = lib.decode_step(prev, h, c, enc_c, ln)
+        for g, w in zip(got, ref.decode_step(prev, h, c, enc_c, ln)):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+        h, c = got[1], got[2]
+    assert s2s.greedy_decode(lib, src, ln, 1, 2, 6) == \
+        s2s.greedy_decode(ref, src, ln, 1, 2, 6)
 
 
 # ---------------------------------------------------------------------------------------------

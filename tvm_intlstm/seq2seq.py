@@ -97,6 +97,8 @@ class QuantizedSeq2Seq:
     `encode` / `decode_step` run the PyTorch integer modules (torch in, torch out);
     `reference()` is the numpy oracle with the same interface (numpy in, numpy out)."""
 
+    seq2seq_pair = "integer"    # (what quant.api.convert asks, without importing this module)
+
     def __init__(self, encoder, decoder):
         from .quant.graph import QuantizedModel
         if not (isinstance(encoder, QuantizedModel) and isinstance(decoder, QuantizedModel)):
@@ -317,6 +319,8 @@ class QATSeq2Seq(nn.Module):
     parameters change) and returns its logits dequantized, so what is evaluated is what is deployed.
     `fake_forward` is the fake-quantized forward in either mode; `convert()` freezes the pair into
     the QuantizedSeq2Seq quantize_seq2seq returns."""
+
+    seq2seq_pair = "qat"        # (what quant.api.convert asks, without importing this module)
 
     def __init__(self, encoder, decoder, enc_scale: float, encoder_takes_lengths: bool, state_shape: tuple,
                  config):

@@ -143,10 +143,12 @@ def convert(model) -> graph.QuantizedModel:
         return model.convert()
     if isinstance(model, graph.QuantizedModel):
         return model
-    from ..seq2seq import QATSeq2Seq, QuantizedSeq2Seq
-    if isinstance(model, (QATSeq2Seq, QuantizedSeq2Seq)):
-        from ..seq2seq import convert_seq2seq
-        return convert_seq2seq(model)
+    # an encoder-decoder pair converts itself (seq2seq.QATSeq2Seq.convert; a QuantizedSeq2Seq is
+    # returned as is), asked by a marker attribute: quant/ must not import seq2seq, which imports it
+    if getattr(type(model), "seq2seq_pair", None) == "qat":
+        return model.convert()
+    if getattr(type(model), "seq2seq_pair", None) == "integer":
+        return model
     raise TypeError(f"convert takes a QATModel (or a QATSeq2Seq), got {type(model).__name__}")
 
 
