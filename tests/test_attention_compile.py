@@ -181,3 +181,60 @@ def test_rpi5_build_under_qemu(dot_model, tmp_path):
         got = run_emulated(lib, args, cpu="cortex-a76", verbose=False)
         for g, w in zip(got, til.reference(dot_model)(*args)):
             np.testing.assert_array_equal(g, w)
+
+
+class _FloatQueryKeys(nn.Module):
+    """Attention over float keys given as a model input (dot scores): extreme keys reach the
+    scores directly."""
+
+    def __init__(self):
+        super().__init__()
+        self.attn = LuongAttention(8, 8)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, q, keys, lengths):
+        ctx, w = self.attn(q, keys, lengths)
+        return self.head(ctx), w
+
+
+def _extreme_attention_cases():
+    """(q [B, 2, 8], keys [B, S, 8], lengths) float inputs: all keys equal (all-equal scores), one
+    huge key (one huge score, saturated int8), a source of length 1, lengths 0 / 1 / S."""
+    g = torch.Generator().manual_seed(5)
+    B, S = 3, 9
+    q = torch.randn(B, 2, 8, generator=g)
+    equal = torch.randn(1, 1, 8, generator=g).repeat(B, S, 1)
+    huge = torch.randn(B, S, 8, generator=g) * 0.1
+    huge[:, S // 2] = 1e4
+    return [(q, equal, [S, 1, 5]), (q, huge, [S, 0, 7]), (q[:1], torch.randn(1, 1, 8, generator=g), [1])]
+
+
+@pytest.mark.skipif(not all(__import__("shutil").which(t) for t in ("aarch64-linux-gnu-g++", "qemu-aarch64")),
+                    reason="needs the aarch64 toolchain and qemu (.ci/install_apt.sh installs them)")
+def test_rpi5_extreme_scores_under_qemu(tmp_path):
+    """All-equal scores, one huge score, a source of length 1 and masked rows: the compiled module
+    equals the reference on the host and, cross-compiled for aarch64 (rpi5), under qemu."""
+    from tvm_intlstm.runtime.emulate import run_emulated
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(6)
+    calib = [(torch.randn(4, 2, 8, generator=g), torch.randn(4, 9, 8, generator=g),
+              torch.tensor([9, 3, 1, 6])) for _ in range(4)]
+    q = til.quantize(_FloatQueryKeys().eval(), calib)
+    host = til.compile(q, "host", example_inputs=calib[0], verbose=False)
+    lib = til.compile(q, "rpi5", example_inputs=calib[0], verbose=False).export_library(
+        tmp_path / "attn_extremes_rpi5.so")
+    ref = til.reference(q)
+    weights = []
+    for qq, keys, lengths in _extreme_attention_cases():
+        args = [qq.numpy(), keys.numpy(), np.asarray(lengths, np.int64)]
+        want = ref(*args)
+        for got in (host(*args), run_emulated(lib, args, cpu="cortex-a76", verbose=False)):
+            for g_, w in zip(got, want):
+                np.testing.assert_array_equal(np.asarray(g_), w)
+        weights.append(np.asarray(want[1]))
+    # the cases are what they say: equal weights over row 0's 9 positions and all weight on the one
+    # position of row 1 (length 1); a huge key takes over 90 % of the weight somewhere; length 0 -> 0
+    w_equal, w_huge, w_one = weights
+    assert (w_equal[0] == w_equal[0, 0, 0]).all() and (w_equal[1, :, 0] == 32767).all()
+    assert w_huge[:, :, 4].max() >= 0.9 * 32767 and (w_huge[1] == 0).all()
+    assert (w_one == 32767).all()

@@ -157,3 +157,36 @@ def test_tuning_sees_the_projection(token_model):
     # the LN-LSTM input projections (8 -> 48 in layer 0, 24 -> 48 in layer 1) next to the head
     keys = {(t.K, t.O, t.out_dtype) for t in tasks}
     assert {(8, 48, "int16"), (24, 48, "int16"), (24, 20, "int32")} <= keys
+
+
+class _FloatLN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = LayerNormLSTM(6, 8)
+
+    def forward(self, x):
+        return self.lstm(x)[0]
+
+
+@pytest.mark.skipif(not all(shutil.which(t) for t in ("aarch64-linux-gnu-g++", "qemu-aarch64")),
+                    reason="needs the aarch64 toolchain and qemu (.ci/install_apt.sh installs them)")
+def test_zero_variance_and_saturated_rows_under_qemu(tmp_path):
+    """Layer norms of constant rows (a zero input: W_x x = 0 in every gate block, and W_h h = 0 at
+    the first step) and of saturated inputs: the compiled module equals the reference on the host
+    and, built for rpi5, under qemu."""
+    from tvm_intlstm.runtime.emulate import run_emulated
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(2)
+    q = til.quantize(_FloatLN().eval(), [torch.randn(5, 3, 6, generator=g) for _ in range(4)])
+    ex = (torch.randn(5, 3, 6, generator=g),)
+    host = til.compile(q, "host", example_inputs=ex, verbose=False)
+    lib = til.compile(q, "rpi5", example_inputs=ex, verbose=False).export_library(tmp_path / "ln_extremes.so")
+    zero = np.zeros((4, 2, 6), np.float32)
+    huge = np.random.default_rng(3).standard_normal((4, 2, 6)).astype(np.float32)
+    huge[1] = 1e4
+    huge[2, 0] = -1e4
+    for x in (zero, huge):
+        want = til.reference(q)(x)
+        np.testing.assert_array_equal(host(x), want)
+        (got,) = run_emulated(lib, [x], cpu="cortex-a76", verbose=False)
+        np.testing.assert_array_equal(got, want)
