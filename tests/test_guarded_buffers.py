@@ -423,7 +423,9 @@ def _ln_lstm_calls(reverse):
             for t in ((2, 1, 0) if reverse else (0, 1, 2)):
                 h, c = ops.ln_lstm_cell(gx[t], h, c, p)
                 ys[t] = h
-            ins = [gx, p.w_h, p.mh, p.sh, p.ln_h.gamma.reshape(4, H), p.ln_h.beta.reshape(4, H),
+            wk, _, corr = K.prepare_weights(func, p.w_h)     # (packed for the family's GEMM)
+            ins = [gx, wk, p.mh, p.sh] + ([corr] if K.kernel_convention(func)[0] else []) + [
+                   p.ln_h.gamma.reshape(4, H), p.ln_h.beta.reshape(4, H),
                    p.ln_c.gamma.reshape(1, H), p.ln_c.beta.reshape(1, H), K.pack_pwl(p.sig),
                    K.pack_pwl(p.tanh), K.pack_pwl(p.tanh_c), h0, c0]
             out.append((ins, [((3, B, H), "int8"), ((B, H), "int8"), ((B, H), "int16")],
@@ -432,14 +434,19 @@ def _ln_lstm_calls(reverse):
     return calls
 
 
-def _ln_lstm_kernel(reverse):
+def _ln_lstm_kernel(reverse, packed=False):
     # the kernel bakes its constants (mo, so, the layer norms' Ml, sl, E): the calls draw their
-    # parameters from a generator of the same seed
+    # parameters from a generator of the same seed. packed: the family's outer-product GEMM for
+    # the recurrent product (on its u8 route where it has one exact for W_h)
     def make(target):
         p = _ln_lstm_params(np.random.default_rng(LN_LSTM_SEED), 13)
+        kw = {}
+        if packed:
+            kw = dict(target=target, packed=True,
+                      w7=K.weights_fit_u8(p.w_h, K.resolve_isa(target)))
         return K.ln_lstm_recurrent(13, mo=p.mo, so=p.so, cell_frac=p.cell_frac,
                                    ln_h=(p.ln_h.ml, p.ln_h.sl, p.ln_h.eps),
-                                   ln_c=(p.ln_c.ml, p.ln_c.sl, p.ln_c.eps), reverse=reverse)
+                                   ln_c=(p.ln_c.ml, p.ln_c.sl, p.ln_c.eps), reverse=reverse, **kw)
     return make
 
 
@@ -480,6 +487,8 @@ def _other_cases():
         Case("layer_norm16_4x13", lambda tg: K.layer_norm16(4, 13, *LN, 9), _layer_norm16_calls),
         Case("ln_lstm_recurrent_13", _ln_lstm_kernel(False), _ln_lstm_calls(False)),
         Case("ln_lstm_recurrent_13_reverse", _ln_lstm_kernel(True), _ln_lstm_calls(True)),
+        Case("ln_lstm_recurrent_13_packed", _ln_lstm_kernel(False, True), _ln_lstm_calls(False)),
+        Case("ln_lstm_recurrent_13_packed_reverse", _ln_lstm_kernel(True, True), _ln_lstm_calls(True)),
         Case("attention_context_13", lambda tg: K.attention_context(13, *ATT), _attention_calls),
         Case("softmax_symbolic", lambda tg: K.softmax(16, *SMAX), _softmax_calls(16, (1, 5, 7, 33))),
     ]

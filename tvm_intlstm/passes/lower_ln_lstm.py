@@ -4,7 +4,9 @@
    norm's beta holds it), the same linear_requant kernels (and tuning records) as every GEMM;
 2. its layer norm per gate block, `kernels.layer_norm16` over a [T*B, 4, H] view;
 3. the recurrence, `kernels.ln_lstm_recurrent` (the recurrent product, its layer norm, the PWL gates,
-   the cell and its layer norm, h), with the initial states given or zeros.
+   the cell and its layer norm, h), with the initial states given or zeros; a constant W_h (always,
+   from the quantizer) is packed for the target's kernel family (its outer-product micro-kernel,
+   on the u8 route where the family has one exact for W_h).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from tvm.relax.expr_functor import mutator
 
 from .. import kernels as K
 from ._lowering import (OpLowering, _shape, _shifts_hi, _static, const_numpy, lowering_pass,
-                        uniform_scale)
+                        u8_route, uniform_scale)
 
 
 def _const_gamma_beta(gamma, beta, groups: int, H: int):
@@ -58,12 +60,23 @@ class _LowerLNLSTMMutator(OpLowering):
         gam_h, bet_h = _const_gamma_beta(a.gamma_h, a.beta_h, 4, H)
         gam_c, bet_c = _const_gamma_beta(a.gamma_c, a.beta_c, 1, H)
         ln_h, ln_c = (a.ml_h, a.sl_h, a.eps_h), (a.ml_c, a.sl_c, a.eps_c)
-        gv = self._kernel(("ln_lstm_recurrent", H, a.mo, a.so, a.cell_frac, ln_h, ln_c, *pieces,
-                           bool(a.reverse), str(self.target)),
-                          lambda: K.ln_lstm_recurrent(
-                              H, mo=a.mo, so=a.so, cell_frac=a.cell_frac, ln_h=ln_h, ln_c=ln_c,
-                              sig_pieces=pieces[0], tanh_pieces=pieces[1], tanh_c_pieces=pieces[2],
-                              reverse=bool(a.reverse)))
+        W = const_numpy(a.w_h)
+        packed = W is not None
+        isa = K.resolve_isa(self.target)
+        w7 = u8_route(W, None, isa)
+        key = ("ln_lstm_recurrent", H, a.mo, a.so, a.cell_frac, ln_h, ln_c, *pieces,
+               bool(a.reverse), w7, packed, str(self.target))
+        gv = self._kernel(key, lambda: K.ln_lstm_recurrent(
+            H, mo=a.mo, so=a.so, cell_frac=a.cell_frac, ln_h=ln_h, ln_c=ln_c,
+            sig_pieces=pieces[0], tanh_pieces=pieces[1], tanh_c_pieces=pieces[2],
+            reverse=bool(a.reverse), target=self.target, w7=w7, packed=packed))
+        func = self.cache[("func",) + key]
+        if packed:   # (the u8 route's kernel also takes its correction after sh)
+            wk, _, corr = K.prepare_weights(func, W)
+            weight = [relax.const(wk, "int8"), a.mh, a.sh] + (
+                [relax.const(corr, "int32")] if K.kernel_convention(func)[0] else [])
+        else:
+            weight = [a.w_h, a.mh, a.sh]
         if a.h0 is None:
             state = [self.builder_.emit(relax.op.zeros(relax.ShapeExpr([B_, H]), dt))
                      for dt in ("int8", "int16")]
@@ -72,7 +85,7 @@ class _LowerLNLSTMMutator(OpLowering):
         out_ty = [relax.TensorType([T_, B_, H], "int8"), relax.TensorType([B_, H], "int8"),
                   relax.TensorType([B_, H], "int16")]
         return self.builder_.emit(relax.call_tir(
-            gv, [gx, a.w_h, a.mh, a.sh, gam_h, bet_h, gam_c, bet_c, a.sig, a.tanh, a.tanh_c] + state,
+            gv, [gx] + weight + [gam_h, bet_h, gam_c, bet_c, a.sig, a.tanh, a.tanh_c] + state,
             out_ty))
 
 
