@@ -19,7 +19,7 @@ from tvm import tirx
 from . import isa as _isa
 from ._common import finish, resolve_isa, vec_split
 from ._gemm import gemm_outer_macro, outer_shape, uses_u8, with_convention
-from ._tir import add_i32, add_sat16, pwl_index_into, pwl_piece, requantize, rshift_round, sat_cast
+from ._tir import add_i32, add_sat16, pwl_piece, requantize, rshift_round, sat_cast
 from .lstm import REC_OV, check_direction, recurrent_kernel
 from .norm import check_ln16, ln16_row
 
@@ -66,13 +66,6 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
     ig_shift = 30 - F
     JO, JV = vec_split(H, 8)
 
-    @T.macro
-    def gate(TBL, n, t, b, q, j, GX, GH, XC, IDX, GATE):
-        # gate q of unit j: pwl(TBL, add_sat_16(gx, gh)) into GATE[q] (Q0.15 in int32)
-        pwl_index_into(TBL, n, T.Cast("int32", add_sat16(GX[t, b, q * H + j], GH[0, q, j])),
-                       XC, 0, IDX, 0)
-        GATE[q] = T.Cast("int32", pwl_piece(TBL, IDX[0], XC[0]))
-
     def ah_store(AHB, MH, SH, CORR):
         # the GEMM epilogue: requantize_16 of row n's products (plus the u8 correction) into AHB
         return lambda n, o, acc: tirx.BufferStore(
@@ -94,7 +87,7 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
 
     @T.macro
     def step(t, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, Y, HT, CT,
-             AH, GH, CN, CL, ACC, ACC32, ISQ, XC, IDX, GATE, OG, AHB, SRC, ACCG, RED, XV, IV, AV):
+             AH, GH, CN, CL, ACC, ACC32, ISQ, OG, AHB, SRC, ACCG, RED, XV, IV, AV):
         if outer:
             products(B, WH, MH, SH, CORR, HT, AHB, SRC, ACCG, RED)
         for b in range(B):
@@ -164,9 +157,6 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
         ACC = T.alloc_buffer((3,), "int64")
         ACC32 = T.alloc_buffer((1,), "int32")
         ISQ = T.alloc_buffer((2,), "int64")
-        XC = T.alloc_buffer((1,), "int32")
-        IDX = T.alloc_buffer((1,), "int32")
-        GATE = T.alloc_buffer((4,), "int32")
         XV = T.alloc_buffer((4, JV), "int32")
         IV = T.alloc_buffer((4, JV), "int32")
         AV = T.alloc_buffer((4, JV), "int32")
@@ -185,11 +175,11 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
         for t in range(TT):
             if reverse:
                 step(TT - 1 - t, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC,
-                     Y, HT, CT, AH, GH, CN, CL, ACC, ACC32, ISQ, XC, IDX, GATE, OG, AHB, SRC, ACCG,
+                     Y, HT, CT, AH, GH, CN, CL, ACC, ACC32, ISQ, OG, AHB, SRC, ACCG,
                      RED, XV, IV, AV)
             else:
                 step(t, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, Y, HT,
-                     CT, AH, GH, CN, CL, ACC, ACC32, ISQ, XC, IDX, GATE, OG, AHB, SRC, ACCG, RED,
+                     CT, AH, GH, CN, CL, ACC, ACC32, ISQ, OG, AHB, SRC, ACCG, RED,
                      XV, IV, AV)
 
     # the parameters of kernels/lstm.py's kernel plus the layer norms', the u8 correction only on
