@@ -326,7 +326,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     def gx_addr(GX, tt):
         return lambda n, o: tirx.address_of(GX[tt, n, o])
 
-    # where the cell (cell8) finds block u of a call: batch row brow(u), units unit(u) .. + 8, gate g
+    # where the cell (8 lanes) finds block u of a call: batch row brow(u), units unit(u) .. + 8, gate g
     # at Z[brow(u), zcol(u, g) + jv]; valid(u) guards the state stores (row tails of a tile)
     def rows_fixed(b):
         return lambda u: b
@@ -375,25 +375,33 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     small = max(n_sig, n_tanh, n_tc) <= 8
     fold = bool(pwl_fold) and fast_pwl
 
-    def pwl_vec(XC, IDX, TV, t, g):
-        """pwl_finish for the 8 lanes of row g at once, table t of TV (fast_pwl only)."""
-        idx = IDX[g, tirx.Ramp(0, 1, 8)]
-        hi_half = idx > tirx.Broadcast(tirx.const(7, "int32"), 8)
+    def perm(L, tbl, idx):
+        """vpermd on L = 8 (ymm) or 16 (zmm) int32 lanes: tbl[idx]."""
+        if L == 16:
+            return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.permvar.si.512", tbl, idx)
+        return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd", tbl, idx)
+
+    def vec(v, L):
+        return tirx.Broadcast(tirx.const(v, "int32"), L)
+
+    def pwl_vec(XC, IDX, TV, t, g, L):
+        """pwl_finish for the L lanes of row g at once, table t of TV (fast_pwl only): on 8 lanes
+        a table of up to 16 pieces is two registers (two vpermd and a blend, one for <= 8 pieces),
+        on 16 lanes one."""
+        idx = IDX[g, tirx.Ramp(0, 1, L)]
+        x = XC[g, tirx.Ramp(0, 1, L)]
 
         def look(r):
-            lo = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
-                                            TV[t, r, tirx.Ramp(0, 1, 8)], idx)
-            if small:
+            lo = perm(L, TV[t, r, tirx.Ramp(0, 1, L)], idx)
+            if small or L == 16:
                 return lo
-            hi = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
-                                            TV[t, r, tirx.Ramp(8, 1, 8)], idx)
-            return tirx.Select(hi_half, hi, lo)
+            return tirx.Select(idx > vec(7, 8), perm(L, TV[t, r, tirx.Ramp(8, 1, 8)], idx), lo)
 
         if fold:   # TV row 1 holds c = 2^13 - a k + 2^14 v; the product and sum wrap (uint32)
-            u = tirx.Cast("uint32x8", look(2)) * tirx.Cast("uint32x8", XC[g, tirx.Ramp(0, 1, 8)]) \
-                + tirx.Cast("uint32x8", look(1))
-            return sat(tirx.Cast("int32x8", u) >> tirx.Broadcast(tirx.const(PWL_FRAC, "int32"), 8), 16)
-        return sat(look(1) + rshift_round(look(2) * (XC[g, tirx.Ramp(0, 1, 8)] - look(0)), PWL_FRAC), 16)
+            u = (tirx.Cast(f"uint32x{L}", look(2)) * tirx.Cast(f"uint32x{L}", x)
+                 + tirx.Cast(f"uint32x{L}", look(1)))
+            return sat(tirx.Cast(f"int32x{L}", u) >> vec(PWL_FRAC, L), 16)
+        return sat(look(1) + rshift_round(look(2) * (x - look(0)), PWL_FRAC), 16)
 
     # fast_pwl piece index (spec 7: i = #{j in 1..n-1 : xc >= k_j}) by a 4-level binary search on
     # register tables instead of n - 1 compare-and-adds: the knots are sorted, so the counted set is
@@ -401,16 +409,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # b2 = [xc >= k_(8 b3 + 4)], ... Each level looks its knot up with one vpermd indexed by the bits
     # found so far. BS[t, level, 8] holds k_j - 1 (xc >= k_j <=> xc > k_j - 1, one vpcmpgtd) for
     # j = 8 (broadcast); 4, 12; 2, 6, 10, 14; 1, 3, .., 15; and 32767 for j >= n, which an int16 xc
-    # never exceeds (those knots are not counted).
+    # never exceeds (those knots are not counted). (16-lane cells: rows of 16, lanes 8..15 never
+    # indexed.)
     def bs_fill(BS, TBL, t, n, level, l):
         j = [8, 8 * (l % 2) + 4, 4 * (l % 4) + 2, 2 * l + 1][level]
         return tirx.BufferStore(BS, tirx.if_then_else(j <= n - 1, TBL[0, tirx.min(j, n)] - 1,
                                                       tirx.const(32767, "int32")), [t, level, l])
 
-    def bs_level(BS, t, level, xc, p):
-        k = tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.permd",
-                                       BS[t, level, tirx.Ramp(0, 1, 8)], p)
-        return p * tirx.Broadcast(tirx.const(2, "int32"), 8) + tirx.Cast("int32x8", xc > k)
+    def bs_level(BS, t, level, xc, p, L):
+        k = perm(L, BS[t, level, tirx.Ramp(0, 1, L)], p)
+        return p * vec(2, L) + tirx.Cast(f"int32x{L}", xc > k)
 
     # scratch of the serial forms' cells: rows (4 per block) and lanes; binary-search rows
     SU, SW = (max(U, U16), 16) if C16 else (U, JV)
@@ -425,129 +433,71 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             bs_fill(BS, TBL, t, n, 3, l)
 
     @T.macro
-    def bs_index(XC, IDX, BS, t, g):
+    def bs_index(XC, IDX, BS, t, g, L):
         if small:   # b3 = 0; level 1's knot is k_4 for every lane
-            IDX[g, T.Ramp(0, 1, 8)] = T.Cast("int32x8", XC[g, T.Ramp(0, 1, 8)] > T.Broadcast(BS[t, 1, 0], 8))
+            IDX[g, T.Ramp(0, 1, L)] = T.Cast(f"int32x{L}", XC[g, T.Ramp(0, 1, L)] > T.Broadcast(BS[t, 1, 0], L))
         else:
-            IDX[g, T.Ramp(0, 1, 8)] = T.Cast("int32x8", XC[g, T.Ramp(0, 1, 8)] > BS[t, 0, T.Ramp(0, 1, 8)])
-            IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 1, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
-        IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 2, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
-        IDX[g, T.Ramp(0, 1, 8)] = bs_level(BS, t, 3, XC[g, T.Ramp(0, 1, 8)], IDX[g, T.Ramp(0, 1, 8)])
+            IDX[g, T.Ramp(0, 1, L)] = T.Cast(f"int32x{L}", XC[g, T.Ramp(0, 1, L)] > BS[t, 0, T.Ramp(0, 1, L)])
+            IDX[g, T.Ramp(0, 1, L)] = bs_level(BS, t, 1, XC[g, T.Ramp(0, 1, L)], IDX[g, T.Ramp(0, 1, L)], L)
+        IDX[g, T.Ramp(0, 1, L)] = bs_level(BS, t, 2, XC[g, T.Ramp(0, 1, L)], IDX[g, T.Ramp(0, 1, L)], L)
+        IDX[g, T.Ramp(0, 1, L)] = bs_level(BS, t, 3, XC[g, T.Ramp(0, 1, L)], IDX[g, T.Ramp(0, 1, L)], L)
 
-    def perm16(tbl, idx):
-        return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.permvar.si.512", tbl, idx)
+    # where the cell finds gate g of its block u (L units from unit(u)) in Z: zval(u, g), an L-lane
+    # int16 vector: 8 contiguous channels (z8), 16 (natural order, z16_natural) or the two 8-unit
+    # halves of adjacent channel groups (gate-interleaved order, z16_interleaved / z16_pairs)
+    def z8(Z, brow, zcol):
+        return lambda u, g: Z[brow(u), tirx.Ramp(zcol(u, g), 1, 8)]
 
-    def pwl_vec16(XC, IDX, TV, t, g):
-        """pwl_vec on 16 lanes (C16): a table of <= 16 pieces is one zmm, one vpermd per lookup."""
-        idx = IDX[g, tirx.Ramp(0, 1, 16)]
-        x = XC[g, tirx.Ramp(0, 1, 16)]
-
-        def look(r):
-            return perm16(TV[t, r, tirx.Ramp(0, 1, 16)], idx)
-
-        if fold:
-            u = tirx.Cast("uint32x16", look(2)) * tirx.Cast("uint32x16", x) + tirx.Cast("uint32x16", look(1))
-            return sat(tirx.Cast("int32x16", u) >> tirx.Broadcast(tirx.const(PWL_FRAC, "int32"), 16), 16)
-        return sat(look(1) + rshift_round(look(2) * (x - look(0)), PWL_FRAC), 16)
-
-    def bs_level16(BS, t, level, xc, p):
-        k = perm16(BS[t, level, tirx.Ramp(0, 1, 16)], p)
-        return p * tirx.Broadcast(tirx.const(2, "int32"), 16) + tirx.Cast("int32x16", xc > k)
-
-    @T.macro
-    def bs_index16(XC, IDX, BS, t, g):
-        # bs_index on 16 lanes (BS rows hold 16 entries: lanes 8..15 repeat 0..7, never indexed)
-        if small:
-            IDX[g, T.Ramp(0, 1, 16)] = T.Cast("int32x16", XC[g, T.Ramp(0, 1, 16)] > T.Broadcast(BS[t, 1, 0], 16))
-        else:
-            IDX[g, T.Ramp(0, 1, 16)] = T.Cast("int32x16", XC[g, T.Ramp(0, 1, 16)] > BS[t, 0, T.Ramp(0, 1, 16)])
-            IDX[g, T.Ramp(0, 1, 16)] = bs_level16(BS, t, 1, XC[g, T.Ramp(0, 1, 16)], IDX[g, T.Ramp(0, 1, 16)])
-        IDX[g, T.Ramp(0, 1, 16)] = bs_level16(BS, t, 2, XC[g, T.Ramp(0, 1, 16)], IDX[g, T.Ramp(0, 1, 16)])
-        IDX[g, T.Ramp(0, 1, 16)] = bs_level16(BS, t, 3, XC[g, T.Ramp(0, 1, 16)], IDX[g, T.Ramp(0, 1, 16)])
-
-    # where cell16 finds gate g of block u (16 units from unit(u)) in Z: one 16-wide load
-    # (natural order) or the two 8-unit halves of adjacent channel groups (gate-interleaved order)
-    # (q: the first of the call's 16-unit blocks)
-    def z16_natural(Z, b, q):
+    def z16_natural(Z, b, q):   # (q: the first of the call's 16-unit blocks)
         return lambda u, g: Z[b, tirx.Ramp(g * H + (q + u) * 16, 1, 16)]
 
-    def z16_interleaved(Z, b, q):
+    def z16_pairs(Z, brow, blk):
+        # gate g of the 16 units of channel-group pair blk(u), in the gate-interleaved order
         return lambda u, g: tirx.Shuffle(
-            [Z[b, tirx.Ramp((q + u) * 64 + g * 8, 1, 8)],
-             Z[b, tirx.Ramp((q + u) * 64 + 32 + g * 8, 1, 8)]], list(range(16)))
+            [Z[brow(u), tirx.Ramp(blk(u) * 64 + g * 8, 1, 8)],
+             Z[brow(u), tirx.Ramp(blk(u) * 64 + 32 + g * 8, 1, 8)]], list(range(16)))
+
+    def z16_interleaved(Z, b, q):   # blocks q, q + 1, ... of row b
+        return z16_pairs(Z, rows_fixed(b), lambda u: q + u)
 
     def units16(q):
         return lambda u: (q + u) * 16
 
     @T.macro
-    def cell16(tt, brow, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, zval, unit, valid, SRC, nxt):
-        """cell8 on UU blocks of 16 units (C16): block u is batch row brow(u), units unit(u) ..
-        + 16, gates zval(u, g); valid(u) guards its state stores (row tails of a tile)."""
+    def cell(tt, L, brow, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, zval, unit, valid, SRC, nxt):
+        """fast_pwl cell of UU blocks of L = 8 or 16 units: block u is batch row brow(u), units
+        unit(u) .. + L, gates zval(u, g); valid(u) guards its state stores (row tails of a tile).
+        The stages are written for all blocks at once because the chain of one block (clamp,
+        index, lookups, cell, tanh(c), h) is long and serial (vpermd has a 4-5 cycle latency),
+        and interleaving independent blocks lets the core overlap them (batch-8 cell 28-30 -> 23-27
+        us; the binary search alone: no change). In the threaded form the new h also goes to SRC
+        rows nxt + b."""
         for u in T.unroll(UU):
             for g in T.unroll(4):   # z rows i, f, g, o
-                XC[u * 4 + g, T.Ramp(0, 1, 16)] = T.Cast("int32x16", zval(u, g))
-                for jv in T.vectorized(16):
+                XC[u * 4 + g, T.Ramp(0, 1, L)] = T.Cast(f"int32x{L}", zval(u, g))
+                for jv in T.vectorized(L):
                     XC[u * 4 + g, jv] = T.max(T.min(XC[u * 4 + g, jv], LIM[g, 1]), LIM[g, 0])
         for u in T.unroll(UU):
             for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
-                bs_index16(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g)
-                ACT[u * 4 + g, T.Ramp(0, 1, 16)] = pwl_vec16(XC, IDX, TV, T.if_then_else(g == 2, 1, 0), u * 4 + g)
-        for u in T.unroll(UU):
-            for jv in T.vectorized(16):
-                XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[brow(u), unit(u) + jv]), 15)
-                                    + rshift_round(ACT[u * 4, jv] * ACT[u * 4 + 2, jv], ig_shift), 16)
-            if valid(u):
-                for jv in T.vectorized(16):
-                    CT[brow(u), unit(u) + jv] = T.Cast("int16", XC[u * 4, jv])
-            for jv in T.vectorized(16):
-                XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
-        for u in T.unroll(UU):
-            bs_index16(XC, IDX, BS, 2, u * 4)
-            ACT[u * 4 + 2, T.Ramp(0, 1, 16)] = pwl_vec16(XC, IDX, TV, 2, u * 4)   # tanh(c)
-        for u in T.unroll(UU):
-            if valid(u):
-                for jv in T.vectorized(16):
-                    HT[brow(u), unit(u) + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
-                    Y[tt, brow(u), unit(u) + jv] = HT[brow(u), unit(u) + jv]
-                    if fused:
-                        if u8:
-                            SRC[nxt + brow(u), unit(u) + jv] = T.Cast(
-                                "uint8", T.Cast("int32", HT[brow(u), unit(u) + jv]) + 128)
-                        else:
-                            SRC[nxt + brow(u), unit(u) + jv] = T.Cast("int16", HT[brow(u), unit(u) + jv])
-
-    @T.macro
-    def cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, UU, brow, unit, zcol, valid, SRC, nxt):
-        """fast_pwl cell of UU blocks of 8 units (see rows_fixed ...): the stages are written for
-        all blocks at once because the chain of one block (clamp, index, lookups, cell, tanh(c),
-        h) is long and serial (vpermd has a 4-5 cycle latency), and interleaving independent
-        blocks lets the core overlap them (batch-8 cell 28-30 -> 23-27 us; the binary search
-        alone: no change). In the threaded form the new h also goes to SRC rows nxt + b."""
-        for u in T.unroll(UU):
-            for g in T.unroll(4):   # z rows i, f, g, o
-                for jv in T.vectorized(8):
-                    XC[u * 4 + g, jv] = T.max(T.min(T.Cast("int32", Z[brow(u), zcol(u, g) + jv]),
-                                                    LIM[g, 1]), LIM[g, 0])
-        for u in T.unroll(UU):
-            for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
-                bs_index(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g)
-                ACT[u * 4 + g, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0), u * 4 + g)
+                bs_index(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g, L)
+                ACT[u * 4 + g, T.Ramp(0, 1, L)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0),
+                                                          u * 4 + g, L)
         for u in T.unroll(UU):
             # cell update, written to the state after its tanh input is taken
-            for jv in T.vectorized(8):
+            for jv in T.vectorized(L):
                 XC[u * 4, jv] = sat(rshift_round(ACT[u * 4 + 1, jv] * T.Cast("int32", CT[brow(u), unit(u) + jv]), 15)
                                     + rshift_round(ACT[u * 4, jv] * ACT[u * 4 + 2, jv], ig_shift), 16)
             if valid(u):
-                for jv in T.vectorized(8):
+                for jv in T.vectorized(L):
                     CT[brow(u), unit(u) + jv] = T.Cast("int16", XC[u * 4, jv])
-            for jv in T.vectorized(8):
+            for jv in T.vectorized(L):
                 XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
         for u in T.unroll(UU):
-            bs_index(XC, IDX, BS, 2, u * 4)
-            ACT[u * 4 + 2, T.Ramp(0, 1, 8)] = pwl_vec(XC, IDX, TV, 2, u * 4)   # tanh(c)
+            bs_index(XC, IDX, BS, 2, u * 4, L)
+            ACT[u * 4 + 2, T.Ramp(0, 1, L)] = pwl_vec(XC, IDX, TV, 2, u * 4, L)   # tanh(c)
         for u in T.unroll(UU):
             if valid(u):
-                for jv in T.vectorized(8):
+                for jv in T.vectorized(L):
                     HT[brow(u), unit(u) + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
                     Y[tt, brow(u), unit(u) + jv] = HT[brow(u), unit(u) + jv]
                     if fused:
@@ -568,16 +518,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             IDXL = T.alloc_buffer((4 * NR_, 8), "int32")
             ACTL = T.alloc_buffer((4 * NR_, 8), "int32")
             for nb in range((nrows + NR_ - 1) // NR_):
-                cell8(a[0], a[1], a[2], a[3], a[4], XCL, IDXL, ACTL, a[5], a[6], a[7], NR_,
-                      rows_tile(nb, nrows, NR_), units_tile(og), zcol_tile(og),
-                      valid_tile(nb, nrows, NR_), a[8], a[9])
+                cell(a[0], 8, rows_tile(nb, nrows, NR_), a[2], a[3], a[4], XCL, IDXL, ACTL, a[5],
+                     a[6], a[7], NR_, z8(a[1], rows_tile(nb, nrows, NR_), zcol_tile(og)),
+                     units_tile(og), valid_tile(nb, nrows, NR_), a[8], a[9])
         return cell_group
-
-    def z16_rows(Z, brow, q):
-        # gate g of the 16 units of channel-group pair q, in the gate-interleaved order
-        return lambda u, g: tirx.Shuffle(
-            [Z[brow(u), tirx.Ramp(q * 64 + g * 8, 1, 8)],
-             Z[brow(u), tirx.Ramp(q * 64 + 32 + g * 8, 1, 8)]], list(range(16)))
 
     def units_pair(q):
         return lambda u: q * 16
@@ -591,9 +535,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             IDXL = T.alloc_buffer((4 * NR_, 16), "int32")
             ACTL = T.alloc_buffer((4 * NR_, 16), "int32")
             for nb in range((nrows + NR_ - 1) // NR_):
-                cell16(a[0], rows_tile(nb, nrows, NR_), a[2], a[3], a[4], XCL, IDXL, ACTL, a[5], a[6],
-                       a[7], NR_, z16_rows(a[1], rows_tile(nb, nrows, NR_), q), units_pair(q),
-                       valid_tile(nb, nrows, NR_), a[8], a[9])
+                cell(a[0], 16, rows_tile(nb, nrows, NR_), a[2], a[3], a[4], XCL, IDXL, ACTL, a[5],
+                     a[6], a[7], NR_, z16_pairs(a[1], rows_tile(nb, nrows, NR_), lambda u: q),
+                     units_pair(q), valid_tile(nb, nrows, NR_), a[8], a[9])
         return cell_pair
 
     cell_group1 = make_cell_pair(1) if P16 else make_cell_group(1)
@@ -647,18 +591,19 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                        t % 2 == 1, gx_addr(GX, tt))
         if C16:
             for b, jp in T.grid(B, PAIRS16):
-                cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16,
+                cell(tt, 16, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16,
                        z16_interleaved(Z, b, jp * U16), units16(jp * U16), valid_all(), H16,
                        ((t + 1) % 2) * B)
             if TAIL16:
                 for b in range(B):
-                    cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
+                    cell(tt, 16, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
                            z16_interleaved(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), valid_all(),
                            H16, ((t + 1) % 2) * B)
         else:
             for b, jp in T.grid(B, JO // U):
-                cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
-                      zcol_interleaved(jp), valid_all(), H16, ((t + 1) % 2) * B)
+                cell(tt, 8, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U,
+                     z8(Z, rows_fixed(b), zcol_interleaved(jp)), units_natural(jp), valid_all(), H16,
+                     ((t + 1) % 2) * B)
 
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
@@ -681,16 +626,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         if C16:
             for b, jp in T.grid(B, PAIRS16):
-                cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16,
+                cell(tt, 16, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16,
                        z16_natural(Z, b, jp * U16), units16(jp * U16), valid_all(), H16, 0)
             if TAIL16:
                 for b in range(B):
-                    cell16(tt, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
+                    cell(tt, 16, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, 1,
                            z16_natural(Z, b, PAIRS16 * U16), units16(PAIRS16 * U16), valid_all(), H16, 0)
         elif fast_pwl:
             for b, jp in T.grid(B, JO // U):
-                cell8(tt, Z, CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U, rows_fixed(b), units_natural(jp),
-                      zcol_natural(jp), valid_all(), H16, 0)
+                cell(tt, 8, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U,
+                     z8(Z, rows_fixed(b), zcol_natural(jp)), units_natural(jp), valid_all(), H16, 0)
         else:
             for b, jo in T.grid(B, JO):
                 # sigmoid of the i, f, o gates (rows 0, 1, 3 of z): ACT[0], ACT[1], ACT[2]
