@@ -507,41 +507,34 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                         else:
                             SRC[nxt + brow(u), unit(u) + jv] = T.Cast("int16", HT[brow(u), unit(u) + jv])
 
+    # the threaded form's cells follow each channel group (8 units), or with P16 each pair of
+    # groups (16 units, zmm): where their gates are in Z, which units they are
+    GL = 16 if P16 else 8
+
+    def group_z(Z, brow, og):
+        return z16_pairs(Z, brow, lambda u: og) if P16 else z8(Z, brow, zcol_tile(og))
+
+    def group_units(og):
+        return (lambda u: og * 16) if P16 else units_tile(og)
+
     def make_cell_group(NR_):
         @T.macro
         def cell_group(og, nrows, a):
-            # the threaded form's group_done: the cells of the group's 8 units in every row, NR_
-            # rows interleaved (after the whole group, not per row tile: consecutive cells then
+            # the threaded form's group_done: the cells of the group's (pair's) units in every row,
+            # NR_ rows interleaved (after the whole group, not per row tile: consecutive cells then
             # overlap, -4 % per batch-8 step); a = (tt, Z, CT, HT, Y, TV, BS, LIM, SRC, nxt);
             # the scratch is per worker
-            XCL = T.alloc_buffer((4 * NR_, 8), "int32")
-            IDXL = T.alloc_buffer((4 * NR_, 8), "int32")
-            ACTL = T.alloc_buffer((4 * NR_, 8), "int32")
+            XCL = T.alloc_buffer((4 * NR_, GL), "int32")
+            IDXL = T.alloc_buffer((4 * NR_, GL), "int32")
+            ACTL = T.alloc_buffer((4 * NR_, GL), "int32")
             for nb in range((nrows + NR_ - 1) // NR_):
-                cell(a[0], 8, rows_tile(nb, nrows, NR_), a[2], a[3], a[4], XCL, IDXL, ACTL, a[5],
-                     a[6], a[7], NR_, z8(a[1], rows_tile(nb, nrows, NR_), zcol_tile(og)),
-                     units_tile(og), valid_tile(nb, nrows, NR_), a[8], a[9])
+                cell(a[0], GL, rows_tile(nb, nrows, NR_), a[2], a[3], a[4], XCL, IDXL, ACTL, a[5],
+                     a[6], a[7], NR_, group_z(a[1], rows_tile(nb, nrows, NR_), og),
+                     group_units(og), valid_tile(nb, nrows, NR_), a[8], a[9])
         return cell_group
 
-    def units_pair(q):
-        return lambda u: q * 16
-
-    def make_cell_pair(NR_):
-        @T.macro
-        def cell_pair(q, nrows, a):
-            # make_cell_group's macro for P16: after pair q of channel groups, the cells of its 16
-            # units in every row, NR_ rows interleaved, on zmm blocks
-            XCL = T.alloc_buffer((4 * NR_, 16), "int32")
-            IDXL = T.alloc_buffer((4 * NR_, 16), "int32")
-            ACTL = T.alloc_buffer((4 * NR_, 16), "int32")
-            for nb in range((nrows + NR_ - 1) // NR_):
-                cell(a[0], 16, rows_tile(nb, nrows, NR_), a[2], a[3], a[4], XCL, IDXL, ACTL, a[5],
-                     a[6], a[7], NR_, z16_pairs(a[1], rows_tile(nb, nrows, NR_), lambda u: q),
-                     units_pair(q), valid_tile(nb, nrows, NR_), a[8], a[9])
-        return cell_pair
-
-    cell_group1 = make_cell_pair(1) if P16 else make_cell_group(1)
-    cell_group2 = make_cell_pair(2) if P16 else make_cell_group(2)
+    cell_group1 = make_cell_group(1)
+    cell_group2 = make_cell_group(2)
 
     @T.macro
     def fill_source(B, HT, SRC):
