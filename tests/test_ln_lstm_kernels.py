@@ -16,7 +16,7 @@ rng = np.random.default_rng(515)
 
 
 
-@pytest.mark.parametrize("G,D,eps", [(1, 1, 0), (4, 13, 7), (1, 256, 2**40)])
+@pytest.mark.parametrize("G,D,eps", [(1, 1, 0), (4, 13, 7), (1, 256, 2**40), (2, 9, 2**46 - 1)])
 def test_layer_norm16_kernel(G, D, eps):
     Ml, sl = quantize_multiplier15(rng.uniform(1e-5, 1e-3))
     k = K.build_kernel(K.layer_norm16(G, D, Ml, sl, eps), TARGET)

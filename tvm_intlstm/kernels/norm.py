@@ -63,11 +63,40 @@ def layer_norm(features: int, Ml: int, sl: int):
     return finish(layer_norm, "layer_norm")
 
 
+# The per-element division of spec 10b, floor((2^(F+1) d + isq) / (2 isq)) with d = x - mean
+# (|d| <= 65535) and isq >= 1, as a multiply and a shift: exact by Granlund and Montgomery's
+# theorem (1994, 4.2): for 0 <= n' < 2^31 and a divisor V with 2^(l-1) < V <= 2^l,
+# floor(n' / V) = (n' m) >> (31 + l) with m = ceil(2^(31+l) / V) <= 2^32 (n' m < 2^63: int64).
+# n' = n + 2^29 is the numerator shifted to non-negative (2^(F+1) |d| < 2^29), and
+# floor(n / V) = floor(n' / V) - floor(2^29 / V) - [n' mod V < 2^29 mod V]. For isq >= 2^30,
+# 0 < n < V and the quotient is 0: m = 0 and the 2^29 terms 0 give it (unreachable while
+# check_ln16 keeps E < 2^46, i.e. isq < 2^24; kept so the bound does not rest on that check). Row constants (one
+# division per row instead of one per element) in ACC[3:8]: V, the shift 31 + l, m, floor(2^29 / V)
+# and 2^29 mod V.
+LN_DIV_SHIFT = 29           # n' = n + 2^29 >= 0
+assert 65535 * (2 << LN_FRAC) < 2**LN_DIV_SHIFT, "spec 10b bounds of the exact division"
+
+
+def ln_quotient(num, ACC):
+    """floor((num - 2^29) / V) for the shifted numerator num = n' in [0, 2^31) and the row
+    constants in ACC (ln16_row)."""
+    q1 = (num * ACC[5]) >> ACC[4]
+    return q1 - ACC[6] - tirx.Cast("int64", num - q1 * ACC[3] < ACC[7])
+
+
+def ln16_elem(X, Y, GAM, BET, n, g, k, Ml, sl, ACC, ISQ):
+    """Element k of a spec-10b row, once ln16_row's row constants are in ACC / ISQ."""
+    return tirx.BufferStore(Y, sat_cast(rshift_round(
+        (ln_quotient(tirx.const(2 << LN_FRAC, "int64") * (tirx.Cast("int64", X[n, g, k]) - ACC[1])
+                     + ISQ[1] + tirx.const(1 << LN_DIV_SHIFT, "int64"), ACC)
+         * tirx.Cast("int64", GAM[g, k]) + BET[g, k]) * tirx.const(Ml, "int64"), sl), 16), [n, g, k])
+
+
 @T.macro
 def ln16_row(X, Y, GAM, BET, n, g, D, Ml, sl, eps, ACC, ISQ):
     """spec 10b over X[n, g, 0:D] (int16) into Y[n, g, 0:D] (int16 Q3.12), gamma GAM[g, :] int16,
-    beta BET[g, :] int64; D, Ml, sl, eps Python ints (baked). ACC int64 [3] and ISQ int64 [2] are
-    scratch ([sum, mean, squared deviations]; `_tir.isqrt_into`)."""
+    beta BET[g, :] int64; D, Ml, sl, eps Python ints (baked). ACC int64 [8] and ISQ int64 [2] are
+    scratch ([sum, mean, squared deviations, the division's row constants]; `_tir.isqrt_into`)."""
     ACC[0] = T.int64(0)
     for k in range(D):
         ACC[0] = ACC[0] + T.Cast("int64", X[n, g, k])
@@ -77,11 +106,28 @@ def ln16_row(X, Y, GAM, BET, n, g, D, Ml, sl, eps, ACC, ISQ):
         ACC[2] = ACC[2] + (T.Cast("int64", X[n, g, k]) - ACC[1]) * (T.Cast("int64", X[n, g, k]) - ACC[1])
     isqrt_into(ISQ, T.floordiv(ACC[2], T.int64(D)) + T.int64(eps))
     ISQ[1] = T.max(ISQ[1], T.int64(1))
-    for k in range(D):
-        Y[n, g, k] = sat_cast(rshift_round(
-            (T.floordiv(T.int64(2 << LN_FRAC) * (T.Cast("int64", X[n, g, k]) - ACC[1]) + ISQ[1],
-                        T.int64(2) * ISQ[1]) * T.Cast("int64", GAM[g, k]) + BET[g, k])
-            * T.int64(Ml), sl), 16)
+    # the division's row constants (see above): V = 2 isq, l = ceil(log2 V), m, q2, r2
+    ACC[3] = T.int64(2) * ISQ[1]
+    ACC[4] = T.int64(31)
+    for b in range(1, 32):
+        if (T.int64(1) << T.int64(b - 1)) < ACC[3]:
+            ACC[4] = T.int64(31 + b)
+    if ISQ[1] < T.int64(1 << 30):
+        ACC[5] = T.floordiv((T.int64(1) << ACC[4]) + ACC[3] - T.int64(1), ACC[3])
+        ACC[6] = T.floordiv(T.int64(1 << LN_DIV_SHIFT), ACC[3])
+        ACC[7] = T.int64(1 << LN_DIV_SHIFT) - ACC[6] * ACC[3]
+    else:
+        ACC[5] = T.int64(0)
+        ACC[6] = T.int64(0)
+        ACC[7] = T.int64(0)
+    # vectors of 8 and a scalar tail written out here: left to LLVM, the loop over D was
+    # vectorized with a masked tail that wrote past the row's end on skylake-avx512 /
+    # icelake-server builds (tests/test_guarded_buffers.py, layer_norm16_4x13)
+    for k0 in range(D // 8):
+        for kv in T.vectorized(8):
+            ln16_elem(X, Y, GAM, BET, n, g, k0 * 8 + kv, Ml, sl, ACC, ISQ)
+    for k in T.unroll(D % 8):
+        ln16_elem(X, Y, GAM, BET, n, g, D // 8 * 8 + k, Ml, sl, ACC, ISQ)
 
 
 def check_ln16(features: int, Ml: int, sl: int, eps: int) -> tuple[int, int, int, int]:
@@ -110,7 +156,7 @@ def layer_norm16(groups: int, features: int, Ml: int, sl: int, eps: int = 0):
         GAM = T.match_buffer(g_h, (G, D), "int16")
         BET = T.match_buffer(b_h, (G, D), "int64")
         Y = T.match_buffer(y_h, (N, G, D), "int16")
-        ACC = T.alloc_buffer((3,), "int64")
+        ACC = T.alloc_buffer((8,), "int64")
         ISQ = T.alloc_buffer((2,), "int64")
         for n, g in T.grid(N, G):
             ln16_row(X, Y, GAM, BET, n, g, D, Ml, sl, eps, ACC, ISQ)
