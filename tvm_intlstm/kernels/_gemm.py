@@ -328,18 +328,12 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
         i32 = lambda v: tirx.const(v, "int32")  # noqa: E731
         return tirx.call_llvm_intrin("void", "llvm.prefetch.p0", addr, i32(0), i32(3), i32(1))
 
-    def walk2(flip, og0):
-        """walk over the OG / 2 pairs of channel groups (span=2)."""
+    def walk(flip, og0, count=OG):
+        """Position og0 of a walk over `count` channel groups (or, span=2, pairs of them):
+        backwards when flip (a PrimExpr or a bool) holds."""
         if isinstance(flip, bool):
-            return OG // 2 - 1 - og0 if flip else og0
-        return tirx.if_then_else(flip, OG // 2 - 1 - og0, og0)
-
-    def walk(flip, og0):
-        """The channel group at position og0 of the walk: backwards when flip (a PrimExpr or a
-        bool) holds."""
-        if isinstance(flip, bool):
-            return OG - 1 - og0 if flip else og0
-        return tirx.if_then_else(flip, OG - 1 - og0, og0)
+            return count - 1 - og0 if flip else og0
+        return tirx.if_then_else(flip, count - 1 - og0, og0)
 
     @T.macro
     def group(XS, n0, nrows, WF, ACC, store, og, pf_out, group_done, group_args, pf_step):
@@ -403,7 +397,7 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
             # pairs of channel groups per iteration, group_done(pair, ...) after both (16 units
             # for the cells of a 16-lane family)
             for og0 in T.parallel(OG // 2):
-                og2 = T.Bind(walk2(flip, og0))
+                og2 = T.Bind(walk(flip, og0, OG // 2))
                 ACCP = T.alloc_buffer((NR * OVT, 8), "int32")   # per worker
                 for s2 in range(2):
                     group(XS, n0, nrows, WF, ACCP, store, og2 * 2 + s2, pf_out, None, None, pf_step)

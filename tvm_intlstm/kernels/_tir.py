@@ -163,6 +163,19 @@ def pwl_index_into(TBL, n, x, XC, i, IDX, j):
 
 
 @T.macro
+def pwl_index_vec(TBL, n, XC, IDX, r, L):
+    """pwl_index_into on L lanes at once: row r of XC (int32, filled by the caller) clamped in
+    place to the knots of TBL (n pieces) and IDX[r, 0:L] its piece index (spec 7); the value is then
+    pwl_piece(TBL, IDX[r, jv], XC[r, jv]) per lane (the table reads become gathers)."""
+    for jv in T.vectorized(L):
+        XC[r, jv] = T.max(T.min(XC[r, jv], TBL[0, n]), TBL[0, 0])
+        IDX[r, jv] = 0
+    for q in T.unroll(1, n):
+        for jv in T.vectorized(L):
+            IDX[r, jv] = IDX[r, jv] + T.Cast("int32", XC[r, jv] >= TBL[0, q])
+
+
+@T.macro
 def isqrt_into(ISQ, v):
     """isqrt (spec 10) of the int64 value v into ISQ[1], with ISQ an int64 [2] scratch buffer
     ([remaining value, result]): the reference's 31 rounds of the binary digit-by-digit method

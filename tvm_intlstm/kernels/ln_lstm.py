@@ -21,8 +21,8 @@ from tvm import tirx
 from . import isa as _isa
 from ._common import finish, resolve_isa, vec_split
 from ._gemm import gemm_outer_macro, outer_shape, uses_u8, with_convention
-from ._tir import add_i32, add_sat16, pwl_piece, requantize, rshift_round, sat_cast
-from .lstm import REC_OV, check_direction, recurrent_kernel
+from ._tir import add_i32, add_sat16, pwl_index_vec, pwl_piece, requantize, rshift_round, sat_cast
+from .lstm import REC_OV, check_direction, recurrent_kernel, source_fill
 from .norm import check_ln16, ln16_row
 
 
@@ -68,60 +68,52 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
     ig_shift = 30 - F
     JO, JV = vec_split(H, 8)
 
-    def ah_store(AHB, MH, SH, CORR):
-        # the GEMM epilogue: requantize_16 of row n's products (plus the u8 correction) into AHB
+    fill_source = source_fill(H, u8)
+
+    def ah_store(AHF, MH, SH, CORR):
+        # the GEMM epilogue: requantize_16 of row n's products (plus the u8 correction) into AH
+        # (AHF: its flat view, channel o of row n at n G + o)
         return lambda n, o, acc: tirx.BufferStore(
-            AHB, sat_cast(requantize(add_i32(acc, CORR[o]) if u8 else acc, MH[o], SH[o], 16), 16),
+            AHF, sat_cast(requantize(add_i32(acc, CORR[o]) if u8 else acc, MH[o], SH[o], 16), 16),
             [n * G + o])
 
     @T.macro
-    def products(B, WH, MH, SH, CORR, HT, AHB, SRC, ACCG, RED):
-        # all rows' recurrent products at once (the family's micro-kernel), requantized into AHB
-        for b, k in T.grid(B, H):
-            if u8:
-                SRC[b, k] = T.Cast("uint8", T.Cast("int32", HT[b, k]) + 128)
+    def products(B, WH, MH, SH, CORR, HT, AH, SRC, ACCG, RED):
+        # the recurrent product of every row (int32: |sum| < H 2^14 <= 2^26), requantized to int16
+        # into AH [B, 4, H]: the family's micro-kernel, or plain loops over the natural layout
+        if outer:
+            AHF = T.decl_buffer((B * G,), "int16", data=AH.data)
+            fill_source(B, HT, SRC, 0)
+            if B == 1:
+                gemm1(SRC, 0, B, WH, ACCG, RED, ah_store(AHF, MH, SH, CORR))
             else:
-                SRC[b, k] = T.Cast("int16", HT[b, k])
-        if B == 1:
-            gemm1(SRC, 0, B, WH, ACCG, RED, ah_store(AHB, MH, SH, CORR))
+                gemm2(SRC, 0, B, WH, ACCG, RED, ah_store(AHF, MH, SH, CORR))
         else:
-            gemm2(SRC, 0, B, WH, ACCG, RED, ah_store(AHB, MH, SH, CORR))
+            for b, r in T.grid(B, G):
+                ACCG[0, 0] = 0
+                for k in range(H):
+                    ACCG[0, 0] = ACCG[0, 0] + T.Cast("int32", WH[r, k]) * T.Cast("int32", HT[b, k])
+                AH[b, r // H, r % H] = requantize(ACCG[0, 0], MH[r], SH[r], 16)
 
     @T.macro
     def step(t, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, Y, HT, CT,
-             AH, GH, CN, CL, ACC, ACC32, ISQ, OG, AHB, SRC, ACCG, RED, XV, IV, AV):
-        if outer:
-            products(B, WH, MH, SH, CORR, HT, AHB, SRC, ACCG, RED)
+             AH, GH, CN, CL, ACC, ISQ, OG, SRC, ACCG, RED, XV, IV, AV):
+        products(B, WH, MH, SH, CORR, HT, AH, SRC, ACCG, RED)
         for b in range(B):
-            # the recurrent product of row b (int32: |sum| < H 2^14 <= 2^26), requantized to
-            # int16 and normalized per gate block
-            if outer:
-                for r in range(G):
-                    AH[0, r // H, r % H] = AHB[b * G + r]
-            else:
-                for r in range(G):
-                    ACC32[0] = 0
-                    for k in range(H):
-                        ACC32[0] = ACC32[0] + T.Cast("int32", WH[r, k]) * T.Cast("int32", HT[b, k])
-                    AH[0, r // H, r % H] = requantize(ACC32[0], MH[r], SH[r], 16)
+            # row b's products normalized per gate block
             for q in range(4):
-                ln16_row(AH, GH, GAMH, BETH, 0, q, H, mlh, slh, eh, ACC, ISQ)
+                ln16_row(AH, GH, GAMH, BETH, b, q, H, mlh, slh, eh, ACC, ISQ)
             # the gates, the cell and h on JV units at once (piece index by counting knots, table
             # reads as gathers: the vectorizable form of spec 7)
             for jo in range(JO):
                 for q in T.unroll(4):
                     for jv in T.vectorized(JV):
                         XV[q, jv] = T.Cast("int32", add_sat16(GX[t, b, q * H + jo * JV + jv],
-                                                              GH[0, q, jo * JV + jv]))
-                        XV[q, jv] = T.max(T.min(XV[q, jv], T.if_then_else(q == 2, TANH[0, n_tanh], SIG[0, n_sig])),
-                                          T.if_then_else(q == 2, TANH[0, 0], SIG[0, 0]))
-                        IV[q, jv] = 0
-                for kq in T.unroll(1, max(n_sig, n_tanh)):
-                    for q in T.unroll(4):
-                        if (q == 2 and kq < n_tanh) or (q != 2 and kq < n_sig):
-                            for jv in T.vectorized(JV):
-                                IV[q, jv] = IV[q, jv] + T.Cast("int32", XV[q, jv] >= T.if_then_else(
-                                    q == 2, TANH[0, T.min(kq, n_tanh)], SIG[0, T.min(kq, n_sig)]))
+                                                              GH[b, q, jo * JV + jv]))
+                pwl_index_vec(SIG, n_sig, XV, IV, 0, JV)
+                pwl_index_vec(SIG, n_sig, XV, IV, 1, JV)
+                pwl_index_vec(TANH, n_tanh, XV, IV, 2, JV)
+                pwl_index_vec(SIG, n_sig, XV, IV, 3, JV)
                 for q in T.unroll(4):
                     for jv in T.vectorized(JV):
                         if q == 2:
@@ -138,12 +130,8 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
             ln16_row(CN, CL, GAMC, BETC, 0, 0, H, mlc, slc, ec, ACC, ISQ)
             for jo in range(JO):
                 for jv in T.vectorized(JV):
-                    XV[0, jv] = T.max(T.min(T.Cast("int32", CL[0, 0, jo * JV + jv]), TANHC[0, n_tc]),
-                                      TANHC[0, 0])
-                    IV[0, jv] = 0
-                for kq in T.unroll(1, n_tc):
-                    for jv in T.vectorized(JV):
-                        IV[0, jv] = IV[0, jv] + T.Cast("int32", XV[0, jv] >= TANHC[0, kq])
+                    XV[0, jv] = T.Cast("int32", CL[0, 0, jo * JV + jv])
+                pwl_index_vec(TANHC, n_tc, XV, IV, 0, JV)
                 for jv in T.vectorized(JV):
                     HT[b, jo * JV + jv] = requantize(
                         OG[jo * JV + jv] * T.Cast("int32", pwl_piece(TANHC, IV[0, jv], XV[0, jv])), mo, so, 8)
@@ -152,19 +140,17 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
     @T.macro
     def direction(TT, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, H0, C0,
                   Y, HT, CT):
-        AH = T.alloc_buffer((1, 4, H), "int16")
-        GH = T.alloc_buffer((1, 4, H), "int16")
+        AH = T.alloc_buffer((B, 4, H), "int16")    # every row's requantized products
+        GH = T.alloc_buffer((B, 4, H), "int16")    # (ln16_row writes row n of X into row n)
         CN = T.alloc_buffer((1, 1, H), "int16")
         CL = T.alloc_buffer((1, 1, H), "int16")
         ACC = T.alloc_buffer((8,), "int64")   # ln16_row scratch
-        ACC32 = T.alloc_buffer((1,), "int32")
         ISQ = T.alloc_buffer((2,), "int64")
         XV = T.alloc_buffer((4, JV), "int32")
         IV = T.alloc_buffer((4, JV), "int32")
         AV = T.alloc_buffer((4, JV), "int32")
         OG = T.alloc_buffer((H,), "int32")
-        # the packed GEMM's operands: products of every row, source, accumulator tile
-        AHB = T.alloc_buffer((B * G if outer else 1,), "int16")
+        # the packed GEMM's source and accumulator tile (ACCG[0, 0]: the plain loops' accumulator)
         SRC = T.alloc_buffer((B, HP if outer else 1), "uint8" if u8 else "int16")
         ACCG = T.alloc_buffer((2 * REC_OV, 8), "int32")
         RED = T.alloc_buffer((8,), "int32")
@@ -177,12 +163,10 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
         for t in range(TT):
             if reverse:
                 step(TT - 1 - t, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC,
-                     Y, HT, CT, AH, GH, CN, CL, ACC, ACC32, ISQ, OG, AHB, SRC, ACCG,
-                     RED, XV, IV, AV)
+                     Y, HT, CT, AH, GH, CN, CL, ACC, ISQ, OG, SRC, ACCG, RED, XV, IV, AV)
             else:
                 step(t, B, GX, WH, MH, SH, CORR, GAMH, BETH, GAMC, BETC, SIG, TANH, TANHC, Y, HT,
-                     CT, AH, GH, CN, CL, ACC, ACC32, ISQ, OG, AHB, SRC, ACCG, RED,
-                     XV, IV, AV)
+                     CT, AH, GH, CN, CL, ACC, ISQ, OG, SRC, ACCG, RED, XV, IV, AV)
 
     # the parameters of kernels/lstm.py's kernel plus the layer norms', the u8 correction only on
     # the u8 route

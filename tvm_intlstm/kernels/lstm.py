@@ -73,7 +73,7 @@ from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows), or
 # the family's 4-row tiles (`KernelFamily.rec_rows4`), all on the same packed layout (OV = 4).
 REC_OV = 4
-from ._tir import PWL_FRAC, add_i32, add_sat16, pwl_piece, rshift_round, sat
+from ._tir import PWL_FRAC, add_i32, add_sat16, pwl_index_vec, pwl_piece, rshift_round, sat
 
 
 def pack_pwl(table) -> np.ndarray:
@@ -162,6 +162,23 @@ def pad_units(a, hidden: int, units: int, axis: int = 0, fill: str = "zero") -> 
     widths = [(0, 0), (0, U - H)] + [(0, 0)] * (g.ndim - 2)
     out = np.pad(g, widths, mode="edge" if fill == "edge" else "constant").reshape(4 * U, *a.shape[1:])
     return np.ascontiguousarray(np.moveaxis(out, 0, axis))
+
+
+def source_fill(H: int, u8: bool):
+    """The macro fill(B, HT, SRC, row0) writing the recurrent GEMM's source rows row0 .. row0 + B
+    from the state h (int8 [B, H]): u = h + 128 (uint8) on the u8 route, else h sign-extended
+    (int16). (SRC's columns past H are the caller's zero padding.)"""
+    JO, JV = vec_split(H, 8)
+
+    @T.macro
+    def fill(B, HT, SRC, row0):
+        for b, jo in T.grid(B, JO):
+            for jv in T.vectorized(JV):
+                if u8:
+                    SRC[row0 + b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
+                else:
+                    SRC[row0 + b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+    return fill
 
 
 def check_direction(hidden: int, mo: int, so: int, cell_frac: int, pieces: tuple) -> tuple:
@@ -536,15 +553,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     cell_group1 = make_cell_group(1)
     cell_group2 = make_cell_group(2)
 
-    @T.macro
-    def fill_source(B, HT, SRC):
-        """The GEMM source from the state: h sign-extended (int16), or u = h + 128 (u8 route)."""
-        for b, jo in T.grid(B, JO):
-            for jv in T.vectorized(JV):
-                if u8:
-                    SRC[b, jo * JV + jv] = T.Cast("uint8", T.Cast("int32", HT[b, jo * JV + jv]) + 128)
-                else:
-                    SRC[b, jo * JV + jv] = T.Cast("int16", HT[b, jo * JV + jv])
+    fill_source = source_fill(H, u8)
 
     @T.macro
     def step_threaded(tt, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED, TV, BS, LIM, t, solo):
@@ -603,7 +612,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
              ACT, TV, BS, LIM):
         """One step of the serial forms."""
         if wide or u8:
-            fill_source(B, HT, H16)
+            fill_source(B, HT, H16, 0)
         # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
         if outer:
             if B == 1:
@@ -646,12 +655,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                         ACT[g, jv] = pwl_finish(XC, IDX, SIG, g, jv)
                 # tanh of the g gate (rows 2): ACT[3]
                 for jv in T.vectorized(JV):
-                    XC[0, jv] = T.max(T.min(T.Cast("int32", Z[b, 2 * H + jo * JV + jv]),
-                                            TANH[0, n_tanh]), TANH[0, 0])
-                    IDX[0, jv] = 0
-                for q in T.unroll(1, n_tanh):
-                    for jv in T.vectorized(JV):
-                        IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANH[0, q])
+                    XC[0, jv] = T.Cast("int32", Z[b, 2 * H + jo * JV + jv])
+                pwl_index_vec(TANH, n_tanh, XC, IDX, 0, JV)
                 for jv in T.vectorized(JV):
                     ACT[3, jv] = pwl_finish(XC, IDX, TANH, 0, jv)
                 # cell update, written to the state after its tanh input is taken
@@ -659,11 +664,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                     XC[1, jv] = sat(rshift_round(ACT[1, jv] * T.Cast("int32", CT[b, jo * JV + jv]), 15)
                                     + rshift_round(ACT[0, jv] * ACT[3, jv], ig_shift), 16)
                     CT[b, jo * JV + jv] = T.Cast("int16", XC[1, jv])
-                    XC[0, jv] = T.max(T.min(XC[1, jv], TANHC[0, n_tc]), TANHC[0, 0])
-                    IDX[0, jv] = 0
-                for q in T.unroll(1, n_tc):
-                    for jv in T.vectorized(JV):
-                        IDX[0, jv] = IDX[0, jv] + T.Cast("int32", XC[0, jv] >= TANHC[0, q])
+                    XC[0, jv] = XC[1, jv]
+                pwl_index_vec(TANHC, n_tc, XC, IDX, 0, JV)
                 for jv in T.vectorized(JV):
                     HT[b, jo * JV + jv] = rq_out(ACT[2, jv] * pwl_finish(XC, IDX, TANHC, 0, jv),
                                                  mo, so, 8)
@@ -704,7 +706,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             H16 = T.alloc_buffer((2 * B, HP), "uint8" if u8 else "int16")
             for b, kp in T.grid(2 * B, HP - H):
                 H16[b, H + kp] = T.Cast(H16.dtype, 0)
-            fill_source(B, HT, H16)
+            fill_source(B, HT, H16, 0)
             # the time loop runs once in every worker of the thread pool (one launch per call);
             # each step's group loop is split among them and ends with a barrier, since the next
             # step reads all of h. A pool of one worker with several batch rows runs step_solo
