@@ -9,7 +9,7 @@ import tvm_intlstm
 from tvm_intlstm import spec
 
 NAMES = ("PWL_FRAC", "GATE_FRAC", "LN_FRAC", "SOFTMAX_IN_FRAC", "PROB_FRAC", "INT8", "INT16",
-         "INT32")
+         "INT32", "LN16_MAX_EPS")
 PKG = Path(tvm_intlstm.__file__).parent
 
 

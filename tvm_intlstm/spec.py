@@ -13,3 +13,4 @@ GATE_FRAC = 12        # spec 8: the int16 gate domain is Q3.12
 LN_FRAC = 12          # spec 10: the normalized value before gamma is Q.12
 SOFTMAX_IN_FRAC = 10  # spec 11: the shifted scores enter the exp table as Q.10
 PROB_FRAC = 15        # spec 11: probabilities are int16 Q0.15
+LN16_MAX_EPS = 2**46  # spec 10b: the layer norm's epsilon E is in [0, 2^46)

@@ -11,7 +11,7 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from ._common import check_multiplier, check_pieces, check_shift, finish, vec_split
-from ..spec import LN_FRAC, PROB_FRAC
+from ..spec import LN16_MAX_EPS, LN_FRAC, PROB_FRAC
 from ._tir import isqrt_into, pwl_index_into, pwl_piece, requantize, rshift_round, sat_cast
 
 
@@ -67,14 +67,15 @@ def layer_norm(features: int, Ml: int, sl: int):
 # (|d| <= 65535) and isq >= 1, as a multiply and a shift: exact by Granlund and Montgomery's
 # theorem (1994, 4.2): for 0 <= n' < 2^31 and a divisor V with 2^(l-1) < V <= 2^l,
 # floor(n' / V) = (n' m) >> (31 + l) with m = ceil(2^(31+l) / V) <= 2^32 (n' m < 2^63: int64).
-# n' = n + 2^29 is the numerator shifted to non-negative (2^(F+1) |d| < 2^29), and
-# floor(n / V) = floor(n' / V) - floor(2^29 / V) - [n' mod V < 2^29 mod V]. For isq >= 2^30,
-# 0 < n < V and the quotient is 0: m = 0 and the 2^29 terms 0 give it (unreachable while
-# check_ln16 keeps E < 2^46, i.e. isq < 2^24; kept so the bound does not rest on that check). Row constants (one
-# division per row instead of one per element) in ACC[3:8]: V, the shift 31 + l, m, floor(2^29 / V)
-# and 2^29 mod V.
+# n' = n + 2^29 is the numerator shifted to non-negative (2^(F+1) |d| < 2^29) and below 2^31
+# since isq < 2^30 (asserted below from check_ln16's bounds), and
+# floor(n / V) = floor(n' / V) - floor(2^29 / V) - [n' mod V < 2^29 mod V]. Row constants (one
+# division per row instead of one per element) in ACC[3:8]: V, the shift 31 + l, m,
+# floor(2^29 / V) and 2^29 mod V.
 LN_DIV_SHIFT = 29           # n' = n + 2^29 >= 0
 assert 65535 * (2 << LN_FRAC) < 2**LN_DIV_SHIFT, "spec 10b bounds of the exact division"
+# isq = isqrt(V // D + E) with V // D <= 65535^2 < 2^32: isq < 2^30, so n' < 2^29 + 2^29 + 2^30
+assert (2**32 + LN16_MAX_EPS) < 2**60, "spec 10b: isq < 2^30 for the exact division"
 
 
 def ln_quotient(num, ACC):
@@ -112,14 +113,9 @@ def ln16_row(X, Y, GAM, BET, n, g, D, Ml, sl, eps, ACC, ISQ):
     for b in range(1, 32):
         if (T.int64(1) << T.int64(b - 1)) < ACC[3]:
             ACC[4] = T.int64(31 + b)
-    if ISQ[1] < T.int64(1 << 30):
-        ACC[5] = T.floordiv((T.int64(1) << ACC[4]) + ACC[3] - T.int64(1), ACC[3])
-        ACC[6] = T.floordiv(T.int64(1 << LN_DIV_SHIFT), ACC[3])
-        ACC[7] = T.int64(1 << LN_DIV_SHIFT) - ACC[6] * ACC[3]
-    else:
-        ACC[5] = T.int64(0)
-        ACC[6] = T.int64(0)
-        ACC[7] = T.int64(0)
+    ACC[5] = T.floordiv((T.int64(1) << ACC[4]) + ACC[3] - T.int64(1), ACC[3])
+    ACC[6] = T.floordiv(T.int64(1 << LN_DIV_SHIFT), ACC[3])
+    ACC[7] = T.int64(1 << LN_DIV_SHIFT) - ACC[6] * ACC[3]
     # vectors of 8 and a scalar tail written out here: left to LLVM, the loop over D was
     # vectorized with a masked tail that wrote past the row's end on skylake-avx512 /
     # icelake-server builds (tests/test_guarded_buffers.py, layer_norm16_4x13)
@@ -134,7 +130,7 @@ def check_ln16(features: int, Ml: int, sl: int, eps: int) -> tuple[int, int, int
     """The baked constants of a spec-10b layer norm, checked (clear errors instead of wrong code)."""
     D, Ml, sl = _check_ln(features, Ml, sl, "10b")
     eps = int(eps)
-    if not 0 <= eps < 2**46:
+    if not 0 <= eps < LN16_MAX_EPS:
         raise ValueError(f"layer norm epsilon E must be in [0, 2^46), got {eps}")
     return D, Ml, sl, eps
 

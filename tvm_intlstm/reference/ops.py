@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..spec import (GATE_FRAC, INT8, INT16, INT32, LN_FRAC, PROB_FRAC, PWL_FRAC,  # noqa: F401
-                    SOFTMAX_IN_FRAC)
+                    LN16_MAX_EPS, SOFTMAX_IN_FRAC)
 
 
 def _i64(x) -> np.ndarray:
@@ -282,7 +282,7 @@ def layer_norm16(x, gamma, beta, Ml: int, sl: int, eps: int = 0) -> np.ndarray:
     D = x.shape[-1]
     if not 1 <= D <= 4096:
         raise ValueError(f"integer layer norm supports 1 <= D <= 4096, got {D}")
-    if not 0 <= int(eps) < 2**46:
+    if not 0 <= int(eps) < LN16_MAX_EPS:
         raise ValueError(f"layer norm epsilon E must be in [0, 2^46), got {eps}")
     S = x.sum(axis=-1, keepdims=True)
     mu = (2 * S + D) // (2 * D)
