@@ -73,6 +73,7 @@ from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows), or
 # the family's 4-row tiles (`KernelFamily.rec_rows4`), all on the same packed layout (OV = 4).
 REC_OV = 4
+KSPLIT1 = 2     # accumulator sets of the one-row (batch 1) tiles, see _gemm.gemm_outer_macro
 from ._tir import PWL_FRAC, add_i32, add_sat16, pwl_index_vec, pwl_piece, rshift_round, sat
 
 
@@ -301,7 +302,14 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
-        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, parallel=fused, span=span)
+        # (the one-row tiles with two accumulator sets over k: `ksplit` of the GEMM macro)
+        # (the zmm families' one-row GEMV runs without software prefetch of W_h: with two
+        # accumulator sets the prefetches only took load slots on a Zen 5 core, 256->512 at batch 1
+        # -4 % on one worker, -11 % on two, the LM's 1.7 MiB W_h unchanged; the AVX2 family keeps
+        # them, neutral on that core and measured as helping on Zen 3)
+        pf1 = fam.cell_lanes != 16
+        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, parallel=fused, span=span,
+                                ksplit=KSPLIT1, prefetch_w=pf1)
         # the 2-row tile re-reads each channel group from L1: no software prefetch of W_h (it
         # only took issue slots; batch-8 step -3 to -8 % on one worker, -2.6 % on two)
         gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, parallel=fused,
@@ -310,7 +318,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV,
                                       prefetch_w=False) if fused else None
         # ... and at batch 1 where the cell is 16 lanes wide (C16): all products, then all cells
-        gemm1_solo = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV) if fused else None
+        gemm1_solo = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, prefetch_w=pf1,
+                                      ksplit=KSPLIT1) if fused else None
         # 4-row tiles where the family has the registers (the 32 zmm of AVX-512): more rows share
         # each weight load. Taken when 4 divides the batch (a tile's missing rows would be computed
         # anyway); gemm4p is the threaded form's (cells still per group, 2 rows at once)
