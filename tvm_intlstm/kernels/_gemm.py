@@ -286,8 +286,9 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
 
     prefetch_w=False: no software prefetch of the weight stream (the hardware prefetcher follows
     it; the prefetch instructions then only take issue slots: the recurrent batch > 1 step, whose
-    row tiles re-read each channel group from L1, runs 3-8 % faster without them, while the batch-1
-    GEMV and the input projections are as fast or faster with them).
+    row tiles re-read each channel group from L1, runs 3-8 % faster without them, and so does the
+    zmm families' batch-1 GEMV once its k steps are split (ksplit=2); the AVX2 batch-1 GEMV and the
+    input projections are as fast or faster with them).
 
     Optional hooks of the macro call: `pf_out(n, o)` (an address to prefetch for row n, channel o,
     once per row tile and `pf_step` channels), and `group_done(og, nrows, group_args)` (a macro

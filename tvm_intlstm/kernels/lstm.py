@@ -52,7 +52,9 @@ Families with 16-lane cells (`KernelFamily.cell_lanes`, AVX-512): the serial for
 vpermd zmm per lookup, no blend), and a pool of one worker runs `step_solo` at batch 1 too (all
 products, then all cells): on a Zen 5 core the 256->512 model at T=64 took 0.78 -> 0.65 ms at
 batch 1 and 2.56 -> 2.44 ms at batch 8 (one thread), the per-group 8-unit cells being the slower
-part at batch 1. The threaded form's parallel loop then runs over pairs of channel groups (`span=2`
+part at batch 1; the one-row GEMV's k steps split over two accumulator sets (`ksplit`; its two
+dependent vpdpbusd chains, not the weight stream, had set the pace) then took batch 1 to 0.54 ms.
+The threaded form's parallel loop then runs over pairs of channel groups (`span=2`
 of the GEMM macro), each pair's products followed by the cells of its 16 units on zmm blocks (two
 workers: 3-7 % less time per call). `python benchmarks/bench_kernels.py --w7
 --compare-serial [--batch 8] [--threads 2]` times the forms side by side.
