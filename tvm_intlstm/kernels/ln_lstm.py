@@ -59,7 +59,9 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
     if outer:
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]          # the GEMM source is zero padded to the packed k extent
-        gemm1 = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV)
+        # batch 1: two accumulator sets over k, no W_h prefetch on the zmm families (as the LSTM's)
+        gemm1 = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, ksplit=2,
+                                 prefetch_w=fam.cell_lanes != 16)
         gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, prefetch_w=False)
     else:
         WS = (G, H)
