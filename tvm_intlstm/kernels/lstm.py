@@ -54,6 +54,9 @@ products, then all cells): on a Zen 5 core the 256->512 model at T=64 took 0.78 
 batch 1 and 2.56 -> 2.44 ms at batch 8 (one thread), the per-group 8-unit cells being the slower
 part at batch 1; the one-row GEMV's k steps split over two accumulator sets (`ksplit`; its two
 dependent vpdpbusd chains, not the weight stream, had set the pace) then took batch 1 to 0.54 ms.
+Where a cell call has two 16-unit blocks, their piece indices are searched together on 32 int16
+lanes (`S16`: vpcmpgtw / vpermw, 38 % fewer cell instructions; -1.5 % per call at batch 1 and 8:
+the cell's time follows its dependency chains more than its instruction count).
 The threaded form's parallel loop then runs over pairs of channel groups (`span=2`
 of the GEMM macro), each pair's products followed by the cells of its 16 units on zmm blocks (two
 workers: 3-7 % less time per call). `python benchmarks/bench_kernels.py --w7
@@ -452,6 +455,21 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     SU, SW = (max(U, U16), 16) if C16 else (U, JV)
     BW = 16 if C16 else 8
 
+    # 16-lane cells search pairs of blocks at once on 32 int16 lanes (S16): xc and the knots are
+    # int16, so one vpcmpgtw / vpermw covers two blocks. The index is built directly, level by
+    # level: idx += s where xc > k_(idx + s) - 1 (s = 8, 4, 2, 1; the same knots and the same count
+    # as the search above), each level's table of k_(i + s) - 1 (i = 0..15; 32767 where i + s >= n)
+    # packed two int16 per word into rows 5..7 of BS (row 4 unused; level 8 is row 0's k_8 - 1).
+    S16 = C16
+
+    def bs_word16(BS, TBL, t, n, level, w):
+        s_ = [8, 4, 2, 1][level]
+
+        def ent(i):
+            return tirx.if_then_else(i + s_ <= n - 1, TBL[0, tirx.min(i + s_, n)] - 1,
+                                     tirx.const(32767, "int32"))
+        return tirx.BufferStore(BS, (ent(2 * w) & 0xFFFF) | (ent(2 * w + 1) << 16), [t, 4 + level, w])
+
     @T.macro
     def fill_bs(BS, TBL, t, n):
         for l in range(BW):
@@ -459,6 +477,33 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             bs_fill(BS, TBL, t, n, 1, l)
             bs_fill(BS, TBL, t, n, 2, l)
             bs_fill(BS, TBL, t, n, 3, l)
+            if S16:
+                bs_word16(BS, TBL, t, n, 1, l)
+                bs_word16(BS, TBL, t, n, 2, l)
+                bs_word16(BS, TBL, t, n, 3, l)
+
+    def v16(v):
+        return tirx.Broadcast(tirx.const(v, "int16"), 32)
+
+    @T.macro
+    def bs_index16(X16, I16, BS, t):
+        """I16[0] = the piece index of the 32 int16 lanes X16[0] (two blocks), table t."""
+        if small:
+            I16[0, T.Ramp(0, 1, 32)] = v16(0)
+        else:
+            I16[0, T.Ramp(0, 1, 32)] = T.Select(
+                X16[0, T.Ramp(0, 1, 32)] > T.Broadcast(T.Cast("int16", BS[t, 0, 0]), 32), v16(8), v16(0))
+        for level in T.unroll(1, 4):
+            I16[0, T.Ramp(0, 1, 32)] = I16[0, T.Ramp(0, 1, 32)] + T.Select(
+                X16[0, T.Ramp(0, 1, 32)] > T.call_llvm_pure_intrin(
+                    "int16x32", "llvm.x86.avx512.permvar.hi.512",
+                    T.reinterpret("int16x32", BS[t, 4 + level, T.Ramp(0, 1, 16)]),
+                    I16[0, T.Ramp(0, 1, 32)]),
+                T.Broadcast(T.Cast("int16", T.shift_right(T.int32(8), level)), 32), v16(0))
+
+    def half16(V, h):
+        """int32x16 of lanes 16 h .. 16 h + 15 of the int16x32 row V[0]."""
+        return tirx.Cast("int32x16", tirx.Shuffle([V[0, tirx.Ramp(0, 1, 32)]], list(range(16 * h, 16 * h + 16))))
 
     @T.macro
     def bs_index(XC, IDX, BS, t, g, L):
@@ -500,16 +545,34 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         and interleaving independent blocks lets the core overlap them (batch-8 cell 28-30 -> 23-27
         us; the binary search alone: no change). In the threaded form the new h also goes to SRC
         rows nxt + b."""
-        for u in T.unroll(UU):
-            for g in T.unroll(4):   # z rows i, f, g, o
-                XC[u * 4 + g, T.Ramp(0, 1, L)] = T.Cast(f"int32x{L}", zval(u, g))
-                for jv in T.vectorized(L):
-                    XC[u * 4 + g, jv] = T.max(T.min(XC[u * 4 + g, jv], LIM[g, 1]), LIM[g, 0])
-        for u in T.unroll(UU):
+        if S16 and L == 16 and UU == 2:
+            # two blocks on 32 int16 lanes: clamp and piece index per gate (S16 above)
+            X16 = T.alloc_buffer((1, 32), "int16")
+            I16 = T.alloc_buffer((1, 32), "int16")
             for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
-                bs_index(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g, L)
-                ACT[u * 4 + g, T.Ramp(0, 1, L)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0),
-                                                          u * 4 + g, L)
+                X16[0, T.Ramp(0, 1, 32)] = T.Shuffle([zval(0, g), zval(1, g)], list(range(32)))
+                for jv in T.vectorized(32):
+                    X16[0, jv] = T.max(T.min(X16[0, jv], T.Cast("int16", LIM[g, 1])),
+                                       T.Cast("int16", LIM[g, 0]))
+                bs_index16(X16, I16, BS, T.if_then_else(g == 2, 1, 0))
+                XC[g, T.Ramp(0, 1, 16)] = half16(X16, 0)
+                IDX[g, T.Ramp(0, 1, 16)] = half16(I16, 0)
+                XC[4 + g, T.Ramp(0, 1, 16)] = half16(X16, 1)
+                IDX[4 + g, T.Ramp(0, 1, 16)] = half16(I16, 1)
+                for u in T.unroll(2):
+                    ACT[u * 4 + g, T.Ramp(0, 1, 16)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0),
+                                                              u * 4 + g, 16)
+        else:
+            for u in T.unroll(UU):
+                for g in T.unroll(4):   # z rows i, f, g, o
+                    XC[u * 4 + g, T.Ramp(0, 1, L)] = T.Cast(f"int32x{L}", zval(u, g))
+                    for jv in T.vectorized(L):
+                        XC[u * 4 + g, jv] = T.max(T.min(XC[u * 4 + g, jv], LIM[g, 1]), LIM[g, 0])
+            for u in T.unroll(UU):
+                for g in T.unroll(4):   # sigmoid for i, f, o; tanh for g
+                    bs_index(XC, IDX, BS, T.if_then_else(g == 2, 1, 0), u * 4 + g, L)
+                    ACT[u * 4 + g, T.Ramp(0, 1, L)] = pwl_vec(XC, IDX, TV, T.if_then_else(g == 2, 1, 0),
+                                                              u * 4 + g, L)
         for u in T.unroll(UU):
             # cell update, written to the state after its tanh input is taken
             for jv in T.vectorized(L):
@@ -520,9 +583,20 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                     CT[brow(u), unit(u) + jv] = T.Cast("int16", XC[u * 4, jv])
             for jv in T.vectorized(L):
                 XC[u * 4, jv] = T.max(T.min(XC[u * 4, jv], LIM[4, 1]), LIM[4, 0])
-        for u in T.unroll(UU):
-            bs_index(XC, IDX, BS, 2, u * 4, L)
-            ACT[u * 4 + 2, T.Ramp(0, 1, L)] = pwl_vec(XC, IDX, TV, 2, u * 4, L)   # tanh(c)
+        if S16 and L == 16 and UU == 2:
+            C16S = T.alloc_buffer((1, 32), "int16")
+            C16I = T.alloc_buffer((1, 32), "int16")
+            C16S[0, T.Ramp(0, 1, 32)] = T.Cast("int16x32", T.Shuffle(
+                [XC[0, T.Ramp(0, 1, 16)], XC[4, T.Ramp(0, 1, 16)]], list(range(32))))
+            bs_index16(C16S, C16I, BS, 2)
+            IDX[0, T.Ramp(0, 1, 16)] = half16(C16I, 0)
+            IDX[4, T.Ramp(0, 1, 16)] = half16(C16I, 1)
+            for u in T.unroll(2):
+                ACT[u * 4 + 2, T.Ramp(0, 1, 16)] = pwl_vec(XC, IDX, TV, 2, u * 4, 16)   # tanh(c)
+        else:
+            for u in T.unroll(UU):
+                bs_index(XC, IDX, BS, 2, u * 4, L)
+                ACT[u * 4 + 2, T.Ramp(0, 1, L)] = pwl_vec(XC, IDX, TV, 2, u * 4, L)   # tanh(c)
         for u in T.unroll(UU):
             if valid(u):
                 for jv in T.vectorized(L):
@@ -692,7 +766,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         ACT = T.alloc_buffer((4 * SU, SW), "int32")
         LIM = T.alloc_buffer((5, 2), "int32")
         TV = T.alloc_buffer((3, 3, 16), "int32")
-        BS = T.alloc_buffer((3, 4, BW), "int32")
+        BS = T.alloc_buffer((3, 8 if S16 else 4, BW), "int32")
         if fast_pwl:
             fill_bs(BS, SIG, 0, n_sig)
             fill_bs(BS, TANH, 1, n_tanh)
