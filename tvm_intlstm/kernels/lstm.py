@@ -55,8 +55,9 @@ batch 1 and 2.56 -> 2.44 ms at batch 8 (one thread), the per-group 8-unit cells 
 part at batch 1; the one-row GEMV's k steps split over two accumulator sets (`ksplit`; its two
 dependent vpdpbusd chains, not the weight stream, had set the pace) then took batch 1 to 0.54 ms.
 Where a cell call has two 16-unit blocks, their piece indices are searched together on 32 int16
-lanes (`S16`: vpcmpgtw / vpermw, 38 % fewer cell instructions; -1.5 % per call at batch 1 and 8:
-the cell's time follows its dependency chains more than its instruction count).
+lanes (`S16`: vpcmpgtw / vpermw, 38 % fewer cell instructions, -1.5 % per call at batch 1 and 8),
+counting the knots in two rounds of independent compares (-2.8 % more at batch 8): the cell's time
+follows its dependency chains more than its instruction count.
 The threaded form's parallel loop then runs over pairs of channel groups (`span=2`
 of the GEMM macro), each pair's products followed by the cells of its 16 units on zmm blocks (two
 workers: 3-7 % less time per call). `python benchmarks/bench_kernels.py --w7
