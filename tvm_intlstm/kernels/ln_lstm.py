@@ -22,7 +22,7 @@ from . import isa as _isa
 from ._common import finish, resolve_isa, vec_split
 from ._gemm import gemm_outer_macro, outer_shape, uses_u8, with_convention
 from ._tir import add_i32, add_sat16, pwl_index_vec, pwl_piece, requantize, rshift_round, sat_cast
-from .lstm import REC_OV, check_direction, recurrent_kernel, source_fill
+from .lstm import KSPLIT1, REC_OV, check_direction, gemv_outer_macro, recurrent_kernel, source_fill
 from .norm import check_ln16, ln16_row
 
 
@@ -59,9 +59,7 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
     if outer:
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]          # the GEMM source is zero padded to the packed k extent
-        # batch 1: two accumulator sets over k, no W_h prefetch on the zmm families (as the LSTM's)
-        gemm1 = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, ksplit=2,
-                                 prefetch_w=fam.cell_lanes != 16)
+        gemm1 = gemv_outer_macro(H, G, isa, u8)     # batch 1: the LSTM kernel's one-row tile
         gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, prefetch_w=False)
     else:
         WS = (G, H)
@@ -154,7 +152,7 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
         OG = T.alloc_buffer((H,), "int32")
         # the packed GEMM's source and accumulator tile (ACCG[0, 0]: the plain loops' accumulator)
         SRC = T.alloc_buffer((B, HP if outer else 1), "uint8" if u8 else "int16")
-        ACCG = T.alloc_buffer((2 * REC_OV, 8), "int32")
+        ACCG = T.alloc_buffer((max(2, KSPLIT1) * REC_OV, 8), "int32")   # 2 rows, or 1 row in k sets
         RED = T.alloc_buffer((8,), "int32")
         if outer:
             for b, k in T.grid(B, HP - H):

@@ -188,6 +188,19 @@ def source_fill(H: int, u8: bool):
     return fill
 
 
+def gemv_outer_macro(H: int, G: int, isa: str, u8: bool, **kw):
+    """The recurrent product's one-row (batch 1) tile on the packed layout (`_gemm.gemm_outer_macro`
+    with NR = 1, OV = REC_OV; kw: parallel, span): two accumulator sets over k (`ksplit`: a one-row
+    tile has few accumulators, and their chains of dependent multiply-adds, not the weight stream,
+    set the pace), and a software prefetch of W_h only where the step is narrower than zmm (with the
+    k steps split, the zmm families' prefetches only took load slots on a Zen 5 core, 256->512 at
+    batch 1 -4 % on one worker, -11 % on two, the LM's 1.7 MiB W_h unchanged; the AVX2 family keeps
+    them, neutral on that core and measured as helping on Zen 3). Used by this kernel and the
+    LN-LSTM's."""
+    return gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, ksplit=KSPLIT1,
+                            prefetch_w=_isa.family(isa).vec_lanes != 16, **kw)
+
+
 def check_direction(hidden: int, mo: int, so: int, cell_frac: int, pieces: tuple) -> tuple:
     """(H, mo, so, F, piece counts) of a recurrent direction (spec 8 / 8b), checked."""
     H = int(hidden)
@@ -308,14 +321,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
-        # (the one-row tiles with two accumulator sets over k: `ksplit` of the GEMM macro)
-        # (the zmm families' one-row GEMV runs without software prefetch of W_h: with two
-        # accumulator sets the prefetches only took load slots on a Zen 5 core, 256->512 at batch 1
-        # -4 % on one worker, -11 % on two, the LM's 1.7 MiB W_h unchanged; the AVX2 family keeps
-        # them, neutral on that core and measured as helping on Zen 3)
-        pf1 = fam.cell_lanes != 16
-        gemm = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, parallel=fused, span=span,
-                                ksplit=KSPLIT1, prefetch_w=pf1)
+        gemm = gemv_outer_macro(H, G, isa, u8, parallel=fused, span=span)
         # the 2-row tile re-reads each channel group from L1: no software prefetch of W_h (it
         # only took issue slots; batch-8 step -3 to -8 % on one worker, -2.6 % on two)
         gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, parallel=fused,
@@ -324,8 +330,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV,
                                       prefetch_w=False) if fused else None
         # ... and at batch 1 where the cell is 16 lanes wide (C16): all products, then all cells
-        gemm1_solo = gemm_outer_macro(H, G, isa, u8, NR=1, OV=REC_OV, prefetch_w=pf1,
-                                      ksplit=KSPLIT1) if fused else None
+        gemm1_solo = gemv_outer_macro(H, G, isa, u8) if fused else None
         # 4-row tiles where the family has the registers (the 32 zmm of AVX-512): more rows share
         # each weight load. Taken when 4 divides the batch (a tile's missing rows would be computed
         # anyway); gemm4p is the threaded form's (cells still per group, 2 rows at once)
@@ -773,7 +778,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     @T.macro
     def run(TT, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT):
         Z = T.alloc_buffer((B, G), "int16")
-        ACC = T.alloc_buffer((max(ROW_TILE, (4 if fam.rec_rows4 else 2) * REC_OV), 8), "int32")
+        # (the largest register tile: 4 or 2 rows, or one row in KSPLIT1 accumulator sets)
+        ACC = T.alloc_buffer((max(ROW_TILE, KSPLIT1 * REC_OV, (4 if fam.rec_rows4 else 2) * REC_OV), 8),
+                             "int32")
         RED = T.alloc_buffer((ROW_TILE,), "int32")
         XC = T.alloc_buffer((4 * SU, SW), "int32")
         IDX = T.alloc_buffer((4 * SU, SW), "int32")
