@@ -324,24 +324,21 @@ def test_seq2seq_decoder_step():
     assert pair.decoder.input_kinds == ["ids", "state_h", "state_c", "act", "lengths"]
     ref = pair.reference()
     src, ln = rng.integers(0, 13, (3, 7)), np.array([4, 1, 7])
-    enc = pair.encode(src, ln)
-    h, c = pair.decoder.zero_state(3)
-    for T in (1, 3):
-        prev = rng.integers(0, TGT_V, (3, T))
-        got = pair.decode_step(prev, h, c, enc, ln)
-        for g, w in zip(got, ref.decode_step(prev, h, c, enc, ln)):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-        h, c = got[1], got[2]
+
+    def steps_equal_reference(model, enc, h, c):
+        # one step, then three teacher-forced steps (Q = 3), each from the previous step's state
+        for T in (1, 3):
+            prev = rng.integers(0, TGT_V, (3, T))
+            got = model.decode_step(prev, h, c, enc, ln)
+            for g, w in zip(got, ref.decode_step(prev, h, c, enc, ln)):
+                np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+            h, c = got[1], got[2]
+
+    steps_equal_reference(pair, pair.encode(src, ln), *pair.decoder.zero_state(3))
     lib = s2s.compile_seq2seq(pair, "host", verbose=False)
     enc_c = lib.encode(src, ln)
     np.testing.assert_array_equal(np.asarray(enc_c), np.asarray(ref.encode(src, ln)))
-    h, c = lib.zero_state(3)
-    for T in (1, 3):
-        prev = rng.integers(0, TGT_V, (3, T))
-        got = lib.decode_step(prev, h, c, enc_c, ln)
-        for g, w in zip(got, ref.decode_step(prev, h, c, enc_c, ln)):
-            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
-        h, c = got[1], got[2]
+    steps_equal_reference(lib, enc_c, *lib.zero_state(3))
     assert s2s.greedy_decode(lib, src, ln, 1, 2, 6) == \
         s2s.greedy_decode(ref, src, ln, 1, 2, 6)
 
