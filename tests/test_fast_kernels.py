@@ -431,3 +431,32 @@ def test_pwl_foldable():
     assert K.pwl_foldable(edge)
     edge[2, 0] += 1
     assert not K.pwl_foldable(edge)
+
+
+def test_pwl_bin_shift():
+    """The one-round piece index of the 16-lane cells (`kernels.pwl_bin_shift`): where a shift is
+    given, G[b] + [x >= k of bin b] is spec 7's count for every clamped int16 x; None where a bin
+    would hold two counted knots."""
+    from tvm_intlstm.kernels.lstm import PWL_BINS, pwl_bin_tables
+    from tvm_intlstm.quant.pwl import fit_pwl
+    for f, frac, n, ok in (("sigmoid", 12, 16, True), ("tanh", 12, 16, True), ("tanh", 14, 16, True),
+                           ("sigmoid", 12, 8, True), ("tanh", 15, 4, True), ("tanh", 10, 16, False),
+                           ("sigmoid", 10, 16, False), ("tanh", 12, 64, False)):
+        t = K.pack_pwl(fit_pwl(f, n, frac))
+        s = K.pwl_bin_shift(t)
+        assert (s is not None) == ok, (f, frac, n, s)
+        if s is None:
+            continue
+        k = t[0].astype(np.int64)
+        x = np.arange(k[0], k[-1] + 1)
+        b = (x >> s) - (k[0] >> s)
+        assert b.max() < PWL_BINS
+        G, Kb, most = pwl_bin_tables(t, s)
+        assert most <= 1
+        np.testing.assert_array_equal(G[b] + (x > Kb[b]), (x[:, None] >= k[None, 1:-1]).sum(1))
+    # a narrow table: a small shift; two knots in one bin: refused
+    t = K.pack_pwl(fit_pwl("tanh", 4, 12))
+    t[0] = [-100, -40, -39, 40, 100]    # bin [-40, -37]: k_1 at its first value, k_2 inside
+    assert K.pwl_bin_shift(t) == 2
+    t[0] = [-100, -39, -38, 40, 100]    # two knots inside one bin
+    assert K.pwl_bin_shift(t) is None

@@ -273,6 +273,10 @@ def _lstm_cases():
         # (a pair of blocks and a last single one); with one worker the threaded form's steps too
         ("serial_packed_zmm_cell", 48, dict(packed=True, parallel=False, pwl_fold=True), True),
         ("threaded_zmm_cell_init", 48, dict(packed=True, parallel=True, init_state=True), True),
+        # ... with the one-round piece index of the gates' tables (`pwl_bin_shift`: the cell's
+        # tanh at cell_frac 11 keeps the two rounds)
+        ("serial_zmm_cell_bins", 64, dict(packed=True, parallel=False, pwl_fold=True,
+                                           pwl_bins=(10, 10, None)), True),
     ]
     cases = []
     for fname, H, kw, native in forms:
@@ -292,6 +296,8 @@ def _lstm_cases():
             tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
             if kw.get("pwl_fold"):
                 assert all(K.pwl_foldable(t) for t in tabs)
+            if kw.get("pwl_bins"):
+                assert tuple(K.pwl_bin_shift(t) for t in tabs) == kw["pwl_bins"]
             out = []
             # (batch 4 and 8: the taller recurrent row tiles of the AVX-512 VNNI family)
             for T_, B in ((1, 1), (3, 3), (1, 4), (2, 8), (2, 17)):

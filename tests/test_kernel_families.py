@@ -18,6 +18,8 @@ limits) are the cases a saturating or wrapping step would get wrong.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -213,28 +215,37 @@ def pool_size():
 
 
 @pytest.mark.parametrize("H", [16, 48, 64])
-@pytest.mark.parametrize("fold", [False, True])
-def test_recurrent_zmm_cell(H, fold, pool_size):
+@pytest.mark.parametrize("fold,bins", [(False, False), (True, False), (True, True), (False, True)],
+                         ids=["plain", "fold", "fold-bins", "bins"])
+def test_recurrent_zmm_cell(H, fold, bins, pool_size):
     """The AVX-512 family's 16-unit zmm cell (serial forms, and the threaded form's steps on a pool
     of one worker, batch 1 included): H = 16 (one block), 48 (a pair and a last single block), 64
-    (two pairs), saturating gates, extreme states, both directions, against the reference. Where
-    the CPU lacks AVX-512 VNNI the kernels are compiled and their assembly checked only."""
-    rng = np.random.default_rng(H + 100 * fold)
+    (two pairs), saturating gates, extreme states, both directions, against the reference; the
+    piece index of block pairs in two rounds or (bins) one (`pwl_bin_shift`: for the gates and the
+    cell's tanh, or with cell_frac 11, whose tanh table has two knots in a bin, for the gates only).
+    Where the CPU lacks AVX-512 VNNI the kernels are compiled and their assembly checked only."""
+    rng = np.random.default_rng(H + 100 * fold + 1000 * bins)
     w_h = _full_range_weights(rng, 4 * H, H)
-    p = make_lstm(rng, H, 12, w_h=w_h)
+    p = make_lstm(rng, H, 12, w_h=w_h, cell_frac=11 if H == 48 else 12)
     tabs = [K.pack_pwl(t) for t in (p.sig, p.tanh, p.tanh_c)]
     if fold and not all(K.pwl_foldable(t) for t in tabs):
         pytest.fail("the test's tables should be foldable")
+    shifts = tuple(K.pwl_bin_shift(t) for t in tabs) if bins else None
+    if bins and (None in shifts[:2] or (shifts[2] is None) != (H == 48)):
+        pytest.fail("the test's tables should allow the one-round piece index (cell_frac 12)")
     for parallel in (False, True):
         for reverse in (False, True):
             f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, sig_pieces=p.sig.pieces,
                                  tanh_pieces=p.tanh.pieces, tanh_c_pieces=p.tanh_c.pieces,
                                  target=AVX512_TARGET, isa="avx512_vnni", w7=True, packed=True,
-                                 parallel=parallel, reverse=reverse, init_state=True, pwl_fold=fold)
+                                 parallel=parallel, reverse=reverse, init_state=True, pwl_fold=fold,
+                                 pwl_bins=shifts)
             k = _kernel(f, AVX512_TARGET)
             asm = (k or K.build_kernel(f, AVX512_TARGET)).module.inspect_source("asm")
-            # the cell's table lookups: vpermd on zmm registers
+            # the cell's table lookups: vpermd on zmm registers; the bins' 64-entry int16 lookups
+            # (where a cell call has a block pair, H >= 32)
             assert any("vpermd" in l and "%zmm" in l for l in asm.splitlines())
+            assert any(("vpermt2w" in l or "vpermi2w" in l) for l in asm.splitlines()) == (bins and H >= 32)
             if k is None:
                 continue
             for workers in ((1, 2) if parallel else (1,)):
@@ -393,3 +404,25 @@ def test_whole_model_amx(fam, target):
     for T_, B in ((1, 1), (7, 2), (4, 17), (12, 3)):
         x = torch.randint(0, 30, (T_, B), generator=g)
         np.testing.assert_array_equal(cm(x.numpy()), q(x).numpy())
+
+
+def test_recurrent_bins_promise_checked():
+    """A kernel compiled with `pwl_bins` for one set of tables, called with tables whose knots do
+    not fit those bins (tables replaced after compiling), fails with an error naming the fix, not a
+    wrong answer. Compiled only where the CPU lacks AVX-512 VNNI."""
+    H = 32
+    rng = np.random.default_rng(7)
+    p = make_lstm(rng, H, 12, w_h=_full_range_weights(rng, 4 * H, H), cell_frac=12)
+    shifts = tuple(K.pwl_bin_shift(K.pack_pwl(t)) for t in (p.sig, p.tanh, p.tanh_c))
+    f = K.lstm_recurrent(H, mo=p.mo, so=p.so, cell_frac=p.cell_frac, target=AVX512_TARGET,
+                         isa="avx512_vnni", w7=True, packed=True, pwl_fold=True, pwl_bins=shifts)
+    assert int(f.attrs["intlstm.pwl_bins"]) == 3
+    k = _kernel(f, AVX512_TARGET)
+    if k is None:
+        return
+    gx = rng.integers(-2**15, 2**15, (2, 2, 4 * H)).astype(np.int16)
+    assert_lstm_equal(run_recurrent(f, k, p, gx), ref_recurrence(gx, p))
+    from tvm_intlstm.quant.pwl import fit_pwl
+    dense = dataclasses.replace(p, tanh_c=fit_pwl("tanh", 16, 10))   # two knots in a bin
+    with pytest.raises(Exception, match="compile the model again"):
+        run_recurrent(f, k, dense, gx)

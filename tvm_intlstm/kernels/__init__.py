@@ -48,8 +48,8 @@ from ._common import as_target, has_feature, resolve_isa
 from .elementwise import embedding, pwl_activation, quantize_input, rescale_8, residual_add
 from ._gemm import u8_bias_fits, u8_correction, weights_fit_u8
 from .linear import linear_i32, linear_requant
-from .lstm import (gate_interleaved, gate_order, lstm_recurrent, pack_pwl, pad_units, pwl_foldable,
-                   recurrent_units)
+from .lstm import (gate_interleaved, gate_order, lstm_recurrent, pack_pwl, pad_units, pwl_bin_shift,
+                   pwl_foldable, recurrent_units)
 from .ln_lstm import ln_lstm_recurrent
 from .norm import attention_context, layer_norm, layer_norm16, softmax
 
@@ -176,6 +176,7 @@ __all__ = [
     "quantize_input", "embedding", "rescale_8", "residual_add", "pwl_activation",
     "linear_i32", "linear_requant",
     "lstm_recurrent", "pack_pwl", "gate_order", "gate_interleaved", "recurrent_units", "pad_units",
+    "pwl_bin_shift",
     "pwl_foldable",
     "layer_norm", "layer_norm16", "ln_lstm_recurrent", "softmax", "attention_context",
 ]

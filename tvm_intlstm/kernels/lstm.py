@@ -145,6 +145,50 @@ def pwl_foldable(table) -> bool:
     return bool(np.all(np.minimum(lo, hi) >= -(2**31)) and np.all(np.maximum(lo, hi) <= 2**31 - 1))
 
 
+# bins of the one-round piece index of the 16-lane cells (`pwl_bin_shift`): two 32-entry int16
+# tables per lookup (vpermt2w)
+PWL_BINS = 64
+
+
+def pwl_bin_shift(table, nbins: int = PWL_BINS):
+    """The shift s that lets the 16-lane cells find this table's piece index (spec 7, i = #{j in
+    1..n-1 : x >= k_j} for x clamped to [k_0, k_n]) in one round, or None. The clamped x falls in
+    bin b = (x >> s) - (k_0 >> s) (arithmetic shifts); with s the least shift for which [k_0, k_n]
+    spans at most `nbins` bins, every knot k_1..k_(n-1) at or below a bin's first value is counted
+    for each x of the bin, so i = G[b] + [x >= K[b]] with G[b] the number of those and K[b] the
+    bin's other knot, if it has at most one (knots past the bin's last value are never counted).
+    None where a bin holds two: the cell then counts in two rounds. Every fitted table of this
+    project's gate (in_frac 12) and cell tables passes with 64 bins (s = 10; sigmoid also with 32);
+    a gate tanh fitted at in_frac 10 would not. `table`: a PWLTable or a packed int32 [3, n+1]
+    array (`pack_pwl`)."""
+    t = pack_pwl(table) if hasattr(table, "knots") else np.asarray(table)
+    k = t[0].astype(np.int64)
+    n = len(k) - 1
+    s = 0
+    while (k[n] >> s) - (k[0] >> s) >= nbins:
+        s += 1
+    inner = k[1:n][(k[1:n] & ((1 << s) - 1)) != 0]       # knots past their bin's first value
+    if len(inner) and np.bincount((inner >> s) - (k[0] >> s)).max() > 1:
+        return None
+    return s
+
+
+def pwl_bin_tables(table, s: int):
+    """(G, K) int64 [PWL_BINS] of `pwl_bin_shift` for shift s, as the kernel fills them per call
+    (K[b] = 32767 where bin b holds no other knot: an int16 x never exceeds it), and the largest
+    count of knots past a bin's first value (the kernel asserts it is at most 1)."""
+    t = pack_pwl(table) if hasattr(table, "knots") else np.asarray(table)
+    k = t[0].astype(np.int64)
+    n = len(k) - 1
+    st = ((k[0] >> s) + np.arange(PWL_BINS)) << s
+    en = st + (1 << s) - 1
+    kj = k[1:n][None, :]
+    G = (kj <= st[:, None]).sum(1)
+    inside = (kj > st[:, None]) & (kj <= en[:, None])
+    K = np.where(inside, kj - 1, 32767).min(1)
+    return G, K, int(inside.sum(1).max()) if n > 1 else 0
+
+
 def recurrent_units(hidden: int, isa: str) -> int:
     """How many units the recurrent kernel of an LSTM with `hidden` units should run: on x86 the
     next multiple of 8 (the family's `unit_block`: the fast cell and the threaded form work on
@@ -264,7 +308,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                    init_state: bool = False, target=None, isa: str | None = None,
                    w7: bool = False, packed: bool = False, shift_hi: bool = False,
                    gate_scale: tuple | None = None, parallel: bool = True,
-                   pwl_fold: bool = False):
+                   pwl_fold: bool = False, pwl_bins: tuple | None = None):
     """PrimFunc of one LSTM direction's recurrence (spec 8). With G = 4 * hidden:
 
     Parameters (destination passing; T, B symbolic int64):
@@ -299,6 +343,13 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     pieces) then evaluates each PWL as (a x + c) >> 14 from two table lookups (slope, and c with the
     knot, base and rounding folded in, computed per call from the tables) instead of three plus a
     subtraction and the rounding add.
+
+    pwl_bins=(s_sig, s_tanh, s_tanh_c), the `pwl_bin_shift` of the three tables, promises that
+    the knots of the tables with a shift (not None) allow the one-round piece index: the 16-lane
+    cells then find it from xc's bin (two table lookups, one compare) instead of two rounds of
+    compares, for the gates where both gate tables have a shift and for the cell's tanh where its
+    table has one. The bin tables are filled from the table inputs at each call, and a call whose
+    tables break the promise (tables replaced after compiling) fails with an error naming the fix.
     """
     H, mo, so, F, (n_sig, n_tanh, n_tc) = check_direction(
         hidden, mo, so, cell_frac, (sig_pieces, tanh_pieces, tanh_c_pieces))
@@ -470,6 +521,48 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # BS (row 4 unused; k_4, k_8, k_12 - 1 are in the int32 rows 0 and 1). Against four levels:
     # -2.8 % per call at batch 8, -0.8 % at batch 1 (256->512 T=64, Zen 5).
     S16 = C16
+    # ... and with pwl_bins the count is one round: i = G[b] + [xc > K[b] - 1] for the bin b of xc
+    # (`pwl_bin_shift`), G and K 64-entry int16 tables (two vpermt2w), packed two per word into rows
+    # 8-9 (G) and 10-11 (K - 1) of BS; row 12 word 0 holds the bin offset k_0 >> s. A shorter chain
+    # and 5 instead of 16 instructions per 32 lanes.
+    # (only where a cell call has a block pair: U16 == 2)
+    BINS = (tuple(None if v is None else check_shift(v, 0, 15) for v in pwl_bins)
+            if S16 and U16 == 2 and pwl_bins else (None,) * 3)
+    BINS_G = BINS[0] is not None and BINS[1] is not None    # the gates' tables (sig, tanh)
+    BINS_C = BINS[2] is not None                            # the cell's tanh
+
+    def bin_shift16(t):   # (t: 2, or an expression of the unrolled gate: 0 or 1)
+        if isinstance(t, int):
+            sh = BINS[t]
+        else:
+            sh = BINS[0] if BINS[0] == BINS[1] else tirx.if_then_else(t == 1, BINS[1], BINS[0])
+        return tirx.Broadcast(tirx.Cast("int16", sh), 32)
+
+    def perm2w(BS, t, r, idx):   # 64-entry int16 lookup (rows r, r + 1 of BS; vpermt2w)
+        return tirx.call_llvm_pure_intrin(
+            "int16x32", "llvm.x86.avx512.vpermi2var.hi.512",
+            tirx.reinterpret("int16x32", BS[t, r, tirx.Ramp(0, 1, 16)]), idx,
+            tirx.reinterpret("int16x32", BS[t, r + 1, tirx.Ramp(0, 1, 16)]))
+
+    @T.macro
+    def fill_bins(BS, GK, OK, TBL, t, n, sh):
+        # the bin tables of `pwl_bin_tables` from the table input, GK [3, 64] int32 scratch (G,
+        # K - 1, the count of knots past the bin's first value); OK[0] stays 1 while the promise
+        # of `pwl_bin_shift` holds
+        OK[0] = OK[0] * T.Cast("int32", (TBL[0, n] >> sh) - (TBL[0, 0] >> sh) < PWL_BINS)
+        for b in range(PWL_BINS):
+            GK[0, b] = 0
+            GK[1, b] = 32767
+            GK[2, b] = 0
+            for j in range(1, n):
+                GK[0, b] = GK[0, b] + T.Cast("int32", TBL[0, j] <= ((TBL[0, 0] >> sh) + b) << sh)
+                if TBL[0, j] > ((TBL[0, 0] >> sh) + b) << sh and TBL[0, j] <= (((TBL[0, 0] >> sh) + b + 1) << sh) - 1:
+                    GK[1, b] = T.min(GK[1, b], TBL[0, j] - 1)
+                    GK[2, b] = GK[2, b] + 1
+            OK[0] = OK[0] * T.Cast("int32", GK[2, b] <= 1)
+        for r, w in T.grid(2, PWL_BINS // 2):
+            BS[t, 8 + 2 * r + w // 16, w % 16] = (GK[r, 2 * w] & 0xFFFF) | (GK[r, 2 * w + 1] << 16)
+        BS[t, 12, 0] = TBL[0, 0] >> sh
 
     def bs_word16(BS, TBL, t, n, m, w):
         def ent(i):
@@ -504,21 +597,27 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             tirx.reinterpret("int16x32", BS[t, 4 + m, tirx.Ramp(0, 1, 16)]), Q[1, tirx.Ramp(0, 1, 32)])
 
     @T.macro
-    def bs_index16(X16, I16, BS, t):
+    def bs_index16(X16, I16, BS, t, bins):
         """I16[0] = the piece index of the 32 int16 lanes X16[0] (two blocks), table t, in two
         rounds of independent compares: q = 4 #{j in 4, 8, 12 : xc >= k_j} (k_j - 1 from the int32
         search rows), then idx = q + #{m in 1, 2, 3 : xc >= k_(q + m)} (three lookups of row 4 + m
-        of BS, k_(i + m) - 1 packed two int16 per word)."""
-        if small:   # k_8, k_12 are never counted
-            I16[1, T.Ramp(0, 1, 32)] = gt16(X16, knot16(BS, t, 1, 0), 4)
+        of BS, k_(i + m) - 1 packed two int16 per word); with BINS in one (bin b in I16[1])."""
+        if bins:
+            I16[1, T.Ramp(0, 1, 32)] = ((X16[0, T.Ramp(0, 1, 32)] >> bin_shift16(t))
+                                        - T.Broadcast(T.Cast("int16", BS[t, 12, 0]), 32))
+            I16[0, T.Ramp(0, 1, 32)] = (perm2w(BS, t, 8, I16[1, T.Ramp(0, 1, 32)])
+                                        + gt16(X16, perm2w(BS, t, 10, I16[1, T.Ramp(0, 1, 32)]), 1))
         else:
-            I16[1, T.Ramp(0, 1, 32)] = (gt16(X16, knot16(BS, t, 1, 0), 4)
-                                        + gt16(X16, knot16(BS, t, 0, 0), 4)
-                                        + gt16(X16, knot16(BS, t, 1, 1), 4))
-        I16[0, T.Ramp(0, 1, 32)] = (I16[1, T.Ramp(0, 1, 32)]
-                                    + gt16(X16, perm16(BS, t, 1, I16), 1)
-                                    + gt16(X16, perm16(BS, t, 2, I16), 1)
-                                    + gt16(X16, perm16(BS, t, 3, I16), 1))
+            if small:   # k_8, k_12 are never counted
+                I16[1, T.Ramp(0, 1, 32)] = gt16(X16, knot16(BS, t, 1, 0), 4)
+            else:
+                I16[1, T.Ramp(0, 1, 32)] = (gt16(X16, knot16(BS, t, 1, 0), 4)
+                                            + gt16(X16, knot16(BS, t, 0, 0), 4)
+                                            + gt16(X16, knot16(BS, t, 1, 1), 4))
+            I16[0, T.Ramp(0, 1, 32)] = (I16[1, T.Ramp(0, 1, 32)]
+                                        + gt16(X16, perm16(BS, t, 1, I16), 1)
+                                        + gt16(X16, perm16(BS, t, 2, I16), 1)
+                                        + gt16(X16, perm16(BS, t, 3, I16), 1))
 
     def half16(V, h):
         """int32x16 of lanes 16 h .. 16 h + 15 of the int16x32 row V[0]."""
@@ -573,7 +672,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 for jv in T.vectorized(32):
                     X16[0, jv] = T.max(T.min(X16[0, jv], T.Cast("int16", LIM[g, 1])),
                                        T.Cast("int16", LIM[g, 0]))
-                bs_index16(X16, I16, BS, T.if_then_else(g == 2, 1, 0))
+                bs_index16(X16, I16, BS, T.if_then_else(g == 2, 1, 0), BINS_G)
                 XC[g, T.Ramp(0, 1, 16)] = half16(X16, 0)
                 IDX[g, T.Ramp(0, 1, 16)] = half16(I16, 0)
                 XC[4 + g, T.Ramp(0, 1, 16)] = half16(X16, 1)
@@ -607,7 +706,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             C16I = T.alloc_buffer((2, 32), "int16")
             C16S[0, T.Ramp(0, 1, 32)] = T.Cast("int16x32", T.Shuffle(
                 [XC[0, T.Ramp(0, 1, 16)], XC[4, T.Ramp(0, 1, 16)]], list(range(32))))
-            bs_index16(C16S, C16I, BS, 2)
+            bs_index16(C16S, C16I, BS, 2, BINS_C)
             IDX[0, T.Ramp(0, 1, 16)] = half16(C16I, 0)
             IDX[4, T.Ramp(0, 1, 16)] = half16(C16I, 1)
             for u in T.unroll(2):
@@ -787,11 +886,23 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         ACT = T.alloc_buffer((4 * SU, SW), "int32")
         LIM = T.alloc_buffer((5, 2), "int32")
         TV = T.alloc_buffer((3, 3, 16), "int32")
-        BS = T.alloc_buffer((3, 8 if S16 else 4, BW), "int32")
+        BS = T.alloc_buffer((3, 13 if BINS_G or BINS_C else 8 if S16 else 4, BW), "int32")
         if fast_pwl:
             fill_bs(BS, SIG, 0, n_sig)
             fill_bs(BS, TANH, 1, n_tanh)
             fill_bs(BS, TANHC, 2, n_tc)
+            if BINS_G or BINS_C:
+                GK = T.alloc_buffer((3, PWL_BINS), "int32")
+                OK = T.alloc_buffer((1,), "int32")
+                OK[0] = 1
+                if BINS_G:
+                    fill_bins(BS, GK, OK, SIG, 0, n_sig, BINS[0])
+                    fill_bins(BS, GK, OK, TANH, 1, n_tanh, BINS[1])
+                if BINS_C:
+                    fill_bins(BS, GK, OK, TANHC, 2, n_tc, BINS[2])
+                assert OK[0] == 1, ("lstm_recurrent: a PWL table's knots no longer fit the bins this "
+                                    "kernel was compiled for (pwl_bins); compile the model again "
+                                    "with its current tables")
             for g in range(4):   # clamp bounds (k_0, k_n) of the gates' tables and the cell's
                 LIM[g, 0] = T.if_then_else(g == 2, TANH[0, 0], SIG[0, 0])
                 LIM[g, 1] = T.if_then_else(g == 2, TANH[0, n_tanh], SIG[0, n_sig])
@@ -883,4 +994,5 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     lstm_recurrent = recurrent_kernel(H, WS, (n_sig, n_tanh, n_tc), direction,
                                       init_state=init_state)
     func = with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)
-    return func.with_attr("intlstm.gate_interleave", int(fused)).with_attr("intlstm.pwl_fold", int(fold))
+    return (func.with_attr("intlstm.gate_interleave", int(fused)).with_attr("intlstm.pwl_fold", int(fold))
+            .with_attr("intlstm.pwl_bins", int(BINS_G) + 2 * int(BINS_C)))

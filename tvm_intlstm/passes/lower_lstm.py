@@ -69,12 +69,15 @@ class _LowerLSTMMutator(OpLowering):
         # constant PWL tables (always, from the quantizer) that allow it: the cell's folded form
         tables = [const_numpy(t) for t in (sig, tanh, tanh_c)]
         fold = all(t is not None and K.pwl_foldable(t) for t in tables)
+        # ... and the tables whose knots allow the one-round piece index of the 16-lane cells
+        bins = tuple(None if t is None else K.pwl_bin_shift(t) for t in tables)
         key = ("lstm_recurrent", HP, mo, so, cf, *pieces, bool(rev), w7, packed, hh, sch, threaded,
-               fold, str(self.target)) + (("init_state",) if state else ())
+               fold, bins, str(self.target)) + (("init_state",) if state else ())
         gv = self._kernel(key, lambda: K.lstm_recurrent(
             HP, mo=mo, so=so, cell_frac=cf, sig_pieces=pieces[0], tanh_pieces=pieces[1],
             tanh_c_pieces=pieces[2], reverse=bool(rev), target=self.target, w7=w7, packed=packed,
-            shift_hi=hh, gate_scale=sch, parallel=threaded, pwl_fold=fold, init_state=bool(state)))
+            shift_hi=hh, gate_scale=sch, parallel=threaded, pwl_fold=fold, pwl_bins=bins,
+            init_state=bool(state)))
         func = self.cache[("func",) + key]
         if constant and K.gate_interleaved(func):
             w_x, bias, mx, sx, mh, sh = (relax.const(K.gate_order(func, c, axis=0), str(c.dtype))
