@@ -389,9 +389,10 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                     # where they are all in range (zmm: half the epilogue's instructions)
                     for ovm in T.unroll(OVT // VM):
                         if (og * OV + oh * OVT + ovm * VM + VM) * 8 <= O:
-                            for l in T.vectorized(8 * VM):
-                                store(nb * NR + r, (og * OV + oh * OVT + ovm * VM) * 8 + l,
-                                      ACCF[(r * OVT + ovm * VM) * 8 + l])
+                            # (one vector expression: the requantize can then work on the lanes'
+                            # halves, `_tir.requantize_hi`)
+                            store(nb * NR + r, T.Ramp((og * OV + oh * OVT + ovm * VM) * 8, 1, 8 * VM),
+                                  ACCF[T.Ramp((r * OVT + ovm * VM) * 8, 1, 8 * VM)])
                         else:
                             # (a channel tail: per 8-channel vector as before. A guarded scalar loop
                             # over all 16 channels instead wrote past the output on AVX-512: its

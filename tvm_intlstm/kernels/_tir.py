@@ -124,7 +124,11 @@ def requantize_hi(acc, M, s, bits: int) -> PrimExpr:
     the variable shift, the clamp and the narrowing happen on int32 lanes: AVX2 has no 64-bit
     arithmetic shift (vpsravq) or 64-bit compare-and-clamp, which LLVM otherwise emulates per call.
     Bit-exact with `requantize` whenever 32 <= s <= 62: the caller guarantees it (the compiler checks
-    the constant shifts; real gate/hidden scales give s of 35-45)."""
+    the constant shifts; real gate/hidden scales give s of 35-45).
+
+    A vector acc (an even number of lanes) with a constant s takes `_requantize_hi_halves`."""
+    if lanes_of(acc) > 1 and lanes_of(acc) % 2 == 0 and isinstance(s, int) and 32 <= s <= 62:
+        return _requantize_hi_halves(acc, M, s, bits)
     a64 = cast("int64", acc)
     s64 = cast("int64", s) if not isinstance(s, int) else tirx.const(s, "int64")
     one = const(1, a64)
@@ -136,6 +140,32 @@ def requantize_hi(acc, M, s, bits: int) -> PrimExpr:
     # the int16 clamp below (found by tests/test_fast_kernels.py)
     amount = tirx.max(tirx.min(s32 - const(32, hi), const(31, hi)), const(0, hi))
     return sat_cast(hi >> amount, bits)
+
+
+def _requantize_hi_halves(acc, M, s: int, bits: int) -> PrimExpr:
+    """requantize_hi of an int32 vector of L lanes (L even) for a constant s in [32, 62], with the
+    int64 products taken where vpmuldq computes them: the 32 x 32 -> 64 multiply of the even
+    lanes (the low half of each 64-bit pair), and of the odd lanes shifted down into it. The high
+    words of the two product vectors (+ the rounding term) are then interleaved back into L int32
+    lanes, i.e. floor(P / 2^32) of every lane, and shifted by s - 32 as in requantize_hi. LLVM
+    makes the lane-wise form (each half of the lanes widened to int64, multiplied, narrowed and
+    the halves re-joined) ~17 instructions per 16 lanes; this one ~12, without the cross-lane
+    widening and narrowing."""
+    L = lanes_of(acc)
+    h = L // 2
+    a = tirx.reinterpret(f"int64x{h}", acc)
+    c32 = tirx.Broadcast(tirx.const(32, "int64"), h)
+    if isinstance(M, int):
+        me = mo = tirx.Broadcast(tirx.const(M, "int64"), h)
+    else:
+        m = tirx.reinterpret(f"int64x{h}", M)
+        me, mo = (m << c32) >> c32, m >> c32
+    rnd = tirx.Broadcast(tirx.const(1 << (s - 1), "int64"), h)
+    pe = ((a << c32) >> c32) * me + rnd     # even lanes (sign-extended low words)
+    po = (a >> c32) * mo + rnd              # odd lanes
+    hi = tirx.Shuffle([tirx.reinterpret(f"int32x{L}", pe), tirx.reinterpret(f"int32x{L}", po)],
+                      [i + 1 if i % 2 == 0 else L + i for i in range(L)])
+    return sat_cast(hi >> tirx.Broadcast(tirx.const(s - 32, "int32"), L), bits)
 
 
 def add_sat16(a, b) -> PrimExpr:

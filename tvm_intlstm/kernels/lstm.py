@@ -57,7 +57,10 @@ dependent vpdpbusd chains, not the weight stream, had set the pace) then took ba
 Where a cell call has two 16-unit blocks, their piece indices are searched together on 32 int16
 lanes (`S16`: vpcmpgtw / vpermw, 38 % fewer cell instructions, -1.5 % per call at batch 1 and 8),
 counting the knots in two rounds of independent compares (-2.8 % more at batch 8): the cell's time
-follows its dependency chains more than its instruction count.
+follows its dependency chains more than its instruction count. Where the tables' knots allow it
+(`pwl_bin_shift`: every fitted gate table, and the cell's tanh from cell_frac 12) the index comes
+in one round from x's bin, two 64-entry int16 lookups and a compare (`pwl_bins`: batch 8 -3.9 %,
+batch 1 -5.4 %, 256->512 T=64 on Zen 5).
 The threaded form's parallel loop then runs over pairs of channel groups (`span=2`
 of the GEMM macro), each pair's products followed by the cells of its 16 units on zmm blocks (two
 workers: 3-7 % less time per call). `python benchmarks/bench_kernels.py --w7
@@ -717,8 +720,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 ACT[u * 4 + 2, T.Ramp(0, 1, L)] = pwl_vec(XC, IDX, TV, 2, u * 4, L)   # tanh(c)
         for u in T.unroll(UU):
             if valid(u):
+                # (h as one vector expression: its requantize works on the lanes' halves)
+                HT[brow(u), T.Ramp(unit(u), 1, L)] = rq_out(
+                    ACT[u * 4 + 3, T.Ramp(0, 1, L)] * ACT[u * 4 + 2, T.Ramp(0, 1, L)], mo, so, 8)
                 for jv in T.vectorized(L):
-                    HT[brow(u), unit(u) + jv] = rq_out(ACT[u * 4 + 3, jv] * ACT[u * 4 + 2, jv], mo, so, 8)
                     Y[tt, brow(u), unit(u) + jv] = HT[brow(u), unit(u) + jv]
                     if fused:
                         if u8:
