@@ -301,7 +301,11 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     ksplit=2: two accumulator sets, even k steps into one and odd into the other, added before the
     epilogue (ACC then at least [2 NR OVT, 8]). A one-row tile has only OVT / VM accumulators, each a
     chain of dependent multiply-adds: on a Zen 5 core the chains, not the weight stream, set the
-    pace of the batch-1 GEMV (a 1 MiB W_h: 7.5 -> 6.5 us per sweep with the k steps split in two)."""
+    pace of the batch-1 GEMV (a 1 MiB W_h: 7.5 -> 6.5 us per sweep with the k steps split in two),
+    and a 4-row tile's 8 were still too few for the AVX-512 recurrent step at batch 8. Where the two
+    sets would take ACC to 1 KiB (which TVM allocates on the heap, out of LLVM's registers), the
+    second set is RED's first NR OVT vectors instead (the caller sizes RED; the parallel forms
+    allocate a second per-worker buffer)."""
     fam = _isa.family(isa)
     if not fam.outer:
         raise ValueError(f"the outer-product GEMM is an x86 kernel; family {isa!r} has none")
@@ -328,6 +332,11 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
     # weight bytes per k quad), when the register tile holds an even number of them
     VM = fam.vec_lanes // 8 if use_u8 and OVT % (fam.vec_lanes // 8) == 0 else 1
     NA = NR * OVT       # 8-channel accumulators of one set
+    # TVM places a stack buffer of 1 KiB or more on the heap (TVMBackendAllocWorkspace), where LLVM
+    # can no longer keep it in registers (each multiply-add then stores its accumulator): a
+    # second set that would take ACC to 1 KiB lives in RED instead (the caller sizes it; in the
+    # parallel forms a second per-worker buffer)
+    split_red = ksplit == 2 and NA * 2 * 8 * 4 >= 1024
 
     def xbcast(XS, n, k):
         word = tirx.reinterpret("int32", XS[n, tirx.Ramp(k * kq, 1, kq)])
@@ -361,11 +370,14 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                     use_u8)
 
     @T.macro
-    def group(XS, n0, nrows, WF, ACC, store, og, pf_out, group_done, group_args, pf_step):
+    def group(XS, n0, nrows, WF, ACC, RED, store, og, pf_out, group_done, group_args, pf_step):
         """Every row tile of channel group og (the body of the group loop)."""
         for oh, nb in T.grid(OV // OVT, (nrows + NR - 1) // NR):
-            for a in T.unroll(NA * ksplit):
+            for a in T.unroll(NA if split_red else NA * ksplit):
                 ACC[a, T.Ramp(0, 1, 8)] = T.Broadcast(T.int32(0), 8)
+            if split_red:
+                for a in T.unroll(NA):
+                    RED[T.Ramp(a * 8, 1, 8)] = T.Broadcast(T.int32(0), 8)
             if pf_out is not None and oh == 0:
                 # pf_out(n, o): the address of an int16 input that the store of (n, o) reads
                 # (the recurrent kernel's gx[t], written long before this step and no longer
@@ -375,12 +387,20 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                         T.evaluate(prefetch_line(pf_out(T.min(nb * NR + r, nrows - 1),
                                                         T.min(og * OC + c * pf_step, O - 1))))
             ACCF = T.decl_buffer((NA * ksplit * 8,), "int32", data=ACC.data)   # VM vectors at once
-            for k2 in range(KQN // ksplit):
-                for s in T.unroll(ksplit):      # k step k2 * ksplit + s into accumulator set s
-                    kstep(XS, n0, nrows, WF, ACCF, og, oh, nb, k2 * ksplit + s, s)
+            if split_red:
+                for k2 in range(KQN // 2):
+                    kstep(XS, n0, nrows, WF, ACCF, og, oh, nb, k2 * 2, 0)
+                    kstep(XS, n0, nrows, WF, RED, og, oh, nb, k2 * 2 + 1, 0)
+            else:
+                for k2 in range(KQN // ksplit):
+                    for s in T.unroll(ksplit):      # k step k2 * ksplit + s into accumulator set s
+                        kstep(XS, n0, nrows, WF, ACCF, og, oh, nb, k2 * ksplit + s, s)
             if KQN % ksplit != 0:
                 kstep(XS, n0, nrows, WF, ACCF, og, oh, nb, KQN - 1, 0)
-            if ksplit == 2:
+            if split_red:
+                for a in T.unroll(NA):
+                    ACCF[T.Ramp(a * 8, 1, 8)] = ACCF[T.Ramp(a * 8, 1, 8)] + RED[T.Ramp(a * 8, 1, 8)]
+            elif ksplit == 2:
                 for a in T.unroll(NA):
                     ACCF[T.Ramp(a * 8, 1, 8)] = ACCF[T.Ramp(a * 8, 1, 8)] + ACCF[T.Ramp((NA + a) * 8, 1, 8)]
             for r in T.unroll(NR):
@@ -419,9 +439,10 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
             # for the cells of a 16-lane family)
             for og0 in T.parallel(OG // 2):
                 og2 = T.Bind(walk(flip, og0, OG // 2))
-                ACCP = T.alloc_buffer((NA * ksplit, 8), "int32")   # per worker
+                ACCP = T.alloc_buffer((NA * (1 if split_red else ksplit), 8), "int32")   # per worker
+                ACCQ = T.alloc_buffer((NA * 8 if split_red else 8,), "int32")
                 for s2 in range(2):
-                    group(XS, n0, nrows, WF, ACCP, store, og2 * 2 + s2, pf_out, None, None, pf_step)
+                    group(XS, n0, nrows, WF, ACCP, ACCQ, store, og2 * 2 + s2, pf_out, None, None, pf_step)
                 if group_done is not None:
                     group_done(og2, nrows, group_args)
         elif parallel:
@@ -429,15 +450,16 @@ def gemm_outer_macro(K: int, O: int, isa: str, u8: bool, NR: int, OV: int, OVT: 
                 # (a flip here reverses the whole range, so the caller passes one only when the pool
                 # has a single worker: with several it would swap their ranges every step)
                 og = T.Bind(walk(flip, og0))
-                ACCP = T.alloc_buffer((NA * ksplit, 8), "int32")   # per worker
-                group(XS, n0, nrows, WF, ACCP, store, og, pf_out, group_done, group_args, pf_step)
+                ACCP = T.alloc_buffer((NA * (1 if split_red else ksplit), 8), "int32")   # per worker
+                ACCQ = T.alloc_buffer((NA * 8 if split_red else 8,), "int32")
+                group(XS, n0, nrows, WF, ACCP, ACCQ, store, og, pf_out, group_done, group_args, pf_step)
         else:
             for og0 in range(OG):
                 # flip (a PrimExpr) walks the channel groups backwards: the serial recurrent kernel
                 # alternates direction every step, so a step starts on the groups the previous one
                 # read last, which are still in L2 (W_h is larger than L2 and read once per step)
                 og = T.Bind(walk(flip, og0))
-                group(XS, n0, nrows, WF, ACC, store, og, pf_out, group_done, group_args, pf_step)
+                group(XS, n0, nrows, WF, ACC, RED, store, og, pf_out, group_done, group_args, pf_step)
 
     return gemm
 

@@ -60,9 +60,12 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]          # the GEMM source is zero padded to the packed k extent
         gemm1 = gemv_outer_macro(H, G, isa, u8)     # batch 1: the LSTM kernel's one-row tile
-        gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, prefetch_w=False)
+        # (two accumulator sets where the family has the registers, as the LSTM kernel's tiles)
+        KS2 = 2 if fam.rec_rows4 else 1
+        gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, prefetch_w=False, ksplit=KS2)
     else:
         WS = (G, H)
+        KS2 = 1
     _, mlh, slh, eh = check_ln16(H, *ln_h)
     _, mlc, slc, ec = check_ln16(H, *ln_c)
     ig_shift = 30 - F
@@ -152,7 +155,7 @@ def ln_lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, ln_h: tu
         OG = T.alloc_buffer((H,), "int32")
         # the packed GEMM's source and accumulator tile (ACCG[0, 0]: the plain loops' accumulator)
         SRC = T.alloc_buffer((B, HP if outer else 1), "uint8" if u8 else "int16")
-        ACCG = T.alloc_buffer((max(2, KSPLIT1) * REC_OV, 8), "int32")   # 2 rows, or 1 row in k sets
+        ACCG = T.alloc_buffer((max(2 * KS2, KSPLIT1) * REC_OV, 8), "int32")   # 2 rows, or 1 row, in k sets
         RED = T.alloc_buffer((8,), "int32")
         if outer:
             for b, k in T.grid(B, HP - H):

@@ -372,6 +372,12 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     P16 = fused and fam.cell_lanes == 16 and H % 16 == 0 and H >= 32   # (two pairs at least)
     span = 2 if P16 else 1
     if packed and fam.outer:
+        # The multi-row tiles of the families with 32 vector registers (`rec_rows4`: AVX-512) keep
+        # two accumulator sets over k (`ksplit`): a 4-row tile's 8 zmm accumulators are 8 chains
+        # of dependent vpdpbusd, too few to keep two multiply-adds per cycle in flight (as the one
+        # row GEMV's two were, KSPLIT1). 256->512 T=64 on Zen 5, one thread: batch 8 -7 %, batch 2
+        # -13 %.
+        KS_ROWS = 2 if fam.rec_rows4 else 1
         # one row per batch element, W_h streamed once per step: 1 row x 8 x 8 channels
         WS = outer_shape(H, G, u8, REC_OV)
         HP = WS[1] * WS[3]      # the source is zero padded to the packed k extent
@@ -379,17 +385,18 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # the 2-row tile re-reads each channel group from L1: no software prefetch of W_h (it
         # only took issue slots; batch-8 step -3 to -8 % on one worker, -2.6 % on two)
         gemm2 = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV, parallel=fused,
-                                 prefetch_w=False, span=span)
+                                 prefetch_w=False, span=span, ksplit=KS_ROWS)
         # the threaded form's steps on a pool of one worker with several batch rows (step_solo)
         gemm2_solo = gemm_outer_macro(H, G, isa, u8, NR=2, OV=REC_OV,
-                                      prefetch_w=False) if fused else None
+                                      prefetch_w=False, ksplit=KS_ROWS) if fused else None
         # ... and at batch 1 where the cell is 16 lanes wide (C16): all products, then all cells
         gemm1_solo = gemv_outer_macro(H, G, isa, u8) if fused else None
         # 4-row tiles where the family has the registers (the 32 zmm of AVX-512): more rows share
         # each weight load. Taken when 4 divides the batch (a tile's missing rows would be computed
         # anyway); gemm4p is the threaded form's (cells still per group, 2 rows at once)
         gemm4, gemm4p = (gemm_outer_macro(H, G, isa, u8, NR=4, OV=REC_OV, parallel=par,
-                                          prefetch_w=False, span=span if par else 1)
+                                          prefetch_w=False, span=span if par else 1,
+                                          ksplit=KS_ROWS)
                          if fam.rec_rows4 else None
                          for par in (False, fused))
         outer = True
@@ -885,7 +892,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # (the largest register tile: 4 or 2 rows, or one row in KSPLIT1 accumulator sets)
         ACC = T.alloc_buffer((max(ROW_TILE, KSPLIT1 * REC_OV, (4 if fam.rec_rows4 else 2) * REC_OV), 8),
                              "int32")
-        RED = T.alloc_buffer((ROW_TILE,), "int32")
+        # (RED: unused by the outer-product GEMM, except as the second accumulator set of a tile
+        # whose two sets would take ACC to 1 KiB, see _gemm.gemm_outer_macro)
+        RED = T.alloc_buffer((max(ROW_TILE, 4 * REC_OV * 8 if fam.rec_rows4 else 0),), "int32")
         XC = T.alloc_buffer((4 * SU, SW), "int32")
         IDX = T.alloc_buffer((4 * SU, SW), "int32")
         ACT = T.alloc_buffer((4 * SU, SW), "int32")
