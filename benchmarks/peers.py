@@ -538,9 +538,12 @@ def render(a, man, results, command, ghz, wall, tf_version):
              f"target `{a.target}` gets the `{fam}` kernel family (docs/compiler.md); one core issues "
              f"{how} = {macs} int8 multiply-adds per cycle; at the "
              f"{ghz:.2f} GHz that /proc/cpuinfo reports, {macs} x {ghz:.2f} GHz x 2 = "
-             f"**{peak1:.0f} GOP/s per core** (x threads for the floor below; boost clocks would "
-             "raise it, and the u8 / int16 conversions, accumulation adds and the sequential "
-             "recurrent step are extra work, so the floor is not reachable, only a bound).")
+             f"**{peak1:.0f} GOP/s per core** (x threads for the floor below). A virtual machine's "
+             "/proc/cpuinfo may report the base clock: boost clocks raise the real peak, and a % "
+             "above 100 means the core ran faster than that clock (`benchmarks/vnni_rates.c` / "
+             "`isa_rates.c` measure the instruction's rate at the clock the core actually runs; "
+             "BENCHMARKS.md's reading per CPU compares with it). The u8 / int16 conversions, "
+             "accumulation adds and the sequential recurrent step are extra work on top.")
     L.append("")
     L.append("| threads | model | B | GOP per call | floor (ms) | tvm tuned median GOP/s | best-round GOP/s "
              "| % of peak (median) | tvm untuned GOP/s | tvm 7-bit GOP/s | 7-bit % of peak "
