@@ -554,21 +554,27 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
             tirx.reinterpret("int16x32", BS[t, r, tirx.Ramp(0, 1, 16)]), idx,
             tirx.reinterpret("int16x32", BS[t, r + 1, tirx.Ramp(0, 1, 16)]))
 
+    def bin_holds(TBL, j, b, sh):   # k_j lies past the first value of bin b, within the bin
+        first = ((TBL[0, 0] >> sh) + b) << sh
+        return tirx.And(TBL[0, j] > first, TBL[0, j] <= first + ((1 << sh) - 1))
+
     @T.macro
     def fill_bins(BS, GK, OK, TBL, t, n, sh):
         # the bin tables of `pwl_bin_tables` from the table input, GK [3, 64] int32 scratch (G,
         # K - 1, the count of knots past the bin's first value); OK[0] stays 1 while the promise
         # of `pwl_bin_shift` holds
+        # (vectorized over the bins: this runs once per call, also for one-step calls)
         OK[0] = OK[0] * T.Cast("int32", (TBL[0, n] >> sh) - (TBL[0, 0] >> sh) < PWL_BINS)
-        for b in range(PWL_BINS):
+        for b in T.vectorized(PWL_BINS):
             GK[0, b] = 0
             GK[1, b] = 32767
             GK[2, b] = 0
-            for j in range(1, n):
+        for j in range(1, n):
+            for b in T.vectorized(PWL_BINS):
                 GK[0, b] = GK[0, b] + T.Cast("int32", TBL[0, j] <= ((TBL[0, 0] >> sh) + b) << sh)
-                if TBL[0, j] > ((TBL[0, 0] >> sh) + b) << sh and TBL[0, j] <= (((TBL[0, 0] >> sh) + b + 1) << sh) - 1:
-                    GK[1, b] = T.min(GK[1, b], TBL[0, j] - 1)
-                    GK[2, b] = GK[2, b] + 1
+                GK[1, b] = T.Select(bin_holds(TBL, j, b, sh), T.min(GK[1, b], TBL[0, j] - 1), GK[1, b])
+                GK[2, b] = GK[2, b] + T.Cast("int32", bin_holds(TBL, j, b, sh))
+        for b in range(PWL_BINS):
             OK[0] = OK[0] * T.Cast("int32", GK[2, b] <= 1)
         for r, w in T.grid(2, PWL_BINS // 2):
             BS[t, 8 + 2 * r + w // 16, w % 16] = (GK[r, 2 * w] & 0xFFFF) | (GK[r, 2 * w + 1] << 16)
