@@ -153,35 +153,34 @@ def pwl_foldable(table) -> bool:
 PWL_BINS = 64
 
 
-def pwl_bin_shift(table, nbins: int = PWL_BINS):
+def _knots(table) -> np.ndarray:
+    t = pack_pwl(table) if hasattr(table, "knots") else np.asarray(table)
+    return t[0].astype(np.int64)
+
+
+def pwl_bin_shift(table):
     """The shift s that lets the 16-lane cells find this table's piece index (spec 7, i = #{j in
     1..n-1 : x >= k_j} for x clamped to [k_0, k_n]) in one round, or None. The clamped x falls in
     bin b = (x >> s) - (k_0 >> s) (arithmetic shifts); with s the least shift for which [k_0, k_n]
-    spans at most `nbins` bins, every knot k_1..k_(n-1) at or below a bin's first value is counted
+    spans at most PWL_BINS bins, every knot k_1..k_(n-1) at or below a bin's first value is counted
     for each x of the bin, so i = G[b] + [x >= K[b]] with G[b] the number of those and K[b] the
-    bin's other knot, if it has at most one (knots past the bin's last value are never counted).
-    None where a bin holds two: the cell then counts in two rounds. Every fitted table of this
-    project's gate (in_frac 12) and cell tables passes with 64 bins (s = 10; sigmoid also with 32);
-    a gate tanh fitted at in_frac 10 would not. `table`: a PWLTable or a packed int32 [3, n+1]
-    array (`pack_pwl`)."""
-    t = pack_pwl(table) if hasattr(table, "knots") else np.asarray(table)
-    k = t[0].astype(np.int64)
-    n = len(k) - 1
+    bin's other knot, if it has at most one (knots past the bin's last value are never counted;
+    `pwl_bin_tables`). None where a bin holds two: the cell then counts in two rounds. Every fitted
+    table of this project's gate (in_frac 12) and cell tables passes with 64 bins (s = 10); a gate
+    tanh fitted at in_frac 10 would not. `table`: a PWLTable or a packed int32 [3, n+1] array
+    (`pack_pwl`)."""
+    k = _knots(table)
     s = 0
-    while (k[n] >> s) - (k[0] >> s) >= nbins:
+    while (k[-1] >> s) - (k[0] >> s) >= PWL_BINS:
         s += 1
-    inner = k[1:n][(k[1:n] & ((1 << s) - 1)) != 0]       # knots past their bin's first value
-    if len(inner) and np.bincount((inner >> s) - (k[0] >> s)).max() > 1:
-        return None
-    return s
+    return s if pwl_bin_tables(table, s)[2] <= 1 else None
 
 
 def pwl_bin_tables(table, s: int):
     """(G, K) int64 [PWL_BINS] of `pwl_bin_shift` for shift s, as the kernel fills them per call
     (K[b] = 32767 where bin b holds no other knot: an int16 x never exceeds it), and the largest
     count of knots past a bin's first value (the kernel asserts it is at most 1)."""
-    t = pack_pwl(table) if hasattr(table, "knots") else np.asarray(table)
-    k = t[0].astype(np.int64)
+    k = _knots(table)
     n = len(k) - 1
     st = ((k[0] >> s) + np.arange(PWL_BINS)) << s
     en = st + (1 << s) - 1
