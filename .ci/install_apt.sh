@@ -2,7 +2,9 @@
 # Install the Debian packages tvm_intlstm's tests need (called by .ci/setup_venv.sh, so the
 # README's commands set up a fresh machine by themselves):
 #   - the aarch64 cross toolchain and qemu user-mode emulation (ARM and RPC tests, docs/arm.md);
-#   - python3.11-doc, the char-LM corpus (tests/test_char_lm_*.py, examples/char_lm).
+#   - python3.11-doc, the char-LM corpus (tests/test_char_lm_*.py, examples/char_lm);
+#   - gcc and g++, the host compilers (TVM's export_library links modules with g++; the AMX trap
+#     emulator, tvm_intlstm/runtime/amx_trap.c, is compiled with cc).
 # With arguments, installs just those packages (.ci/install_arm.sh passes the ARM ones).
 #
 # Idempotent and quick when everything is there: one dpkg-query for all packages, and
@@ -21,7 +23,7 @@ ARM_PACKAGES=(
 if [ "$#" -gt 0 ]; then
     PACKAGES=("$@")
 else
-    PACKAGES=("${ARM_PACKAGES[@]}" python3.11-doc)
+    PACKAGES=("${ARM_PACKAGES[@]}" python3.11-doc gcc g++)
 fi
 if [ "${TVM_INTLSTM_SKIP_APT:-0}" = "1" ]; then
     echo "install_apt.sh: TVM_INTLSTM_SKIP_APT=1, not checking ${PACKAGES[*]}" >&2

@@ -12,7 +12,9 @@ the numpy reference (`tvm_intlstm.reference.ops`). Each case runs with two guard
 Target families: baseline x86-64, AVX2 (haswell, znver3), AVX-512 (skylake-avx512), AVX-512 VNNI
 (icelake-server, znver4), AVX-512 FP16 / AMX (sapphirerapids; its default avx512_vnni kernels, and
 the opt-in AMX tile kernels as "sapphirerapids-amx", plus those with emulated tiles as
-"amx-emulated", which runs on any AVX-512 VNNI CPU), and this machine's own -mcpu
+"amx-emulated", which runs on any AVX-512 VNNI CPU, and the real AMX tile kernels' machine code as
+"amx-trapped", run on an AVX-512 VNNI CPU without AMX with its tile instructions emulated by the
+SIGILL handler of `tvm_intlstm.runtime.amx_trap`), and this machine's own -mcpu
 (`kernels.host_target()`, what the compiler uses by default). A family runs when every CPU
 feature LLVM enables for its -mcpu is in /proc/cpuinfo's flags (the CPU's name is never used);
 otherwise its kernels are only compiled (test_compile_check; it passes, it is not a skip).
@@ -35,6 +37,7 @@ of one core.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import platform
 import zlib
@@ -50,10 +53,13 @@ from tvm_intlstm.quant.fixed_point import (quantize_multiplier, quantize_multipl
                                            quantize_multiplier_array, quantize_multiplier_pair)
 from tvm_intlstm.quant.pwl import fit_pwl
 from tvm_intlstm.reference import ops
-from tvm_intlstm.target import missing_host_features
+from tvm_intlstm.runtime.amx_trap import emulate_amx, trap_available
+from tvm_intlstm.target import host_cpu_features, missing_host_features
 
 from test_kernels import ref_recurrence
 
+AMX_TRAP_TARGET = "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni,+amx-tile,+amx-int8"
+HOST_AMX = {"amx_tile", "amx_int8"} <= (host_cpu_features() or set())
 GUARD = 256                 # guard bytes on each side of a view (at least)
 PATTERNS = (0xA5, 0x5A)
 ROWS = (1, 3, 17)
@@ -73,9 +79,12 @@ FAMILIES = [
     # AVX-512 VNNI CPU
     ("sapphirerapids-amx", "llvm -mcpu=sapphirerapids"),
     ("amx-emulated", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
+    # the amx family's tile kernels themselves (only those: its other kernels are avx512_vnni's),
+    # their tile instructions trapped and emulated where the CPU has no AMX (runtime/amx_trap.py)
+    ("amx-trapped", AMX_TRAP_TARGET),
 ]
 # families asked for explicitly (`kernels.isa.prefer`), not picked from the target's features
-KERNELS = {"sapphirerapids-amx": "amx", "amx-emulated": "amx_emulated"}
+KERNELS = {"sapphirerapids-amx": "amx", "amx-emulated": "amx_emulated", "amx-trapped": "amx"}
 if platform.machine().lower() in ("x86_64", "amd64"):   # what compile() picks on this machine
     FAMILIES.append(("host", f"llvm -mcpu={K.host_target().attrs['mcpu']}"))
 
@@ -86,7 +95,16 @@ def missing_features(target: str) -> tuple:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return ("not an x86-64 host",)
     missing = missing_host_features(target)
-    return ("no /proc/cpuinfo flags",) if missing is None else tuple(missing)
+    if missing is None:
+        return ("no /proc/cpuinfo flags",)
+    if target == AMX_TRAP_TARGET and not trap_available():   # AMX comes from the trap emulator
+        missing = [f for f in missing if f not in ("amx-tile", "amx-int8")]
+    return tuple(missing)
+
+
+def tile_case(name: str) -> bool:
+    """Does case `name` build an AMX tile kernel in the amx family (its packed linear kernels)?"""
+    return name.startswith("linear") and "_packed" in name
 
 
 def runnable(target: str) -> bool:
@@ -575,7 +593,7 @@ def _params(want_runnable: bool):
             continue
         isa = family_isa(fam, target)
         for name, case in CASES.items():
-            if case.applies(isa):
+            if case.applies(isa) and (target != AMX_TRAP_TARGET or tile_case(name)):
                 out.append(pytest.param(fam, name, id=f"{'run' if want_runnable else 'compile-only'}"
                                                      f"-{fam}-{name}"))
     return out
@@ -616,17 +634,23 @@ def test_guarded_run(fam, name, record_property):
     num = tvm.get_global_func("runtime.NumThreads")
     config = tvm.get_global_func("runtime.config_threadpool")
     before = int(num())
+    trapped = _TARGETS[fam] == AMX_TRAP_TARGET
     try:
-        for workers in pools:
-            if workers is not None:
-                config(0, workers)
-            for inputs, outs, refs in calls:
-                for pattern in PATTERNS:
-                    got = run_guarded(kern, inputs, outs, pattern)
-                    for i, (g, r) in enumerate(zip(got, refs)):
-                        np.testing.assert_array_equal(
-                            g, r, err_msg=f"{fam} {name} output {i} shape {outs[i][0]} pattern "
-                                         f"{pattern:#x} workers {workers}")
+        with emulate_amx() if trapped else contextlib.nullcontext() as trap:
+            for workers in pools:
+                if workers is not None:
+                    config(0, workers)
+                for inputs, outs, refs in calls:
+                    for pattern in PATTERNS:
+                        got = run_guarded(kern, inputs, outs, pattern)
+                        for i, (g, r) in enumerate(zip(got, refs)):
+                            np.testing.assert_array_equal(
+                                g, r, err_msg=f"{fam} {name} output {i} shape {outs[i][0]} "
+                                             f"pattern {pattern:#x} workers {workers}")
+            if trapped:  # the tile instructions did run (emulated, unless this CPU has AMX)
+                assert K.uses_amx(func)
+                if not HOST_AMX:
+                    assert trap.counts()["tdpbxxd"] > 0 and trap.counts()["tilestored"] > 0
     finally:
         config(0, before)
     _RAN[(fam, name)] = len(calls) * len(PATTERNS) * len(pools)
@@ -652,15 +676,17 @@ def test_family_summary(record_property):
     for fam, target in FAMILIES:
         isa = family_isa(fam, target)
         n = sum(c.applies(isa) for c in CASES.values())
+        if target == AMX_TRAP_TARGET:
+            n = sum(c.applies(isa) and tile_case(name) for name, c in CASES.items())
+        how = ("; tile instructions emulated (runtime/amx_trap.py)"
+               if target == AMX_TRAP_TARGET and not HOST_AMX else "")
         if runnable(target):
-            lines.append(f"  run           {fam:16s} ({target}, isa {isa}): {n} kernels")
+            lines.append(f"  run           {fam:16s} ({target}, isa {isa}): {n} kernels{how}")
         else:
             lines.append(f"  compile-only  {fam:16s} ({target}, isa {isa}): {n} kernels; "
                          f"CPU lacks {', '.join(missing_features(target))}")
-    n_run = sum(1 for f, t in FAMILIES if runnable(t) for c in CASES.values()
-                if c.applies(family_isa(f, t)))
-    n_compile = sum(1 for f, t in FAMILIES if not runnable(t) for c in CASES.values()
-                    if c.applies(family_isa(f, t)))
+    n_run = len(_params(True))
+    n_compile = len(_params(False))
     lines.append(f"  {n_run} (family, kernel) cases run guarded, {n_compile} compile-only; "
                  f"{sum(_RAN.values())} guarded calls in this session")
     text = "guarded-buffer families on this machine:\n" + "\n".join(lines)

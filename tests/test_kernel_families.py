@@ -9,7 +9,11 @@ The AMX family (opt-in, `compile(..., kernels="amx")`) runs its tile kernels onl
 amx_tile / amx_int8 (and a kernel that grants the tile state); elsewhere they are compiled and their
 assembly checked for tdpbssd / ldtilecfg / tilerelease, and the same kernels with every tile
 instruction emulated in plain TIR (the `amx_emulated` family: same addresses, packing and epilogue)
-run here bit-exact, so the layout is checked on any AVX-512 VNNI CPU.
+run here bit-exact, so the layout is checked on any AVX-512 VNNI CPU. The amx family's own machine
+code (what LLVM made of the tile intrinsics: tile configuration, registers, strides) runs too, built
+for `AMX_TRAP_TARGET` (x86-64-v4 + VNNI + AMX) with its tile instructions carried out by the SIGILL
+handler of `tvm_intlstm.runtime.amx_trap` on a CPU without AMX (an autouse fixture enters
+`emulate_amx()` for the tests of that target; on an AMX CPU they run natively).
 
 The x86_vnni family's u8 route (u = x + 128, vpdpbusd, -128 rowsum(W) added back) must be exact
 for FULL-RANGE int8 weights (-128 included), unlike AVX2's vpmaddubsw route (|W| <= 64): the
@@ -31,11 +35,13 @@ from tvm_intlstm.quant.fixed_point import quantize_multiplier_array
 from tvm_intlstm.kernels._gemm import AMX_PACK
 from tvm_intlstm.reference import ops
 from tvm_intlstm.runtime.amx import AMXUnavailableError, amx_permission_answer
+from tvm_intlstm.runtime.amx_trap import emulate_amx, trap_available
 from tvm_intlstm.target import host_cpu_features, missing_host_features, parse_target
 
 from test_fast_kernels import int32_limit_case
 from test_kernels import assert_lstm_equal, make_lstm, ref_recurrence, run, run_recurrent
 
+AMX_TRAP_TARGET = "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni,+amx-tile,+amx-int8"
 # family -> representative targets (x86_vnni in AVX-VNNI's VEX form and AVX512-VNNI's EVEX ymm
 # form: the generators get isa= explicitly, a target may run several families)
 FAMILY_TARGETS = [
@@ -46,10 +52,30 @@ FAMILY_TARGETS = [
     ("avx512_vnni", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
     ("amx", "llvm -mcpu=sapphirerapids"),                          # runs only on an AMX CPU
     ("amx_emulated", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),   # its tiles emulated: runs here
+    ("amx", AMX_TRAP_TARGET),       # the real tile code; tile instructions trapped where no AMX
 ]
-RUNNABLE = {t: missing_host_features(t) == [] for _, t in FAMILY_TARGETS}
 AMX_TARGET = "llvm -mcpu=sapphirerapids"
 HOST_AMX = {"amx_tile", "amx_int8"} <= (host_cpu_features() or set())
+# the trap target runs where only AMX is missing (the emulator supplies it)
+RUNNABLE = {t: missing_host_features(t) == [] or
+            (t == AMX_TRAP_TARGET and not trap_available() and
+             set(missing_host_features(t) or ["?"]) <= {"amx-tile", "amx-int8"})
+            for _, t in FAMILY_TARGETS}
+
+
+@pytest.fixture(autouse=True)
+def _amx_trap(request):
+    """Tests of AMX_TRAP_TARGET run with the tile instructions emulated (runtime/amx_trap.py)
+    where the CPU has no AMX, and must have run some."""
+    spec = getattr(request.node, "callspec", None)
+    if spec is None or spec.params.get("target") != AMX_TRAP_TARGET or HOST_AMX \
+            or not RUNNABLE[AMX_TRAP_TARGET]:
+        yield
+        return
+    with emulate_amx() as emu:
+        yield
+    if spec.params.get("fam") == "amx":
+        assert emu.counts()["tdpbxxd"] > 0, "no tile instruction ran"
 # the GEMM step's instruction (as it appears in the assembly)
 SIGNATURE = {"avx2": "vpmaddwd", "x86_vnni": "vpdpbusd", "avx512_vnni": "vpdpbusd\t%zmm",
              "amx": "vpdpbusd\t%zmm", "amx_emulated": "vpdpbusd\t%zmm"}
@@ -67,9 +93,13 @@ def test_families_report():
     print(f"\nkernel families run on this CPU: {', '.join(ran) or 'none'}; compile-checked only: "
           f"{', '.join(compiled) or 'none'}")
     why = amx_permission_answer() if RUNNABLE[AMX_TARGET] else "this CPU has no AMX"
-    print("AMX tile kernels: " + ("RUN on this CPU (bit-exact checks below)" if RUNNABLE[AMX_TARGET]
-                                  else f"compile-checked only ({why}); their layout runs "
-                                       "emulated (amx_emulated)"))
+    print("AMX tile kernels: " + (
+        "RUN on this CPU (bit-exact checks below)" if HOST_AMX and RUNNABLE[AMX_TARGET] else
+        f"not run natively ({why}); their machine code runs with the tile instructions emulated "
+        f"(runtime/amx_trap.py, {AMX_TRAP_TARGET}) and their layout with emulated tiles "
+        "(amx_emulated)" if RUNNABLE[AMX_TRAP_TARGET] else
+        f"compile-checked only ({why}; the trap emulator cannot run: "
+        f"{trap_available() or 'CPU lacks AVX-512 VNNI'}); their layout runs emulated (amx_emulated)"))
     assert RUNNABLE["llvm -mcpu=x86-64"]   # the generic family always runs on an x86 host
 
 
@@ -177,7 +207,8 @@ def test_linear_int32_limits(fam, target):
 
 
 # (amx_emulated's recurrent kernel is avx512_vnni's on the same target: not run twice)
-REC_TARGETS = [(f, t) for f, t in FAMILY_TARGETS if f != "amx_emulated"]
+# (nor the amx family's on the trap target: no tile instruction in it)
+REC_TARGETS = [(f, t) for f, t in FAMILY_TARGETS if f != "amx_emulated" and t != AMX_TRAP_TARGET]
 
 
 @pytest.mark.parametrize("fam,target", REC_TARGETS, ids=[f"{f}-{t.split(' ', 1)[1]}"
@@ -368,7 +399,7 @@ def test_amx_permission_once_per_process(monkeypatch):
     print(f"\nAMX permission refused here, as expected: {first}")
 
 
-@pytest.mark.parametrize("fam,target", [("amx", AMX_TARGET),
+@pytest.mark.parametrize("fam,target", [("amx", AMX_TARGET), ("amx", AMX_TRAP_TARGET),
                                         ("amx_emulated", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni")])
 def test_whole_model_amx(fam, target):
     """The stacked bidirectional model compiled with kernels="amx": the LSTM input projections and

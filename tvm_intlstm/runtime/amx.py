@@ -40,6 +40,8 @@ _FIX = ("compile the model without kernels=\"amx\" (the default avx512_vnni kern
 
 _lock = threading.Lock()
 _answer: str | None = None      # "" once granted, else why not (set by the first request)
+# inside runtime.amx_trap.emulate_amx(): tile instructions are emulated, no permission is needed
+_emulated = False
 
 
 def _arch_prctl(code: int, arg) -> tuple[int, int]:
@@ -81,6 +83,8 @@ def amx_permission_answer() -> str:
     """"" if this process may run AMX instructions, else why not. Asks the OS on the first call
     only (once per process), then returns the same answer."""
     global _answer  # pylint: disable=global-statement
+    if _emulated:
+        return ""
     with _lock:
         if _answer is None:
             _answer = _request()

@@ -695,10 +695,18 @@ _A64_CPUINFO = {
 }
 
 
+# flags an in-process emulator adds to this machine's while it runs (runtime/amx_trap.py:
+# amx_tile and amx_int8 inside `emulate_amx()`, whose SIGILL handler carries out tile instructions)
+_EMULATED_HOST_FLAGS: set[str] = set()
+
+
 def host_cpu_features(cpuinfo: str | None = None) -> set[str] | None:
     """The instruction-set flags of this machine's CPU as /proc/cpuinfo lists them (x86 "flags",
-    aarch64 "Features"), or None when they cannot be read. `cpuinfo` overrides the file's text."""
+    aarch64 "Features"), or None when they cannot be read. `cpuinfo` overrides the file's text
+    (then emulated flags are not added)."""
+    extra = set()
     if cpuinfo is None:
+        extra = set(_EMULATED_HOST_FLAGS)
         try:
             with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
                 cpuinfo = f.read()
@@ -707,7 +715,7 @@ def host_cpu_features(cpuinfo: str | None = None) -> set[str] | None:
     for line in cpuinfo.splitlines():
         key, sep, value = line.partition(":")
         if sep and key.strip().lower() in ("flags", "features"):
-            return set(value.split())
+            return set(value.split()) | extra
     return None
 
 

@@ -16,10 +16,11 @@ registers only after `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`:
 `tvm_intlstm.runtime.amx.request_amx_permission` makes it once per process before the first AMX
 kernel runs (kernels carry `intlstm.amx`), with a clear error where the OS refuses.
 
-Opt-in (`opt_in`): picked only by `compile(..., kernels="amx")` / `isa.prefer("amx")`, because its
-numerics have not yet run on AMX hardware (they are compile-checked elsewhere); it becomes the
-default for AMX targets once tests/test_kernel_families.py and tests/test_guarded_buffers.py have
-run it bit-exact on an AMX machine (docs/compiler.md)."""
+Opt-in (`opt_in`): picked only by `compile(..., kernels="amx")` / `isa.prefer("amx")`. Its machine
+code runs bit-exact in the tests on any AVX-512 VNNI CPU, the tile instructions carried out by the
+SIGILL-trap emulator (`runtime/amx_trap.py`; natively on an AMX CPU), but its speed against the
+avx512_vnni kernels is unmeasured without AMX hardware: it becomes the default for AMX targets when
+a benchmark on an AMX machine shows it faster (docs/compiler.md)."""
 from . import register
 from .avx512_vnni import AVX512VNNI
 
