@@ -15,7 +15,9 @@ other instruction runs natively, so the rest of the code must suit this CPU (e.g
     print(emu.counts())              # {"tdpbssd": ..., "tileloadd": ..., ...}
 
 Inside the block this machine counts as having amx_tile and amx_int8 (`target.host_cpu_features`)
-and the process as holding the AMX permission (`runtime.amx`). A configuration or operand shape the
+and the process as holding the AMX permission (`runtime.amx`). On a CPU that has AMX the block
+asks the OS for the real permission instead (`runtime.amx.request_amx_permission`) and the
+instructions run natively: the same tests then check the hardware. A configuration or operand shape the
 hardware would refuse is recorded instead of faulting and raised as `AMXTrapError` when the block
 ends. Only inside the block: a module that ran there and is called again after it dies with SIGILL
 as on any CPU without AMX. The library is compiled once with the system C compiler (cc) and
@@ -98,6 +100,13 @@ def _load():
     return _lib
 
 
+def _native() -> bool:
+    """Does this CPU itself have AMX-TILE and AMX-INT8 (its own /proc/cpuinfo flags)?"""
+    from ..target import host_cpu_features
+    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+        return FLAGS <= (host_cpu_features(f.read()) or set())
+
+
 class _Emulation:
     """What `emulate_amx` yields: the emulated instruction counts of the block so far."""
 
@@ -120,6 +129,17 @@ def emulate_amx():
     global _depth  # pylint: disable=global-statement
     from .. import target as _target
     from . import amx as _amx
+    if _native():
+        # an AMX CPU: the instructions run natively once the process holds the permission (tile
+        # instructions without it would trap after a native ldtilecfg, a state the emulator does
+        # not see); the emulator stays idle and its counters at zero
+        _amx.request_amx_permission()
+        with _lock:
+            lib = _load()
+            if _depth == 0:
+                lib.amx_trap_reset()
+        yield _Emulation(lib)
+        return
     with _lock:
         lib = _load()
         if _depth == 0:
