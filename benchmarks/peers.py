@@ -1,7 +1,7 @@
 """tvm_intlstm against its peers, side by side, in one run (issue: fast kernels + autotuning).
 
     .venv/bin/python benchmarks/peers.py [--threads 1,2] [--repeat 15] [--target host]
-        [--tuning-logs tuning_logs/<host cpu>] [--litert-python /tmp/tfvenv/bin/python]
+        [--kernels amx] [--tuning-logs tuning_logs/<host cpu>] [--litert-python /tmp/tfvenv/bin/python]
         [--md BENCHMARKS.md] [--plot docs/latency_vs_seq.png] [--json results.json]
 
 The same float nn.LSTM (seeded random weights) on:
@@ -91,6 +91,10 @@ PEAK_MACS = {
     "avx2": (2 * 16, "2 `vpmaddwd` ymm per cycle x 16 int16 multiply-adds"),
     "x86_vnni": (2 * 32, "2 `vpdpbusd` ymm per cycle x 32 u8 x s8 multiply-adds"),
     "avx512_vnni": (2 * 64, "2 `vpdpbusd` zmm per cycle x 64 u8 x s8 multiply-adds"),
+    # --kernels amx: the tiles (tdpbssd, 16 x 16 x 64 per 16 cycles = 1024 per cycle on Sapphire
+    # Rapids) serve only the input projections; the recurrent steps, most of the time, stay on zmm
+    "amx": (2 * 64, "2 `vpdpbusd` zmm per cycle x 64 u8 x s8 multiply-adds (the recurrent steps' "
+                    "instruction; the input projections' tdpbssd tiles add up to 1024 per cycle)"),
 }
 
 
@@ -210,7 +214,7 @@ def prepare(a, work, log):
                 # threads=True: the worker for each thread count runs the same .so (the
                 # thread-pool kernels; with one worker they run as the serial ones, ~0.97x)
                 cm = til.compile(qm, target=a.target, example_inputs=ex, tuning_logs=logs, verbose=False,
-                                 threads=True)
+                                 threads=True, kernels=a.kernels)
             p = cm.export_library(os.path.join(d, f"tvm_{kind}.so"))
             ent["files"][f"tvm_{kind}"] = p
             ent["sizes"][f"tvm_{kind}_so"] = os.path.getsize(p)
@@ -530,7 +534,8 @@ def render(a, man, results, command, ghz, wall, tf_version):
     L.append("")
     from tvm_intlstm.kernels import isa as families
     from tvm_intlstm.target import parse_target
-    fam = families.pick(parse_target(a.target)).name
+    with families.prefer(a.kernels):
+        fam = families.pick(parse_target(a.target)).name
     macs, how = PEAK_MACS.get(fam, PEAK_MACS["avx2"])
     peak1 = macs * ghz * 2     # GOP/s per core
     L.append("Achieved int8 throughput of tvm_intlstm tuned, counting 2 operations per multiply-add: "
@@ -689,6 +694,9 @@ def main():
     ap.add_argument("--sample-ms", type=float, default=20.0, help="target time of one sample")
     # the host and its CPU's committed tuning logs (none for a CPU without a directory there)
     ap.add_argument("--target", default="host")
+    ap.add_argument("--kernels", default=None,
+                    help="kernel family for tvm_intlstm (compile(kernels=...)), e.g. amx (opt-in "
+                         "AMX tiles for the input projections); default: the target's pick")
     ap.add_argument("--tuning-logs", default=_host_tuning_logs())
     ap.add_argument("--litert-python", default=os.environ.get("PEERS_LITERT_PYTHON"),
                     help="a Python with tensorflow + tf-keras, for benchmarks/litert_convert.py")
@@ -750,7 +758,8 @@ def main():
     if a.md:
         from tvm_intlstm.kernels import isa as families
         from tvm_intlstm.target import parse_target
-        fam = families.pick(parse_target(a.target)).name
+        with families.prefer(a.kernels):
+            fam = families.pick(parse_target(a.target)).name
         from tvm.target import codegen
         write_md(a.md, block, fam, f"{machine_name()} ({codegen.llvm_get_system_cpu()}): {fam} kernels")
         log(f"wrote {a.md}")
