@@ -79,7 +79,8 @@ FAMILIES = [
     # AVX-512 VNNI CPU
     ("sapphirerapids-amx", "llvm -mcpu=sapphirerapids"),
     ("amx-emulated", "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni"),
-    # the amx family's tile kernels themselves (only those: its other kernels are avx512_vnni's),
+    # the amx family's tile kernels themselves (only those: its other kernels are avx512_vnni's;
+    # its recurrent kernels take tiles at 17 rows, vpdpbusd at 1 and 3),
     # their tile instructions trapped and emulated where the CPU has no AMX (runtime/amx_trap.py)
     ("amx-trapped", AMX_TRAP_TARGET),
 ]
@@ -103,8 +104,11 @@ def missing_features(target: str) -> tuple:
 
 
 def tile_case(name: str) -> bool:
-    """Does case `name` build an AMX tile kernel in the amx family (its packed linear kernels)?"""
-    return name.startswith("linear") and "_packed" in name
+    """Does case `name` build an AMX tile kernel in the amx family (its packed linear kernels, and
+    its packed recurrent kernels, whose steps of >= lstm.AMX_REC_ROWS rows run on tiles)?"""
+    return ((name.startswith("linear") and "_packed" in name)
+            or (name.startswith("lstm_") and ("_packed" in name or "_threaded" in name
+                                            or "_zmm_cell" in name)))
 
 
 def runnable(target: str) -> bool:

@@ -206,15 +206,17 @@ def test_linear_int32_limits(fam, target):
                                       ops.linear(x, W, b))
 
 
-# (amx_emulated's recurrent kernel is avx512_vnni's on the same target: not run twice)
-# (nor the amx family's on the trap target: no tile instruction in it)
-REC_TARGETS = [(f, t) for f, t in FAMILY_TARGETS if f != "amx_emulated" and t != AMX_TRAP_TARGET]
+# (the amx families' recurrent kernels run their steps of >= lstm.AMX_REC_ROWS rows on tiles: B = 8,
+# 12, 16, 17 below; the amx one on the trap target, with its instructions emulated where no AMX)
+# (20: an odd count of k quads, the last one outside the zmm tiles' two accumulator sets; the
+# amx_emulated family, whose tile steps are slow TIR loops, at two sizes only)
+REC_CASES = [(f, t, H) for f, t in FAMILY_TARGETS
+             for H in ((21, 64) if f == "amx_emulated" else (8, 20, 21, 64))]
 
 
-@pytest.mark.parametrize("fam,target", REC_TARGETS, ids=[f"{f}-{t.split(' ', 1)[1]}"
-                                                         for f, t in REC_TARGETS])
-@pytest.mark.parametrize("H", [8, 20, 21, 64])   # (20: an odd count of k quads, the last one
-def test_recurrent_full_range(fam, target, H):    # outside the tiles' two accumulator sets)
+@pytest.mark.parametrize("fam,target,H", REC_CASES,
+                         ids=[f"{H}-{f}-{t.split(' ', 1)[1]}" for f, t, H in REC_CASES])
+def test_recurrent_full_range(fam, target, H):
     rng = np.random.default_rng(H)
     w_h = _full_range_weights(rng, 4 * H, H)
     p = make_lstm(rng, H, 12, w_h=w_h)

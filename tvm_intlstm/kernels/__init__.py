@@ -119,7 +119,8 @@ def prepare_weights(func, W, bias=None):
     bias' = bias - 128 rowsum(W) (int32) and corr = -128 rowsum(W), else bias' = bias and corr =
     zeros; corr is what `lstm_recurrent` takes after `sh` (linear kernels fold it into the bias).
     A recurrent kernel with `intlstm.gate_interleave` gets W's rows and corr reordered
-    (`lstm.gate_order`; its gx, mh and sh must come in that order too). Done once per model at
+    (`lstm.gate_order`; its gx, mh and sh must come in that order too); one with
+    `intlstm.tiles_rec` (the amx family) gets both its layouts in one flat buffer. Done once per model at
     compile time."""
     import numpy as np  # pylint: disable=import-outside-toplevel
     from ._gemm import AMX_PACK, pack_amx, pack_mmla, pack_outer  # pylint: disable=import-outside-toplevel
@@ -146,6 +147,9 @@ def prepare_weights(func, W, bias=None):
         return pack_mmla(Wk), bias, corr
     if ov == AMX_PACK:
         return pack_amx(Wk), bias, corr
+    if "intlstm.tiles_rec" in func.attrs and int(func.attrs["intlstm.tiles_rec"]):
+        # a recurrent kernel with tile steps: its vpdpbusd layout, then the tile layout, flat
+        return np.concatenate([pack_outer(Wk, u8, ov).ravel(), pack_amx(Wk).ravel()]), bias, corr
     return (pack_outer(Wk, u8, ov) if ov else Wk), bias, corr
 
 

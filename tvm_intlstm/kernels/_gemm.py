@@ -609,7 +609,8 @@ def _tmm(t: int):
     return tirx.const(t, "int8")     # the tile register number, an immediate of the intrinsic
 
 
-def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False):
+def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False,
+                   w_offset: int = 0):
     """Same contract as `gemm_macro` for W packed by `pack_amx` and XS filled by `amx_source_macro`
     (int8 [>= n0 + round_up(nrows, 32), KP]); ACC must hold at least 4 * 16 * 16 int32 (the four C
     tiles are stored there for the epilogue); RED is unused. Every channel group loads the tile
@@ -621,7 +622,10 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
     instruction set reference defines (tileloadd: 16 rows of 64 bytes at a stride; tdpbssd:
     C[m, n] += sum_k sum_j s8(A[m, 4k + j]) s8(B[k, 4n + j]); tilestored), in a scratch of 8 tiles:
     the same addresses, layouts and epilogue, runnable on any x86 CPU (slow). Tests check the tile
-    kernels' data layout with it where no AMX CPU is at hand (the `amx_emulated` family)."""
+    kernels' data layout with it where no AMX CPU is at hand (the `amx_emulated` family).
+
+    w_offset: the packed weights start that many bytes into W (the recurrent kernel's W_h holds
+    its vpdpbusd layout first, `lstm.lstm_recurrent`)."""
     KP = amx_kp(K)
     KQN = KP // 4
     OG = (O + AMX_OC - 1) // AMX_OC
@@ -638,7 +642,7 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
     def b_at(og, kb, half):
         """Flat weight offset of the B tile of k quads 16 kb .. 16 kb + 15, channels 16 half ..
         16 half + 15 of group og (row stride B_STRIDE)."""
-        return og * GROUP_BYTES + kb * (AMX_KB // 4) * B_STRIDE + half * 64
+        return w_offset + og * GROUP_BYTES + kb * (AMX_KB // 4) * B_STRIDE + half * 64
 
     if not emulate:
         @T.macro
@@ -751,7 +755,7 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
 
     @T.macro
     def gemm(XS, n0, nrows, W, ACC, RED, store):
-        WF = T.decl_buffer((OG * GROUP_BYTES,), "int8", data=W.data)
+        WF = T.decl_buffer((w_offset + OG * GROUP_BYTES,), "int8", data=W.data)
         if parallel:
             for og in T.parallel(OG):
                 CFP = T.alloc_buffer((4 * CTILE,), "int32")   # per worker

@@ -65,6 +65,11 @@ The threaded form's parallel loop then runs over pairs of channel groups (`span=
 of the GEMM macro), each pair's products followed by the cells of its 16 units on zmm blocks (two
 workers: 3-7 % less time per call). `python benchmarks/bench_kernels.py --w7
 --compare-serial [--batch 8] [--threads 2]` times the forms side by side.
+
+Families with AMX tiles (`KernelFamily.tiles`: the opt-in amx family, and amx_emulated): the
+recurrent product of a serial or one-worker step (`step`, `step_solo`) with at least
+`AMX_REC_ROWS` batch rows runs on tiles (`_gemm.gemm_amx_macro` on an int8 copy of h), the other
+steps on vpdpbusd as above; W_h then holds both layouts (`intlstm.tiles_rec`, docs/compiler.md).
 """
 from __future__ import annotations
 
@@ -75,14 +80,20 @@ from tvm.script import tirx as T
 from . import isa as _isa
 from ._common import (check_multiplier, check_pieces, check_shift, finish, requantizer, resolve_isa,
                       vec_split, without_params)
-from ._gemm import (ROW_TILE, gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8,
-                    with_convention, x16_source)
+from ._gemm import (AMX_NR, ROW_TILE, amx_kp, amx_shape, amx_source_macro, gemm_amx_macro,
+                    gemm_macro, gemm_outer_macro, outer_shape, padded_k, uses_u8, with_convention,
+                    x16_source)
 
 # Register tiles of the packed recurrent GEMV: 1 row x 4 x 8 channels for batch 1, 2 rows x 4 x 8
 # for larger batches (the sign extension of the vpmaddwd route is then shared by two rows), or
 # the family's 4-row tiles (`KernelFamily.rec_rows4`), all on the same packed layout (OV = 4).
 REC_OV = 4
 KSPLIT1 = 2     # accumulator sets of the one-row (batch 1) tiles, see _gemm.gemm_outer_macro
+# Families with AMX tiles (`KernelFamily.tiles`, the opt-in amx family): the recurrent product of a
+# step with at least this many batch rows runs on tiles (`_gemm.gemm_amx_macro`, 32-row blocks),
+# fewer rows on vpdpbusd. A first guess, unmeasured: oneDNN finds AMX ~2x slower than VNNI below
+# 4 rows, and a 32-row block at 8 rows uses a quarter of its products; to be set on an AMX CPU.
+AMX_REC_ROWS = 8
 from ._tir import PWL_FRAC, add_i32, add_sat16, pwl_index_vec, pwl_piece, rshift_round, sat
 
 
@@ -366,10 +377,13 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     # (at least two groups: a parallel loop of one iteration is simplified away, and codegen then
     # rejects the launch point around it)
     fused = bool(parallel) and packed and fam.threaded and fast_pwl and REC_OV == 4 and H >= 16
+    # tile steps (AMX_REC_ROWS): serial steps and the threaded form's one-worker steps (step_solo)
+    tiles = bool(packed) and fam.tiles and fam.outer
     # the threaded form of a family with 16-lane cells: its parallel loop runs over pairs of channel
     # groups (16 units), each pair's products followed by their cells on zmm blocks
     P16 = fused and fam.cell_lanes == 16 and H % 16 == 0 and H >= 32   # (two pairs at least)
     span = 2 if P16 else 1
+    gemm_tiles = fill_tiles = None
     if packed and fam.outer:
         # The multi-row tiles of the families with 32 vector registers (`rec_rows4`: AVX-512) keep
         # two accumulator sets over k (`ksplit`): a 4-row tile's 8 zmm accumulators are 8 chains
@@ -399,6 +413,14 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                          if fam.rec_rows4 else None
                          for par in (False, fused))
         outer = True
+        if tiles:
+            # W_h in both layouts, one flat int8 buffer: the vpdpbusd one (WS, first) for steps of
+            # fewer than AMX_REC_ROWS rows, then the tile one (`_gemm.pack_amx`) for the others
+            # (`kernels.prepare_weights`); s8 x s8 tiles take no correction
+            n_outer = int(np.prod(WS))
+            WS = (n_outer + int(np.prod(amx_shape(H, G))),)
+            gemm_tiles = gemm_amx_macro(H, G, emulate=fam.tiles_emulated, w_offset=n_outer)
+            fill_tiles = amx_source_macro(H)
     else:
         WS = (G, H)
         HP = padded_k(H) if wide else H
@@ -419,6 +441,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # the u8 route adds its correction; the others do not read CORR
         return lambda n, o, acc: tirx.BufferStore(
             Z, add_sat16(GX[tt, n, o], rq(add_i32(acc, CORR[o]) if u8 else acc, MH[o], SH[o], 16)), [n, o])
+
+    def gate_store_s8(Z, GX, MH, SH, tt):
+        # the tile steps' epilogue: tdpbssd's s8 x s8 sums need no correction
+        return lambda n, o, acc: tirx.BufferStore(
+            Z, add_sat16(GX[tt, n, o], rq(acc, MH[o], SH[o], 16)), [n, o])
 
     def gx_addr(GX, tt):
         return lambda n, o: tirx.address_of(GX[tt, n, o])
@@ -796,12 +823,15 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     @T.macro
     def step_solo(tt, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS,
-                  LIM, t):
+                  LIM, t, XT, CFT):
         # a step of the threaded form's layout (gate-interleaved channels, double-buffered source)
         # scheduled as the serial form: all products, then all cells, two 8-unit blocks
         # interleaved; with one worker and several batch rows this is faster than a group's cells
         # right after its products (batch 8: ~4 % per step), at batch 1 it is not
-        if rows4 and B % 4 == 0:
+        if tiles and B >= AMX_REC_ROWS:
+            fill_tiles(HT, XT, B)
+            gemm_tiles(XT, 0, B, WH, CFT, RED, gate_store_s8(Z, GX, MH, SH, tt))
+        elif rows4 and B % 4 == 0:
             gemm4(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
                   t % 2 == 1, gx_addr(GX, tt))
         else:
@@ -829,12 +859,16 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     @T.macro
     def step(tt, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
-             ACT, TV, BS, LIM):
+             ACT, TV, BS, LIM, XT, CFT):
         """One step of the serial forms."""
-        if wide or u8:
+        if tiles and B >= AMX_REC_ROWS:
+            fill_tiles(HT, XT, B)
+        elif wide or u8:
             fill_source(B, HT, H16, 0)
         # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
-        if outer:
+        if tiles and B >= AMX_REC_ROWS:
+            gemm_tiles(XT, 0, B, WH, CFT, RED, gate_store_s8(Z, GX, MH, SH, tt))
+        elif outer:
             if B == 1:
                 gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
                      gx_addr(GX, tt))
@@ -900,6 +934,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # (RED: unused by the outer-product GEMM, except as the second accumulator set of a tile
         # whose two sets would take ACC to 1 KiB, see _gemm.gemm_outer_macro)
         RED = T.alloc_buffer((max(ROW_TILE, 4 * REC_OV * 8 if fam.rec_rows4 else 0),), "int32")
+        # the tile steps' int8 source (h zero padded to 32-row blocks and KP columns) and their C
+        # tile scratch (4 KiB, apart from ACC: a 1 KiB ACC would leave the registers, see RED)
+        XT = T.alloc_buffer((((B + AMX_NR - 1) // AMX_NR * AMX_NR if tiles else 1),
+                             (amx_kp(H) if tiles else 1)), "int8")
+        CFT = T.alloc_buffer((4 * 16 * 16 if tiles else 1,), "int32")
         XC = T.alloc_buffer((4 * SU, SW), "int32")
         IDX = T.alloc_buffer((4 * SU, SW), "int32")
         ACT = T.alloc_buffer((4 * SU, SW), "int32")
@@ -954,10 +993,10 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 for t in range(TT):
                     if reverse:
                         step_solo(TT - 1 - t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED,
-                                  XC, IDX, ACT, TV, BS, LIM, t)
+                                  XC, IDX, ACT, TV, BS, LIM, t, XT, CFT)
                     else:
                         step_solo(t, B, GX, WH, MH, SH, CORR, Y, HT, CT, H16, Z, ACC, RED, XC, IDX,
-                                  ACT, TV, BS, LIM, t)
+                                  ACT, TV, BS, LIM, t, XT, CFT)
             else:
                 with T.attr(0, "pragma_parallel_launch_point", 1):
                     for t in range(TT):
@@ -981,9 +1020,9 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
                 H16 = HT  # no scratch: the micro-kernel reads the int8 state directly
             for t in range(TT):
                 if reverse:
-                    step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
+                    step(TT - 1 - t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, XT, CFT)
                 else:
-                    step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM)
+                    step(t, B, GX, WH, MH, SH, CORR, SIG, TANH, TANHC, Y, HT, CT, H16, Z, ACC, RED, XC, IDX, ACT, TV, BS, LIM, XT, CFT)
 
     # Without init_state the states start at zero. `corr` is always a parameter; only the u8 route
     # reads it (the others get zeros from `kernels.prepare_weights`).
@@ -1013,5 +1052,8 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
     lstm_recurrent = recurrent_kernel(H, WS, (n_sig, n_tanh, n_tc), direction,
                                       init_state=init_state)
     func = with_convention(finish(lstm_recurrent, "lstm_recurrent", isa), isa, w7, packed, REC_OV)
+    if tiles:   # W_h in both layouts (`kernels.prepare_weights`); the tiles need the AMX permission
+        func = (func.with_attr("intlstm.tiles_rec", 1)
+                .with_attr("intlstm.amx", int(not fam.tiles_emulated)))
     return (func.with_attr("intlstm.gate_interleave", int(fused)).with_attr("intlstm.pwl_fold", int(fold))
             .with_attr("intlstm.pwl_bins", int(BINS_G) + 2 * int(BINS_C)))

@@ -13,11 +13,12 @@ object instead of comparing instruction-set names:
     avx512_vnni       avx512_vnni.py  AVX512-VNNI + F/BW/VL               vpdpbusd zmm (64 per instruction)
     x86_vnni          x86_vnni.py     AVX-VNNI, or AVX512-VNNI + VL       vpdpbusd ymm (u8 x s8, any int8 W)
     neon_dotprod      neon_dotprod.py aarch64 dotprod                     sdot (smmla with i8mm)
-    amx (opt-in)      amx.py          AMX-INT8 + avx512_vnni's features   tdpbssd tiles (linear GEMMs),
+    amx (opt-in)      amx.py          AMX-INT8 + avx512_vnni's features   tdpbssd tiles (linear GEMMs, the
+                                                                          recurrent product at >= 8 rows),
                                                                           else avx512_vnni's
 
 `pick(target)` returns the supported family of highest priority, leaving out the opt-in ones
-(`KernelFamily.opt_in`: the AMX family, whose numerics wait for a run on AMX hardware) unless the
+(`KernelFamily.opt_in`: the AMX family, whose speed waits for a run on AMX hardware) unless the
 caller asked for one with `prefer(name)` (what `compile(..., kernels=name)` does); `family(name)`
 looks one up by the name kernels carry in their `intlstm.isa` attribute. Adding a family: a new
 file here defining a subclass and calling `register(...)`, imported at the end of this module

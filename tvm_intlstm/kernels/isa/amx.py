@@ -1,6 +1,8 @@
 """x86 AMX-INT8 (opt-in): the linear GEMMs with many rows (each LSTM direction's input projection
-over T*B rows, linear layers) on AMX tiles; everything else (the recurrent step, batch 1 and batch
-> 1, the cell, the natural-layout kernels) is the avx512_vnni family's.
+over T*B rows, linear layers) on AMX tiles, and the recurrent product of the steps with at least
+`lstm.AMX_REC_ROWS` batch rows (serial steps and the threaded form's one-worker steps; W_h is then
+kept in both layouts); everything else (steps with fewer rows, the threaded form's multi-worker
+steps, the cells, the natural-layout kernels) is the avx512_vnni family's.
 
 `tdpbssd` multiplies a 16 x 64 int8 tile of activations by a 16 x 64 int8 tile of weights (16 k quads
 x 16 channels x 4 bytes, the layout `_gemm.pack_outer` already has) and adds the sums of four s8 x s8
