@@ -613,10 +613,11 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
                    w_offset: int = 0):
     """Same contract as `gemm_macro` for W packed by `pack_amx` and XS filled by `amx_source_macro`
     (int8 [>= n0 + round_up(nrows, 32), KP]); ACC must hold at least 4 * 16 * 16 int32 (the four C
-    tiles are stored there for the epilogue); RED is unused. Every channel group loads the tile
-    configuration and releases the tiles at its end: the configuration is per thread, and in the
-    parallel form (`T.parallel` over the channel groups, each worker with its own scratch) every
-    worker thread configures its own.
+    tiles are stored there for the epilogue); RED is unused. The serial form loads the tile
+    configuration once per call (ldtilecfg is slow, and the recurrent kernel calls this every step)
+    and releases the tiles at its end; the configuration is per thread, so in the parallel form
+    (`T.parallel` over the channel groups, each worker with its own scratch) every channel group
+    configures and releases its own.
 
     emulate=True: every tile instruction is replaced by plain TIR loops computing what the
     instruction set reference defines (tileloadd: 16 rows of 64 bytes at a stride; tdpbssd:
@@ -709,13 +710,11 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
             T.evaluate(0)
 
     @T.macro
-    def group(XS, n0, nrows, WF, CF, store, og):
-        CFG = T.alloc_buffer((64,), "uint8")
-        TM = T.alloc_buffer((8 * AMX_ROWS * AMX_KB if emulate else 1,), "int8")
-        TC = T.alloc_buffer((4 * CTILE if emulate else 1,), "int32")
+    def group(XS, n0, nrows, WF, CF, store, og, TM, TC):
+        # (the tiles are configured by the caller: once per call in the serial form, where the
+        # recurrent kernel calls this every step, and per channel group in the parallel form)
         XF = T.decl_buffer(((n0 + (nrows + AMX_NR - 1) // AMX_NR * AMX_NR) * KP,), "int8",
                            data=XS.data)
-        configure(CFG, TM, TC)
         for rb in range((nrows + AMX_NR - 1) // AMX_NR):
             # C tiles 0-3 (2 a + b: rows 16 a.., channels 16 b..), A tiles 4-5, B tiles 6-7 (tile
             # numbers are immediates of the instructions: written out, not loop variables)
@@ -751,7 +750,6 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
                                     store(rb * AMX_NR + r, og * AMX_OC + v * 8 + l, CF[
                                         (2 * (r // AMX_ROWS) + v // 2) * CTILE
                                         + (r % AMX_ROWS) * 16 + (v % 2) * 8 + l])
-        release()
 
     @T.macro
     def gemm(XS, n0, nrows, W, ACC, RED, store):
@@ -759,11 +757,21 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
         if parallel:
             for og in T.parallel(OG):
                 CFP = T.alloc_buffer((4 * CTILE,), "int32")   # per worker
-                group(XS, n0, nrows, WF, CFP, store, og)
+                CFG = T.alloc_buffer((64,), "uint8")
+                TM = T.alloc_buffer((8 * AMX_ROWS * AMX_KB if emulate else 1,), "int8")
+                TC = T.alloc_buffer((4 * CTILE if emulate else 1,), "int32")
+                configure(CFG, TM, TC)
+                group(XS, n0, nrows, WF, CFP, store, og, TM, TC)
+                release()
         else:
             CF = T.decl_buffer((4 * CTILE,), "int32", data=ACC.data)
+            CFG = T.alloc_buffer((64,), "uint8")
+            TM = T.alloc_buffer((8 * AMX_ROWS * AMX_KB if emulate else 1,), "int8")
+            TC = T.alloc_buffer((4 * CTILE if emulate else 1,), "int32")
+            configure(CFG, TM, TC)
             for og in range(OG):
-                group(XS, n0, nrows, WF, CF, store, og)
+                group(XS, n0, nrows, WF, CF, store, og, TM, TC)
+            release()
 
     return gemm
 
