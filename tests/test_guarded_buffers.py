@@ -18,7 +18,9 @@ SIGILL handler of `tvm_intlstm.runtime.amx_trap`), and this machine's own -mcpu
 (`kernels.host_target()`, what the compiler uses by default). A family runs when every CPU
 feature LLVM enables for its -mcpu is in /proc/cpuinfo's flags (the CPU's name is never used);
 otherwise its kernels are only compiled (test_compile_check; it passes, it is not a skip).
-Which families ran and which were only compiled: test_family_summary (printed with -rA or -s, and
+The threaded and parallel forms run on pools of 1 and 2 workers (on a 2-vCPU machine, where TVM's
+pool has 1 worker unless TVM_NUM_THREADS says otherwise, the 2-worker runs happen in a child process:
+test_guarded_two_workers). Which families ran and which were only compiled: test_family_summary (printed with -rA or -s, and
 recorded as the `families` property) and the test ids (`run-...` / `compile-only-...`).
 
 Forms: linear_i32 / linear_requant (int8 and int16 out) natural, packed, 7-bit (w7) natural and
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import platform
 import zlib
 from dataclasses import dataclass
@@ -632,18 +635,30 @@ def test_guarded_run(fam, name, record_property):
     record_property("family", f"{fam} (run)")
     rng = np.random.default_rng(zlib.crc32(name.encode()))
     calls = CASES[name].calls(func, rng)
-    # the threaded recurrent kernels schedule differently on a pool of one worker and of several:
-    # both are run (TVM's pool resized for the call, restored after)
-    pools = (1, 2) if name.startswith("lstm_threaded") else (None,)
+    # the threaded recurrent kernels schedule differently on a pool of one worker and of several,
+    # and the parallel linear kernels split their channel groups: both pool sizes are run (TVM's
+    # pool resized for the call, restored after) where this process's pool can have 2 workers;
+    # else the 2-worker runs are test_guarded_two_workers' (a child process with TVM_NUM_THREADS=2)
+    pools = ((1, 2) if "GUARDED_POOLS" not in os.environ else
+             tuple(int(w) for w in os.environ["GUARDED_POOLS"].split(","))) \
+        if multi_worker_case(name) else (None,)
     num = tvm.get_global_func("runtime.NumThreads")
     config = tvm.get_global_func("runtime.config_threadpool")
     before = int(num())
+    ran_pools = []
     trapped = _TARGETS[fam] == AMX_TRAP_TARGET
     try:
         with emulate_amx() if trapped else contextlib.nullcontext() as trap:
             for workers in pools:
                 if workers is not None:
                     config(0, workers)
+                    if int(num()) != workers:
+                        # TVM sized its pool at start (TVM_NUM_THREADS, else half the hardware
+                        # threads): a child process with TVM_NUM_THREADS=2 runs these
+                        assert os.environ.get("TVM_NUM_THREADS") is None, \
+                            f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} but {int(num())} workers"
+                        continue
+                ran_pools.append(workers)
                 for inputs, outs, refs in calls:
                     for pattern in PATTERNS:
                         got = run_guarded(kern, inputs, outs, pattern)
@@ -651,13 +666,60 @@ def test_guarded_run(fam, name, record_property):
                             np.testing.assert_array_equal(
                                 g, r, err_msg=f"{fam} {name} output {i} shape {outs[i][0]} "
                                              f"pattern {pattern:#x} workers {workers}")
-            if trapped:  # the tile instructions did run (emulated, unless this CPU has AMX)
+            # the tile instructions did run (emulated, unless this CPU has AMX); the threaded
+            # recurrent form's multi-worker steps are vpdpbusd ones (lstm.py)
+            if trapped and not (name.startswith("lstm_threaded") and ran_pools == [2]):
                 assert K.uses_amx(func)
                 if not HOST_AMX:
                     assert trap.counts()["tdpbxxd"] > 0 and trap.counts()["tilestored"] > 0
     finally:
         config(0, before)
-    _RAN[(fam, name)] = len(calls) * len(PATTERNS) * len(pools)
+    _RAN[(fam, name)] = len(calls) * len(PATTERNS) * len(ran_pools)
+
+
+def multi_worker_case(name: str) -> bool:
+    """Cases whose kernels divide work among TVM's thread pool (threaded recurrent forms, parallel
+    linear forms): run on pools of 1 and 2 workers."""
+    return name.startswith("lstm_threaded") or "_parallel" in name
+
+
+def test_guarded_two_workers():
+    """The multi-worker cases on a pool of 2 workers. TVM sizes its pool once per process (from
+    TVM_NUM_THREADS, else half the hardware threads: 1 on a 2-vCPU machine), so where this process
+    cannot have 2 workers the cases run in a child pytest with TVM_NUM_THREADS=2 (one target per
+    kernel family this CPU runs, ~30 s); where it can, test_guarded_run has run them already."""
+    num = tvm.get_global_func("runtime.NumThreads")
+    config = tvm.get_global_func("runtime.config_threadpool")
+    before = int(num())
+    config(0, 2)
+    two = int(num()) == 2
+    config(0, before)
+    if two or os.environ.get("TVM_NUM_THREADS"):
+        return      # test_guarded_run runs both pool sizes in this process
+    # one target per kernel family (this machine's own for its family), only the 2-worker pool
+    fams, seen = [], set()
+    for fam, target in sorted(FAMILIES, key=lambda ft: ft[0] != "host"):
+        isa = family_isa(fam, target)
+        if runnable(target) and isa not in seen:
+            seen.add(isa)
+            fams.append(fam)
+    # (the threaded recurrent forms, and of the parallel linear forms the one with several
+    # channel groups per worker in every family)
+    ids = [p.id for p in _params(True) if p.values[0] in fams and multi_worker_case(p.values[1])
+           and (p.values[1].startswith("lstm_threaded") or "77x41" in p.values[1])]
+    assert ids, "no multi-worker case runs on this CPU"
+    import subprocess
+    import sys
+    env = dict(os.environ, TVM_NUM_THREADS="2", GUARDED_POOLS="2")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         *(f"{__file__}::test_guarded_run[{i}]" for i in ids)],
+        capture_output=True, text=True, env=env, timeout=1800, cwd=os.path.dirname(__file__))
+    tail = proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.returncode == 0, tail
+    assert f"{len(ids)} passed" in proc.stdout, tail
+    print(f"\n{len(ids)} multi-worker cases ({', '.join(fams)}) run guarded on 2 workers in a "
+          "child process")
 
 
 @pytest.mark.parametrize("fam,name", _params(False) or
