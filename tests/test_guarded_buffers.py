@@ -655,8 +655,10 @@ def test_guarded_run(fam, name, record_property):
                     if int(num()) != workers:
                         # TVM sized its pool at start (TVM_NUM_THREADS, else half the hardware
                         # threads): a child process with TVM_NUM_THREADS=2 runs these
-                        assert os.environ.get("TVM_NUM_THREADS") is None, \
-                            f"TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']} but {int(num())} workers"
+                        # (tuning/bench.py sets TVM_NUM_THREADS=1 for the processes importing it)
+                        env_n = os.environ.get("TVM_NUM_THREADS")
+                        assert env_n is None or int(env_n) < workers, \
+                            f"TVM_NUM_THREADS={env_n} but {int(num())} workers"
                         continue
                 ran_pools.append(workers)
                 for inputs, outs, refs in calls:
@@ -694,7 +696,7 @@ def test_guarded_two_workers():
     config(0, 2)
     two = int(num()) == 2
     config(0, before)
-    if two or os.environ.get("TVM_NUM_THREADS"):
+    if two:
         return      # test_guarded_run runs both pool sizes in this process
     # one target per kernel family (this machine's own for its family), only the 2-worker pool
     fams, seen = [], set()
