@@ -26,11 +26,10 @@ from tvm import tirx
 from tvm.script import tirx as T
 
 from tvm_intlstm import kernels as K
-from tvm_intlstm.runtime.amx_trap import AMXTrapError, emulate_amx, trap_available
-from tvm_intlstm.target import host_cpu_features
+from tvm_intlstm.runtime.amx_trap import AMXTrapError, emulate_amx, native_amx, trap_available
 
 TARGET = "llvm -mcpu=x86-64 -mattr=+amx-tile,+amx-int8"     # nothing else beyond the baseline
-HOST_AMX = {"amx_tile", "amx_int8"} <= (host_cpu_features() or set())
+HOST_AMX = native_amx()
 WHY_NOT = trap_available()       # "" on x86-64 Linux with cc
 
 

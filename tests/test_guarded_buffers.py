@@ -56,13 +56,13 @@ from tvm_intlstm.quant.fixed_point import (quantize_multiplier, quantize_multipl
                                            quantize_multiplier_array, quantize_multiplier_pair)
 from tvm_intlstm.quant.pwl import fit_pwl
 from tvm_intlstm.reference import ops
-from tvm_intlstm.runtime.amx_trap import emulate_amx, trap_available
-from tvm_intlstm.target import host_cpu_features, missing_host_features
+from tvm_intlstm.runtime.amx_trap import TRAP_TARGET as AMX_TRAP_TARGET
+from tvm_intlstm.runtime.amx_trap import emulate_amx, native_amx, runs_emulated
+from tvm_intlstm.target import missing_host_features
 
 from test_kernels import ref_recurrence
 
-AMX_TRAP_TARGET = "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni,+amx-tile,+amx-int8"
-HOST_AMX = {"amx_tile", "amx_int8"} <= (host_cpu_features() or set())
+HOST_AMX = native_amx()
 GUARD = 256                 # guard bytes on each side of a view (at least)
 PATTERNS = (0xA5, 0x5A)
 ROWS = (1, 3, 17)
@@ -101,8 +101,8 @@ def missing_features(target: str) -> tuple:
     missing = missing_host_features(target)
     if missing is None:
         return ("no /proc/cpuinfo flags",)
-    if target == AMX_TRAP_TARGET and not trap_available():   # AMX comes from the trap emulator
-        missing = [f for f in missing if f not in ("amx-tile", "amx-int8")]
+    if target == AMX_TRAP_TARGET and runs_emulated(target):   # AMX from the trap emulator
+        missing = []
     return tuple(missing)
 
 

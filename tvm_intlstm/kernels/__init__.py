@@ -147,10 +147,11 @@ def prepare_weights(func, W, bias=None):
         return pack_mmla(Wk), bias, corr
     if ov == AMX_PACK:
         return pack_amx(Wk), bias, corr
+    Wp = pack_outer(Wk, u8, ov) if ov else Wk
     if "intlstm.tiles_rec" in func.attrs and int(func.attrs["intlstm.tiles_rec"]):
         # a recurrent kernel with tile steps: its vpdpbusd layout, then the tile layout, flat
-        return np.concatenate([pack_outer(Wk, u8, ov).ravel(), pack_amx(Wk).ravel()]), bias, corr
-    return (pack_outer(Wk, u8, ov) if ov else Wk), bias, corr
+        Wp = np.concatenate([Wp.ravel(), pack_amx(Wk).ravel()])
+    return Wp, bias, corr
 
 
 def build_kernel(func: tvm.tirx.PrimFunc, target="llvm") -> Kernel:

@@ -752,26 +752,26 @@ def gemm_amx_macro(K: int, O: int, parallel: bool = False, emulate: bool = False
                                         + (r % AMX_ROWS) * 16 + (v % 2) * 8 + l])
 
     @T.macro
+    def groups(XS, n0, nrows, WF, CF, store, og0, count):
+        # channel groups og0 .. og0 + count - 1 between one tile configuration and its release
+        CFG = T.alloc_buffer((64,), "uint8")
+        TM = T.alloc_buffer((8 * AMX_ROWS * AMX_KB if emulate else 1,), "int8")
+        TC = T.alloc_buffer((4 * CTILE if emulate else 1,), "int32")
+        configure(CFG, TM, TC)
+        for j in range(count):
+            group(XS, n0, nrows, WF, CF, store, og0 + j, TM, TC)
+        release()
+
+    @T.macro
     def gemm(XS, n0, nrows, W, ACC, RED, store):
         WF = T.decl_buffer((w_offset + OG * GROUP_BYTES,), "int8", data=W.data)
         if parallel:
             for og in T.parallel(OG):
                 CFP = T.alloc_buffer((4 * CTILE,), "int32")   # per worker
-                CFG = T.alloc_buffer((64,), "uint8")
-                TM = T.alloc_buffer((8 * AMX_ROWS * AMX_KB if emulate else 1,), "int8")
-                TC = T.alloc_buffer((4 * CTILE if emulate else 1,), "int32")
-                configure(CFG, TM, TC)
-                group(XS, n0, nrows, WF, CFP, store, og, TM, TC)
-                release()
+                groups(XS, n0, nrows, WF, CFP, store, og, 1)
         else:
             CF = T.decl_buffer((4 * CTILE,), "int32", data=ACC.data)
-            CFG = T.alloc_buffer((64,), "uint8")
-            TM = T.alloc_buffer((8 * AMX_ROWS * AMX_KB if emulate else 1,), "int8")
-            TC = T.alloc_buffer((4 * CTILE if emulate else 1,), "int32")
-            configure(CFG, TM, TC)
-            for og in range(OG):
-                group(XS, n0, nrows, WF, CF, store, og, TM, TC)
-            release()
+            groups(XS, n0, nrows, WF, CF, store, 0, OG)
 
     return gemm
 

@@ -437,15 +437,11 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
 
     # gx, mh, sh, corr and the GEMM's channels share one order (`gate_order`: natural, or
     # gate-interleaved in the threaded form), so the gate epilogue reads them contiguously
-    def gate_store(Z, GX, MH, SH, CORR, tt):
-        # the u8 route adds its correction; the others do not read CORR
+    def gate_store(Z, GX, MH, SH, CORR, tt, corr=u8):
+        # the u8 route adds its correction; the others do not read CORR (nor do the tile steps:
+        # tdpbssd's s8 x s8 sums need none)
         return lambda n, o, acc: tirx.BufferStore(
-            Z, add_sat16(GX[tt, n, o], rq(add_i32(acc, CORR[o]) if u8 else acc, MH[o], SH[o], 16)), [n, o])
-
-    def gate_store_s8(Z, GX, MH, SH, tt):
-        # the tile steps' epilogue: tdpbssd's s8 x s8 sums need no correction
-        return lambda n, o, acc: tirx.BufferStore(
-            Z, add_sat16(GX[tt, n, o], rq(acc, MH[o], SH[o], 16)), [n, o])
+            Z, add_sat16(GX[tt, n, o], rq(add_i32(acc, CORR[o]) if corr else acc, MH[o], SH[o], 16)), [n, o])
 
     def gx_addr(GX, tt):
         return lambda n, o: tirx.address_of(GX[tt, n, o])
@@ -830,7 +826,7 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         # right after its products (batch 8: ~4 % per step), at batch 1 it is not
         if tiles and B >= AMX_REC_ROWS:
             fill_tiles(HT, XT, B)
-            gemm_tiles(XT, 0, B, WH, CFT, RED, gate_store_s8(Z, GX, MH, SH, tt))
+            gemm_tiles(XT, 0, B, WH, CFT, RED, gate_store(Z, GX, MH, SH, CORR, tt, corr=False))
         elif rows4 and B % 4 == 0:
             gemm4(H16, (t % 2) * B, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt),
                   t % 2 == 1, gx_addr(GX, tt))
@@ -863,23 +859,23 @@ def lstm_recurrent(hidden: int, *, mo: int, so: int, cell_frac: int, sig_pieces:
         """One step of the serial forms."""
         if tiles and B >= AMX_REC_ROWS:
             fill_tiles(HT, XT, B)
-        elif wide or u8:
-            fill_source(B, HT, H16, 0)
-        # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
-        if tiles and B >= AMX_REC_ROWS:
-            gemm_tiles(XT, 0, B, WH, CFT, RED, gate_store_s8(Z, GX, MH, SH, tt))
-        elif outer:
-            if B == 1:
-                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
-                     gx_addr(GX, tt))
-            elif rows4 and B % 4 == 0:
-                gemm4(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
-                      gx_addr(GX, tt))
-            else:
-                gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
-                      gx_addr(GX, tt))
+            gemm_tiles(XT, 0, B, WH, CFT, RED, gate_store(Z, GX, MH, SH, CORR, tt, corr=False))
         else:
-            gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
+            if wide or u8:
+                fill_source(B, HT, H16, 0)
+            # (H16 is HT itself on the natural route; the u8 route is always packed, i.e. outer)
+            if outer:
+                if B == 1:
+                    gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                         gx_addr(GX, tt))
+                elif rows4 and B % 4 == 0:
+                    gemm4(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                          gx_addr(GX, tt))
+                else:
+                    gemm2(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt), tt % 2 == 1,
+                          gx_addr(GX, tt))
+            else:
+                gemm(H16, 0, B, WH, ACC, RED, gate_store(Z, GX, MH, SH, CORR, tt))
         if C16:
             for b, jp in T.grid(B, PAIRS16):
                 cell(tt, 16, rows_fixed(b), CT, HT, Y, XC, IDX, ACT, TV, BS, LIM, U16,

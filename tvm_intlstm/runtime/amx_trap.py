@@ -36,13 +36,16 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["AMXTrapError", "emulate_amx", "trap_available", "library_path"]
+__all__ = ["AMXTrapError", "emulate_amx", "trap_available", "library_path", "native_amx",
+           "runs_emulated", "TRAP_TARGET"]
 
 SOURCE = Path(__file__).with_name("amx_trap.c")
 # the counters of amx_trap.c, in its KIND order
 KINDS = ("ldtilecfg", "sttilecfg", "tilerelease", "tilezero", "tileloadd", "tilestored",
          "tdpbxxd", "errors", "emulated")
 FLAGS = frozenset({"amx_tile", "amx_int8"})     # the /proc/cpuinfo flags the emulator provides
+# a target for the amx family whose other instructions any AVX-512 VNNI CPU runs (the tests' choice)
+TRAP_TARGET = "llvm -mcpu=x86-64-v4 -mattr=+avx512vnni,+amx-tile,+amx-int8"
 
 
 class AMXTrapError(RuntimeError):
@@ -100,11 +103,25 @@ def _load():
     return _lib
 
 
-def _native() -> bool:
-    """Does this CPU itself have AMX-TILE and AMX-INT8 (its own /proc/cpuinfo flags)?"""
+def native_amx() -> bool:
+    """Does this CPU itself have AMX-TILE and AMX-INT8 (its own /proc/cpuinfo flags, whether or not
+    an emulation block is open)?"""
     from ..target import host_cpu_features
-    with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-        return FLAGS <= (host_cpu_features(f.read()) or set())
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            return FLAGS <= (host_cpu_features(f.read()) or set())
+    except OSError:
+        return False
+
+
+def runs_emulated(target) -> bool:
+    """Can code built for `target` run here inside `emulate_amx()`: this CPU lacks at most AMX-TILE
+    and AMX-INT8 (natively present, or supplied by the emulator where it can run)?"""
+    from ..target import missing_host_features
+    missing = missing_host_features(target)
+    if missing is None:
+        return False
+    return not missing or (not trap_available() and set(missing) <= {"amx-tile", "amx-int8"})
 
 
 class _Emulation:
@@ -129,7 +146,7 @@ def emulate_amx():
     global _depth  # pylint: disable=global-statement
     from .. import target as _target
     from . import amx as _amx
-    if _native():
+    if native_amx():
         # an AMX CPU: the instructions run natively once the process holds the permission (tile
         # instructions without it would trap after a native ldtilecfg, a state the emulator does
         # not see); the emulator stays idle and its counters at zero
